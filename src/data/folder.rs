@@ -1,0 +1,179 @@
+//! Image folders: PNG, JPEG, WebP and BMP files found recursively, of any size and mode.
+
+use super::{Dataset, Shape};
+use anyhow::{Result, bail};
+use image::{DynamicImage, GenericImageView, RgbImage, imageops::FilterType};
+use std::path::{Path, PathBuf};
+
+const EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp"];
+
+fn is_image_file(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read folder {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if is_image_file(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Flattens any image mode to RGB: alpha is composited on white, palettes and grey expand.
+pub fn to_rgb_on_white(img: &DynamicImage) -> RgbImage {
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (x, y, p) in rgba.enumerate_pixels() {
+        let a = p[3] as f32 / 255.0;
+        let c = |v: u8| (v as f32 * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8;
+        out.put_pixel(x, y, image::Rgb([c(p[0]), c(p[1]), c(p[2])]));
+    }
+    out
+}
+
+/// Resizes so that the shorter side is `size` (Catmull-Rom), centre-crops to a square, and
+/// returns `channels x size x size` bytes (grey = ITU-R 601 luma).
+pub fn image_to_chw(img: &DynamicImage, size: usize, channels: usize) -> Vec<u8> {
+    let rgb = DynamicImage::ImageRgb8(to_rgb_on_white(img));
+    let (w, h) = rgb.dimensions();
+    let s = size as u32;
+    let scaled = if w == s && h == s {
+        rgb
+    } else {
+        let (nw, nh) = if w < h {
+            (s, ((h as f64 * s as f64 / w as f64).round() as u32).max(s))
+        } else {
+            (((w as f64 * s as f64 / h as f64).round() as u32).max(s), s)
+        };
+        let r = rgb.resize_exact(nw, nh, FilterType::CatmullRom);
+        r.crop_imm((nw - s) / 2, (nh - s) / 2, s, s)
+    };
+    let rgb = scaled.to_rgb8();
+    let n = size * size;
+    let mut out = vec![0u8; channels * n];
+    for (i, p) in rgb.pixels().enumerate() {
+        if channels == 1 {
+            let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+            out[i] = l.round().clamp(0.0, 255.0) as u8;
+        } else {
+            for c in 0..3 {
+                out[c * n + i] = p[c];
+            }
+        }
+    }
+    out
+}
+
+/// Turns `channels x size x size` bytes back into an image.
+pub fn chw_to_image(chw: &[u8], channels: usize, size: usize) -> DynamicImage {
+    let n = size * size;
+    let s = size as u32;
+    if channels == 1 {
+        DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(s, s, chw[..n].to_vec()).expect("buffer of size*size"),
+        )
+    } else {
+        let mut img = RgbImage::new(s, s);
+        for (i, p) in img.pixels_mut().enumerate() {
+            *p = image::Rgb([chw[i], chw[n + i], chw[2 * n + i]]);
+        }
+        DynamicImage::ImageRgb8(img)
+    }
+}
+
+/// Loads every readable image under `dir`. With `with_classes`, each image's class is its
+/// first-level subfolder (sorted by name); images directly in `dir` are then an error.
+/// Unreadable files are skipped with one counted warning on stderr.
+pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Dataset> {
+    let mut files = Vec::new();
+    walk(dir, &mut files)?;
+    if files.is_empty() {
+        bail!(
+            "{} holds no image files (looked for {} recursively)",
+            dir.display(),
+            EXTENSIONS.join(", ")
+        );
+    }
+    let mut class_names: Vec<String> = Vec::new();
+    let class_of = |p: &Path| -> Option<String> {
+        let rel = p.strip_prefix(dir).ok()?;
+        let mut comps = rel.components();
+        let first = comps.next()?;
+        comps.next()?; // must be inside a subfolder
+        Some(first.as_os_str().to_string_lossy().into_owned())
+    };
+    if with_classes {
+        for f in &files {
+            match class_of(f) {
+                Some(c) if !class_names.contains(&c) => class_names.push(c),
+                Some(_) => {}
+                None => bail!(
+                    "{} is directly in {}: with --cond class every image must be in a class subfolder",
+                    f.display(),
+                    dir.display()
+                ),
+            }
+        }
+        class_names.sort();
+    }
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    let mut bad = Vec::new();
+    for f in &files {
+        let decoded = image::ImageReader::open(f)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.decode().map_err(|e| e.to_string()));
+        match decoded {
+            Ok(img) if img.width() > 0 && img.height() > 0 => {
+                pixels.extend(image_to_chw(&img, shape.size, shape.channels));
+                if with_classes {
+                    let c = class_of(f).expect("checked above");
+                    labels.push(
+                        class_names
+                            .iter()
+                            .position(|n| *n == c)
+                            .expect("known class"),
+                    );
+                }
+            }
+            Ok(_) => bad.push(format!("{} (empty image)", f.display())),
+            Err(e) => bad.push(format!("{} ({e})", f.display())),
+        }
+    }
+    if !bad.is_empty() {
+        eprintln!(
+            "warning: skipped {} unreadable image file(s) in {}, first: {}",
+            bad.len(),
+            dir.display(),
+            bad[0]
+        );
+    }
+    if pixels.is_empty() {
+        bail!(
+            "{} holds no readable image ({} file(s) failed to decode)",
+            dir.display(),
+            bad.len()
+        );
+    }
+    Ok(Dataset {
+        pixels,
+        labels: with_classes.then_some(labels),
+        class_names,
+        channels: shape.channels,
+        size: shape.size,
+        source: dir.display().to_string(),
+    })
+}

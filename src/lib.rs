@@ -1,0 +1,16 @@
+//! diffuse: denoising diffusion models (DDPM) in Rust.
+//!
+//! Data flows one way: [`data`] -> [`train`] -> checkpoint ([`model`]) -> [`sampler`] -> image
+//! ([`imageio`]). The forward process lives in [`schedule`], the denoiser in [`unet`].
+//! Same seed, same options, same build: the same bits out.
+
+pub mod data;
+pub mod device;
+pub mod imageio;
+pub mod model;
+pub mod rng;
+pub mod sampler;
+pub mod schedule;
+pub mod train;
+pub mod unet;
+pub mod weights;

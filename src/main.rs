@@ -1,0 +1,595 @@
+//! The `diffuse` command line: a thin layer over the library.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use diffuse::data::{self, Shape, fetch};
+use diffuse::device::inference_device;
+use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
+use diffuse::model::{self, ModelConfig};
+use diffuse::rng::{Stream, normal_tensor, rng_for};
+use diffuse::sampler::{DdpmSampler, GenerateOptions, Sampler, VarianceType, generate};
+use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
+use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
+use diffuse::unet::UNetConfig;
+use diffuse::weights::{self, NamedTensors, StoreDtype};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "diffuse",
+    version,
+    about = "Denoising diffusion models: train on images, generate new ones"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate images from a model (the embedded Fashion-MNIST model by default).
+    Sample(SampleArgs),
+    /// Train a model on an image folder, IDX files or a fetched dataset.
+    Train(Box<TrainArgs>),
+    /// Draw the forward-diffusion strip of one image: x_t at several timesteps.
+    Noise(NoiseArgs),
+    /// Fetch a named dataset into the cache: fashion-mnist, mnist, digits.
+    Fetch {
+        /// Dataset name.
+        name: String,
+    },
+    /// Rewrite a model file, e.g. in half precision for shipping.
+    Convert {
+        /// Run folder or model file.
+        #[arg(long)]
+        model: String,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage precision: f32 or f16.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+    },
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Run folder or model .safetensors file (default: the embedded Fashion-MNIST model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Number of images (default: 16, or 4 per class for a class-conditioned model without --class).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Class index or name, for class-conditioned models (default: rows of every class).
+    #[arg(long)]
+    class: Option<String>,
+    /// Classifier-free guidance weight (1 = none).
+    #[arg(long, default_value_t = 2.0)]
+    guidance: f32,
+    /// Sampling steps, evenly respaced over the model's T (default: all T).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Reverse-process variance: fixed-small or fixed-large.
+    #[arg(long, default_value = "fixed-small")]
+    variance: String,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Grid PNG to write (default samples.png when --out-dir is not given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Folder for one PNG per image at the model's resolution.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// PNG strip of the first image's reverse diffusion, x_T to x_0.
+    #[arg(long)]
+    trajectory: Option<PathBuf>,
+    /// Images per grid row.
+    #[arg(long)]
+    cols: Option<usize>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Image folder (class = first-level subfolder), IDX file/folder, digits CSV, or a fetched dataset name.
+    #[arg(long)]
+    data: String,
+    /// Run folder for config, checkpoints, metrics and sample grids.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Image side length (default: the data's own for IDX/digits, 32 for folders).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// 1 (grey) or 3 (RGB) (default: the data's own; 3 for folders).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Conditioning: none or class.
+    #[arg(long, default_value = "none")]
+    cond: String,
+    /// Training steps (with --resume: a new total to train to).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// EMA decay.
+    #[arg(long, default_value_t = 0.999)]
+    ema_decay: f64,
+    /// Label dropout probability for classifier-free guidance.
+    #[arg(long, default_value_t = 0.1)]
+    label_dropout: f64,
+    /// Random horizontal flips.
+    #[arg(long)]
+    hflip: bool,
+    /// Min-SNR-gamma loss weighting (e.g. 5); default plain MSE.
+    #[arg(long)]
+    min_snr: Option<f64>,
+    /// Objective: epsilon, v or x0.
+    #[arg(long, default_value = "epsilon")]
+    objective: String,
+    /// Beta schedule: linear, cosine or sigmoid.
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// Diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    timesteps: usize,
+    /// U-Net base channels.
+    #[arg(long, default_value_t = 32)]
+    base_channels: usize,
+    /// Channel multipliers per level, comma-separated (default by image size).
+    #[arg(long)]
+    channel_mult: Option<String>,
+    /// Residual blocks per level.
+    #[arg(long, default_value_t = 2)]
+    res_blocks: usize,
+    /// Feature-map sizes with self-attention, comma-separated (default: the lowest level).
+    #[arg(long)]
+    attention: Option<String>,
+    /// Dropout in residual blocks.
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
+    /// GroupNorm groups.
+    #[arg(long, default_value_t = 8)]
+    norm_groups: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 500)]
+    checkpoint_every: usize,
+    /// Sample grid every N steps (0: only at the end).
+    #[arg(long, default_value_t = 1000)]
+    sample_every: usize,
+}
+
+#[derive(Args)]
+struct NoiseArgs {
+    /// Input image.
+    #[arg(long)]
+    image: PathBuf,
+    /// Output PNG strip.
+    #[arg(long)]
+    out: PathBuf,
+    /// Timesteps to show, comma-separated.
+    #[arg(long, default_value = "0,50,100,250,500,999")]
+    timesteps: String,
+    /// Beta schedule: linear, cosine or sigmoid.
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// Diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    total: usize,
+    /// Side length the image is resized to.
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Random seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .with_context(|| format!("{what}: '{p}' is not a non-negative integer"))
+        })
+        .collect()
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Sample(a) => sample(a),
+        Cmd::Train(a) => train_cmd(*a),
+        Cmd::Noise(a) => noise(a),
+        Cmd::Fetch { name } => fetch_cmd(&name),
+        Cmd::Convert { model, out, dtype } => convert(&model, &out, &dtype),
+    };
+    if let Err(e) = result {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn sample(a: SampleArgs) -> Result<()> {
+    let dev = inference_device();
+    let m = model::load(a.model.as_deref(), &dev)?;
+    let cfg = &m.config;
+    let variance: VarianceType = a.variance.parse()?;
+    let steps = a.steps.unwrap_or(m.schedule.len());
+    let sampler = DdpmSampler::new(&m.schedule, cfg.prediction, variance, steps, true)?;
+    if !(a.guidance.is_finite() && a.guidance >= 0.0) {
+        bail!(
+            "--guidance must be a non-negative number (got {})",
+            a.guidance
+        );
+    }
+    let k = cfg.unet.num_classes;
+    let (n, classes, cols) = match (k, &a.class) {
+        (_, Some(c)) => {
+            let ci = cfg.class_index(c)?;
+            let n = a.n.unwrap_or(16);
+            (n, Some(vec![ci; n]), a.cols.unwrap_or(4.min(n)))
+        }
+        (Some(k), None) => {
+            let n = a.n.unwrap_or(4 * k);
+            let classes: Vec<usize> = (0..n).map(|i| i * k / n.max(1)).collect();
+            let cols = a.cols.unwrap_or(if n % k == 0 { n / k } else { 8 });
+            (n, Some(classes), cols)
+        }
+        (None, None) => {
+            let n = a.n.unwrap_or(16);
+            (n, None, a.cols.unwrap_or((n as f64).sqrt().ceil() as usize))
+        }
+    };
+    if n == 0 || n > 10_000 {
+        bail!("--n must be between 1 and 10000 (got {n})");
+    }
+    let opts = GenerateOptions {
+        n,
+        classes,
+        guidance: a.guidance,
+        seed: a.seed,
+    };
+    let total = sampler.timesteps().len();
+    let pb = bar(
+        total as u64,
+        "{bar:40} {pos}/{len} steps  {per_sec}  ETA {eta}",
+    );
+    let keep_every = (total / 10).max(1);
+    let mut traj: Vec<ImageBatch> = Vec::new();
+    let want_traj = a.trajectory.is_some();
+    let x = generate(
+        &m.unet,
+        k,
+        cfg.image_shape(),
+        &sampler,
+        &opts,
+        &dev,
+        &mut |i, x| {
+            pb.inc(1);
+            if want_traj && (i % keep_every == 0 || i + 1 == total) {
+                traj.push(ImageBatch::from_tensor(x.clone().narrow(0, 0, 1)));
+            }
+        },
+    );
+    pb.finish_and_clear();
+    let batch = ImageBatch::from_tensor(x);
+    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
+    let f = display_factor(cfg.unet.image_size);
+    let out = match (&a.out, &a.out_dir) {
+        (None, None) => Some(PathBuf::from("samples.png")),
+        (o, _) => o.clone(),
+    };
+    if let Some(out) = &out {
+        save_png(&upscale(&grid(&imgs, cols), f), out)?;
+        println!("wrote {} ({} images from {})", out.display(), n, m.source);
+    }
+    if let Some(dir) = &a.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (i, img) in imgs.iter().enumerate() {
+            save_png(&img.to_rgb8(), &dir.join(format!("{i:05}.png")))?;
+        }
+        println!("wrote {} images to {}", n, dir.display());
+    }
+    if let Some(path) = &a.trajectory {
+        let frames: Vec<_> = traj.iter().map(|b| b.image(0)).collect();
+        save_png(&upscale(&grid(&frames, frames.len()), f), path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn default_mult(size: usize) -> Vec<usize> {
+    match size {
+        0..=16 => vec![1, 2],
+        17..=32 => vec![1, 2, 2],
+        33..=64 => vec![1, 2, 2, 2],
+        _ => vec![1, 1, 2, 2, 4],
+    }
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    let paths = RunPaths::new(&a.out);
+    let ckpt_path = paths.checkpoint();
+    let (cfg, resume) = if a.resume {
+        if !ckpt_path.exists() {
+            bail!(
+                "--resume: {} has no checkpoint.safetensors to continue",
+                a.out.display()
+            );
+        }
+        let ck = checkpoint::load(&ckpt_path)?;
+        let mut cfg = ck.run.clone();
+        if let Some(s) = a.steps {
+            cfg.train.steps = s;
+        }
+        if cfg.data != a.data {
+            eprintln!(
+                "note: the run was started with --data {}; continuing with {}",
+                cfg.data, a.data
+            );
+            cfg.data = a.data.clone();
+        }
+        (cfg, Some(ck))
+    } else {
+        if ckpt_path.exists() {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                a.out.display()
+            );
+        }
+        (build_run_config(&a)?, None)
+    };
+    cfg.train.validate()?;
+    let u = &cfg.model.unet;
+    let with_classes = u.num_classes.is_some();
+    let ds = data::load(
+        &cfg.data,
+        Shape {
+            size: u.image_size,
+            channels: u.in_channels,
+        },
+        with_classes,
+    )?;
+    if let (Some(k), true) = (u.num_classes, with_classes) {
+        if ds.num_classes() != k {
+            bail!(
+                "{} has {} classes, the run was configured for {}",
+                cfg.data,
+                ds.num_classes(),
+                k
+            );
+        }
+    }
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    eprintln!(
+        "training on {} images ({}x{}x{}) from {}, steps {}..{}, run folder {}",
+        ds.len(),
+        ds.channels,
+        ds.size,
+        ds.size,
+        ds.source,
+        start,
+        cfg.train.steps,
+        a.out.display()
+    );
+    let pb = bar(
+        cfg.train.steps as u64,
+        "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
+    );
+    pb.set_position(start as u64);
+    pb.reset_eta();
+    let done = train::train(&cfg, ds, &a.out, resume, &mut |r| {
+        pb.set_position(r.step as u64);
+        pb.set_message(format!("{:.4}", r.loss));
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "trained to step {done}; model in {}",
+        paths.model().display()
+    );
+    Ok(())
+}
+
+fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
+    // Probe the data once for its native size, channels and classes.
+    let path = data::resolve(&a.data)?;
+    let native = data::idx::is_digits_csv(&path) || data::idx::is_idx(&path)?;
+    let with_classes = match a.cond.as_str() {
+        "none" => false,
+        "class" => true,
+        other => bail!("--cond must be none or class (got '{other}')"),
+    };
+    let (size, channels, class_names) = if native {
+        let probe = if data::idx::is_digits_csv(&path) {
+            data::idx::load_digits_csv(&path)?
+        } else {
+            data::idx::load_idx(&path)?
+        };
+        (
+            a.image_size.unwrap_or(probe.size),
+            a.channels.unwrap_or(1),
+            probe.class_names,
+        )
+    } else {
+        let size = a.image_size.unwrap_or(32);
+        let channels = a.channels.unwrap_or(3);
+        let names = if with_classes {
+            data::load(
+                &a.data,
+                Shape {
+                    size: 1,
+                    channels: 1,
+                },
+                true,
+            )?
+            .class_names
+        } else {
+            Vec::new()
+        };
+        (size, channels, names)
+    };
+    if size == 0 {
+        bail!("--image-size must be positive");
+    }
+    if channels != 1 && channels != 3 {
+        bail!("--channels must be 1 or 3 (got {channels})");
+    }
+    let channel_mult = match &a.channel_mult {
+        Some(s) => parse_list(s, "--channel-mult")?,
+        None => default_mult(size),
+    };
+    let tmp = UNetConfig {
+        image_size: size,
+        channel_mult: channel_mult.clone(),
+        ..UNetConfig::default()
+    };
+    let attention_resolutions = match &a.attention {
+        Some(s) => parse_list(s, "--attention")?,
+        None => tmp.level_sizes().last().copied().into_iter().collect(),
+    };
+    if with_classes && class_names.is_empty() {
+        bail!("--cond class: {} has no class labels", a.data);
+    }
+    let unet = UNetConfig {
+        image_size: size,
+        in_channels: channels,
+        out_channels: channels,
+        base_channels: a.base_channels,
+        channel_mult,
+        num_res_blocks: a.res_blocks,
+        attention_resolutions,
+        dropout: a.dropout,
+        norm_groups: a.norm_groups,
+        num_classes: with_classes.then_some(class_names.len()),
+    };
+    unet.validate()?;
+    let schedule = ScheduleConfig {
+        beta_schedule: a.schedule.parse::<BetaSchedule>()?,
+        timesteps: a.timesteps,
+        ..ScheduleConfig::default()
+    };
+    NoiseSchedule::new(&schedule)?;
+    let train = TrainConfig {
+        steps: a.steps.unwrap_or(TrainConfig::default().steps),
+        batch_size: a.batch,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        ema_decay: a.ema_decay,
+        label_dropout: a.label_dropout,
+        hflip: a.hflip,
+        loss_weighting: match a.min_snr {
+            Some(g) if g > 0.0 => LossWeighting::MinSnr { gamma: g },
+            Some(g) => bail!("--min-snr must be positive (got {g})"),
+            None => LossWeighting::Uniform,
+        },
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        sample_every: a.sample_every,
+    };
+    train.validate()?;
+    Ok(RunConfig {
+        model: ModelConfig {
+            unet,
+            schedule,
+            prediction: a.objective.parse::<Prediction>()?,
+            class_names: if with_classes {
+                class_names
+            } else {
+                Vec::new()
+            },
+        },
+        train,
+        data: a.data.clone(),
+    })
+}
+
+fn noise(a: NoiseArgs) -> Result<()> {
+    let dev = inference_device();
+    let sched = NoiseSchedule::new(&ScheduleConfig {
+        beta_schedule: a.schedule.parse()?,
+        timesteps: a.total,
+        ..ScheduleConfig::default()
+    })?;
+    if a.size == 0 || a.size > 2048 {
+        bail!("--size must be between 1 and 2048 (got {})", a.size);
+    }
+    let ts = parse_list(&a.timesteps, "--timesteps")?;
+    if ts.is_empty() {
+        bail!("--timesteps is empty");
+    }
+    if let Some(bad) = ts.iter().find(|&&t| t >= sched.len()) {
+        bail!(
+            "--timesteps: {bad} is outside 0..{} (T = {})",
+            sched.len() - 1,
+            sched.len()
+        );
+    }
+    let x0 = load_image(&a.image, a.size, 3, &dev)?;
+    let mut rng = rng_for(a.seed, Stream::Sample, 0);
+    let eps = normal_tensor(&mut rng, [1, 3, a.size, a.size], &dev);
+    let frames: Vec<_> = ts
+        .iter()
+        .map(|&t| ImageBatch::from_tensor(sched.q_sample(x0.clone(), eps.clone(), &[t])).image(0))
+        .collect();
+    save_png(&grid(&frames, frames.len()), &a.out)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn fetch_cmd(name: &str) -> Result<()> {
+    let Some(ds) = fetch::Named::from_name(name) else {
+        bail!("unknown dataset '{name}' (known: fashion-mnist, mnist, digits)");
+    };
+    let dir = fetch::fetch(ds)?;
+    println!("{} is in {}", ds.name(), dir.display());
+    Ok(())
+}
+
+fn convert(spec: &str, out: &Path, dtype: &str) -> Result<()> {
+    let dtype = match dtype {
+        "f32" => StoreDtype::F32,
+        "f16" => StoreDtype::F16,
+        other => bail!("--dtype must be f32 or f16 (got '{other}')"),
+    };
+    let dev = inference_device();
+    let m = model::load(Some(spec), &dev)?;
+    let mut t = NamedTensors::new();
+    weights::collect(&m.unet, "", &mut t);
+    let bytes = model::model_bytes(&m.config, &t, dtype)?;
+    weights::write_atomic(out, &bytes)?;
+    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! A trained diffusion model as a file: the U-Net's weights in safetensors, with the full
+//! [`ModelConfig`] as JSON in the file's metadata (key `diffuse.config`) and beside it in
+//! `config.json` inside a run folder. Also the model embedded in the binary.
+
+use crate::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
+use crate::unet::{UNet, UNetConfig};
+use crate::weights::{self, NamedTensors, StoreDtype};
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Metadata key holding the model config JSON in a safetensors file.
+pub const CONFIG_KEY: &str = "diffuse.config";
+
+/// The class-conditioned Fashion-MNIST model shipped inside the binary.
+pub static EMBEDDED_MODEL: &[u8] = include_bytes!("../models/fashion-mnist.safetensors");
+
+/// Everything needed to rebuild and sample a model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub unet: UNetConfig,
+    pub schedule: ScheduleConfig,
+    pub prediction: Prediction,
+    /// Class names by index (empty for an unconditioned model).
+    #[serde(default)]
+    pub class_names: Vec<String>,
+}
+
+impl ModelConfig {
+    /// `[channels, height, width]` of generated images.
+    pub fn image_shape(&self) -> [usize; 3] {
+        let s = self.unet.image_size;
+        [self.unet.in_channels, s, s]
+    }
+
+    /// Resolves `--class`: an index, or a class name (case-insensitive).
+    pub fn class_index(&self, spec: &str) -> Result<usize> {
+        let Some(k) = self.unet.num_classes else {
+            bail!("--class was given, but this model is not class-conditioned");
+        };
+        if let Ok(i) = spec.parse::<usize>() {
+            if i < k {
+                return Ok(i);
+            }
+            bail!(
+                "--class {i} is out of range: this model has classes 0..{}",
+                k - 1
+            );
+        }
+        let norm = |s: &str| s.to_lowercase().replace(['-', '_', ' ', '/'], "");
+        self.class_names
+            .iter()
+            .position(|n| norm(n) == norm(spec) || n.to_lowercase() == spec.to_lowercase())
+            .ok_or_else(|| {
+                anyhow!(
+                    "--class '{spec}' is not a class of this model (classes: {})",
+                    self.class_names.join(", ")
+                )
+            })
+    }
+}
+
+/// A model ready to sample: config, schedule and weights on a device.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub schedule: NoiseSchedule,
+    pub unet: UNet,
+    /// Where it came from, for messages.
+    pub source: String,
+}
+
+/// Serialises a model (weights and config) as safetensors bytes.
+pub fn model_bytes(
+    config: &ModelConfig,
+    tensors: &NamedTensors,
+    dtype: StoreDtype,
+) -> Result<Vec<u8>> {
+    let mut meta = HashMap::new();
+    meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(config)?);
+    weights::to_safetensors(tensors, &meta, dtype)
+}
+
+/// Builds a model from safetensors bytes that carry their config.
+pub fn load_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<LoadedModel> {
+    let (tensors, meta) = weights::from_safetensors(bytes, what)?;
+    let cfg_json = meta.get(CONFIG_KEY).ok_or_else(|| {
+        anyhow!("{what} has no diffuse model config in its metadata (not a diffuse model file)")
+    })?;
+    let config: ModelConfig = serde_json::from_str(cfg_json)
+        .map_err(|e| anyhow!("{what}: the model config in its metadata is invalid ({e})"))?;
+    build(config, &tensors, "", what, device)
+}
+
+/// Builds a model from a config and named tensors (`prefix` in front of every name).
+pub fn build(
+    config: ModelConfig,
+    tensors: &NamedTensors,
+    prefix: &str,
+    what: &str,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let unet =
+        UNet::new(&config.unet, device).with_context(|| format!("{what}: invalid model config"))?;
+    let unet = weights::apply(unet, tensors, prefix)
+        .map_err(|e| anyhow!("{what} does not match its config: {e}"))?;
+    let schedule = NoiseSchedule::new(&config.schedule)?;
+    Ok(LoadedModel {
+        config,
+        schedule,
+        unet,
+        source: what.to_string(),
+    })
+}
+
+/// The model file inside a run folder.
+pub fn model_file_in(run: &Path) -> PathBuf {
+    run.join("model.safetensors")
+}
+
+/// Loads `--model`: `None` for the embedded model, a run folder, or a `.safetensors` file.
+pub fn load(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
+    let Some(spec) = spec else {
+        return load_from_bytes(EMBEDDED_MODEL, "the embedded model", device);
+    };
+    let p = Path::new(spec);
+    let file = if p.is_dir() {
+        let f = model_file_in(p);
+        if !f.exists() {
+            bail!(
+                "{} holds no model.safetensors (train into it with `diffuse train --out {}` first)",
+                p.display(),
+                p.display()
+            );
+        }
+        f
+    } else if p.exists() {
+        p.to_path_buf()
+    } else {
+        bail!("model '{spec}' does not exist");
+    };
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    load_from_bytes(&bytes, &file.display().to_string(), device)
+}

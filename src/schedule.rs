@@ -1,0 +1,263 @@
+//! The forward (noising) process and its noise schedules.
+//!
+//! Every array is computed in `f64` once, from the chosen beta schedule, and only cast to `f32`
+//! where a tensor needs it (as in the original DDPM code). Notation follows Ho et al. 2020
+//! ("Denoising Diffusion Probabilistic Models", DDPM): `beta_t`, `alpha_t = 1 - beta_t`,
+//! `alpha_bar_t = prod_{s<=t} alpha_s`. Timesteps are 0-based: `t = 0..T-1`.
+
+use anyhow::{Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// How `beta_t` grows over the `T` steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BetaSchedule {
+    /// `beta_t` evenly spaced from `beta_start` to `beta_end` (DDPM, section 4: 1e-4 to 0.02).
+    Linear,
+    /// `alpha_bar(t) = f(t)/f(0)`, `f(t) = cos^2(((t/T) + s)/(1 + s) * pi/2)`, `s = 0.008`;
+    /// `beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999)` (Nichol & Dhariwal 2021,
+    /// "Improved DDPM", eq. 17).
+    Cosine,
+    /// `alpha_bar(t)` follows a scaled sigmoid from `sigmoid(-3)` to `sigmoid(3)` with
+    /// temperature 1, normalised to start at 1, betas clipped at 0.999 (Chen 2023, "On the
+    /// Importance of Noise Scheduling for Diffusion Models", Algorithm 1).
+    Sigmoid,
+}
+
+impl std::str::FromStr for BetaSchedule {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "linear" => Self::Linear,
+            "cosine" => Self::Cosine,
+            "sigmoid" => Self::Sigmoid,
+            other => bail!("unknown schedule '{other}' (expected linear, cosine or sigmoid)"),
+        })
+    }
+}
+
+/// What the denoiser is trained to output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prediction {
+    /// The noise `eps` that was added (DDPM, eq. 14; the default).
+    Epsilon,
+    /// The velocity `v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0` (Salimans & Ho 2022,
+    /// "Progressive Distillation", section 4).
+    V,
+    /// The clean image `x0` itself.
+    X0,
+}
+
+impl std::str::FromStr for Prediction {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "epsilon" | "eps" => Self::Epsilon,
+            "v" | "v-prediction" => Self::V,
+            "x0" | "sample" => Self::X0,
+            other => bail!("unknown objective '{other}' (expected epsilon, v or x0)"),
+        })
+    }
+}
+
+/// The hyperparameters of the forward process, saved with every model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleConfig {
+    /// Beta schedule kind.
+    pub beta_schedule: BetaSchedule,
+    /// Number of diffusion steps `T`.
+    pub timesteps: usize,
+    /// First beta (linear schedule only).
+    pub beta_start: f64,
+    /// Last beta (linear schedule only).
+    pub beta_end: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            beta_schedule: BetaSchedule::Linear,
+            timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        }
+    }
+}
+
+/// All per-timestep quantities of the forward process, in `f64`.
+#[derive(Clone, Debug)]
+pub struct NoiseSchedule {
+    /// `beta_t`.
+    pub betas: Vec<f64>,
+    /// `alpha_bar_t = prod_{s<=t} (1 - beta_s)`.
+    pub alphas_cumprod: Vec<f64>,
+    /// `alpha_bar_{t-1}`, with `alpha_bar_{-1} = 1`.
+    pub alphas_cumprod_prev: Vec<f64>,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Betas from a sampled `alpha_bar` curve of length `T+1`: `beta_t = 1 - a[t+1]/a[t]`, clipped.
+fn betas_from_alpha_bar(alpha_bar: &[f64]) -> Vec<f64> {
+    alpha_bar
+        .windows(2)
+        .map(|w| (1.0 - w[1] / w[0]).clamp(0.0, 0.999))
+        .collect()
+}
+
+impl NoiseSchedule {
+    /// Builds every array of the schedule. Fails on `T = 0` or betas outside `(0, 1)`.
+    pub fn new(config: &ScheduleConfig) -> Result<Self> {
+        let t = config.timesteps;
+        if t == 0 {
+            bail!("the number of diffusion timesteps must be at least 1");
+        }
+        let betas: Vec<f64> = match config.beta_schedule {
+            BetaSchedule::Linear => {
+                let (a, b) = (config.beta_start, config.beta_end);
+                if !(a > 0.0 && b < 1.0 && a <= b) {
+                    bail!("linear schedule needs 0 < beta_start <= beta_end < 1 (got {a} and {b})");
+                }
+                if t == 1 {
+                    vec![a]
+                } else {
+                    (0..t)
+                        .map(|i| a + (b - a) * i as f64 / (t - 1) as f64)
+                        .collect()
+                }
+            }
+            BetaSchedule::Cosine => {
+                let s = 0.008;
+                let f = |i: usize| {
+                    let x = (i as f64 / t as f64 + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2;
+                    x.cos().powi(2)
+                };
+                let ab: Vec<f64> = (0..=t).map(|i| f(i) / f(0)).collect();
+                betas_from_alpha_bar(&ab)
+            }
+            BetaSchedule::Sigmoid => {
+                let (start, end, tau) = (-3.0f64, 3.0f64, 1.0f64);
+                let (v_start, v_end) = (sigmoid(start / tau), sigmoid(end / tau));
+                let g = |i: usize| {
+                    let x = i as f64 / t as f64;
+                    (v_end - sigmoid((x * (end - start) + start) / tau)) / (v_end - v_start)
+                };
+                let ab: Vec<f64> = (0..=t).map(|i| g(i) / g(0)).collect();
+                betas_from_alpha_bar(&ab)
+            }
+        };
+        Ok(Self::from_betas(betas))
+    }
+
+    /// Builds the cumulative products from explicit betas.
+    pub fn from_betas(betas: Vec<f64>) -> Self {
+        let mut alphas_cumprod = Vec::with_capacity(betas.len());
+        let mut acc = 1.0f64;
+        for b in &betas {
+            acc *= 1.0 - b;
+            alphas_cumprod.push(acc);
+        }
+        let mut alphas_cumprod_prev = vec![1.0];
+        alphas_cumprod_prev.extend_from_slice(&alphas_cumprod[..alphas_cumprod.len() - 1]);
+        Self {
+            betas,
+            alphas_cumprod,
+            alphas_cumprod_prev,
+        }
+    }
+
+    /// Number of steps `T`.
+    pub fn len(&self) -> usize {
+        self.betas.len()
+    }
+
+    /// Always false: a schedule has at least one step.
+    pub fn is_empty(&self) -> bool {
+        self.betas.is_empty()
+    }
+
+    /// Signal-to-noise ratio `SNR(t) = alpha_bar_t / (1 - alpha_bar_t)` (Kingma et al. 2021,
+    /// "Variational Diffusion Models", eq. 2).
+    pub fn snr(&self, t: usize) -> f64 {
+        let a = self.alphas_cumprod[t];
+        a / (1.0 - a)
+    }
+
+    /// Posterior variance of `q(x_{t-1} | x_t, x_0)`:
+    /// `beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t` (DDPM, eq. 7).
+    pub fn posterior_variance(&self, t: usize) -> f64 {
+        (1.0 - self.alphas_cumprod_prev[t]) / (1.0 - self.alphas_cumprod[t]) * self.betas[t]
+    }
+
+    /// Closed-form sample of the forward process for a batch with one timestep per item:
+    /// `x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps` (DDPM, eq. 4).
+    pub fn q_sample(&self, x0: Tensor<4>, noise: Tensor<4>, t: &[usize]) -> Tensor<4> {
+        let device = x0.device();
+        let a = self.per_item(t, |ab| ab.sqrt(), &device);
+        let s = self.per_item(t, |ab| (1.0 - ab).sqrt(), &device);
+        x0 * a + noise * s
+    }
+
+    /// The training target for a given objective (DDPM eq. 14; v from Salimans & Ho 2022).
+    pub fn target(
+        &self,
+        prediction: Prediction,
+        x0: Tensor<4>,
+        noise: Tensor<4>,
+        t: &[usize],
+    ) -> Tensor<4> {
+        match prediction {
+            Prediction::Epsilon => noise,
+            Prediction::X0 => x0,
+            Prediction::V => {
+                let device = x0.device();
+                let a = self.per_item(t, |ab| ab.sqrt(), &device);
+                let s = self.per_item(t, |ab| (1.0 - ab).sqrt(), &device);
+                noise * a - x0 * s
+            }
+        }
+    }
+
+    /// Converts a model output at timesteps `t` into the pair `(x0_hat, eps_hat)`, using
+    /// `x_t = sqrt(ab) x0 + sqrt(1-ab) eps` and, for v, `x0 = sqrt(ab) x_t - sqrt(1-ab) v`,
+    /// `eps = sqrt(1-ab) x_t + sqrt(ab) v` (Salimans & Ho 2022, section 4).
+    pub fn split_prediction(
+        &self,
+        prediction: Prediction,
+        x_t: Tensor<4>,
+        out: Tensor<4>,
+        t: &[usize],
+    ) -> (Tensor<4>, Tensor<4>) {
+        let device = x_t.device();
+        let a = self.per_item(t, |ab| ab.sqrt(), &device);
+        let s = self.per_item(t, |ab| (1.0 - ab).sqrt(), &device);
+        match prediction {
+            Prediction::Epsilon => {
+                let x0 = (x_t - out.clone() * s) / a;
+                (x0, out)
+            }
+            Prediction::X0 => {
+                let eps = (x_t - out.clone() * a) / s;
+                (out, eps)
+            }
+            Prediction::V => {
+                let x0 = x_t.clone() * a.clone() - out.clone() * s.clone();
+                let eps = x_t * s + out * a;
+                (x0, eps)
+            }
+        }
+    }
+
+    /// A `[B,1,1,1]` tensor holding `f(alpha_bar_{t_i})` for each item.
+    fn per_item(&self, t: &[usize], f: impl Fn(f64) -> f64, device: &Device) -> Tensor<4> {
+        let v: Vec<f32> = t
+            .iter()
+            .map(|&i| f(self.alphas_cumprod[i]) as f32)
+            .collect();
+        Tensor::from_data(TensorData::new(v, [t.len(), 1, 1, 1]), device)
+    }
+}

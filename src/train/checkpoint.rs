@@ -1,0 +1,77 @@
+//! Checkpoints: the whole training state in one safetensors file, written atomically.
+//! Tensors: `model.*` (weights), `ema.*` (EMA weights), `opt.m.*` / `opt.v.*` (AdamW
+//! moments). Metadata: the run config, the step and the optimizer's update count. The random
+//! state needs no saving: every draw of step `s` derives from `(seed, s)`. Each checkpoint
+//! also refreshes `model.safetensors`, the EMA weights ready for `diffuse sample`.
+
+use super::adamw::AdamW;
+use super::{RunConfig, RunPaths};
+use crate::model::{self, CONFIG_KEY};
+use crate::unet::UNet;
+use crate::weights::{self, NamedTensors, StoreDtype};
+use anyhow::{Context, Result, anyhow};
+use std::collections::HashMap;
+use std::path::Path;
+
+const RUN_KEY: &str = "diffuse.run";
+const STEP_KEY: &str = "diffuse.step";
+const ADAM_T_KEY: &str = "diffuse.adam_t";
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub run: RunConfig,
+    pub step: usize,
+    pub adam_t: u64,
+    pub tensors: NamedTensors,
+}
+
+/// Writes `checkpoint.safetensors` and `model.safetensors` (EMA, f32) atomically.
+pub fn save(
+    paths: &RunPaths,
+    cfg: &RunConfig,
+    model: &UNet,
+    ema: &UNet,
+    opt: &AdamW,
+    step: usize,
+) -> Result<()> {
+    let mut t = NamedTensors::new();
+    weights::collect(model, "model.", &mut t);
+    weights::collect(ema, "ema.", &mut t);
+    opt.export("opt.", &mut t);
+    let mut meta = HashMap::new();
+    meta.insert(RUN_KEY.to_string(), serde_json::to_string(cfg)?);
+    meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(&cfg.model)?);
+    meta.insert(STEP_KEY.to_string(), step.to_string());
+    meta.insert(ADAM_T_KEY.to_string(), opt.t.to_string());
+    let bytes = weights::to_safetensors(&t, &meta, StoreDtype::F32)?;
+    weights::write_atomic(&paths.checkpoint(), &bytes)?;
+
+    let mut e = NamedTensors::new();
+    weights::collect(ema, "", &mut e);
+    let bytes = model::model_bytes(&cfg.model, &e, StoreDtype::F32)?;
+    weights::write_atomic(&paths.model(), &bytes)
+}
+
+/// Reads a checkpoint, naming the file in every error.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let what = path.display().to_string();
+    let (tensors, meta) = weights::read_safetensors(path)?;
+    let get = |k: &str| {
+        meta.get(k)
+            .ok_or_else(|| anyhow!("{what} is not a diffuse checkpoint (no '{k}' metadata)"))
+    };
+    let run: RunConfig = serde_json::from_str(get(RUN_KEY)?)
+        .with_context(|| format!("{what}: invalid run config"))?;
+    let step = get(STEP_KEY)?
+        .parse()
+        .with_context(|| format!("{what}: invalid step"))?;
+    let adam_t = get(ADAM_T_KEY)?
+        .parse()
+        .with_context(|| format!("{what}: invalid optimizer step"))?;
+    Ok(Checkpoint {
+        run,
+        step,
+        adam_t,
+        tensors,
+    })
+}

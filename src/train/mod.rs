@@ -1,0 +1,415 @@
+//! Training: the denoising objective (DDPM, Algorithm 1) with AdamW, warm-up, clipping, EMA,
+//! label dropout for classifier-free guidance, atomic checkpoints and exact resumption.
+
+pub mod adamw;
+pub mod checkpoint;
+pub mod ema;
+pub mod plot;
+
+use crate::data::{self, Dataset, HostBatch};
+use crate::device::{inference_device, training_device};
+use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
+use crate::model::ModelConfig;
+use crate::rng::{Stream, normal_vec, rng_for};
+use crate::sampler::{DdpmSampler, GenerateOptions, VarianceType, generate};
+use crate::schedule::{NoiseSchedule, Prediction};
+use crate::unet::UNet;
+use adamw::AdamW;
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use rand::{Rng, RngCore};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How the per-timestep losses are weighted.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossWeighting {
+    /// Plain MSE on the objective ("L_simple", DDPM eq. 14).
+    Uniform,
+    /// Min-SNR-gamma (Hang et al. 2023, eq. 7): the x0-space weight `min(SNR, gamma)`,
+    /// divided by `SNR` for epsilon and by `SNR + 1` for v prediction.
+    MinSnr { gamma: f64 },
+}
+
+/// Optimisation hyperparameters, saved in every run folder and checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Maximum global gradient norm (0 disables clipping).
+    pub grad_clip: f64,
+    /// Largest EMA decay (reached after the warm-up of [`ema::decay_at`]).
+    pub ema_decay: f64,
+    /// Probability of replacing a label with the null class (classifier-free guidance).
+    pub label_dropout: f64,
+    /// Random horizontal flips.
+    pub hflip: bool,
+    pub loss_weighting: LossWeighting,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+    /// Save a sample grid every N steps (0: never).
+    pub sample_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 5000,
+            batch_size: 64,
+            lr: 2e-4,
+            warmup_steps: 200,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+            label_dropout: 0.1,
+            hflip: false,
+            loss_weighting: LossWeighting::Uniform,
+            seed: 0,
+            checkpoint_every: 500,
+            sample_every: 1000,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be a positive number (got {})", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!("--ema-decay must be in [0, 1) (got {})", self.ema_decay);
+        }
+        if !(0.0..=1.0).contains(&self.label_dropout) {
+            bail!(
+                "--label-dropout must be in [0, 1] (got {})",
+                self.label_dropout
+            );
+        }
+        if self.checkpoint_every == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        if self.grad_clip < 0.0 {
+            bail!("--grad-clip must be 0 (off) or positive");
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step`: linear warm-up from 0, then constant (DDPM, appendix B).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            self.lr * (step + 1) as f64 / self.warmup_steps as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// Everything that defines a run: the model, the optimisation and the data it reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    /// The `--data` argument the run was started with.
+    pub data: String,
+}
+
+/// Progress of one step, for progress bars.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub step: usize,
+    pub total: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub elapsed: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetricLine {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub elapsed: f64,
+}
+
+/// The files of a run folder.
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+    pub fn model(&self) -> PathBuf {
+        crate::model::model_file_in(&self.dir)
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn samples(&self) -> PathBuf {
+        self.dir.join("samples")
+    }
+    pub fn loss_plot(&self) -> PathBuf {
+        self.dir.join("loss.png")
+    }
+}
+
+/// Per-item loss weights for the batch's timesteps.
+fn loss_weights(
+    w: LossWeighting,
+    p: Prediction,
+    sched: &NoiseSchedule,
+    t: &[usize],
+) -> Option<Vec<f32>> {
+    match w {
+        LossWeighting::Uniform => None,
+        LossWeighting::MinSnr { gamma } => Some(
+            t.iter()
+                .map(|&ti| {
+                    let snr = sched.snr(ti);
+                    let x0w = snr.min(gamma);
+                    (match p {
+                        Prediction::Epsilon => x0w / snr,
+                        Prediction::V => x0w / (snr + 1.0),
+                        Prediction::X0 => x0w,
+                    }) as f32
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Reads a run's metrics, keeping only lines up to `max_step`.
+pub fn read_metrics(path: &Path, max_step: usize) -> Vec<MetricLine> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<MetricLine>(l).ok())
+        .filter(|m| m.step <= max_step)
+        .collect()
+}
+
+/// Trains a run to `cfg.train.steps`, starting fresh or from `resume` (a loaded checkpoint).
+/// `on_step` sees every step (for a progress bar). Returns the final step count.
+pub fn train(
+    cfg: &RunConfig,
+    ds: Dataset,
+    out: &Path,
+    resume: Option<checkpoint::Checkpoint>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<usize> {
+    cfg.train.validate()?;
+    cfg.model.unet.validate()?;
+    let tc = &cfg.train;
+    let paths = RunPaths::new(out);
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    crate::weights::write_atomic(
+        &paths.config(),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+
+    let dev = training_device();
+    let idev = inference_device();
+    let sched = NoiseSchedule::new(&cfg.model.schedule)?;
+    let tsteps = sched.len();
+    let num_classes = cfg.model.unet.num_classes;
+
+    dev.seed(tc.seed);
+    let mut model = UNet::new(&cfg.model.unet, &dev)?;
+    let mut opt = AdamW::new(0.9, 0.999, 1e-8, tc.weight_decay);
+    let mut ema_model = model.valid();
+    let mut start = 0usize;
+    if let Some(ck) = resume {
+        model = crate::weights::apply(model, &ck.tensors, "model.")?;
+        ema_model = crate::weights::apply(ema_model, &ck.tensors, "ema.")?;
+        opt.import("opt.", ck.adam_t, &ck.tensors, &idev)?;
+        start = ck.step;
+    }
+    // Metrics: keep what the checkpoint covers, drop steps that will be redone.
+    let kept = read_metrics(&paths.metrics(), start);
+    let mut text = String::new();
+    for m in &kept {
+        text.push_str(&serde_json::to_string(m)?);
+        text.push('\n');
+    }
+    crate::weights::write_atomic(&paths.metrics(), text.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(paths.metrics())
+        .with_context(|| format!("cannot open {}", paths.metrics().display()))?;
+    let elapsed_before = kept.last().map(|m| m.elapsed).unwrap_or(0.0);
+    if start >= tc.steps {
+        return Ok(start);
+    }
+
+    // Batches are built on a separate thread, two steps ahead of the training step.
+    let ds = Arc::new(ds);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(2);
+    {
+        let ds = ds.clone();
+        let (b, seed, flip, end) = (tc.batch_size, tc.seed, tc.hflip, tc.steps);
+        std::thread::spawn(move || {
+            for s in start..end {
+                if tx
+                    .send(data::batch_for_step(&ds, s, b, seed, flip))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+
+    let t0 = Instant::now();
+    for step in start..tc.steps {
+        let batch = rx.recv().context("the data loader stopped")?;
+        let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
+        let b = tc.batch_size;
+        let t: Vec<usize> = (0..b).map(|_| rng.gen_range(0..tsteps)).collect();
+        let noise_v = normal_vec(&mut rng, batch.images.len());
+        let labels: Option<Vec<usize>> = match (num_classes, &batch.labels) {
+            (Some(k), Some(l)) => Some(
+                l.iter()
+                    .map(|&c| if rng.gen_bool(tc.label_dropout) { k } else { c })
+                    .collect(),
+            ),
+            (Some(k), None) => Some(vec![k; b]),
+            _ => None,
+        };
+        dev.seed(rng.next_u64());
+
+        let x0 = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &dev);
+        let noise = Tensor::<4>::from_data(TensorData::new(noise_v, batch.shape), &dev);
+        let x_t = sched.q_sample(x0.clone(), noise.clone(), &t);
+        let target = sched.target(cfg.model.prediction, x0, noise, &t);
+        let tf: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        let out = model.forward(x_t, &tf, labels.as_deref());
+        let sq = (out - target).square();
+        let loss = match loss_weights(tc.loss_weighting, cfg.model.prediction, &sched, &t) {
+            None => sq.mean(),
+            Some(w) => {
+                let w = Tensor::<4>::from_data(TensorData::new(w, [b, 1, 1, 1]), &dev);
+                (sq * w).mean()
+            }
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let loss_v: f64 = loss.into_scalar::<f32>() as f64;
+        if !loss_v.is_finite() {
+            bail!("training diverged at step {step} (loss {loss_v}); try a lower --lr");
+        }
+        let gnorm = adamw::grad_norm(&model, &grads);
+        let scale = if tc.grad_clip > 0.0 && gnorm > tc.grad_clip {
+            tc.grad_clip / gnorm
+        } else {
+            1.0
+        };
+        let lr = tc.lr_at(step);
+        model = opt.step(model, &grads, lr, scale);
+        ema_model = ema::update(ema_model, &model, ema::decay_at(tc.ema_decay, step as u64));
+
+        let done = step + 1;
+        let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
+        let line = MetricLine {
+            step: done,
+            loss: loss_v,
+            lr,
+            grad_norm: gnorm,
+            elapsed,
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
+        metrics.flush()?;
+        on_step(&StepReport {
+            step: done,
+            total: tc.steps,
+            loss: loss_v,
+            lr,
+            elapsed,
+        });
+        if done % tc.checkpoint_every == 0 || done == tc.steps {
+            checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done)?;
+        }
+        if tc.sample_every > 0 && (done % tc.sample_every == 0 || done == tc.steps) {
+            preview(cfg, &sched, &ema_model, &paths, done)?;
+        }
+    }
+    let all = read_metrics(&paths.metrics(), tc.steps);
+    plot::save_loss_curve(&all, &paths.loss_plot())?;
+    Ok(tc.steps)
+}
+
+/// Saves a grid of EMA samples (one per class for conditioned models, else 16) made with 100
+/// respaced DDPM steps to `samples/step-NNNNNN.png`.
+fn preview(
+    cfg: &RunConfig,
+    sched: &NoiseSchedule,
+    ema: &UNet,
+    paths: &RunPaths,
+    step: usize,
+) -> Result<()> {
+    let idev = inference_device();
+    let (n, classes, cols) = match cfg.model.unet.num_classes {
+        Some(k) => {
+            let per = (16 / k).clamp(1, 4);
+            let classes: Vec<usize> = (0..k).flat_map(|c| std::iter::repeat_n(c, per)).collect();
+            let cols = if per == 1 { k } else { per };
+            (classes.len(), Some(classes), cols)
+        }
+        None => (16, None, 4),
+    };
+    let steps = sched.len().min(100);
+    let sampler = DdpmSampler::new(
+        sched,
+        cfg.model.prediction,
+        VarianceType::FixedSmall,
+        steps,
+        true,
+    )?;
+    let opts = GenerateOptions {
+        n,
+        classes,
+        guidance: 1.0,
+        seed: cfg.train.seed,
+    };
+    let x = generate(
+        ema,
+        cfg.model.unet.num_classes,
+        cfg.model.image_shape(),
+        &sampler,
+        &opts,
+        &idev,
+        &mut |_, _| {},
+    );
+    let batch = ImageBatch::from_tensor(x);
+    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
+    let g = upscale(
+        &grid(&imgs, cols),
+        display_factor(cfg.model.unet.image_size),
+    );
+    save_png(&g, &paths.samples().join(format!("step-{step:06}.png")))
+}

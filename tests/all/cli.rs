@@ -1,0 +1,380 @@
+//! The `diffuse` binary end to end on committed fixtures, and its answers to bad input.
+
+use super::data::fixture;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_diffuse");
+
+fn diffuse(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run diffuse")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = diffuse(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "diffuse {args:?} failed: {err}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command that must fail with one `error:` line naming `needle`, and no panic.
+fn fails(args: &[&str], needle: &str) {
+    let o = diffuse(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "diffuse {args:?} should fail: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "diffuse {args:?} panicked: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line expected from {args:?}: {err}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "error for {args:?} should mention '{needle}': {err}"
+    );
+}
+
+fn png_size(p: &Path) -> (u32, u32) {
+    image::image_dimensions(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn metric_steps(run: &Path) -> Vec<usize> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["step"].as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn tiny_train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--cond",
+        "class",
+        "--steps",
+        steps,
+        "--batch",
+        "8",
+        "--base-channels",
+        "16",
+        "--res-blocks",
+        "1",
+        "--checkpoint-every",
+        "4",
+        "--sample-every",
+        "12",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+    ]
+}
+
+#[test]
+fn train_then_sample_on_the_digits_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let (data, runs) = (fixture("digits.csv.gz"), run.to_str().unwrap().to_string());
+    ok(&tiny_train_args(data.to_str().unwrap(), &runs, "24"));
+    for f in [
+        "config.json",
+        "checkpoint.safetensors",
+        "model.safetensors",
+        "loss.png",
+        "samples/step-000012.png",
+        "samples/step-000024.png",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    assert_eq!(metric_steps(&run), (1..=24).collect::<Vec<_>>());
+    assert_eq!(png_size(&run.join("loss.png")), (720, 400));
+
+    let out_dir = tmp.path().join("imgs");
+    let grid = tmp.path().join("grid.png");
+    let traj = tmp.path().join("traj.png");
+    ok(&[
+        "sample",
+        "--model",
+        &runs,
+        "--n",
+        "6",
+        "--steps",
+        "10",
+        "--class",
+        "3",
+        "--out",
+        grid.to_str().unwrap(),
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "--trajectory",
+        traj.to_str().unwrap(),
+    ]);
+    let files: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
+    assert_eq!(files.len(), 6);
+    assert_eq!(png_size(&out_dir.join("00000.png")), (8, 8));
+    // 4 columns x 2 rows of 8x8 images, 2-pixel borders, shown 8x larger.
+    assert_eq!(png_size(&grid), ((4 * 10 + 2) * 8, (2 * 10 + 2) * 8));
+    assert!(traj.is_file());
+
+    // Same seed, same bits; another seed, other images.
+    let again = tmp.path().join("again");
+    ok(&[
+        "sample",
+        "--model",
+        &runs,
+        "--n",
+        "6",
+        "--steps",
+        "10",
+        "--class",
+        "3",
+        "--out-dir",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(out_dir.join("00004.png")).unwrap(),
+        std::fs::read(again.join("00004.png")).unwrap()
+    );
+    let other = tmp.path().join("other");
+    ok(&[
+        "sample",
+        "--model",
+        &runs,
+        "--n",
+        "6",
+        "--steps",
+        "10",
+        "--class",
+        "3",
+        "--seed",
+        "9",
+        "--out-dir",
+        other.to_str().unwrap(),
+    ]);
+    assert_ne!(
+        std::fs::read(out_dir.join("00004.png")).unwrap(),
+        std::fs::read(other.join("00004.png")).unwrap()
+    );
+
+    // Bad sampling options.
+    fails(
+        &["sample", "--model", &runs, "--class", "12"],
+        "out of range",
+    );
+    fails(
+        &["sample", "--model", &runs, "--class", "sneaker"],
+        "not a class",
+    );
+    fails(&["sample", "--model", &runs, "--steps", "1001"], "--steps");
+    fails(&["sample", "--model", &runs, "--n", "0"], "--n");
+    // A second training run into the same folder must not touch the checkpoint.
+    let before = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+    fails(
+        &tiny_train_args(data.to_str().unwrap(), &runs, "8"),
+        "--resume",
+    );
+    assert_eq!(
+        before,
+        std::fs::read(run.join("checkpoint.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_result_as_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let whole = tmp.path().join("whole");
+    ok(&tiny_train_args(data, whole.to_str().unwrap(), "16"));
+
+    let cut = tmp.path().join("cut");
+    let cuts = cut.to_str().unwrap();
+    let mut child = Command::new(BIN)
+        .args(tiny_train_args(data, cuts, "16"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while metric_steps(&cut).len() < 6 && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = metric_steps(&cut).len();
+    assert!(at_kill < 16, "the run finished before it could be killed");
+    assert!(cut.join("checkpoint.safetensors").is_file());
+
+    let mut args = tiny_train_args(data, cuts, "16");
+    args.push("--resume");
+    ok(&args);
+    assert_eq!(
+        metric_steps(&cut),
+        (1..=16).collect::<Vec<_>>(),
+        "metrics must be continuous"
+    );
+    // Every random draw derives from (seed, step): the resumed run ends bit-identical.
+    let a = diffuse::weights::read_safetensors(&whole.join("model.safetensors"))
+        .unwrap()
+        .0;
+    let b = diffuse::weights::read_safetensors(&cut.join("model.safetensors"))
+        .unwrap()
+        .0;
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bad_input_gives_one_clear_error_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let out = t("run");
+    fails(
+        &["train", "--data", "/no/such/folder", "--out", &out],
+        "/no/such/folder",
+    );
+    std::fs::create_dir(t("empty")).unwrap();
+    fails(
+        &["train", "--data", &t("empty"), "--out", &out],
+        "no image files",
+    );
+    let folder = fixture("folder");
+    let folder = folder.to_str().unwrap();
+    fails(
+        &[
+            "train",
+            "--data",
+            folder,
+            "--out",
+            &out,
+            "--image-size",
+            "0",
+        ],
+        "image-size",
+    );
+    fails(
+        &["train", "--data", folder, "--out", &out, "--channels", "2"],
+        "channels",
+    );
+    fails(
+        &["train", "--data", folder, "--out", &out, "--batch", "0"],
+        "--batch",
+    );
+    fails(
+        &["train", "--data", folder, "--out", &out, "--cond", "text"],
+        "--cond",
+    );
+    fails(
+        &[
+            "train",
+            "--data",
+            folder,
+            "--out",
+            &out,
+            "--norm-groups",
+            "5",
+        ],
+        "norm groups",
+    );
+    fails(
+        &["train", "--data", folder, "--out", &out, "--resume"],
+        "no checkpoint",
+    );
+
+    std::fs::write(t("junk.safetensors"), b"definitely not safetensors").unwrap();
+    fails(
+        &["sample", "--model", &t("junk.safetensors")],
+        "not a valid safetensors",
+    );
+    fails(
+        &["sample", "--model", &t("missing.safetensors")],
+        "does not exist",
+    );
+    fails(&["sample", "--model", &t("empty")], "no model.safetensors");
+    // A truncated copy of the embedded model.
+    let full = diffuse::model::EMBEDDED_MODEL;
+    std::fs::write(t("cut.safetensors"), &full[..full.len() / 2]).unwrap();
+    fails(
+        &["sample", "--model", &t("cut.safetensors")],
+        "cut.safetensors",
+    );
+    // Weights from another config: the embedded weights with a wider model's config.
+    let (tensors, meta) = diffuse::weights::from_safetensors(full, "embedded").unwrap();
+    let mut cfg: diffuse::model::ModelConfig =
+        serde_json::from_str(&meta[diffuse::model::CONFIG_KEY]).unwrap();
+    cfg.unet.base_channels *= 2;
+    let bytes =
+        diffuse::model::model_bytes(&cfg, &tensors, diffuse::weights::StoreDtype::F16).unwrap();
+    std::fs::write(t("other.safetensors"), bytes).unwrap();
+    fails(&["sample", "--model", &t("other.safetensors")], "has shape");
+
+    fails(
+        &["noise", "--image", &t("nope.png"), "--out", &t("s.png")],
+        "nope.png",
+    );
+    let img = fixture("folder/circle/a_grey.png");
+    fails(
+        &[
+            "noise",
+            "--image",
+            img.to_str().unwrap(),
+            "--out",
+            &t("s.png"),
+            "--timesteps",
+            "0,1000",
+        ],
+        "1000",
+    );
+    fails(&["fetch", "cifar10"], "unknown dataset");
+}
+
+#[test]
+fn noise_strip_and_embedded_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let strip = tmp.path().join("strip.png");
+    let img = fixture("folder/square/d.jpg");
+    ok(&[
+        "noise",
+        "--image",
+        img.to_str().unwrap(),
+        "--out",
+        strip.to_str().unwrap(),
+        "--size",
+        "32",
+    ]);
+    assert_eq!(png_size(&strip), (6 * 34 + 2, 36));
+
+    let grid = tmp.path().join("g.png");
+    let out = ok(&[
+        "sample",
+        "--class",
+        "Sandal",
+        "--n",
+        "2",
+        "--steps",
+        "5",
+        "--out",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(out.contains("embedded model"), "{out}");
+    assert!(grid.is_file());
+    let (_, meta) =
+        diffuse::weights::from_safetensors(diffuse::model::EMBEDDED_MODEL, "embedded").unwrap();
+    let cfg: diffuse::model::ModelConfig =
+        serde_json::from_str(&meta[diffuse::model::CONFIG_KEY]).unwrap();
+    assert_eq!(cfg.class_names.len(), 10);
+    assert_eq!(cfg.class_names[5], "Sandal");
+    assert_eq!(cfg.unet.image_size, 28);
+}

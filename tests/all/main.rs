@@ -1,0 +1,7 @@
+//! The test suite, as one binary: `cargo test --release`.
+
+mod cli;
+mod data;
+mod sampler;
+mod schedule;
+mod unet;

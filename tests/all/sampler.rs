@@ -1,0 +1,110 @@
+//! The DDPM sampler against its closed forms, and reproducibility of generation.
+
+use diffuse::device::inference_device;
+use diffuse::rng::{Stream, normal_tensor, normal_vec, rng_for};
+use diffuse::sampler::ddpm::respaced_timesteps;
+use diffuse::sampler::{DdpmSampler, GenerateOptions, Sampler, VarianceType, generate};
+use diffuse::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
+
+fn to_vec(x: burn::tensor::Tensor<4>) -> Vec<f32> {
+    x.into_data().convert::<f32>().try_into_vec().unwrap()
+}
+
+#[test]
+fn respacing_keeps_both_ends_and_is_descending() {
+    assert_eq!(
+        respaced_timesteps(1000, 1000),
+        (0..1000).rev().collect::<Vec<_>>()
+    );
+    let r = respaced_timesteps(1000, 10);
+    assert_eq!(r.len(), 10);
+    assert_eq!((r[0], r[9]), (999, 0));
+    assert!(r.windows(2).all(|w| w[0] > w[1]));
+    assert_eq!(respaced_timesteps(1000, 1), vec![999]);
+    let s = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+    assert!(
+        DdpmSampler::new(
+            &s,
+            Prediction::Epsilon,
+            VarianceType::FixedSmall,
+            1001,
+            true
+        )
+        .is_err()
+    );
+    assert!(DdpmSampler::new(&s, Prediction::Epsilon, VarianceType::FixedSmall, 0, true).is_err());
+}
+
+#[test]
+fn ddpm_step_matches_the_posterior_closed_form() {
+    let dev = inference_device();
+    let s = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+    let mut rng = rng_for(4, Stream::Sample, 1);
+    let x0 = normal_tensor(&mut rng, [2, 1, 4, 4], &dev).clamp(-1.0, 1.0);
+    let eps = normal_tensor(&mut rng, [2, 1, 4, 4], &dev);
+    for variance in [VarianceType::FixedSmall, VarianceType::FixedLarge] {
+        let sm = DdpmSampler::new(&s, Prediction::Epsilon, variance, 1000, true).unwrap();
+        // Middle step i (t = 999 - i) with the true noise as model output.
+        let i = 500;
+        let t = sm.timesteps()[i];
+        let xt = s.q_sample(x0.clone(), eps.clone(), &[t, t]);
+        let mut r1 = rng_for(9, Stream::Sample, 2);
+        let got = to_vec(sm.step(i, xt.clone(), eps.clone(), &mut r1));
+        let mut r2 = rng_for(9, Stream::Sample, 2);
+        let z = normal_vec(&mut r2, 32);
+        let (ab, abp, beta) = (s.alphas_cumprod[t], s.alphas_cumprod[t - 1], s.betas[t]);
+        let var = match variance {
+            VarianceType::FixedSmall => (1.0 - abp) / (1.0 - ab) * beta,
+            VarianceType::FixedLarge => beta,
+        };
+        let (x0v, xtv) = (to_vec(x0.clone()), to_vec(xt));
+        for k in 0..32 {
+            let mean = beta * abp.sqrt() / (1.0 - ab) * x0v[k] as f64
+                + (1.0 - abp) * (1.0 - beta).sqrt() / (1.0 - ab) * xtv[k] as f64;
+            let want = mean + var.sqrt() * z[k] as f64;
+            assert!(
+                (got[k] as f64 - want).abs() < 1e-4,
+                "{variance:?} k={k}: {} vs {want}",
+                got[k]
+            );
+        }
+        // The last step returns x0_hat with no noise.
+        let last = sm.timesteps().len() - 1;
+        let x1 = s.q_sample(x0.clone(), eps.clone(), &[0, 0]);
+        let out = to_vec(sm.step(last, x1, eps.clone(), &mut r1));
+        for (a, b) in out.iter().zip(&x0v) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_bits_other_seed_other_images() {
+    let dev = inference_device();
+    let m = super::unet::randomized(&super::unet::tiny(8, 1, Some(3)), 5);
+    let s = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+    let sm = DdpmSampler::new(&s, Prediction::Epsilon, VarianceType::FixedSmall, 20, true).unwrap();
+    let run = |seed: u64, guidance: f32| {
+        let opts = GenerateOptions {
+            n: 3,
+            classes: Some(vec![0, 1, 2]),
+            guidance,
+            seed,
+        };
+        to_vec(generate(
+            &m,
+            Some(3),
+            [1, 8, 8],
+            &sm,
+            &opts,
+            &dev,
+            &mut |_, _| {},
+        ))
+    };
+    let a = run(1, 2.0);
+    assert_eq!(a.len(), 3 * 64);
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert_eq!(a, run(1, 2.0));
+    assert_ne!(a, run(2, 2.0));
+    assert_ne!(a, run(1, 1.0));
+}
