@@ -4,6 +4,7 @@
 //! ([`imageio`]). The forward process lives in [`schedule`], the denoiser in [`unet`].
 //! Same seed, same options, same build: the same bits out.
 
+pub mod bench;
 pub mod data;
 pub mod device;
 pub mod imageio;

@@ -93,6 +93,32 @@ pub fn chw_to_image(chw: &[u8], channels: usize, size: usize) -> DynamicImage {
     }
 }
 
+/// The class names of a class-conditioned folder: its first-level subfolders that hold image
+/// files, sorted.
+pub fn class_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read folder {}: {e}", dir.display()))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            let mut files = Vec::new();
+            walk(&p, &mut files)?;
+            if !files.is_empty() {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    names.sort();
+    if names.is_empty() {
+        bail!(
+            "{} has no class subfolders with images (needed for --cond class)",
+            dir.display()
+        );
+    }
+    Ok(names)
+}
+
 /// Loads every readable image under `dir`. With `with_classes`, each image's class is its
 /// first-level subfolder (sorted by name); images directly in `dir` are then an error.
 /// Unreadable files are skipped with one counted warning on stderr.

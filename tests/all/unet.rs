@@ -1,5 +1,6 @@
 //! The denoiser: shapes, learning, and weight round trips.
 
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use diffuse::device::{inference_device, training_device};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
@@ -170,4 +171,14 @@ fn loading_mismatched_weights_names_the_tensor() {
         "{err}"
     );
     assert!(weights::from_safetensors(b"not a safetensors file", "x.safetensors").is_err());
+}
+
+#[test]
+fn benchmark_unet_from_our_blocks_has_the_reference_parameter_count() {
+    let dev = inference_device();
+    let m = diffuse::bench::ReferenceUNet::new(&dev);
+    // shared/bench/MODEL.md: 5,068,547 parameters, like the PyTorch twin.
+    assert_eq!(m.num_params(), 5_068_547);
+    let x = normal_tensor(&mut rng_for(0, Stream::Sample, 0), [1, 3, 32, 32], &dev);
+    assert_eq!(m.forward(x, &[13.0]).dims(), [1, 3, 32, 32]);
 }
