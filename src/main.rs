@@ -7,7 +7,9 @@ use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
 use diffuse::model::{self, ModelConfig};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
-use diffuse::sampler::{DdpmSampler, GenerateOptions, Sampler, VarianceType, generate};
+use diffuse::sampler::{
+    DdimOptions, DdimSampler, DdpmSampler, GenerateOptions, Sampler, VarianceType, generate,
+};
 use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
 use diffuse::unet::UNetConfig;
@@ -82,7 +84,16 @@ struct SampleArgs {
     /// Sampling steps, evenly respaced over the model's T (default: all T).
     #[arg(long)]
     steps: Option<usize>,
-    /// Reverse-process variance: fixed-small or fixed-large.
+    /// Sampler: ddpm (ancestral) or ddim.
+    #[arg(long, default_value = "ddpm")]
+    sampler: String,
+    /// DDIM noise weight: 0 deterministic, 1 DDPM-like.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// DDIM timestep spacing: trailing, leading or linspace.
+    #[arg(long, default_value = "trailing")]
+    spacing: String,
+    /// DDPM reverse-process variance: fixed-small or fixed-large.
     #[arg(long, default_value = "fixed-small")]
     variance: String,
     /// Random seed.
@@ -261,9 +272,30 @@ fn sample(a: SampleArgs) -> Result<()> {
     let dev = inference_device();
     let m = model::load(a.model.as_deref(), &dev)?;
     let cfg = &m.config;
-    let variance: VarianceType = a.variance.parse()?;
     let steps = a.steps.unwrap_or(m.schedule.len());
-    let sampler = DdpmSampler::new(&m.schedule, cfg.prediction, variance, steps, true)?;
+    let sampler: Box<dyn Sampler> = match a.sampler.as_str() {
+        "ddpm" => {
+            let variance: VarianceType = a.variance.parse()?;
+            Box::new(DdpmSampler::new(
+                &m.schedule,
+                cfg.prediction,
+                variance,
+                steps,
+                true,
+            )?)
+        }
+        "ddim" => Box::new(DdimSampler::new(
+            &m.schedule,
+            cfg.prediction,
+            DdimOptions {
+                steps,
+                eta: a.eta,
+                spacing: a.spacing.parse()?,
+                ..DdimOptions::default()
+            },
+        )?),
+        other => bail!("unknown --sampler '{other}' (expected ddpm or ddim)"),
+    };
     if !(a.guidance.is_finite() && a.guidance >= 0.0) {
         bail!(
             "--guidance must be a non-negative number (got {})",
@@ -309,7 +341,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         &m.unet,
         k,
         cfg.image_shape(),
-        &sampler,
+        sampler.as_ref(),
         &opts,
         &dev,
         &mut |i, x| {

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub enum BetaSchedule {
     /// `beta_t` evenly spaced from `beta_start` to `beta_end` (DDPM, section 4: 1e-4 to 0.02).
     Linear,
+    /// `beta_t = (linspace(sqrt(beta_start), sqrt(beta_end), T))^2`, the latent-diffusion
+    /// schedule (Rombach et al. 2022; diffusers' `scaled_linear`).
+    ScaledLinear,
     /// `alpha_bar(t) = f(t)/f(0)`, `f(t) = cos^2(((t/T) + s)/(1 + s) * pi/2)`, `s = 0.008`;
     /// `beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999)` (Nichol & Dhariwal 2021,
     /// "Improved DDPM", eq. 17).
@@ -30,9 +33,12 @@ impl std::str::FromStr for BetaSchedule {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "linear" => Self::Linear,
-            "cosine" => Self::Cosine,
+            "scaled-linear" | "scaled_linear" => Self::ScaledLinear,
+            "cosine" | "squaredcos_cap_v2" => Self::Cosine,
             "sigmoid" => Self::Sigmoid,
-            other => bail!("unknown schedule '{other}' (expected linear, cosine or sigmoid)"),
+            other => bail!(
+                "unknown schedule '{other}' (expected linear, scaled-linear, cosine or sigmoid)"
+            ),
         })
     }
 }
@@ -55,7 +61,7 @@ impl std::str::FromStr for Prediction {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "epsilon" | "eps" => Self::Epsilon,
-            "v" | "v-prediction" => Self::V,
+            "v" | "v-prediction" | "v_prediction" => Self::V,
             "x0" | "sample" => Self::X0,
             other => bail!("unknown objective '{other}' (expected epsilon, v or x0)"),
         })
@@ -129,6 +135,22 @@ impl NoiseSchedule {
                         .map(|i| a + (b - a) * i as f64 / (t - 1) as f64)
                         .collect()
                 }
+            }
+            BetaSchedule::ScaledLinear => {
+                let (a, b) = (config.beta_start.sqrt(), config.beta_end.sqrt());
+                if !(a > 0.0 && b < 1.0 && a <= b) {
+                    bail!("scaled-linear schedule needs 0 < beta_start <= beta_end < 1");
+                }
+                (0..t)
+                    .map(|i| {
+                        let f = if t == 1 {
+                            0.0
+                        } else {
+                            i as f64 / (t - 1) as f64
+                        };
+                        (a + (b - a) * f).powi(2)
+                    })
+                    .collect()
             }
             BetaSchedule::Cosine => {
                 let s = 0.008;

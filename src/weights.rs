@@ -198,6 +198,10 @@ pub fn from_safetensors(
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            Dtype::I64 => raw
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
             other => bail!("{what}: tensor '{name}' has unsupported dtype {other:?}"),
         };
         out.insert(

@@ -1,8 +1,10 @@
 //! Reverse-process samplers behind one trait, and the generation loop that drives them
 //! (with classifier-free guidance for class-conditioned models).
 
+pub mod ddim;
 pub mod ddpm;
 
+pub use ddim::{DdimOptions, DdimSampler, TimestepSpacing};
 pub use ddpm::{DdpmSampler, VarianceType};
 
 use crate::rng::{Stream, normal_tensor, rng_for};

@@ -181,6 +181,45 @@ fn train_then_sample_on_the_digits_fixture() {
     );
     fails(&["sample", "--model", &runs, "--steps", "1001"], "--steps");
     fails(&["sample", "--model", &runs, "--n", "0"], "--n");
+    fails(
+        &["sample", "--model", &runs, "--sampler", "plms"],
+        "--sampler",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            &runs,
+            "--sampler",
+            "ddim",
+            "--eta",
+            "2",
+        ],
+        "--eta",
+    );
+    // DDIM at eta 0 is deterministic, whatever the seed.
+    let d1 = tmp.path().join("d1.png");
+    let d2 = tmp.path().join("d2.png");
+    for (p, seed) in [(&d1, "1"), (&d2, "1")] {
+        ok(&[
+            "sample",
+            "--model",
+            &runs,
+            "--n",
+            "4",
+            "--class",
+            "2",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "8",
+            "--seed",
+            seed,
+            "--out",
+            p.to_str().unwrap(),
+        ]);
+    }
+    assert_eq!(std::fs::read(&d1).unwrap(), std::fs::read(&d2).unwrap());
     // A second training run into the same folder must not touch the checkpoint.
     let before = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
     fails(
@@ -190,6 +229,67 @@ fn train_then_sample_on_the_digits_fixture() {
     assert_eq!(
         before,
         std::fs::read(run.join("checkpoint.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn trains_resumes_and_samples_on_an_image_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let runs = run.to_str().unwrap();
+    let folder = fixture("folder");
+    let base = [
+        "train",
+        "--data",
+        folder.to_str().unwrap(),
+        "--out",
+        runs,
+        "--cond",
+        "class",
+        "--image-size",
+        "12",
+        "--base-channels",
+        "16",
+        "--res-blocks",
+        "1",
+        "--batch",
+        "4",
+        "--checkpoint-every",
+        "3",
+    ];
+    let mut first = base.to_vec();
+    first.extend(["--steps", "3"]);
+    let err = String::from_utf8_lossy(&diffuse(&first).stderr).into_owned();
+    assert!(err.contains("skipped 2 unreadable image file(s)"), "{err}");
+    let mut more = base.to_vec();
+    more.extend(["--steps", "5", "--resume"]);
+    ok(&more);
+    assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["model"]["class_names"],
+        serde_json::json!(["circle", "square"])
+    );
+    assert_eq!(cfg["model"]["unet"]["in_channels"], 3);
+    let out_dir = tmp.path().join("imgs");
+    ok(&[
+        "sample",
+        "--model",
+        runs,
+        "--class",
+        "square",
+        "--n",
+        "2",
+        "--steps",
+        "4",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    let img = image::open(out_dir.join("00001.png")).unwrap();
+    assert_eq!(
+        (img.width(), img.height(), img.color().channel_count()),
+        (12, 12, 3)
     );
 }
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod parity;
 mod sampler;
 mod schedule;
 mod unet;
