@@ -5,7 +5,7 @@
 use super::Sampler;
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::{Result, bail};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -169,13 +169,6 @@ impl Sampler for DdimSampler {
         let sigma = self.opts.eta * var.max(0.0).sqrt();
         let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();
         let out = x0 * (ab_prev.sqrt() as f32) + eps * (dir as f32);
-        if sigma > 0.0 {
-            let shape = out.dims();
-            let z = crate::rng::normal_vec(rng, shape.iter().product());
-            let z = Tensor::<4>::from_data(TensorData::new(z, shape), &out.device());
-            out + z * (sigma as f32)
-        } else {
-            out
-        }
+        super::add_noise(out, sigma, rng)
     }
 }

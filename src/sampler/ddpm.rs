@@ -4,7 +4,7 @@
 use super::Sampler;
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::{Result, bail};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -131,13 +131,6 @@ impl Sampler for DdpmSampler {
         let x0 = if self.clip { x0.clamp(-1.0, 1.0) } else { x0 };
         let c = &self.coefs[i];
         let mean = x0 * (c.c_x0 as f32) + x * (c.c_xt as f32);
-        if c.sigma > 0.0 {
-            let shape = mean.dims();
-            let z = crate::rng::normal_vec(rng, shape.iter().product());
-            let z = Tensor::<4>::from_data(TensorData::new(z, shape), &mean.device());
-            mean + z * (c.sigma as f32)
-        } else {
-            mean
-        }
+        super::add_noise(mean, c.sigma, rng)
     }
 }

@@ -23,6 +23,15 @@ pub trait Sampler {
     -> Tensor<4>;
 }
 
+/// `x + sigma z` with `z ~ N(0, I)` drawn from `rng`; `x` itself when `sigma = 0`.
+pub(crate) fn add_noise(x: Tensor<4>, sigma: f64, rng: &mut ChaCha8Rng) -> Tensor<4> {
+    if sigma <= 0.0 {
+        return x;
+    }
+    let z = normal_tensor(rng, x.dims(), &x.device());
+    x + z * (sigma as f32)
+}
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
