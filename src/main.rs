@@ -303,6 +303,12 @@ fn sample(a: SampleArgs) -> Result<()> {
         );
     }
     let k = cfg.unet.num_classes;
+    if a.n.is_some_and(|n| n == 0 || n > 10_000) {
+        bail!("--n must be between 1 and 10000 (got {})", a.n.unwrap_or(0));
+    }
+    if a.cols == Some(0) {
+        bail!("--cols must be at least 1");
+    }
     let (n, classes, cols) = match (k, &a.class) {
         (_, Some(c)) => {
             let ci = cfg.class_index(c)?;
@@ -320,9 +326,6 @@ fn sample(a: SampleArgs) -> Result<()> {
             (n, None, a.cols.unwrap_or((n as f64).sqrt().ceil() as usize))
         }
     };
-    if n == 0 || n > 10_000 {
-        bail!("--n must be between 1 and 10000 (got {n})");
-    }
     let opts = GenerateOptions {
         n,
         classes,
@@ -398,6 +401,9 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             );
         }
         let ck = checkpoint::load(&ckpt_path)?;
+        eprintln!(
+            "note: --resume continues with the settings saved in the checkpoint; only --steps and --data are read from the command line"
+        );
         let mut cfg = ck.run.clone();
         if let Some(s) = a.steps {
             cfg.train.steps = s;

@@ -119,8 +119,8 @@ impl NoiseSchedule {
     /// Builds every array of the schedule. Fails on `T = 0` or betas outside `(0, 1)`.
     pub fn new(config: &ScheduleConfig) -> Result<Self> {
         let t = config.timesteps;
-        if t == 0 {
-            bail!("the number of diffusion timesteps must be at least 1");
+        if !(1..=100_000).contains(&t) {
+            bail!("the number of diffusion timesteps must be between 1 and 100000 (got {t})");
         }
         let betas: Vec<f64> = match config.beta_schedule {
             BetaSchedule::Linear => {

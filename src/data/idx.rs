@@ -40,8 +40,12 @@ pub fn parse_idx(buf: &[u8], what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     let dims: Vec<usize> = (0..nd)
         .map(|i| u32::from_be_bytes(buf[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let n: usize = dims.iter().product();
-    if buf.len() < header + n {
+    let n = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= buf.len())
+        .unwrap_or(usize::MAX);
+    if n == usize::MAX || buf.len() < header + n {
         bail!(
             "{what}: truncated IDX data ({} bytes, dimensions {:?} need {})",
             buf.len() - header,
@@ -170,7 +174,14 @@ pub fn load_digits_csv(path: &Path) -> Result<Dataset> {
             }
             pixels.push((v * 255.0 / 16.0).round() as u8);
         }
-        labels.push(vals[64] as usize);
+        let label = vals[64];
+        if !(label.fract() == 0.0 && (0.0..=255.0).contains(&label)) {
+            bail!(
+                "{what}, line {}: label {label} is not an integer in 0..255",
+                i + 1
+            );
+        }
+        labels.push(label as usize);
     }
     let k = labels.iter().max().map(|m| m + 1).unwrap_or(0);
     Ok(Dataset {

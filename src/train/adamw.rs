@@ -177,6 +177,10 @@ impl AdamW {
             let Some(v) = src.get(&format!("{prefix}v.{key}")) else {
                 bail!("optimizer state for '{key}' has no second moment");
             };
+            let want = src.get(&format!("model.{key}")).map(|p| p.data.len());
+            if want != Some(m.data.len()) || v.data.len() != m.data.len() {
+                bail!("optimizer state for '{key}' does not match the model's parameter");
+            }
             let mk = |h: &HostTensor| {
                 Tensor::<1>::from_data(TensorData::new(h.data.clone(), [h.data.len()]), device)
             };

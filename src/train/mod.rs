@@ -86,8 +86,14 @@ impl TrainConfig {
         if self.steps == 0 {
             bail!("--steps must be at least 1");
         }
-        if self.batch_size == 0 {
-            bail!("--batch must be at least 1");
+        if !(1..=4096).contains(&self.batch_size) {
+            bail!(
+                "--batch must be between 1 and 4096 (got {})",
+                self.batch_size
+            );
+        }
+        if self.steps > 100_000_000 {
+            bail!("--steps must be at most 100000000");
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be a positive number (got {})", self.lr);

@@ -66,39 +66,75 @@ impl UNetConfig {
 
     /// Checks that the configuration describes a buildable network.
     pub fn validate(&self) -> Result<()> {
-        if self.image_size == 0 {
-            bail!("image size must be positive");
-        }
-        if !(1..=4).contains(&self.in_channels) || self.out_channels == 0 {
+        if !(1..=1024).contains(&self.image_size) {
             bail!(
-                "channels must be between 1 and 4 (got in {} out {})",
+                "image size must be between 1 and 1024 (got {})",
+                self.image_size
+            );
+        }
+        if !(self.in_channels == 1 || self.in_channels == 3)
+            || self.out_channels != self.in_channels
+        {
+            bail!(
+                "channels must be 1 or 3, the same in and out (got in {} out {})",
                 self.in_channels,
                 self.out_channels
             );
         }
-        if self.base_channels == 0 || self.channel_mult.is_empty() {
-            bail!("base channels and channel multipliers must be non-empty and positive");
+        if !(1..=1024).contains(&self.base_channels) {
+            bail!(
+                "base channels must be between 1 and 1024 (got {})",
+                self.base_channels
+            );
         }
-        if self.channel_mult.contains(&0) {
-            bail!("channel multipliers must be positive");
+        if self.channel_mult.is_empty() || self.channel_mult.len() > 8 {
+            bail!(
+                "give between 1 and 8 channel multipliers (got {})",
+                self.channel_mult.len()
+            );
+        }
+        if let Some(m) = self.channel_mult.iter().find(|&&m| !(1..=16).contains(&m)) {
+            bail!("channel multipliers must be between 1 and 16 (got {m})");
+        }
+        if !(1..=16).contains(&self.num_res_blocks) {
+            bail!(
+                "residual blocks per level must be between 1 and 16 (got {})",
+                self.num_res_blocks
+            );
         }
         if self.norm_groups == 0 {
             bail!("norm groups must be positive");
         }
-        for m in &self.channel_mult {
-            let c = self.base_channels * m;
+        let counts = std::iter::once(self.base_channels)
+            .chain(self.channel_mult.iter().map(|m| m * self.base_channels));
+        for c in counts {
             if c % self.norm_groups != 0 {
                 bail!(
-                    "norm groups ({}) must divide every channel count (level with {c} channels)",
+                    "norm groups ({}) must divide every channel count (one layer has {c} channels)",
                     self.norm_groups
                 );
             }
         }
+        let sizes = self.level_sizes();
+        if let Some(a) = self
+            .attention_resolutions
+            .iter()
+            .find(|a| !sizes.contains(a))
+        {
+            bail!(
+                "attention resolution {a} matches no level of the U-Net (its levels are {sizes:?} pixels)"
+            );
+        }
+        if let Some(a) = self.attention_resolutions.iter().find(|&&a| a > 64) {
+            bail!("attention at {a}x{a} pixels would need too much memory (64 at most)");
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout must be in [0, 1) (got {})", self.dropout);
         }
-        if self.num_classes == Some(0) {
-            bail!("a class-conditioned model needs at least one class");
+        match self.num_classes {
+            Some(0) => bail!("a class-conditioned model needs at least one class"),
+            Some(k) if k > 100_000 => bail!("at most 100000 classes (got {k})"),
+            _ => {}
         }
         Ok(())
     }
