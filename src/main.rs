@@ -8,7 +8,8 @@ use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, u
 use diffuse::model::{self, ModelConfig};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 use diffuse::sampler::{
-    DdimOptions, DdimSampler, DdpmSampler, GenerateOptions, Sampler, VarianceType, generate,
+    DdimOptions, DdimSampler, DdpmSampler, EulerOptions, EulerSampler, GenerateOptions, Sampler,
+    VarianceType, generate,
 };
 use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
@@ -84,13 +85,13 @@ struct SampleArgs {
     /// Sampling steps, evenly respaced over the model's T (default: all T).
     #[arg(long)]
     steps: Option<usize>,
-    /// Sampler: ddpm (ancestral) or ddim.
+    /// Sampler: ddpm (ancestral), ddim, euler or euler-a.
     #[arg(long, default_value = "ddpm")]
     sampler: String,
     /// DDIM noise weight: 0 deterministic, 1 DDPM-like.
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// DDIM timestep spacing: trailing, leading or linspace.
+    /// DDIM/Euler timestep spacing: trailing, leading or linspace.
     #[arg(long, default_value = "trailing")]
     spacing: String,
     /// DDPM reverse-process variance: fixed-small or fixed-large.
@@ -294,7 +295,17 @@ fn sample(a: SampleArgs) -> Result<()> {
                 ..DdimOptions::default()
             },
         )?),
-        other => bail!("unknown --sampler '{other}' (expected ddpm or ddim)"),
+        "euler" | "euler-a" => Box::new(EulerSampler::new(
+            &m.schedule,
+            cfg.prediction,
+            EulerOptions {
+                steps,
+                spacing: a.spacing.parse()?,
+                ancestral: a.sampler == "euler-a",
+                ..EulerOptions::default()
+            },
+        )?),
+        other => bail!("unknown --sampler '{other}' (expected ddpm, ddim, euler or euler-a)"),
     };
     if !(a.guidance.is_finite() && a.guidance >= 0.0) {
         bail!(

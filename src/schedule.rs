@@ -192,6 +192,13 @@ impl NoiseSchedule {
         }
     }
 
+    /// The same schedule with each beta rounded to f32 first, as diffusers stores them. Near
+    /// `beta = 0.999` (the end of the cosine schedule) that rounding moves `alpha_bar` by about
+    /// 1e-4 relative, so models and schedulers from diffusers are reproduced with this.
+    pub fn with_f32_betas(&self) -> Self {
+        Self::from_betas(self.betas.iter().map(|&b| b as f32 as f64).collect())
+    }
+
     /// Number of steps `T`.
     pub fn len(&self) -> usize {
         self.betas.len()

@@ -98,6 +98,8 @@ pub struct DdimSampler {
     prediction: Prediction,
     opts: DdimOptions,
     timesteps: Vec<usize>,
+    /// `timesteps` as the model sees them.
+    model_t: Vec<f64>,
 }
 
 impl DdimSampler {
@@ -125,6 +127,7 @@ impl DdimSampler {
             schedule: schedule.clone(),
             prediction,
             opts,
+            model_t: timesteps.iter().map(|&t| t as f64).collect(),
             timesteps,
         })
     }
@@ -141,8 +144,8 @@ impl DdimSampler {
 }
 
 impl Sampler for DdimSampler {
-    fn timesteps(&self) -> &[usize] {
-        &self.timesteps
+    fn timesteps(&self) -> &[f64] {
+        &self.model_t
     }
 
     /// DDIM, eq. 12: `x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat

@@ -45,6 +45,8 @@ pub struct DdpmSampler {
     schedule: NoiseSchedule,
     prediction: Prediction,
     timesteps: Vec<usize>,
+    /// `timesteps` as the model sees them.
+    model_t: Vec<f64>,
     coefs: Vec<StepCoef>,
     clip: bool,
 }
@@ -103,6 +105,7 @@ impl DdpmSampler {
         Ok(Self {
             schedule: schedule.clone(),
             prediction,
+            model_t: timesteps.iter().map(|&t| t as f64).collect(),
             timesteps,
             coefs,
             clip,
@@ -111,8 +114,8 @@ impl DdpmSampler {
 }
 
 impl Sampler for DdpmSampler {
-    fn timesteps(&self) -> &[usize] {
-        &self.timesteps
+    fn timesteps(&self) -> &[f64] {
+        &self.model_t
     }
 
     /// `x_{prev} = c_x0 x0_hat + c_xt x_t + sigma z`, `x0_hat` clipped to `[-1, 1]`.

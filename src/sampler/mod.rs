@@ -3,9 +3,11 @@
 
 pub mod ddim;
 pub mod ddpm;
+pub mod euler;
 
 pub use ddim::{DdimOptions, DdimSampler, TimestepSpacing};
 pub use ddpm::{DdpmSampler, VarianceType};
+pub use euler::{EulerOptions, EulerSampler};
 
 use crate::rng::{Stream, normal_tensor, rng_for};
 use crate::unet::UNet;
@@ -15,8 +17,24 @@ use rand_chacha::ChaCha8Rng;
 /// One reverse-diffusion method: which model timesteps it visits, and how it moves from
 /// `x_t` to the next sample given the model output there.
 pub trait Sampler {
-    /// The model timesteps visited, in order (descending).
-    fn timesteps(&self) -> &[usize];
+    /// The model timesteps visited, in order (descending; fractional for some spacings).
+    fn timesteps(&self) -> &[f64];
+
+    /// Standard deviation of the starting noise (1 for samplers that work on `x_t` itself; the
+    /// largest sigma for those that work on `x_t / sqrt(alpha_bar_t)`, like Euler).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    /// What the denoiser is shown at position `i`: the sampler's state as `x_t`.
+    fn scale_model_input(&self, _i: usize, x: Tensor<4>) -> Tensor<4> {
+        x
+    }
+
+    /// The state after the update at position `i`, as `x_t` in model space (for trajectories).
+    fn to_model_space(&self, _i: usize, x: Tensor<4>) -> Tensor<4> {
+        x
+    }
 
     /// The update at position `i` of [`Sampler::timesteps`], from `x` and the model output.
     fn step(&self, i: usize, x: Tensor<4>, model_out: Tensor<4>, rng: &mut ChaCha8Rng)
@@ -61,6 +79,8 @@ pub fn generate(
     let mut rng = rng_for(opts.seed, Stream::Sample, 0);
     let [c, h, w] = shape;
     let x = normal_tensor(&mut rng, [opts.n, c, h, w], device);
+    let sigma = sampler.init_noise_sigma();
+    let x = if sigma != 1.0 { x * (sigma as f32) } else { x };
     denoise_from(model, num_classes, x, sampler, opts, &mut rng, on_step)
 }
 
@@ -82,21 +102,22 @@ pub fn denoise_from(
     };
     let guided = labels.is_some() && opts.classes.is_some() && opts.guidance != 1.0;
     for (i, &t) in sampler.timesteps().iter().enumerate() {
+        let input = sampler.scale_model_input(i, x.clone());
         let out = if guided {
             let labels = labels.as_ref().expect("guided implies labels");
             let k = num_classes.expect("guided implies classes");
             let mut both = labels.clone();
             both.extend(std::iter::repeat_n(k, n));
-            let xx = Tensor::cat(vec![x.clone(), x.clone()], 0);
-            let out = model.forward(xx, &vec![t as f64; 2 * n], Some(&both));
+            let xx = Tensor::cat(vec![input.clone(), input], 0);
+            let out = model.forward(xx, &vec![t; 2 * n], Some(&both));
             let cond = out.clone().narrow(0, 0, n);
             let uncond = out.narrow(0, n, n);
             uncond.clone() + (cond - uncond) * opts.guidance
         } else {
-            model.forward(x.clone(), &vec![t as f64; n], labels.as_deref())
+            model.forward(input, &vec![t; n], labels.as_deref())
         };
         x = sampler.step(i, x, out, rng);
-        on_step(i, &x);
+        on_step(i, &sampler.to_model_space(i, x.clone()));
     }
     x
 }

@@ -197,6 +197,23 @@ fn train_then_sample_on_the_digits_fixture() {
         ],
         "--eta",
     );
+    for sampler in ["euler", "euler-a"] {
+        let p = tmp.path().join(format!("{sampler}.png"));
+        ok(&[
+            "sample",
+            "--model",
+            &runs,
+            "--n",
+            "2",
+            "--sampler",
+            sampler,
+            "--steps",
+            "6",
+            "--out",
+            p.to_str().unwrap(),
+        ]);
+        assert!(p.is_file());
+    }
     // DDIM at eta 0 is deterministic, whatever the seed.
     let d1 = tmp.path().join("d1.png");
     let d2 = tmp.path().join("d2.png");

@@ -46,7 +46,7 @@ fn ddpm_step_matches_the_posterior_closed_form() {
         let sm = DdpmSampler::new(&s, Prediction::Epsilon, variance, 1000, true).unwrap();
         // Middle step i (t = 999 - i) with the true noise as model output.
         let i = 500;
-        let t = sm.timesteps()[i];
+        let t = sm.timesteps()[i] as usize;
         let xt = s.q_sample(x0.clone(), eps.clone(), &[t, t]);
         let mut r1 = rng_for(9, Stream::Sample, 2);
         let got = to_vec(sm.step(i, xt.clone(), eps.clone(), &mut r1));

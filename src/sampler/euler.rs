@@ -1,0 +1,168 @@
+//! Euler and Euler-ancestral samplers in sigma space (Karras et al. 2022, "Elucidating the
+//! Design Space of Diffusion-Based Generative Models", EDM, Algorithm 1 with one evaluation per
+//! step), with the timestep spacings of diffusers' `EulerDiscreteScheduler`.
+//!
+//! The state is `x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps`, `sigma_t = sqrt((1 - ab) / ab)`;
+//! the denoiser sees `x / sqrt(sigma^2 + 1) = x_t`.
+
+use super::Sampler;
+use super::ddim::TimestepSpacing;
+use crate::schedule::{NoiseSchedule, Prediction};
+use anyhow::{Result, bail};
+use burn::tensor::Tensor;
+use rand_chacha::ChaCha8Rng;
+
+/// Options of the Euler samplers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EulerOptions {
+    pub steps: usize,
+    pub spacing: TimestepSpacing,
+    pub steps_offset: usize,
+    /// Ancestral: after each deterministic step, add fresh noise (`sigma_up`, k-diffusion's
+    /// `get_ancestral_step`), as diffusers' `EulerAncestralDiscreteScheduler`.
+    pub ancestral: bool,
+}
+
+impl Default for EulerOptions {
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            spacing: TimestepSpacing::Trailing,
+            steps_offset: 0,
+            ancestral: false,
+        }
+    }
+}
+
+/// The Euler sampler.
+pub struct EulerSampler {
+    prediction: Prediction,
+    opts: EulerOptions,
+    timesteps: Vec<f64>,
+    /// `sigma` at each visited timestep, then a final 0.
+    sigmas: Vec<f64>,
+}
+
+/// Model timesteps as diffusers' Euler scheduler spaces them (`linspace` is not rounded).
+pub fn euler_timesteps(t: usize, k: usize, spacing: TimestepSpacing, offset: usize) -> Vec<f64> {
+    match spacing {
+        TimestepSpacing::Linspace => {
+            let step = if k > 1 {
+                (t - 1) as f64 / (k - 1) as f64
+            } else {
+                0.0
+            };
+            let at = |i: usize| {
+                if i + 1 == k {
+                    (t - 1) as f64
+                } else {
+                    i as f64 * step
+                }
+            };
+            (0..k).rev().map(|i| at(i) as f32 as f64).collect()
+        }
+        other => super::ddim::spaced_timesteps(t, k, other, offset)
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
+    }
+}
+
+impl EulerSampler {
+    pub fn new(
+        schedule: &NoiseSchedule,
+        prediction: Prediction,
+        opts: EulerOptions,
+    ) -> Result<Self> {
+        let t = schedule.len();
+        if opts.steps == 0 || opts.steps > t {
+            bail!("--steps must be between 1 and {t} (got {})", opts.steps);
+        }
+        let timesteps = euler_timesteps(t, opts.steps, opts.spacing, opts.steps_offset);
+        if let Some(bad) = timesteps.iter().find(|&&s| s > (t - 1) as f64) {
+            bail!(
+                "steps_offset {} puts timestep {bad} outside 0..{}",
+                opts.steps_offset,
+                t - 1
+            );
+        }
+        let full: Vec<f64> = schedule
+            .alphas_cumprod
+            .iter()
+            .map(|&a| ((1.0 - a) / a).sqrt())
+            .collect();
+        // Linear interpolation between integer timesteps (numpy's `interp`).
+        let mut sigmas: Vec<f64> = timesteps
+            .iter()
+            .map(|&ts| {
+                let lo = ts.floor() as usize;
+                let hi = (lo + 1).min(t - 1);
+                let f = ts - lo as f64;
+                full[lo] * (1.0 - f) + full[hi] * f
+            })
+            .collect();
+        sigmas.push(0.0);
+        Ok(Self {
+            prediction,
+            opts,
+            timesteps,
+            sigmas,
+        })
+    }
+}
+
+impl Sampler for EulerSampler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// The largest sigma; `sqrt(sigma_max^2 + 1)` for leading spacing, as diffusers has it.
+    fn init_noise_sigma(&self) -> f64 {
+        let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
+        match self.opts.spacing {
+            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+            _ => max,
+        }
+    }
+
+    fn scale_model_input(&self, i: usize, x: Tensor<4>) -> Tensor<4> {
+        let s = self.sigmas[i];
+        x / ((s * s + 1.0).sqrt() as f32)
+    }
+
+    fn to_model_space(&self, i: usize, x: Tensor<4>) -> Tensor<4> {
+        self.scale_model_input(i + 1, x)
+    }
+
+    /// `x0_hat` from the model output, `d = (x - x0_hat) / sigma`, `x' = x + d (sigma' - sigma)`
+    /// (EDM, Algorithm 1, Euler step). Ancestral: `sigma' = sigma_down`, then `+ sigma_up z`, with
+    /// `sigma_up = sqrt(s_next^2 (s^2 - s_next^2) / s^2)`, `sigma_down = sqrt(s_next^2 - sigma_up^2)`.
+    fn step(
+        &self,
+        i: usize,
+        x: Tensor<4>,
+        model_out: Tensor<4>,
+        rng: &mut ChaCha8Rng,
+    ) -> Tensor<4> {
+        let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
+        let x0 = match self.prediction {
+            Prediction::Epsilon => x.clone() - model_out * (s as f32),
+            Prediction::X0 => model_out,
+            Prediction::V => {
+                let c = s * s + 1.0;
+                model_out * ((-s / c.sqrt()) as f32) + x.clone() / (c as f32)
+            }
+        };
+        let d = (x.clone() - x0) / (s as f32);
+        if self.opts.ancestral {
+            let up = (s_next * s_next * (s * s - s_next * s_next) / (s * s))
+                .max(0.0)
+                .sqrt();
+            let down = (s_next * s_next - up * up).max(0.0).sqrt();
+            let moved = x + d * ((down - s) as f32);
+            super::add_noise(moved, up, rng)
+        } else {
+            x + d * ((s_next - s) as f32)
+        }
+    }
+}
