@@ -109,9 +109,7 @@ impl DdimSampler {
         opts: DdimOptions,
     ) -> Result<Self> {
         let t = schedule.len();
-        if opts.steps == 0 || opts.steps > t {
-            bail!("--steps must be between 1 and {t} (got {})", opts.steps);
-        }
+        super::check_steps(t, opts.steps)?;
         if !(0.0..=1.0).contains(&opts.eta) {
             bail!("--eta must be in [0, 1] (got {})", opts.eta);
         }

@@ -75,9 +75,7 @@ impl DdpmSampler {
         clip: bool,
     ) -> Result<Self> {
         let t = schedule.len();
-        if steps == 0 || steps > t {
-            bail!("--steps must be between 1 and {t} (got {steps})");
-        }
+        super::check_steps(t, steps)?;
         let timesteps = respaced_timesteps(t, steps);
         let coefs = timesteps
             .iter()

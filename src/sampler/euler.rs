@@ -75,9 +75,7 @@ impl EulerSampler {
         opts: EulerOptions,
     ) -> Result<Self> {
         let t = schedule.len();
-        if opts.steps == 0 || opts.steps > t {
-            bail!("--steps must be between 1 and {t} (got {})", opts.steps);
-        }
+        super::check_steps(t, opts.steps)?;
         let timesteps = euler_timesteps(t, opts.steps, opts.spacing, opts.steps_offset);
         if let Some(bad) = timesteps.iter().find(|&&s| s > (t - 1) as f64) {
             bail!(

@@ -41,6 +41,14 @@ pub trait Sampler {
     -> Tensor<4>;
 }
 
+/// Checks a requested number of sampling steps against the schedule's `t` steps.
+pub(crate) fn check_steps(t: usize, steps: usize) -> anyhow::Result<()> {
+    if steps == 0 || steps > t {
+        anyhow::bail!("--steps must be between 1 and {t} (got {steps})");
+    }
+    Ok(())
+}
+
 /// `x + sigma z` with `z ~ N(0, I)` drawn from `rng`; `x` itself when `sigma = 0`.
 pub(crate) fn add_noise(x: Tensor<4>, sigma: f64, rng: &mut ChaCha8Rng) -> Tensor<4> {
     if sigma <= 0.0 {
