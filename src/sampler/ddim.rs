@@ -114,18 +114,13 @@ impl DdimSampler {
             bail!("--eta must be in [0, 1] (got {})", opts.eta);
         }
         let timesteps = spaced_timesteps(t, opts.steps, opts.spacing, opts.steps_offset);
-        if let Some(bad) = timesteps.iter().find(|&&s| s >= t) {
-            bail!(
-                "steps_offset {} puts timestep {bad} outside 0..{}",
-                opts.steps_offset,
-                t - 1
-            );
-        }
+        let model_t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        super::check_offset(&model_t, t, opts.steps_offset)?;
         Ok(Self {
             schedule: schedule.clone(),
             prediction,
             opts,
-            model_t: timesteps.iter().map(|&t| t as f64).collect(),
+            model_t,
             timesteps,
         })
     }

@@ -8,7 +8,7 @@
 use super::Sampler;
 use super::ddim::TimestepSpacing;
 use crate::schedule::{NoiseSchedule, Prediction};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::Tensor;
 use rand_chacha::ChaCha8Rng;
 
@@ -77,13 +77,7 @@ impl EulerSampler {
         let t = schedule.len();
         super::check_steps(t, opts.steps)?;
         let timesteps = euler_timesteps(t, opts.steps, opts.spacing, opts.steps_offset);
-        if let Some(bad) = timesteps.iter().find(|&&s| s > (t - 1) as f64) {
-            bail!(
-                "steps_offset {} puts timestep {bad} outside 0..{}",
-                opts.steps_offset,
-                t - 1
-            );
-        }
+        super::check_offset(&timesteps, t, opts.steps_offset)?;
         let full: Vec<f64> = schedule
             .alphas_cumprod
             .iter()

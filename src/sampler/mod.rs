@@ -49,6 +49,17 @@ pub(crate) fn check_steps(t: usize, steps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks that spaced timesteps (shifted by `steps_offset`) stay inside `0..t`.
+pub(crate) fn check_offset(timesteps: &[f64], t: usize, offset: usize) -> anyhow::Result<()> {
+    if let Some(bad) = timesteps.iter().find(|&&s| s > (t - 1) as f64) {
+        anyhow::bail!(
+            "steps_offset {offset} puts timestep {bad} outside 0..{}",
+            t - 1
+        );
+    }
+    Ok(())
+}
+
 /// `x + sigma z` with `z ~ N(0, I)` drawn from `rng`; `x` itself when `sigma = 0`.
 pub(crate) fn add_noise(x: Tensor<4>, sigma: f64, rng: &mut ChaCha8Rng) -> Tensor<4> {
     if sigma <= 0.0 {
