@@ -7,10 +7,7 @@ use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
 use diffuse::model::{self, ModelConfig};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
-use diffuse::sampler::{
-    DdimOptions, DdimSampler, DdpmSampler, EulerOptions, EulerSampler, GenerateOptions, Sampler,
-    VarianceType, generate,
-};
+use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
 use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
 use diffuse::unet::UNetConfig;
@@ -85,18 +82,22 @@ struct SampleArgs {
     /// Sampling steps, evenly respaced over the model's T (default: all T).
     #[arg(long)]
     steps: Option<usize>,
-    /// Sampler: ddpm (ancestral), ddim, euler or euler-a.
+    /// Sampler: ddpm (ancestral), ddim, dpmpp-2m, euler, euler-a or heun.
     #[arg(long, default_value = "ddpm")]
     sampler: String,
     /// DDIM noise weight: 0 deterministic, 1 DDPM-like.
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// DDIM/Euler timestep spacing: trailing, leading or linspace.
-    #[arg(long, default_value = "trailing")]
-    spacing: String,
-    /// DDPM reverse-process variance: fixed-small or fixed-large.
-    #[arg(long, default_value = "fixed-small")]
-    variance: String,
+    /// Timestep spacing: trailing, leading or linspace (default: the model's scheduler config;
+    /// trailing for diffuse models).
+    #[arg(long)]
+    spacing: Option<String>,
+    /// DDPM reverse-process variance: fixed-small or fixed-large (default: the model's).
+    #[arg(long)]
+    variance: Option<String>,
+    /// Karras noise levels (EDM, eq. 5) for dpmpp-2m, euler and heun.
+    #[arg(long)]
+    karras: bool,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -274,39 +275,15 @@ fn sample(a: SampleArgs) -> Result<()> {
     let m = model::load(a.model.as_deref(), &dev)?;
     let cfg = &m.config;
     let steps = a.steps.unwrap_or(m.schedule.len());
-    let sampler: Box<dyn Sampler> = match a.sampler.as_str() {
-        "ddpm" => {
-            let variance: VarianceType = a.variance.parse()?;
-            Box::new(DdpmSampler::new(
-                &m.schedule,
-                cfg.prediction,
-                variance,
-                steps,
-                true,
-            )?)
-        }
-        "ddim" => Box::new(DdimSampler::new(
-            &m.schedule,
-            cfg.prediction,
-            DdimOptions {
-                steps,
-                eta: a.eta,
-                spacing: a.spacing.parse()?,
-                ..DdimOptions::default()
-            },
-        )?),
-        "euler" | "euler-a" => Box::new(EulerSampler::new(
-            &m.schedule,
-            cfg.prediction,
-            EulerOptions {
-                steps,
-                spacing: a.spacing.parse()?,
-                ancestral: a.sampler == "euler-a",
-                ..EulerOptions::default()
-            },
-        )?),
-        other => bail!("unknown --sampler '{other}' (expected ddpm, ddim, euler or euler-a)"),
+    let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
+    let choice = SamplerChoice {
+        steps,
+        eta: a.eta,
+        spacing: a.spacing.as_deref().map(str::parse).transpose()?,
+        variance: a.variance.as_deref().map(str::parse).transpose()?,
+        karras: a.karras.then_some(true),
     };
+    let mut sampler = m.scheduler.build(kind, &m.schedule, &choice)?;
     if !(a.guidance.is_finite() && a.guidance >= 0.0) {
         bail!(
             "--guidance must be a non-negative number (got {})",
@@ -355,7 +332,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         &m.unet,
         k,
         cfg.image_shape(),
-        sampler.as_ref(),
+        sampler.as_mut(),
         &opts,
         &dev,
         &mut |i, x| {

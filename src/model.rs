@@ -2,6 +2,7 @@
 //! [`ModelConfig`] as JSON in the file's metadata (key `diffuse.config`) and beside it in
 //! `config.json` inside a run folder. Also the model embedded in the binary.
 
+use crate::sampler::SchedulerConfig;
 use crate::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
 use crate::unet::{UNet, UNetConfig};
 use crate::weights::{self, NamedTensors, StoreDtype};
@@ -67,6 +68,9 @@ impl ModelConfig {
 pub struct LoadedModel {
     pub config: ModelConfig,
     pub schedule: NoiseSchedule,
+    /// Sampler settings: diffusers' scheduler config for a pipeline folder, else those the
+    /// diffuse model implies.
+    pub scheduler: SchedulerConfig,
     pub unet: UNet,
     /// Where it came from, for messages.
     pub source: String,
@@ -107,9 +111,11 @@ pub fn build(
     let unet = weights::apply(unet, tensors, prefix)
         .map_err(|e| anyhow!("{what} does not match its config: {e}"))?;
     let schedule = NoiseSchedule::new(&config.schedule)?;
+    let scheduler = SchedulerConfig::for_model(&config.schedule, config.prediction);
     Ok(LoadedModel {
         config,
         schedule,
+        scheduler,
         unet,
         source: what.to_string(),
     })

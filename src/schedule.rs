@@ -199,6 +199,22 @@ impl NoiseSchedule {
         Self::from_betas(self.betas.iter().map(|&b| b as f32 as f64).collect())
     }
 
+    /// The schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise
+    /// Schedules and Sample Steps are Flawed", Algorithm 1): `sqrt(ab)` is shifted so that its
+    /// last value is 0 and scaled so that its first is unchanged,
+    /// `sqrt(ab)' = (sqrt(ab) - sqrt(ab_T)) sqrt(ab_0) / (sqrt(ab_0) - sqrt(ab_T))`; betas follow.
+    pub fn rescaled_zero_terminal_snr(&self) -> Self {
+        let sq: Vec<f64> = self.alphas_cumprod.iter().map(|a| a.sqrt()).collect();
+        let (first, last) = (sq[0], sq[sq.len() - 1]);
+        let ab: Vec<f64> = sq
+            .iter()
+            .map(|s| ((s - last) * first / (first - last)).powi(2))
+            .collect();
+        let mut betas = vec![1.0 - ab[0]];
+        betas.extend(ab.windows(2).map(|w| 1.0 - w[1] / w[0]));
+        Self::from_betas(betas)
+    }
+
     /// Number of steps `T`.
     pub fn len(&self) -> usize {
         self.betas.len()

@@ -172,7 +172,8 @@ pub fn to_safetensors(
     Ok(safetensors::serialize(views, &meta)?)
 }
 
-/// Parses a safetensors buffer: every tensor as f32 (from F32, F16 or BF16) and the metadata.
+/// Parses a safetensors buffer: every tensor as f32 (from F32, F16, BF16, F64 or I64) and the
+/// metadata.
 /// `what` names the input in error messages.
 pub fn from_safetensors(
     bytes: &[u8],
@@ -197,6 +198,10 @@ pub fn from_safetensors(
             Dtype::BF16 => raw
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
             Dtype::I64 => raw
                 .chunks_exact(8)

@@ -2,11 +2,10 @@
 //! DDPM-like at `eta = 1`, with the timestep spacings and options of diffusers'
 //! `DDIMScheduler` (`timestep_spacing`, `steps_offset`, `set_alpha_to_one`, `clip_sample`).
 
-use super::Sampler;
+use super::{NoiseSource, Sampler, X0Clamp};
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::{Result, bail};
 use burn::tensor::Tensor;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// How `K` inference timesteps are chosen among `T` (Lin et al. 2024, "Common Diffusion Noise
@@ -75,8 +74,8 @@ pub struct DdimOptions {
     pub steps_offset: usize,
     /// `alpha_bar` after the last step: 1 (`true`) or `alpha_bar_0`.
     pub set_alpha_to_one: bool,
-    /// Clip `x0_hat` to `[-r, r]`.
-    pub clip_sample: Option<f64>,
+    /// What is done to `x0_hat`: clipping or dynamic thresholding.
+    pub clamp: X0Clamp,
 }
 
 impl Default for DdimOptions {
@@ -87,7 +86,7 @@ impl Default for DdimOptions {
             spacing: TimestepSpacing::Trailing,
             steps_offset: 0,
             set_alpha_to_one: true,
-            clip_sample: Some(1.0),
+            clamp: X0Clamp::Clip(1.0),
         }
     }
 }
@@ -144,27 +143,24 @@ impl Sampler for DdimSampler {
     /// DDIM, eq. 12: `x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat
     /// + sigma z`, with `sigma = eta sqrt((1 - ab_prev)/(1 - ab) (1 - ab/ab_prev))` (eq. 16).
     fn step(
-        &self,
+        &mut self,
         i: usize,
         x: Tensor<4>,
         model_out: Tensor<4>,
-        rng: &mut ChaCha8Rng,
+        noise: &mut dyn NoiseSource,
     ) -> Tensor<4> {
         let t = self.timesteps[i];
         let n = x.dims()[0];
         let (x0, eps) = self
             .schedule
             .split_prediction(self.prediction, x, model_out, &vec![t; n]);
-        let x0 = match self.opts.clip_sample {
-            Some(r) => x0.clamp(-r as f32, r as f32),
-            None => x0,
-        };
+        let x0 = self.opts.clamp.apply(x0);
         let ab = self.schedule.alphas_cumprod[t];
         let ab_prev = self.alpha_bar_prev(t);
         let var = (1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev);
         let sigma = self.opts.eta * var.max(0.0).sqrt();
         let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();
         let out = x0 * (ab_prev.sqrt() as f32) + eps * (dir as f32);
-        super::add_noise(out, sigma, rng)
+        super::add_noise(out, sigma, noise)
     }
 }

@@ -1,11 +1,12 @@
-//! The DDPM ancestral sampler (Ho et al. 2020, Algorithm 2), over all `T` steps or an evenly
-//! respaced subset of them (Nichol & Dhariwal 2021, "Improved DDPM", section 4).
+//! The DDPM ancestral sampler (Ho et al. 2020, Algorithm 2), over all `T` steps or a spaced
+//! subset of them (Nichol & Dhariwal 2021, "Improved DDPM", section 4), as diffusers'
+//! `DDPMScheduler` runs it.
 
-use super::Sampler;
+use super::ddim::{TimestepSpacing, spaced_timesteps};
+use super::{NoiseSource, Sampler, X0Clamp};
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::{Result, bail};
 use burn::tensor::Tensor;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// Variance of the reverse step `p(x_{t-1} | x_t)`.
@@ -29,6 +30,29 @@ impl std::str::FromStr for VarianceType {
     }
 }
 
+/// Options of the DDPM sampler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DdpmOptions {
+    pub steps: usize,
+    pub spacing: TimestepSpacing,
+    pub steps_offset: usize,
+    pub variance: VarianceType,
+    /// What is done to `x0_hat` (DDPM clips it to `[-1, 1]`).
+    pub clamp: X0Clamp,
+}
+
+impl Default for DdpmOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            spacing: TimestepSpacing::Trailing,
+            steps_offset: 0,
+            variance: VarianceType::FixedSmall,
+            clamp: X0Clamp::Clip(1.0),
+        }
+    }
+}
+
 /// Per-step coefficients of the (respaced) reverse process, in f64 before casting.
 #[derive(Clone, Debug)]
 struct StepCoef {
@@ -44,39 +68,26 @@ struct StepCoef {
 pub struct DdpmSampler {
     schedule: NoiseSchedule,
     prediction: Prediction,
+    clamp: X0Clamp,
     timesteps: Vec<usize>,
     /// `timesteps` as the model sees them.
     model_t: Vec<f64>,
     coefs: Vec<StepCoef>,
-    clip: bool,
-}
-
-/// `k` timesteps evenly spread over `0..t` (both ends included), descending.
-pub fn respaced_timesteps(t: usize, k: usize) -> Vec<usize> {
-    if k == 1 {
-        return vec![t - 1];
-    }
-    let mut v: Vec<usize> = (0..k)
-        .map(|i| ((i as f64) * (t - 1) as f64 / (k - 1) as f64).round() as usize)
-        .collect();
-    v.dedup();
-    v.reverse();
-    v
 }
 
 impl DdpmSampler {
-    /// A sampler over `steps` evenly respaced timesteps (`steps = T` is the original DDPM).
-    /// With respacing, `alpha'_t = ab_t / ab_prev` between consecutive kept timesteps.
+    /// A sampler over `steps` spaced timesteps (`steps = T` is the original DDPM). Between
+    /// consecutive kept timesteps, `alpha'_t = ab_t / ab_prev` and `beta'_t = 1 - alpha'_t`.
     pub fn new(
         schedule: &NoiseSchedule,
         prediction: Prediction,
-        variance: VarianceType,
-        steps: usize,
-        clip: bool,
+        opts: DdpmOptions,
     ) -> Result<Self> {
         let t = schedule.len();
-        super::check_steps(t, steps)?;
-        let timesteps = respaced_timesteps(t, steps);
+        super::check_steps(t, opts.steps)?;
+        let timesteps = spaced_timesteps(t, opts.steps, opts.spacing, opts.steps_offset);
+        let model_t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        super::check_offset(&model_t, t, opts.steps_offset)?;
         let coefs = timesteps
             .iter()
             .enumerate()
@@ -88,25 +99,25 @@ impl DdpmSampler {
                     .unwrap_or(1.0);
                 let alpha = ab / ab_prev;
                 let beta = 1.0 - alpha;
-                let last = i + 1 == timesteps.len();
-                let var = match variance {
-                    VarianceType::FixedSmall => (1.0 - ab_prev) / (1.0 - ab) * beta,
+                let var = match opts.variance {
+                    VarianceType::FixedSmall => ((1.0 - ab_prev) / (1.0 - ab) * beta).max(1e-20),
                     VarianceType::FixedLarge => beta,
                 };
                 StepCoef {
                     c_x0: beta * ab_prev.sqrt() / (1.0 - ab),
                     c_xt: (1.0 - ab_prev) * alpha.sqrt() / (1.0 - ab),
-                    sigma: if last { 0.0 } else { var.max(0.0).sqrt() },
+                    // As diffusers: no noise at t = 0 only.
+                    sigma: if ti == 0 { 0.0 } else { var.max(0.0).sqrt() },
                 }
             })
             .collect();
         Ok(Self {
             schedule: schedule.clone(),
             prediction,
-            model_t: timesteps.iter().map(|&t| t as f64).collect(),
+            clamp: opts.clamp,
+            model_t,
             timesteps,
             coefs,
-            clip,
         })
     }
 }
@@ -116,22 +127,22 @@ impl Sampler for DdpmSampler {
         &self.model_t
     }
 
-    /// `x_{prev} = c_x0 x0_hat + c_xt x_t + sigma z`, `x0_hat` clipped to `[-1, 1]`.
+    /// `x_{prev} = c_x0 x0_hat + c_xt x_t + sigma z` (DDPM, eqs. 6-7), `x0_hat` clamped.
     fn step(
-        &self,
+        &mut self,
         i: usize,
         x: Tensor<4>,
         model_out: Tensor<4>,
-        rng: &mut ChaCha8Rng,
+        noise: &mut dyn NoiseSource,
     ) -> Tensor<4> {
         let t = self.timesteps[i];
         let n = x.dims()[0];
         let (x0, _) =
             self.schedule
                 .split_prediction(self.prediction, x.clone(), model_out, &vec![t; n]);
-        let x0 = if self.clip { x0.clamp(-1.0, 1.0) } else { x0 };
+        let x0 = self.clamp.apply(x0);
         let c = &self.coefs[i];
         let mean = x0 * (c.c_x0 as f32) + x * (c.c_xt as f32);
-        super::add_noise(mean, c.sigma, rng)
+        super::add_noise(mean, c.sigma, noise)
     }
 }

@@ -5,12 +5,12 @@
 //! The state is `x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps`, `sigma_t = sqrt((1 - ab) / ab)`;
 //! the denoiser sees `x / sqrt(sigma^2 + 1) = x_t`.
 
-use super::Sampler;
 use super::ddim::TimestepSpacing;
+use super::sigmas::{TrainSigmas, as_f32, karras_sigmas};
+use super::{NoiseSource, Sampler};
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::Result;
 use burn::tensor::Tensor;
-use rand_chacha::ChaCha8Rng;
 
 /// Options of the Euler samplers.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +21,9 @@ pub struct EulerOptions {
     /// Ancestral: after each deterministic step, add fresh noise (`sigma_up`, k-diffusion's
     /// `get_ancestral_step`), as diffusers' `EulerAncestralDiscreteScheduler`.
     pub ancestral: bool,
+    /// Karras sigmas: the spaced noise levels replaced by [`karras_sigmas`] between the
+    /// smallest and largest of them (diffusers' `use_karras_sigmas`; not with `ancestral`).
+    pub karras: bool,
 }
 
 impl Default for EulerOptions {
@@ -30,6 +33,7 @@ impl Default for EulerOptions {
             spacing: TimestepSpacing::Trailing,
             steps_offset: 0,
             ancestral: false,
+            karras: false,
         }
     }
 }
@@ -68,32 +72,58 @@ pub fn euler_timesteps(t: usize, k: usize, spacing: TimestepSpacing, offset: usi
     }
 }
 
+/// Spacing options shared by the sigma-space samplers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Spacing {
+    pub steps: usize,
+    pub spacing: TimestepSpacing,
+    pub offset: usize,
+}
+
+fn opts_spacing(o: &EulerOptions) -> Spacing {
+    Spacing {
+        steps: o.steps,
+        spacing: o.spacing,
+        offset: o.steps_offset,
+    }
+}
+
+/// The visited model timesteps and their noise levels (without the final 0), as diffusers'
+/// Euler and Heun schedulers compute them: spaced timesteps with interpolated sigmas, or with
+/// `karras`, Karras sigmas between the smallest and largest spaced sigma and the timesteps
+/// they map back to.
+pub(crate) fn sigma_steps(
+    schedule: &NoiseSchedule,
+    s: &Spacing,
+    karras: bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let t = schedule.len();
+    super::check_steps(t, s.steps)?;
+    let timesteps = euler_timesteps(t, s.steps, s.spacing, s.offset);
+    super::check_offset(&timesteps, t, s.offset)?;
+    let table = TrainSigmas::new(schedule);
+    let sigmas: Vec<f64> = timesteps.iter().map(|&ts| table.at(ts)).collect();
+    if !karras {
+        return Ok((timesteps, sigmas));
+    }
+    let (lo, hi) = (sigmas[sigmas.len() - 1], sigmas[0]);
+    let k = karras_sigmas(lo, hi, s.steps);
+    let ts = k
+        .iter()
+        .map(|&v| table.sigma_to_t(v) as f32 as f64)
+        .collect();
+    Ok((ts, k))
+}
+
 impl EulerSampler {
     pub fn new(
         schedule: &NoiseSchedule,
         prediction: Prediction,
         opts: EulerOptions,
     ) -> Result<Self> {
-        let t = schedule.len();
-        super::check_steps(t, opts.steps)?;
-        let timesteps = euler_timesteps(t, opts.steps, opts.spacing, opts.steps_offset);
-        super::check_offset(&timesteps, t, opts.steps_offset)?;
-        let full: Vec<f64> = schedule
-            .alphas_cumprod
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
-            .collect();
-        // Linear interpolation between integer timesteps (numpy's `interp`).
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&ts| {
-                let lo = ts.floor() as usize;
-                let hi = (lo + 1).min(t - 1);
-                let f = ts - lo as f64;
-                full[lo] * (1.0 - f) + full[hi] * f
-            })
-            .collect();
+        let (timesteps, mut sigmas) = sigma_steps(schedule, &opts_spacing(&opts), opts.karras)?;
         sigmas.push(0.0);
+        let sigmas = as_f32(&sigmas);
         Ok(Self {
             prediction,
             opts,
@@ -130,11 +160,11 @@ impl Sampler for EulerSampler {
     /// (EDM, Algorithm 1, Euler step). Ancestral: `sigma' = sigma_down`, then `+ sigma_up z`, with
     /// `sigma_up = sqrt(s_next^2 (s^2 - s_next^2) / s^2)`, `sigma_down = sqrt(s_next^2 - sigma_up^2)`.
     fn step(
-        &self,
+        &mut self,
         i: usize,
         x: Tensor<4>,
         model_out: Tensor<4>,
-        rng: &mut ChaCha8Rng,
+        noise: &mut dyn NoiseSource,
     ) -> Tensor<4> {
         let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
         let x0 = match self.prediction {
@@ -152,7 +182,7 @@ impl Sampler for EulerSampler {
                 .sqrt();
             let down = (s_next * s_next - up * up).max(0.0).sqrt();
             let moved = x + d * ((down - s) as f32);
-            super::add_noise(moved, up, rng)
+            super::add_noise(moved, up, noise)
         } else {
             x + d * ((s_next - s) as f32)
         }

@@ -1,18 +1,87 @@
 //! Reverse-process samplers behind one trait, and the generation loop that drives them
 //! (with classifier-free guidance for class-conditioned models).
 
+pub mod config;
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm_solver;
 pub mod euler;
+pub mod heun;
+pub mod sigmas;
 
+pub use config::{SamplerChoice, SamplerKind, SchedulerConfig};
 pub use ddim::{DdimOptions, DdimSampler, TimestepSpacing};
 pub use ddpm::{DdpmSampler, VarianceType};
+pub use dpm_solver::{DpmSolverOptions, DpmSolverSampler};
 pub use euler::{EulerOptions, EulerSampler};
+pub use heun::{HeunOptions, HeunSampler};
 
 use crate::rng::{Stream, normal_tensor, rng_for};
 use crate::unet::UNet;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
+
+/// Where a stochastic sampler takes its standard normal noise from: a seeded generator in
+/// normal use, or recorded draws (to replay another implementation's trajectory in tests).
+pub trait NoiseSource {
+    /// A tensor of independent `N(0, 1)` draws.
+    fn normal(&mut self, dims: [usize; 4], device: &Device) -> Tensor<4>;
+}
+
+impl NoiseSource for ChaCha8Rng {
+    fn normal(&mut self, dims: [usize; 4], device: &Device) -> Tensor<4> {
+        normal_tensor(self, dims, device)
+    }
+}
+
+/// What is done to the predicted clean image `x0_hat` before a sampler uses it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum X0Clamp {
+    /// Used as predicted.
+    None,
+    /// Clipped to `[-r, r]` (diffusers' `clip_sample`, `clip_sample_range`).
+    Clip(f64),
+    /// Dynamic thresholding (Saharia et al. 2022, "Imagen", section 2.3): per image,
+    /// `s = clamp(quantile(|x0|, ratio), 1, max)`, then `x0 = clamp(x0, -s, s) / s`
+    /// (diffusers' `thresholding`, `dynamic_thresholding_ratio`, `sample_max_value`).
+    Dynamic { ratio: f64, max: f64 },
+}
+
+impl X0Clamp {
+    pub fn apply(&self, x0: Tensor<4>) -> Tensor<4> {
+        match *self {
+            X0Clamp::None => x0,
+            X0Clamp::Clip(r) => x0.clamp(-r as f32, r as f32),
+            X0Clamp::Dynamic { ratio, max } => {
+                let dims = x0.dims();
+                let dev = x0.device();
+                let per = dims[1] * dims[2] * dims[3];
+                let v: Vec<f32> = x0
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec()
+                    .expect("f32 data");
+                let mut out = Vec::with_capacity(v.len());
+                for img in v.chunks(per) {
+                    let s = quantile_abs(img, ratio).clamp(1.0, max) as f32;
+                    out.extend(img.iter().map(|x| x.clamp(-s, s) / s));
+                }
+                Tensor::from_data(TensorData::new(out, dims), &dev)
+            }
+        }
+    }
+}
+
+/// The `q`-quantile of `|v|` with linear interpolation between order statistics (numpy's and
+/// torch's default): position `q (n - 1)` in the sorted values.
+pub fn quantile_abs(v: &[f32], q: f64) -> f64 {
+    let mut a: Vec<f64> = v.iter().map(|x| x.abs() as f64).collect();
+    a.sort_by(f64::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (a.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = (lo + 1).min(a.len() - 1);
+    a[lo] + (a[hi] - a[lo]) * (pos - lo as f64)
+}
 
 /// One reverse-diffusion method: which model timesteps it visits, and how it moves from
 /// `x_t` to the next sample given the model output there.
@@ -37,8 +106,15 @@ pub trait Sampler {
     }
 
     /// The update at position `i` of [`Sampler::timesteps`], from `x` and the model output.
-    fn step(&self, i: usize, x: Tensor<4>, model_out: Tensor<4>, rng: &mut ChaCha8Rng)
-    -> Tensor<4>;
+    /// Positions are visited in order from 0; multistep samplers keep what they need of
+    /// earlier positions, and start afresh at position 0.
+    fn step(
+        &mut self,
+        i: usize,
+        x: Tensor<4>,
+        model_out: Tensor<4>,
+        noise: &mut dyn NoiseSource,
+    ) -> Tensor<4>;
 }
 
 /// Checks a requested number of sampling steps against the schedule's `t` steps.
@@ -60,12 +136,13 @@ pub(crate) fn check_offset(timesteps: &[f64], t: usize, offset: usize) -> anyhow
     Ok(())
 }
 
-/// `x + sigma z` with `z ~ N(0, I)` drawn from `rng`; `x` itself when `sigma = 0`.
-pub(crate) fn add_noise(x: Tensor<4>, sigma: f64, rng: &mut ChaCha8Rng) -> Tensor<4> {
+/// `x + sigma z` with `z ~ N(0, I)` drawn from `noise`; `x` itself (and no draw) when
+/// `sigma = 0`.
+pub(crate) fn add_noise(x: Tensor<4>, sigma: f64, noise: &mut dyn NoiseSource) -> Tensor<4> {
     if sigma <= 0.0 {
         return x;
     }
-    let z = normal_tensor(rng, x.dims(), &x.device());
+    let z = noise.normal(x.dims(), &x.device());
     x + z * (sigma as f32)
 }
 
@@ -90,7 +167,7 @@ pub fn generate(
     model: &UNet,
     num_classes: Option<usize>,
     shape: [usize; 3],
-    sampler: &dyn Sampler,
+    sampler: &mut dyn Sampler,
     opts: &GenerateOptions,
     device: &Device,
     on_step: &mut dyn FnMut(usize, &Tensor<4>),
@@ -108,7 +185,7 @@ pub fn denoise_from(
     model: &UNet,
     num_classes: Option<usize>,
     mut x: Tensor<4>,
-    sampler: &dyn Sampler,
+    sampler: &mut dyn Sampler,
     opts: &GenerateOptions,
     rng: &mut ChaCha8Rng,
     on_step: &mut dyn FnMut(usize, &Tensor<4>),
@@ -120,7 +197,8 @@ pub fn denoise_from(
         _ => None,
     };
     let guided = labels.is_some() && opts.classes.is_some() && opts.guidance != 1.0;
-    for (i, &t) in sampler.timesteps().iter().enumerate() {
+    let timesteps = sampler.timesteps().to_vec();
+    for (i, &t) in timesteps.iter().enumerate() {
         let input = sampler.scale_model_input(i, x.clone());
         let out = if guided {
             let labels = labels.as_ref().expect("guided implies labels");

@@ -11,7 +11,7 @@ use crate::device::{inference_device, training_device};
 use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use crate::model::ModelConfig;
 use crate::rng::{Stream, normal_vec, rng_for};
-use crate::sampler::{DdpmSampler, GenerateOptions, VarianceType, generate};
+use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, SchedulerConfig, generate};
 use crate::schedule::{NoiseSchedule, Prediction};
 use crate::unet::UNet;
 use adamw::AdamW;
@@ -389,13 +389,15 @@ fn preview(
         }
         None => (16, None, 4),
     };
-    let steps = sched.len().min(100);
-    let sampler = DdpmSampler::new(
+    // DPM-Solver++(2M) at 25 steps: close to full DDPM quality for a fraction of its cost.
+    let choice = SamplerChoice {
+        steps: sched.len().min(25),
+        ..SamplerChoice::default()
+    };
+    let mut sampler = SchedulerConfig::for_model(&cfg.model.schedule, cfg.model.prediction).build(
+        SamplerKind::DpmPp2m,
         sched,
-        cfg.model.prediction,
-        VarianceType::FixedSmall,
-        steps,
-        true,
+        &choice,
     )?;
     let opts = GenerateOptions {
         n,
@@ -407,7 +409,7 @@ fn preview(
         ema,
         cfg.model.unet.num_classes,
         cfg.model.image_shape(),
-        &sampler,
+        sampler.as_mut(),
         &opts,
         &idev,
         &mut |_, _| {},

@@ -2,7 +2,8 @@
 
 use diffuse::device::inference_device;
 use diffuse::rng::{Stream, normal_tensor, normal_vec, rng_for};
-use diffuse::sampler::ddpm::respaced_timesteps;
+use diffuse::sampler::ddim::{TimestepSpacing, spaced_timesteps};
+use diffuse::sampler::ddpm::DdpmOptions;
 use diffuse::sampler::{DdpmSampler, GenerateOptions, Sampler, VarianceType, generate};
 use diffuse::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
 
@@ -10,29 +11,46 @@ fn to_vec(x: burn::tensor::Tensor<4>) -> Vec<f32> {
     x.into_data().convert::<f32>().try_into_vec().unwrap()
 }
 
+fn ddpm(s: &NoiseSchedule, variance: VarianceType, steps: usize) -> anyhow::Result<DdpmSampler> {
+    let opts = DdpmOptions {
+        steps,
+        variance,
+        ..DdpmOptions::default()
+    };
+    DdpmSampler::new(s, Prediction::Epsilon, opts)
+}
+
 #[test]
-fn respacing_keeps_both_ends_and_is_descending() {
+fn spacings_are_descending_and_in_range() {
+    for sp in [
+        TimestepSpacing::Leading,
+        TimestepSpacing::Trailing,
+        TimestepSpacing::Linspace,
+    ] {
+        assert_eq!(
+            spaced_timesteps(1000, 1000, sp, 0),
+            (0..1000).rev().collect::<Vec<_>>(),
+            "{sp:?}"
+        );
+        let r = spaced_timesteps(1000, 10, sp, 0);
+        assert_eq!(r.len(), 10);
+        assert!(r.windows(2).all(|w| w[0] > w[1]) && r[0] <= 999, "{sp:?}");
+    }
     assert_eq!(
-        respaced_timesteps(1000, 1000),
-        (0..1000).rev().collect::<Vec<_>>()
+        spaced_timesteps(1000, 10, TimestepSpacing::Trailing, 0)[0],
+        999
     );
-    let r = respaced_timesteps(1000, 10);
-    assert_eq!(r.len(), 10);
-    assert_eq!((r[0], r[9]), (999, 0));
-    assert!(r.windows(2).all(|w| w[0] > w[1]));
-    assert_eq!(respaced_timesteps(1000, 1), vec![999]);
+    assert_eq!(
+        spaced_timesteps(1000, 10, TimestepSpacing::Linspace, 0)[9],
+        0
+    );
+    assert_eq!(
+        spaced_timesteps(1000, 10, TimestepSpacing::Leading, 1)[0],
+        901
+    );
     let s = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
-    assert!(
-        DdpmSampler::new(
-            &s,
-            Prediction::Epsilon,
-            VarianceType::FixedSmall,
-            1001,
-            true
-        )
-        .is_err()
-    );
-    assert!(DdpmSampler::new(&s, Prediction::Epsilon, VarianceType::FixedSmall, 0, true).is_err());
+    assert!(ddpm(&s, VarianceType::FixedSmall, 1001).is_err());
+    assert!(ddpm(&s, VarianceType::FixedSmall, 0).is_err());
 }
 
 #[test]
@@ -43,7 +61,7 @@ fn ddpm_step_matches_the_posterior_closed_form() {
     let x0 = normal_tensor(&mut rng, [2, 1, 4, 4], &dev).clamp(-1.0, 1.0);
     let eps = normal_tensor(&mut rng, [2, 1, 4, 4], &dev);
     for variance in [VarianceType::FixedSmall, VarianceType::FixedLarge] {
-        let sm = DdpmSampler::new(&s, Prediction::Epsilon, variance, 1000, true).unwrap();
+        let mut sm = ddpm(&s, variance, 1000).unwrap();
         // Middle step i (t = 999 - i) with the true noise as model output.
         let i = 500;
         let t = sm.timesteps()[i] as usize;
@@ -83,8 +101,8 @@ fn same_seed_same_bits_other_seed_other_images() {
     let dev = inference_device();
     let m = super::unet::randomized(&super::unet::tiny(8, 1, Some(3)), 5);
     let s = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
-    let sm = DdpmSampler::new(&s, Prediction::Epsilon, VarianceType::FixedSmall, 20, true).unwrap();
-    let run = |seed: u64, guidance: f32| {
+    let mut sm = ddpm(&s, VarianceType::FixedSmall, 20).unwrap();
+    let mut run = |seed: u64, guidance: f32| {
         let opts = GenerateOptions {
             n: 3,
             classes: Some(vec![0, 1, 2]),
@@ -95,7 +113,7 @@ fn same_seed_same_bits_other_seed_other_images() {
             &m,
             Some(3),
             [1, 8, 8],
-            &sm,
+            &mut sm,
             &opts,
             &dev,
             &mut |_, _| {},

@@ -1,0 +1,424 @@
+//! The scheduler settings, with the keys and meanings of diffusers' `scheduler_config.json`,
+//! and the one place where a sampler is built from them.
+//!
+//! A key that is absent takes the default of the diffusers scheduler class that reads it (as
+//! `Scheduler.from_config` does): for instance `timestep_spacing` defaults to `leading` for
+//! DDPM and DDIM but to `linspace` for Euler, Heun and DPM-Solver. Unknown keys are ignored,
+//! as diffusers ignores them; a known key with a value outside its range is an error naming it.
+
+use super::ddim::{DdimOptions, DdimSampler, TimestepSpacing};
+use super::ddpm::{DdpmOptions, DdpmSampler, VarianceType};
+use super::dpm_solver::{DpmSolverOptions, DpmSolverSampler};
+use super::euler::{EulerOptions, EulerSampler};
+use super::heun::{HeunOptions, HeunSampler};
+use super::{Sampler, X0Clamp};
+use crate::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The reverse-process method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SamplerKind {
+    /// Ancestral DDPM (Ho et al. 2020, Algorithm 2).
+    Ddpm,
+    /// DDIM (Song et al. 2021), deterministic at `eta = 0`.
+    Ddim,
+    /// DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2).
+    DpmPp2m,
+    /// Euler in sigma space (Karras et al. 2022, Algorithm 1 without the second-order step).
+    Euler,
+    /// Euler with fresh noise after each step (k-diffusion's `sample_euler_ancestral`).
+    EulerAncestral,
+    /// Heun in sigma space (Karras et al. 2022, Algorithm 1).
+    Heun,
+}
+
+impl SamplerKind {
+    pub const ALL: [SamplerKind; 6] = [
+        Self::Ddpm,
+        Self::Ddim,
+        Self::DpmPp2m,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::Heun,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::DpmPp2m => "dpmpp-2m",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::Heun => "heun",
+        }
+    }
+
+    /// Model evaluations for `steps` steps (Heun evaluates twice per step but the last).
+    pub fn evaluations(self, steps: usize) -> usize {
+        match self {
+            Self::Heun => 2 * steps - 1,
+            _ => steps,
+        }
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.to_ascii_lowercase();
+        Ok(match s.as_str() {
+            "ddpm" => Self::Ddpm,
+            "ddim" => Self::Ddim,
+            "dpmpp-2m" | "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => Self::DpmPp2m,
+            "euler" => Self::Euler,
+            "euler-a" | "euler_a" | "euler-ancestral" => Self::EulerAncestral,
+            "heun" => Self::Heun,
+            other => bail!(
+                "unknown sampler '{other}' (expected ddpm, ddim, dpmpp-2m, euler, euler-a or heun)"
+            ),
+        })
+    }
+}
+
+/// The settings of diffusers' `scheduler_config.json`. `None` means "absent": the default of
+/// the scheduler class applies (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// `linear`, `scaled_linear`, `squaredcos_cap_v2` (or diffuse's `sigmoid`).
+    pub beta_schedule: String,
+    /// Explicit betas: not supported (an error names the key).
+    pub trained_betas: Option<serde_json::Value>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    pub prediction_type: String,
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: usize,
+    pub set_alpha_to_one: Option<bool>,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: f64,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    /// `fixed_small` or `fixed_large` (DDPM).
+    pub variance_type: Option<String>,
+    /// Rescale betas to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules
+    /// and Sample Steps are Flawed", Algorithm 1).
+    pub rescale_betas_zero_snr: bool,
+    pub use_karras_sigmas: bool,
+    /// DPM-Solver: only 2 is supported here.
+    pub solver_order: Option<usize>,
+    /// DPM-Solver: only `dpmsolver++` is supported here.
+    pub algorithm_type: Option<String>,
+    pub lower_order_final: Option<bool>,
+    /// Euler/DPM-Solver: only `zero` is supported here.
+    pub final_sigmas_type: Option<String>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            prediction_type: "epsilon".into(),
+            timestep_spacing: None,
+            steps_offset: 0,
+            set_alpha_to_one: None,
+            clip_sample: None,
+            clip_sample_range: 1.0,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            variance_type: None,
+            rescale_betas_zero_snr: false,
+            use_karras_sigmas: false,
+            solver_order: None,
+            algorithm_type: None,
+            lower_order_final: None,
+            final_sigmas_type: None,
+        }
+    }
+}
+
+/// Per-call choices that override the config (the command line's `--steps`, `--eta`, ...).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplerChoice {
+    pub steps: usize,
+    /// DDIM noise weight.
+    pub eta: f64,
+    pub spacing: Option<TimestepSpacing>,
+    pub variance: Option<VarianceType>,
+    pub karras: Option<bool>,
+}
+
+impl SchedulerConfig {
+    /// The settings a diffuse model implies: its schedule and objective, trailing spacing,
+    /// `x0_hat` clipped to `[-1, 1]`.
+    pub fn for_model(schedule: &ScheduleConfig, prediction: Prediction) -> Self {
+        let name = match schedule.beta_schedule {
+            BetaSchedule::Linear => "linear",
+            BetaSchedule::ScaledLinear => "scaled_linear",
+            BetaSchedule::Cosine => "squaredcos_cap_v2",
+            BetaSchedule::Sigmoid => "sigmoid",
+        };
+        Self {
+            num_train_timesteps: schedule.timesteps,
+            beta_start: schedule.beta_start,
+            beta_end: schedule.beta_end,
+            beta_schedule: name.into(),
+            prediction_type: match prediction {
+                Prediction::Epsilon => "epsilon",
+                Prediction::V => "v_prediction",
+                Prediction::X0 => "sample",
+            }
+            .into(),
+            timestep_spacing: Some("trailing".into()),
+            clip_sample: Some(true),
+            ..Self::default()
+        }
+    }
+
+    /// Parses the JSON of a `scheduler_config.json`; `what` names it in errors. Python's
+    /// `NaN`/`Infinity` tokens (diffusers writes `lambda_min_clipped: -Infinity`) read as null.
+    pub fn from_json(json: &str, what: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(&python_json(json))
+            .with_context(|| format!("{what} is not a valid scheduler config"))?;
+        cfg.validate().with_context(|| what.to_string())?;
+        Ok(cfg)
+    }
+
+    /// Reads a `scheduler_config.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Checks every key this crate reads.
+    pub fn validate(&self) -> Result<()> {
+        if self.trained_betas.as_ref().is_some_and(|v| !v.is_null()) {
+            bail!("scheduler key trained_betas is not supported");
+        }
+        self.schedule_config()?;
+        self.prediction()?;
+        if let Some(s) = &self.timestep_spacing {
+            s.parse::<TimestepSpacing>()
+                .with_context(|| "scheduler key timestep_spacing")?;
+        }
+        if let Some(v) = &self.variance_type {
+            v.parse::<VarianceType>()
+                .with_context(|| "scheduler key variance_type")?;
+        }
+        if !(self.clip_sample_range > 0.0) {
+            bail!(
+                "scheduler key clip_sample_range must be positive (got {})",
+                self.clip_sample_range
+            );
+        }
+        if self.thresholding
+            && !(self.dynamic_thresholding_ratio > 0.0 && self.dynamic_thresholding_ratio <= 1.0)
+        {
+            bail!("scheduler key dynamic_thresholding_ratio must be in (0, 1]");
+        }
+        if self.thresholding && !(self.sample_max_value >= 1.0) {
+            bail!("scheduler key sample_max_value must be at least 1");
+        }
+        if self.solver_order.is_some_and(|o| o != 2) {
+            bail!(
+                "scheduler key solver_order = {} is not supported (only 2)",
+                self.solver_order.unwrap_or(0)
+            );
+        }
+        if let Some(a) = self
+            .algorithm_type
+            .as_deref()
+            .filter(|a| *a != "dpmsolver++")
+        {
+            bail!("scheduler key algorithm_type = '{a}' is not supported (only dpmsolver++)");
+        }
+        if let Some(f) = self.final_sigmas_type.as_deref().filter(|f| *f != "zero") {
+            bail!("scheduler key final_sigmas_type = '{f}' is not supported (only zero)");
+        }
+        Ok(())
+    }
+
+    /// The forward-process settings.
+    pub fn schedule_config(&self) -> Result<ScheduleConfig> {
+        let beta_schedule: BetaSchedule = self
+            .beta_schedule
+            .parse()
+            .with_context(|| "scheduler key beta_schedule")?;
+        Ok(ScheduleConfig {
+            beta_schedule,
+            timesteps: self.num_train_timesteps,
+            beta_start: self.beta_start,
+            beta_end: self.beta_end,
+        })
+    }
+
+    /// The schedule as diffusers builds it: f32 betas, optionally rescaled to zero terminal SNR.
+    pub fn noise_schedule(&self) -> Result<NoiseSchedule> {
+        let s = NoiseSchedule::new(&self.schedule_config()?)?.with_f32_betas();
+        Ok(if self.rescale_betas_zero_snr {
+            s.rescaled_zero_terminal_snr()
+        } else {
+            s
+        })
+    }
+
+    pub fn prediction(&self) -> Result<Prediction> {
+        self.prediction_type
+            .parse()
+            .with_context(|| "scheduler key prediction_type")
+    }
+
+    fn clamp(&self, clip_default: bool) -> X0Clamp {
+        if self.thresholding {
+            X0Clamp::Dynamic {
+                ratio: self.dynamic_thresholding_ratio,
+                max: self.sample_max_value,
+            }
+        } else if self.clip_sample.unwrap_or(clip_default) {
+            X0Clamp::Clip(self.clip_sample_range)
+        } else {
+            X0Clamp::None
+        }
+    }
+
+    /// Builds a sampler of the given kind over `schedule` (normally [`Self::noise_schedule`]).
+    pub fn build(
+        &self,
+        kind: SamplerKind,
+        schedule: &NoiseSchedule,
+        choice: &SamplerChoice,
+    ) -> Result<Box<dyn Sampler>> {
+        self.validate()?;
+        let prediction = self.prediction()?;
+        let spacing = |class_default: TimestepSpacing| -> Result<TimestepSpacing> {
+            Ok(match (choice.spacing, &self.timestep_spacing) {
+                (Some(s), _) => s,
+                (None, Some(s)) => s.parse()?,
+                (None, None) => class_default,
+            })
+        };
+        let karras = choice.karras.unwrap_or(self.use_karras_sigmas);
+        let steps = choice.steps;
+        let offset = self.steps_offset;
+        Ok(match kind {
+            SamplerKind::Ddpm => Box::new(DdpmSampler::new(
+                schedule,
+                prediction,
+                DdpmOptions {
+                    steps,
+                    spacing: spacing(TimestepSpacing::Leading)?,
+                    steps_offset: offset,
+                    variance: match (choice.variance, &self.variance_type) {
+                        (Some(v), _) => v,
+                        (None, Some(v)) => v.parse()?,
+                        (None, None) => VarianceType::FixedSmall,
+                    },
+                    clamp: self.clamp(true),
+                },
+            )?),
+            SamplerKind::Ddim => Box::new(DdimSampler::new(
+                schedule,
+                prediction,
+                DdimOptions {
+                    steps,
+                    eta: choice.eta,
+                    spacing: spacing(TimestepSpacing::Leading)?,
+                    steps_offset: offset,
+                    set_alpha_to_one: self.set_alpha_to_one.unwrap_or(true),
+                    clamp: self.clamp(true),
+                },
+            )?),
+            SamplerKind::DpmPp2m => Box::new(DpmSolverSampler::new(
+                schedule,
+                prediction,
+                DpmSolverOptions {
+                    steps,
+                    spacing: spacing(TimestepSpacing::Linspace)?,
+                    steps_offset: offset,
+                    karras,
+                    round_karras_timesteps: self.beta_schedule != "squaredcos_cap_v2",
+                    lower_order_final: self.lower_order_final.unwrap_or(true),
+                    clamp: if self.thresholding {
+                        self.clamp(false)
+                    } else {
+                        X0Clamp::None
+                    },
+                },
+            )?),
+            SamplerKind::Euler | SamplerKind::EulerAncestral => {
+                let ancestral = kind == SamplerKind::EulerAncestral;
+                Box::new(EulerSampler::new(
+                    schedule,
+                    prediction,
+                    EulerOptions {
+                        steps,
+                        spacing: spacing(TimestepSpacing::Linspace)?,
+                        steps_offset: offset,
+                        ancestral,
+                        karras: karras && !ancestral,
+                    },
+                )?)
+            }
+            SamplerKind::Heun => Box::new(HeunSampler::new(
+                schedule,
+                prediction,
+                HeunOptions {
+                    steps,
+                    spacing: spacing(TimestepSpacing::Linspace)?,
+                    steps_offset: offset,
+                    karras,
+                    clamp: if self.clip_sample.unwrap_or(false) {
+                        X0Clamp::Clip(self.clip_sample_range)
+                    } else {
+                        X0Clamp::None
+                    },
+                },
+            )?),
+        })
+    }
+}
+
+/// Replaces Python's non-standard JSON number tokens (`NaN`, `Infinity`, `-Infinity`) outside
+/// strings with `null`.
+pub fn python_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_str = false;
+    let mut escaped = false;
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|t| rest.starts_with(**t))
+        {
+            out.push_str("null");
+            rest = &rest[tok.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
