@@ -7,7 +7,7 @@ use crate::device::{inference_device, training_device};
 use crate::rng::{Stream, normal_tensor, rng_for};
 use crate::train::adamw::AdamW;
 use crate::unet::blocks::{
-    Attention, Downsample, ResBlock, TimeEmbedding, Upsample, conv, group_norm,
+    Attention, Downsample, Norm, ResBlock, SinusoidSpec, TimeEmbedding, Upsample, conv, group_norm,
 };
 use burn::module::Module;
 use burn::nn::GroupNorm;
@@ -39,7 +39,11 @@ pub struct ReferenceUNet {
 
 impl ReferenceUNet {
     pub fn new(dev: &Device) -> Self {
-        let rb = |a, b| ResBlock::new(a, b, 256, 32, 0.0, false, dev);
+        let g = Norm {
+            groups: 32,
+            eps: 1e-5,
+        };
+        let rb = |a, b| ResBlock::new(a, b, 256, g, 0.0, false, dev);
         let down = [
             (64, 64),
             (64, 64),
@@ -57,18 +61,26 @@ impl ReferenceUNet {
             (128, 64),
         ];
         Self {
-            time: TimeEmbedding::new(64, 256, dev),
+            time: TimeEmbedding::new(
+                64,
+                256,
+                SinusoidSpec {
+                    flip: false,
+                    shift: 0.0,
+                },
+                dev,
+            ),
             stem: conv(3, 64, 3, 1, false, dev),
             down: down.iter().map(|&(a, b)| rb(a, b)).collect(),
-            ds1: Downsample::new(64, dev),
-            ds2: Downsample::new(128, dev),
+            ds1: Downsample::new(64, 1, dev),
+            ds2: Downsample::new(128, 1, dev),
             mid1: rb(128, 128),
-            attn: Attention::new(128, 32, false, dev),
+            attn: Attention::new(128, 1, g, false, dev),
             mid2: rb(128, 128),
             up: up.iter().map(|&(a, b)| rb(a, b)).collect(),
             us1: Upsample::new(128, dev),
             us2: Upsample::new(128, dev),
-            out_norm: group_norm(32, 64, dev),
+            out_norm: group_norm(g, 64, dev),
             out_conv: conv(64, 3, 3, 1, false, dev),
         }
     }

@@ -1,13 +1,15 @@
 //! diffuse: denoising diffusion models (DDPM) in Rust.
 //!
 //! Data flows one way: [`data`] -> [`train`] -> checkpoint ([`model`]) -> [`sampler`] -> image
-//! ([`imageio`]). The forward process lives in [`schedule`], the denoiser in [`unet`].
+//! ([`imageio`]). The forward process lives in [`schedule`], the denoiser in [`unet`];
+//! diffusers pipeline folders are read and written by [`interop`].
 //! Same seed, same options, same build: the same bits out.
 
 pub mod bench;
 pub mod data;
 pub mod device;
 pub mod imageio;
+pub mod interop;
 pub mod model;
 pub mod rng;
 pub mod sampler;

@@ -1,13 +1,14 @@
 //! The `diffuse` command line: a thin layer over the library.
 
 use anyhow::{Context, Result, bail};
+use burn::tensor::{Tensor, TensorData};
 use clap::{Args, Parser, Subcommand};
 use diffuse::data::{self, Shape, fetch};
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
 use diffuse::model::{self, ModelConfig};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
-use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
+use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, denoise_from, generate};
 use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
 use diffuse::unet::UNetConfig;
@@ -50,6 +51,15 @@ enum Cmd {
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Write a model as a diffusers pipeline folder (DDPMPipeline with a UNet2DModel).
+    Export {
+        /// Run folder or model file (default: the embedded model).
+        #[arg(long)]
+        model: Option<String>,
+        /// New folder for the pipeline.
+        #[arg(long)]
+        diffusers: PathBuf,
     },
     /// Rewrite a model file, e.g. in half precision for shipping.
     Convert {
@@ -113,6 +123,39 @@ struct SampleArgs {
     /// Images per grid row.
     #[arg(long)]
     cols: Option<usize>,
+    /// Start from this x_T: the tensor "noise" [N,C,H,W] of a safetensors file (N images).
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Also write the final sample in model space (before clamping to pixels) as the tensor
+    /// "sample" of this safetensors file.
+    #[arg(long)]
+    save_tensor: Option<PathBuf>,
+}
+
+/// Reads `--init-noise`: the tensor "noise" of shape `[N, C, H, W]` for images `[C, H, W]`.
+fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor> {
+    let (mut t, _) = weights::read_safetensors(path)?;
+    let noise = t
+        .remove("noise")
+        .ok_or_else(|| anyhow::anyhow!("{} has no tensor named 'noise'", path.display()))?;
+    let s = &noise.shape;
+    if s.len() != 4 || s[1..] != image || s[0] == 0 || s[0] > 10_000 {
+        bail!(
+            "{}: tensor 'noise' has shape {:?}, this model needs [N, {}, {}, {}] with 1 <= N <= 10000",
+            path.display(),
+            s,
+            image[0],
+            image[1],
+            image[2]
+        );
+    }
+    if noise.data.iter().any(|v| !v.is_finite()) {
+        bail!(
+            "{}: tensor 'noise' holds NaN or infinite values",
+            path.display()
+        );
+    }
+    Ok(noise)
 }
 
 #[derive(Args)]
@@ -247,6 +290,7 @@ fn main() {
         Cmd::Noise(a) => noise(a),
         Cmd::Fetch { name } => fetch_cmd(&name),
         Cmd::Convert { model, out, dtype } => convert(&model, &out, &dtype),
+        Cmd::Export { model, diffusers } => export(model.as_deref(), &diffusers),
         Cmd::Bench {
             warmup,
             iters,
@@ -291,6 +335,22 @@ fn sample(a: SampleArgs) -> Result<()> {
         );
     }
     let k = cfg.unet.num_classes;
+    let init = match &a.init_noise {
+        Some(p) => Some(read_init_noise(p, cfg.image_shape())?),
+        None => None,
+    };
+    let a = match &init {
+        Some(t) if a.n.is_some_and(|n| n != t.shape[0]) => bail!(
+            "--n {} disagrees with the {} images of --init-noise",
+            a.n.unwrap_or(0),
+            t.shape[0]
+        ),
+        Some(t) => SampleArgs {
+            n: Some(t.shape[0]),
+            ..a
+        },
+        None => a,
+    };
     if a.n.is_some_and(|n| n == 0 || n > 10_000) {
         bail!("--n must be between 1 and 10000 (got {})", a.n.unwrap_or(0));
     }
@@ -328,21 +388,57 @@ fn sample(a: SampleArgs) -> Result<()> {
     let keep_every = (total / 10).max(1);
     let mut traj: Vec<ImageBatch> = Vec::new();
     let want_traj = a.trajectory.is_some();
-    let x = generate(
-        &m.unet,
-        k,
-        cfg.image_shape(),
-        sampler.as_mut(),
-        &opts,
-        &dev,
-        &mut |i, x| {
-            pb.inc(1);
-            if want_traj && (i % keep_every == 0 || i + 1 == total) {
-                traj.push(ImageBatch::from_tensor(x.clone().narrow(0, 0, 1)));
-            }
-        },
-    );
+    let mut on_step = |i: usize, x: &Tensor<4>| {
+        pb.inc(1);
+        if want_traj && (i % keep_every == 0 || i + 1 == total) {
+            traj.push(ImageBatch::from_tensor(x.clone().narrow(0, 0, 1)));
+        }
+    };
+    let x = match init {
+        Some(noise) => {
+            let shape: [usize; 4] = noise.shape.clone().try_into().expect("checked 4-d");
+            let x = Tensor::<4>::from_data(TensorData::new(noise.data, shape), &dev)
+                * (sampler.init_noise_sigma() as f32);
+            let mut rng = rng_for(opts.seed, Stream::Sample, 0);
+            denoise_from(
+                &m.unet,
+                k,
+                x,
+                sampler.as_mut(),
+                &opts,
+                &mut rng,
+                &mut on_step,
+            )
+        }
+        None => generate(
+            &m.unet,
+            k,
+            cfg.image_shape(),
+            sampler.as_mut(),
+            &opts,
+            &dev,
+            &mut on_step,
+        ),
+    };
     pb.finish_and_clear();
+    if let Some(path) = &a.save_tensor {
+        let mut t = NamedTensors::new();
+        t.insert(
+            "sample".into(),
+            weights::HostTensor {
+                shape: x.dims().to_vec(),
+                data: x
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec()
+                    .expect("f32"),
+            },
+        );
+        let bytes = weights::to_safetensors(&t, &Default::default(), StoreDtype::F32)?;
+        weights::write_atomic(path, &bytes)?;
+        println!("wrote {}", path.display());
+    }
     let batch = ImageBatch::from_tensor(x);
     let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     let f = display_factor(cfg.unet.image_size);
@@ -527,6 +623,7 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         dropout: a.dropout,
         norm_groups: a.norm_groups,
         num_classes: with_classes.then_some(class_names.len()),
+        ..UNetConfig::default()
     };
     unet.validate()?;
     let schedule = ScheduleConfig {
@@ -626,6 +723,18 @@ fn convert(spec: &str, out: &Path, dtype: &str) -> Result<()> {
     let bytes = model::model_bytes(&m.config, &t, dtype)?;
     weights::write_atomic(out, &bytes)?;
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    Ok(())
+}
+
+fn export(spec: Option<&str>, out: &Path) -> Result<()> {
+    let dev = inference_device();
+    let m = model::load(spec, &dev)?;
+    diffuse::interop::diffusers::export_pipeline(&m, out)?;
+    println!(
+        "wrote diffusers pipeline {} (from {})",
+        out.display(),
+        m.source
+    );
     Ok(())
 }
 

@@ -126,17 +126,21 @@ pub fn model_file_in(run: &Path) -> PathBuf {
     run.join("model.safetensors")
 }
 
-/// Loads `--model`: `None` for the embedded model, a run folder, or a `.safetensors` file.
+/// Loads `--model`: `None` for the embedded model, a run folder, a diffusers pipeline folder,
+/// or a `.safetensors` file.
 pub fn load(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
     let Some(spec) = spec else {
         return load_from_bytes(EMBEDDED_MODEL, "the embedded model", device);
     };
     let p = Path::new(spec);
+    if p.is_dir() && crate::interop::diffusers::is_pipeline(p) {
+        return crate::interop::diffusers::load_pipeline(p, device);
+    }
     let file = if p.is_dir() {
         let f = model_file_in(p);
         if !f.exists() {
             bail!(
-                "{} holds no model.safetensors (train into it with `diffuse train --out {}` first)",
+                "{} holds neither model.safetensors (a diffuse run: train into it with `diffuse train --out {}`) nor model_index.json (a diffusers pipeline)",
                 p.display(),
                 p.display()
             );

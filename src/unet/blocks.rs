@@ -24,22 +24,50 @@ pub fn conv(cin: usize, cout: usize, k: usize, stride: usize, zero: bool, dev: &
     c.init(dev)
 }
 
-/// GroupNorm with `eps = 1e-5` and affine parameters.
-pub fn group_norm(groups: usize, channels: usize, dev: &Device) -> GroupNorm {
-    GroupNormConfig::new(groups, channels).init(dev)
+/// Group normalisation settings: groups and `eps`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Norm {
+    pub groups: usize,
+    pub eps: f64,
+}
+
+/// GroupNorm (Wu & He 2018) with affine parameters.
+pub fn group_norm(norm: Norm, channels: usize, dev: &Device) -> GroupNorm {
+    GroupNormConfig::new(norm.groups, channels)
+        .with_epsilon(norm.eps)
+        .init(dev)
+}
+
+/// How timesteps become sinusoids.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SinusoidSpec {
+    /// Put the cosines first (diffusers' `flip_sin_to_cos`).
+    pub flip: bool,
+    /// `s` in the frequency denominator (diffusers' `freq_shift`; DDPM's code has 1).
+    pub shift: f64,
 }
 
 /// Sinusoidal timestep embedding (Vaswani et al. 2017, section 3.5, as used by DDPM):
-/// `emb(t) = [sin(t f_0) .. sin(t f_{h-1}), cos(t f_0) .. cos(t f_{h-1})]`,
-/// `f_i = exp(-ln(10000) i / h)`, `h = dim / 2`. Computed on the host in f64.
-pub fn sinusoidal_embedding(t: &[f64], dim: usize, dev: &Device) -> Tensor<2> {
+/// `emb(t) = [sin(t f_0) .. sin(t f_{h-1}), cos(t f_0) .. cos(t f_{h-1})]` (halves swapped
+/// with `flip`), `f_i = exp(-ln(10000) i / (h - shift))`, `h = dim / 2`. Computed on the host,
+/// with `t`, `f_i` and `t f_i` rounded to f32 as diffusers computes them (so that diffusers
+/// models give diffusers' embedding to the last bit or so).
+pub fn sinusoidal_embedding(t: &[f64], dim: usize, spec: SinusoidSpec, dev: &Device) -> Tensor<2> {
     let half = dim / 2;
     let mut out = Vec::with_capacity(t.len() * dim);
+    let denom = (half as f64 - spec.shift) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f32.ln()) * i as f32) / denom).exp())
+        .collect();
     for &ti in t {
-        let freqs = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp());
-        let args: Vec<f64> = freqs.map(|f| ti * f).collect();
-        out.extend(args.iter().map(|a| a.sin() as f32));
-        out.extend(args.iter().map(|a| a.cos() as f32));
+        let args: Vec<f64> = freqs.iter().map(|f| (ti as f32 * f) as f64).collect();
+        let sin = args.iter().map(|a| a.sin() as f32);
+        let cos = args.iter().map(|a| a.cos() as f32);
+        if spec.flip {
+            out.extend(cos.chain(sin));
+        } else {
+            out.extend(sin.chain(cos));
+        }
         out.extend(std::iter::repeat_n(0.0f32, dim - 2 * half));
     }
     Tensor::from_data(TensorData::new(out, [t.len(), dim]), dev)
@@ -49,14 +77,18 @@ pub fn sinusoidal_embedding(t: &[f64], dim: usize, dev: &Device) -> Tensor<2> {
 #[derive(Module, Debug)]
 pub struct TimeEmbedding {
     pub sin_dim: usize,
+    pub flip: bool,
+    pub shift: f64,
     pub fc1: Linear,
     pub fc2: Linear,
 }
 
 impl TimeEmbedding {
-    pub fn new(sin_dim: usize, embed_dim: usize, dev: &Device) -> Self {
+    pub fn new(sin_dim: usize, embed_dim: usize, spec: SinusoidSpec, dev: &Device) -> Self {
         Self {
             sin_dim,
+            flip: spec.flip,
+            shift: spec.shift,
             fc1: LinearConfig::new(sin_dim, embed_dim).init(dev),
             fc2: LinearConfig::new(embed_dim, embed_dim).init(dev),
         }
@@ -64,7 +96,11 @@ impl TimeEmbedding {
 
     /// `[B]` timesteps to `[B, embed_dim]`.
     pub fn forward(&self, t: &[f64], dev: &Device) -> Tensor<2> {
-        let s = sinusoidal_embedding(t, self.sin_dim, dev);
+        let spec = SinusoidSpec {
+            flip: self.flip,
+            shift: self.shift,
+        };
+        let s = sinusoidal_embedding(t, self.sin_dim, spec, dev);
         self.fc2.forward(silu(self.fc1.forward(s)))
     }
 }
@@ -89,16 +125,16 @@ impl ResBlock {
         cin: usize,
         cout: usize,
         temb_dim: usize,
-        groups: usize,
+        norm: Norm,
         dropout: f64,
         zero_last: bool,
         dev: &Device,
     ) -> Self {
         Self {
-            norm1: group_norm(groups, cin, dev),
+            norm1: group_norm(norm, cin, dev),
             conv1: conv(cin, cout, 3, 1, false, dev),
             time_proj: LinearConfig::new(temb_dim, cout).init(dev),
-            norm2: group_norm(groups, cout, dev),
+            norm2: group_norm(norm, cout, dev),
             dropout: DropoutConfig::new(dropout).init(),
             conv2: conv(cout, cout, 3, 1, zero_last, dev),
             skip: (cin != cout).then(|| conv(cin, cout, 1, 1, false, dev)),
@@ -124,11 +160,13 @@ impl ResBlock {
     }
 }
 
-/// Single-head self-attention over the pixels of a feature map (DDPM, appendix B):
-/// `h = GN(x)`, `q, k, v = 1x1 convs of h`, `A = softmax(q^T k / sqrt(C))` over keys,
+/// Multi-head self-attention over the pixels of a feature map (DDPM, appendix B, with heads as
+/// in Vaswani et al. 2017): `h = GN(x)`, `q, k, v = 1x1 convs of h` split into `heads` groups of
+/// `d = C / heads` channels, `A = softmax(q^T k / sqrt(d))` over keys per head,
 /// `out = x + proj(v A^T)`.
 #[derive(Module, Debug)]
 pub struct Attention {
+    pub heads: usize,
     pub norm: GroupNorm,
     pub q: Conv2d,
     pub k: Conv2d,
@@ -137,9 +175,10 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(channels: usize, groups: usize, zero_proj: bool, dev: &Device) -> Self {
+    pub fn new(channels: usize, heads: usize, norm: Norm, zero_proj: bool, dev: &Device) -> Self {
         Self {
-            norm: group_norm(groups, channels, dev),
+            heads,
+            norm: group_norm(norm, channels, dev),
             q: conv(channels, channels, 1, 1, false, dev),
             k: conv(channels, channels, 1, 1, false, dev),
             v: conv(channels, channels, 1, 1, false, dev),
@@ -149,31 +188,42 @@ impl Attention {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, hh, ww] = x.dims();
+        let (nh, d, n) = (self.heads, c / self.heads, hh * ww);
         let h = self.norm.forward(x.clone());
-        let q: Tensor<3> = self
+        let q: Tensor<4> = self
             .q
             .forward(h.clone())
-            .reshape([b, c, hh * ww])
-            .swap_dims(1, 2);
-        let k: Tensor<3> = self.k.forward(h.clone()).reshape([b, c, hh * ww]);
-        let v: Tensor<3> = self.v.forward(h).reshape([b, c, hh * ww]);
-        let scores = q.matmul(k).div_scalar((c as f32).sqrt());
-        let attn = softmax(scores, 2);
-        let out: Tensor<4> = v.matmul(attn.swap_dims(1, 2)).reshape([b, c, hh, ww]);
+            .reshape([b, nh, d, n])
+            .swap_dims(2, 3);
+        let k: Tensor<4> = self.k.forward(h.clone()).reshape([b, nh, d, n]);
+        let v: Tensor<4> = self.v.forward(h).reshape([b, nh, d, n]);
+        let scores = q.matmul(k).div_scalar((d as f32).sqrt());
+        let attn = softmax(scores, 3);
+        let out: Tensor<4> = v.matmul(attn.swap_dims(2, 3)).reshape([b, c, hh, ww]);
         x + self.proj.forward(out)
     }
 }
 
-/// Halves the resolution with a stride-2 3x3 convolution (`ceil(s/2)` for odd sizes).
+/// Halves the resolution with a stride-2 3x3 convolution: padded by 1 on every side
+/// (`ceil(s/2)` for odd sizes), or with `padding = 0`, by 1 on the bottom and right only
+/// (diffusers' `downsample_padding = 0`, the layout of the original DDPM checkpoints).
 #[derive(Module, Debug)]
 pub struct Downsample {
     pub conv: Conv2d,
 }
 
 impl Downsample {
-    pub fn new(channels: usize, dev: &Device) -> Self {
+    pub fn new(channels: usize, padding: usize, dev: &Device) -> Self {
+        let pad = if padding == 0 {
+            PaddingConfig2d::Explicit(0, 0, 1, 1)
+        } else {
+            PaddingConfig2d::Explicit(padding, padding, padding, padding)
+        };
         Self {
-            conv: conv(channels, channels, 3, 2, false, dev),
+            conv: Conv2dConfig::new([channels, channels], [3, 3])
+                .with_stride([2, 2])
+                .with_padding(pad)
+                .init(dev),
         }
     }
 

@@ -27,6 +27,37 @@ pub struct UNetConfig {
     /// Number of classes for class conditioning; `None` for an unconditioned model. A
     /// conditioned model has one extra learned "null" class for classifier-free guidance.
     pub num_classes: Option<usize>,
+    /// GroupNorm epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Channels per attention head; `None`: one head over all channels.
+    #[serde(default)]
+    pub attention_head_dim: Option<usize>,
+    /// Timestep sinusoids with the cosines first (diffusers' `flip_sin_to_cos`).
+    #[serde(default)]
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the timestep sinusoids (diffusers' `freq_shift`).
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Downsampling padding: 1 on every side, or 0 for bottom/right only (diffusers'
+    /// `downsample_padding`).
+    #[serde(default = "default_downsample_padding")]
+    pub downsample_padding: usize,
+    /// Self-attention between the two middle residual blocks.
+    #[serde(default = "default_mid_attention")]
+    pub mid_attention: bool,
+}
+
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+
+fn default_downsample_padding() -> usize {
+    1
+}
+
+fn default_mid_attention() -> bool {
+    true
 }
 
 impl Default for UNetConfig {
@@ -42,21 +73,44 @@ impl Default for UNetConfig {
             dropout: 0.1,
             norm_groups: 32,
             num_classes: None,
+            norm_eps: default_norm_eps(),
+            attention_head_dim: None,
+            flip_sin_to_cos: false,
+            freq_shift: 0.0,
+            downsample_padding: default_downsample_padding(),
+            mid_attention: true,
         }
     }
 }
 
 impl UNetConfig {
-    /// Feature-map side length at each level, following stride-2 convolutions with padding 1:
-    /// `s_{i+1} = ceil(s_i / 2)`.
+    /// Feature-map side length at each level, following stride-2 convolutions: with padding
+    /// 1, `s_{i+1} = ceil(s_i / 2)`; with bottom/right padding only, `floor(s_i / 2)`.
     pub fn level_sizes(&self) -> Vec<usize> {
         let mut s = self.image_size;
         let mut out = Vec::new();
         for _ in &self.channel_mult {
             out.push(s);
-            s = s.div_ceil(2);
+            s = if self.downsample_padding == 0 {
+                s / 2
+            } else {
+                s.div_ceil(2)
+            };
         }
         out
+    }
+
+    /// Channel count of each level.
+    pub fn level_channels(&self) -> Vec<usize> {
+        self.channel_mult
+            .iter()
+            .map(|m| m * self.base_channels)
+            .collect()
+    }
+
+    /// Attention heads for a layer of `channels` channels.
+    pub fn heads(&self, channels: usize) -> usize {
+        self.attention_head_dim.map_or(1, |d| channels / d)
     }
 
     /// Width of the timestep embedding (4x the base channels, as in DDPM).
@@ -127,6 +181,42 @@ impl UNetConfig {
         }
         if let Some(a) = self.attention_resolutions.iter().find(|&&a| a > 64) {
             bail!("attention at {a}x{a} pixels would need too much memory (64 at most)");
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            bail!("norm eps must be in (0, 1) (got {})", self.norm_eps);
+        }
+        if self.downsample_padding > 1 {
+            bail!(
+                "downsample padding must be 0 or 1 (got {})",
+                self.downsample_padding
+            );
+        }
+        if sizes.iter().any(|&s| s == 0) {
+            bail!(
+                "{} levels of downsampling leave no pixels of a {}-pixel image",
+                self.channel_mult.len() - 1,
+                self.image_size
+            );
+        }
+        if !(self.freq_shift.is_finite() && self.freq_shift < (self.base_channels / 2) as f64) {
+            bail!(
+                "freq shift must be below half the base channels (got {})",
+                self.freq_shift
+            );
+        }
+        if let Some(d) = self.attention_head_dim {
+            let chans = self.level_channels();
+            let attn_chans = sizes
+                .iter()
+                .zip(&chans)
+                .filter(|(s, _)| self.attention_resolutions.contains(s))
+                .map(|(_, c)| *c)
+                .chain(self.mid_attention.then(|| chans[chans.len() - 1]));
+            for c in attn_chans {
+                if d == 0 || c % d != 0 {
+                    bail!("attention head dim {d} must divide the attention layers' {c} channels");
+                }
+            }
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout must be in [0, 1) (got {})", self.dropout);

@@ -8,7 +8,9 @@ pub mod config;
 pub use config::UNetConfig;
 
 use anyhow::Result;
-use blocks::{Attention, Downsample, ResBlock, TimeEmbedding, Upsample, conv, group_norm};
+use blocks::{
+    Attention, Downsample, Norm, ResBlock, SinusoidSpec, TimeEmbedding, Upsample, conv, group_norm,
+};
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
@@ -39,7 +41,7 @@ pub struct UNet {
     pub stem: Conv2d,
     pub down: Vec<DownLevel>,
     pub mid1: ResBlock,
-    pub mid_attn: Attention,
+    pub mid_attn: Option<Attention>,
     pub mid2: ResBlock,
     pub up: Vec<UpLevel>,
     pub out_norm: GroupNorm,
@@ -51,61 +53,70 @@ impl UNet {
     /// device's generator (seed it with `Device::seed` first for reproducible weights).
     pub fn new(cfg: &UNetConfig, dev: &Device) -> Result<Self> {
         cfg.validate()?;
-        let g = cfg.norm_groups;
+        let g = Norm {
+            groups: cfg.norm_groups,
+            eps: cfg.norm_eps,
+        };
         let temb = cfg.time_embed_dim();
         let sizes = cfg.level_sizes();
-        let chans: Vec<usize> = cfg
-            .channel_mult
-            .iter()
-            .map(|m| m * cfg.base_channels)
-            .collect();
+        let chans = cfg.level_channels();
         let rb = |a, b| ResBlock::new(a, b, temb, g, cfg.dropout, true, dev);
         let attn_at = |s: usize| cfg.attention_resolutions.contains(&s);
+        let attn = |c: usize| Attention::new(c, cfg.heads(c), g, true, dev);
 
         let mut skip_ch = vec![cfg.base_channels];
         let mut ch = cfg.base_channels;
         let mut down = Vec::new();
         for (lvl, &c) in chans.iter().enumerate() {
             let mut blocks = Vec::new();
-            let mut attn = Vec::new();
+            let mut attns = Vec::new();
             for _ in 0..cfg.num_res_blocks {
                 blocks.push(rb(ch, c));
-                attn.push(attn_at(sizes[lvl]).then(|| Attention::new(c, g, true, dev)));
+                attns.push(attn_at(sizes[lvl]).then(|| attn(c)));
                 ch = c;
                 skip_ch.push(ch);
             }
-            let downsample = (lvl + 1 < chans.len()).then(|| Downsample::new(ch, dev));
+            let downsample =
+                (lvl + 1 < chans.len()).then(|| Downsample::new(ch, cfg.downsample_padding, dev));
             if downsample.is_some() {
                 skip_ch.push(ch);
             }
             down.push(DownLevel {
                 blocks,
-                attn,
+                attn: attns,
                 downsample,
             });
         }
         let mid1 = rb(ch, ch);
-        let mid_attn = Attention::new(ch, g, true, dev);
+        let mid_attn = cfg.mid_attention.then(|| attn(ch));
         let mid2 = rb(ch, ch);
         let mut up = Vec::new();
         for (lvl, &c) in chans.iter().enumerate().rev() {
             let mut blocks = Vec::new();
-            let mut attn = Vec::new();
+            let mut attns = Vec::new();
             for _ in 0..=cfg.num_res_blocks {
                 let s = skip_ch.pop().expect("one skip per decoder block");
                 blocks.push(rb(ch + s, c));
-                attn.push(attn_at(sizes[lvl]).then(|| Attention::new(c, g, true, dev)));
+                attns.push(attn_at(sizes[lvl]).then(|| attn(c)));
                 ch = c;
             }
             let upsample = (lvl > 0).then(|| Upsample::new(ch, dev));
             up.push(UpLevel {
                 blocks,
-                attn,
+                attn: attns,
                 upsample,
             });
         }
         Ok(Self {
-            time: TimeEmbedding::new(cfg.base_channels, temb, dev),
+            time: TimeEmbedding::new(
+                cfg.base_channels,
+                temb,
+                SinusoidSpec {
+                    flip: cfg.flip_sin_to_cos,
+                    shift: cfg.freq_shift,
+                },
+                dev,
+            ),
             class_embed: cfg
                 .num_classes
                 .map(|n| EmbeddingConfig::new(n + 1, temb).init(dev)),
@@ -151,7 +162,9 @@ impl UNet {
             }
         }
         h = self.mid1.forward(h, ta.clone());
-        h = self.mid_attn.forward(h);
+        if let Some(a) = &self.mid_attn {
+            h = a.forward(h);
+        }
         h = self.mid2.forward(h, ta.clone());
         for level in &self.up {
             for (block, attn) in level.blocks.iter().zip(&level.attn) {

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_diffuse");
 
-fn diffuse(args: &[&str]) -> Output {
+pub fn diffuse(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run diffuse")
 }
 
-fn ok(args: &[&str]) -> String {
+pub fn ok(args: &[&str]) -> String {
     let o = diffuse(args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "diffuse {args:?} failed: {err}");
@@ -19,7 +19,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Runs a command that must fail with one `error:` line naming `needle`, and no panic.
-fn fails(args: &[&str], needle: &str) {
+pub fn fails(args: &[&str], needle: &str) {
     let o = diffuse(args);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(
@@ -419,7 +419,10 @@ fn bad_input_gives_one_clear_error_line() {
         &["sample", "--model", &t("missing.safetensors")],
         "does not exist",
     );
-    fails(&["sample", "--model", &t("empty")], "no model.safetensors");
+    fails(
+        &["sample", "--model", &t("empty")],
+        "neither model.safetensors",
+    );
     // A truncated copy of the embedded model.
     let full = diffuse::model::EMBEDDED_MODEL;
     std::fs::write(t("cut.safetensors"), &full[..full.len() / 2]).unwrap();

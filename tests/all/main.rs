@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod interop;
 mod parity;
 mod sampler;
 mod schedule;

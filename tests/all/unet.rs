@@ -20,6 +20,7 @@ pub fn tiny(size: usize, channels: usize, classes: Option<usize>) -> UNetConfig 
         dropout: 0.0,
         norm_groups: 8,
         num_classes: classes,
+        ..UNetConfig::default()
     }
 }
 

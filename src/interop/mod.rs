@@ -1,0 +1,3 @@
+//! Other projects' model formats: diffusers pipeline folders, read and written.
+
+pub mod diffusers;

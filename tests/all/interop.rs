@@ -1,0 +1,257 @@
+//! diffusers pipeline folders: UNet2DModel outputs, the DDIM loop, export, and bad folders.
+//! Fixtures are made by tests/fixtures/diffusers/make_pipeline_fixtures.py.
+
+use super::cli::{fails, ok};
+use super::data::fixture;
+use burn::tensor::{Tensor, TensorData};
+use diffuse::device::inference_device;
+use diffuse::interop::diffusers::load_pipeline;
+use diffuse::model::{self, LoadedModel};
+use diffuse::sampler::SamplerKind;
+use diffuse::weights::{self, HostTensor, NamedTensors, read_safetensors};
+use std::path::Path;
+
+fn tensor4(t: &HostTensor) -> Tensor<4> {
+    let s: [usize; 4] = t.shape.clone().try_into().unwrap();
+    Tensor::from_data(TensorData::new(t.data.clone(), s), &inference_device())
+}
+
+/// Largest absolute difference over the largest magnitude of `want`.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// The model's output on the fixture's inputs `x`, `t` (and `labels`) against diffusers' `out`.
+fn forward_error(m: &LoadedModel, io: &NamedTensors) -> f32 {
+    let t: Vec<f64> = io["t"].data.iter().map(|&v| v as f64).collect();
+    let labels: Option<Vec<usize>> = io
+        .get("labels")
+        .map(|l| l.data.iter().map(|&v| v as usize).collect());
+    let y = m.unet.forward(tensor4(&io["x"]), &t, labels.as_deref());
+    let got: Vec<f32> = y.into_data().convert::<f32>().try_into_vec().unwrap();
+    rel_err(&got, &io["out"].data)
+}
+
+fn pipeline(name: &str) -> String {
+    fixture(&format!("diffusers/pipelines/{name}"))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn unet2d_models_match_diffusers_outputs() {
+    let dev = inference_device();
+    for name in ["cifar10-tiny", "celebahq-tiny", "multihead-class"] {
+        let m = load_pipeline(Path::new(&pipeline(name)), &dev).unwrap();
+        let (io, _) =
+            read_safetensors(&fixture(&format!("diffusers/{name}_io.safetensors"))).unwrap();
+        let e = forward_error(&m, &io);
+        eprintln!("{name}: UNet output relative error {e}");
+        assert!(e < 1e-4, "{name}: UNet output relative error {e}");
+    }
+    // Keys diffusers' scheduler config sets, as read.
+    let m = load_pipeline(Path::new(&pipeline("multihead-class")), &dev).unwrap();
+    assert_eq!(m.scheduler.prediction_type, "v_prediction");
+    assert_eq!(m.scheduler.timestep_spacing.as_deref(), Some("trailing"));
+    assert_eq!(m.config.unet.heads(32), 4);
+}
+
+/// `--init-noise` / `--save-tensor`: the whole DDIM loop against DDIMScheduler.from_config.
+fn ddim_matches(model: &str, fixture_file: &Path, noise_key: &str, sample_key: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, _) = read_safetensors(fixture_file).unwrap();
+    let noise = tmp.path().join("noise.safetensors");
+    let mut n = NamedTensors::new();
+    n.insert("noise".into(), t[noise_key].clone());
+    let bytes = weights::to_safetensors(&n, &Default::default(), weights::StoreDtype::F32).unwrap();
+    std::fs::write(&noise, bytes).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let png = tmp.path().join("grid.png");
+    ok(&[
+        "sample",
+        "--model",
+        model,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "10",
+        "--eta",
+        "0",
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--save-tensor",
+        out.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(png.exists());
+    let (got, _) = read_safetensors(&out).unwrap();
+    assert_eq!(got["sample"].shape, t[sample_key].shape);
+    let e = rel_err(&got["sample"].data, &t[sample_key].data);
+    // diffusers' own f32 loop is `spread` from its f64 one (the random networks make the loop
+    // chaotic: errors about double per step); ours is about as far from exact, so the two f32
+    // results may be up to ~2 spreads apart, plus what another CPU's rounding adds.
+    let bound = (3.0 * t["f64_spread"].data[0]).max(1e-4);
+    eprintln!("{model}: DDIM loop relative error {e} (bound {bound})");
+    assert!(
+        e < bound,
+        "{model}: DDIM loop relative error {e} (bound {bound})"
+    );
+}
+
+#[test]
+fn ddim_loop_on_pipelines_matches_diffusers() {
+    for name in ["cifar10-tiny", "celebahq-tiny"] {
+        let f = fixture(&format!("diffusers/{name}_ddim.safetensors"));
+        ddim_matches(&pipeline(name), &f, "noise", "sample");
+    }
+}
+
+#[test]
+fn every_sampler_runs_on_a_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = pipeline("cifar10-tiny");
+    for kind in SamplerKind::ALL {
+        let png = tmp.path().join(format!("{}.png", kind.name()));
+        ok(&[
+            "sample",
+            "--model",
+            &model,
+            "--sampler",
+            kind.name(),
+            "--steps",
+            "3",
+            "--n",
+            "2",
+            "--out",
+            png.to_str().unwrap(),
+        ]);
+        assert!(png.exists(), "{}", kind.name());
+    }
+}
+
+#[test]
+fn exported_models_are_what_diffusers_loads_and_runs() {
+    let dev = inference_device();
+    // What diffusers computed from the exported folders (see the fixture script).
+    let embedded = model::load(None, &dev).unwrap();
+    let (io, _) = read_safetensors(&fixture("diffusers/export_fashion_io.safetensors")).unwrap();
+    let e = forward_error(&embedded, &io);
+    assert!(e < 1e-4, "embedded model vs diffusers: {e}");
+    let tiny = fixture("diffusers/tiny-uncond.safetensors");
+    let m = model::load(tiny.to_str(), &dev).unwrap();
+    let f = fixture("diffusers/export_uncond_io.safetensors");
+    let (io, _) = read_safetensors(&f).unwrap();
+    let e = forward_error(&m, &io);
+    assert!(e < 1e-4, "tiny model vs diffusers: {e}");
+
+    // Export again here; the folder reads back to the same tensors and samples as diffusers did.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pipe");
+    ok(&[
+        "export",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--diffusers",
+        out.to_str().unwrap(),
+    ]);
+    let back = load_pipeline(&out, &dev).unwrap();
+    let (mut a, mut b) = (NamedTensors::new(), NamedTensors::new());
+    weights::collect(&m.unet, "", &mut a);
+    weights::collect(&back.unet, "", &mut b);
+    assert_eq!(a, b, "export then load changes no weight");
+    assert_eq!(back.config.unet, m.config.unet);
+    ddim_matches(out.to_str().unwrap(), &f, "noise", "ddim_sample");
+    fails(
+        &[
+            "export",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--diffusers",
+            out.to_str().unwrap(),
+        ],
+        "already exists",
+    );
+}
+
+/// A copy of a fixture pipeline with its unet config edited.
+fn edited_pipeline(dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let src = Path::new(&pipeline("multihead-class")).to_path_buf();
+    for sub in ["", "unet", "scheduler"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), dir.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let cfg_path = dir.join("unet/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&cfg_path, v.to_string()).unwrap();
+    dir.display().to_string()
+}
+
+#[test]
+fn bad_pipelines_get_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(
+        &["sample", "--model", empty.to_str().unwrap(), "--steps", "2"],
+        "model_index.json",
+    );
+    let cross = edited_pipeline(&tmp.path().join("cross"), |v| {
+        v["down_block_types"][1] = "CrossAttnDownBlock2D".into();
+    });
+    fails(
+        &["sample", "--model", &cross, "--steps", "2"],
+        "CrossAttnDownBlock2D",
+    );
+    let fourier = edited_pipeline(&tmp.path().join("fourier"), |v| {
+        v["time_embedding_type"] = "fourier".into();
+    });
+    fails(
+        &["sample", "--model", &fourier, "--steps", "2"],
+        "time_embedding_type",
+    );
+    let wider = edited_pipeline(&tmp.path().join("wider"), |v| {
+        v["block_out_channels"] = serde_json::json!([16, 48]);
+    });
+    fails(&["sample", "--model", &wider, "--steps", "2"], "has shape");
+    let good = pipeline("multihead-class");
+    let noise = tmp.path().join("noise.safetensors");
+    let mut n = NamedTensors::new();
+    n.insert(
+        "noise".into(),
+        HostTensor {
+            shape: vec![2, 3, 8, 8],
+            data: vec![0.0; 2 * 3 * 64],
+        },
+    );
+    let bytes = weights::to_safetensors(&n, &Default::default(), weights::StoreDtype::F32).unwrap();
+    std::fs::write(&noise, bytes).unwrap();
+    fails(
+        &[
+            "sample",
+            "--model",
+            &good,
+            "--steps",
+            "2",
+            "--init-noise",
+            noise.to_str().unwrap(),
+        ],
+        "[N, 1, 8, 8]",
+    );
+    fails(
+        &["sample", "--model", &good, "--sampler", "plms"],
+        "unknown sampler 'plms'",
+    );
+}
