@@ -8,9 +8,11 @@
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod imageio;
 pub mod interop;
 pub mod model;
+pub mod plot;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;

@@ -16,6 +16,10 @@ use diffuse::weights::{self, NamedTensors, StoreDtype};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
+mod cli {
+    pub mod eval;
+}
+
 #[derive(Parser)]
 #[command(
     name = "diffuse",
@@ -52,6 +56,12 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Train a small CNN classifier, the feature extractor for FID on small grey data.
+    TrainClassifier(cli::eval::TrainClassifierArgs),
+    /// FID, KID, precision and recall between two image sets.
+    Fid(cli::eval::FidArgs),
+    /// Sample from a model and measure FID, KID, precision/recall and class accuracy.
+    Eval(cli::eval::EvalArgs),
     /// Write a model as a diffusers pipeline folder (DDPMPipeline with a UNet2DModel).
     Export {
         /// Run folder or model file (default: the embedded model).
@@ -290,6 +300,9 @@ fn main() {
         Cmd::Noise(a) => noise(a),
         Cmd::Fetch { name } => fetch_cmd(&name),
         Cmd::Convert { model, out, dtype } => convert(&model, &out, &dtype),
+        Cmd::TrainClassifier(a) => cli::eval::train_classifier(a),
+        Cmd::Fid(a) => cli::eval::fid(a),
+        Cmd::Eval(a) => cli::eval::eval_cmd(a),
         Cmd::Export { model, diffusers } => export(model.as_deref(), &diffusers),
         Cmd::Bench {
             warmup,

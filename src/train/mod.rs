@@ -4,7 +4,6 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod ema;
-pub mod plot;
 
 use crate::data::{self, Dataset, HostBatch};
 use crate::device::{inference_device, training_device};
@@ -366,7 +365,8 @@ pub fn train(
         }
     }
     let all = read_metrics(&paths.metrics(), tc.steps);
-    plot::save_loss_curve(&all, &paths.loss_plot())?;
+    let pts: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
+    crate::plot::save_loss_curve(&pts, &paths.loss_plot())?;
     Ok(tc.steps)
 }
 

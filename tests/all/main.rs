@@ -2,6 +2,7 @@
 
 mod cli;
 mod data;
+mod eval;
 mod interop;
 mod parity;
 mod sampler;

@@ -1,0 +1,411 @@
+//! `diffuse train-classifier`, `diffuse fid` and `diffuse eval`.
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Tensor;
+use clap::Args;
+use diffuse::data::{self, Shape};
+use diffuse::device::inference_device;
+use diffuse::eval::classifier::{self, ClassifierTraining};
+use diffuse::eval::{self, Images, MetricOptions, Report};
+use diffuse::model;
+use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(ProgressStyle::with_template(template).expect("valid template"));
+    pb
+}
+
+#[derive(Args)]
+pub struct TrainClassifierArgs {
+    /// Labelled data: image folder with class subfolders, IDX with labels, digits CSV, or a
+    /// fetched dataset name.
+    #[arg(long)]
+    data: String,
+    /// Output .safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training steps.
+    #[arg(long, default_value_t = 1500)]
+    steps: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Peak learning rate (cosine decay to 0).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Channels of the first convolution.
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+    /// Size of the feature vector used for FID.
+    #[arg(long, default_value_t = 128)]
+    feature_dim: usize,
+    /// Image side length (default: the data's own, or 32 for folders).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Channels: 1 or 3 (default: the data's own, or 3 for folders).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn train_classifier(a: TrainClassifierArgs) -> Result<()> {
+    if a.steps == 0 || a.batch == 0 || a.batch > 4096 {
+        bail!("--steps must be positive and --batch between 1 and 4096");
+    }
+    if !(1..=1024).contains(&a.width) || !(2..=4096).contains(&a.feature_dim) {
+        bail!("--width must be 1..1024 and --feature-dim 2..4096");
+    }
+    let (size, channels) = data_shape(&a.data, a.image_size, a.channels)?;
+    let ds = data::load(&a.data, Shape { size, channels }, true)?;
+    println!(
+        "training a classifier on {} images ({}x{}x{}, {} classes) from {}",
+        ds.len(),
+        channels,
+        size,
+        size,
+        ds.num_classes(),
+        ds.source
+    );
+    let tc = ClassifierTraining {
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        ..ClassifierTraining::default()
+    };
+    let pb = bar(
+        a.steps as u64,
+        "{bar:40} {pos}/{len} steps  loss {msg}  ETA {eta}",
+    );
+    let c = classifier::train_classifier(&ds, a.width, a.feature_dim, &tc, &mut |_, loss| {
+        pb.inc(1);
+        pb.set_message(format!("{loss:.4}"));
+    })?;
+    pb.finish_and_clear();
+    classifier::save_classifier(&c, &a.out)?;
+    println!(
+        "wrote {} (held-out accuracy {:.2}%)",
+        a.out.display(),
+        100.0 * c.config.held_out_accuracy.unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+/// The image shape of `--data` when not given: IDX and digits keep their own.
+fn data_shape(spec: &str, size: Option<usize>, channels: Option<usize>) -> Result<(usize, usize)> {
+    let path = data::resolve(spec)?;
+    let native = if data::idx::is_digits_csv(&path) {
+        Some(8)
+    } else if data::idx::is_idx(&path)? {
+        Some(data::idx::load_idx(&path)?.size)
+    } else {
+        None
+    };
+    Ok((
+        size.or(native).unwrap_or(32),
+        channels.unwrap_or(if native.is_some() { 1 } else { 3 }),
+    ))
+}
+
+#[derive(Args)]
+pub struct FidArgs {
+    /// The reference images: an image folder, IDX file, digits CSV or dataset name.
+    a: String,
+    /// The images judged against them.
+    b: String,
+    /// Feature extractor: a classifier file from `diffuse train-classifier`, or fashion-mnist.
+    #[arg(long, default_value = "fashion-mnist")]
+    features: String,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) -> Result<()> {
+    println!("FID       {:.4}", r.fid);
+    println!("KID       {:.6} ± {:.6}", r.kid_mean, r.kid_std);
+    println!("precision {:.4}", r.precision);
+    println!("recall    {:.4}", r.recall);
+    if let Some(acc) = r.class_accuracy {
+        println!("class accuracy {:.4}", acc);
+    }
+    println!(
+        "({} vs {} images, {}-d features of {})",
+        r.n_a, r.n_b, r.feature_dim, r.features
+    );
+    if let Some(path) = json {
+        let mut v = serde_json::to_value(r)?;
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        let text = serde_json::to_string_pretty(&v)? + "\n";
+        diffuse::weights::write_atomic(path, text.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+pub fn fid(a: FidArgs) -> Result<()> {
+    let dev = inference_device();
+    let ext = eval::load_features(&a.features, &dev)?;
+    let t0 = Instant::now();
+    let ia = eval::load_images(&a.a, &ext, false)?;
+    let ib = eval::load_images(&a.b, &ext, false)?;
+    let r = eval::compare(&ext, &ia, &ib, None, &MetricOptions::default(), &dev)?;
+    let secs = t0.elapsed().as_secs_f64();
+    print_report(&r, a.json.as_ref(), serde_json::json!({ "seconds": secs }))
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model: run folder, model file or diffusers pipeline (default: the embedded model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Real images to compare with (default for the embedded model: fashion-mnist).
+    #[arg(long)]
+    data: Option<String>,
+    /// Feature extractor: a classifier file, or fashion-mnist.
+    #[arg(long, default_value = "fashion-mnist")]
+    features: String,
+    /// Number of generated images.
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
+    /// Real images used (an evenly strided subset of the data).
+    #[arg(long, default_value_t = 10000)]
+    n_real: usize,
+    /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun.
+    #[arg(long, default_value = "dpmpp-2m")]
+    sampler: String,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance weight.
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f32,
+    /// Karras noise levels (dpmpp-2m, euler, heun).
+    #[arg(long)]
+    karras: bool,
+    /// Images generated at once.
+    #[arg(long, default_value_t = 250)]
+    batch: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// What `diffuse eval` measured, with how it was sampled.
+pub struct EvalOutcome {
+    pub report: Report,
+    pub sample_seconds: f64,
+}
+
+/// Generates `n` images from a loaded model with the given sampler, in batches, classes spread
+/// evenly for a conditioned model. Returns the images in `[-1, 1]` and the classes asked for.
+pub fn sample_images(
+    m: &model::LoadedModel,
+    kind: SamplerKind,
+    choice: &SamplerChoice,
+    n: usize,
+    batch: usize,
+    guidance: f32,
+    seed: u64,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<(Vec<f32>, Option<Vec<usize>>)> {
+    let dev = inference_device();
+    let k = m.config.unet.num_classes;
+    let classes: Option<Vec<usize>> = k.map(|k| (0..n).map(|i| i % k).collect());
+    let mut pixels = Vec::new();
+    for (bi, start) in (0..n).step_by(batch).enumerate() {
+        let b = (n - start).min(batch);
+        let mut sampler = m.scheduler.build(kind, &m.schedule, choice)?;
+        let opts = GenerateOptions {
+            n: b,
+            classes: classes.as_ref().map(|c| c[start..start + b].to_vec()),
+            guidance,
+            seed: seed.wrapping_add(bi as u64),
+        };
+        let x: Tensor<4> = generate(
+            &m.unet,
+            k,
+            m.config.image_shape(),
+            sampler.as_mut(),
+            &opts,
+            &dev,
+            &mut |_, _| {},
+        );
+        pixels.extend(
+            x.clamp(-1.0, 1.0)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32"),
+        );
+        on_batch(b);
+    }
+    Ok((pixels, classes))
+}
+
+/// Brings generated images `[n, C, S, S]` to the extractor's input (resize, channels).
+fn to_extractor(
+    pixels: Vec<f32>,
+    n: usize,
+    shape: [usize; 3],
+    ext: &classifier::LoadedClassifier,
+) -> Images {
+    let c = &ext.config;
+    if shape == [c.channels, c.image_size, c.image_size] {
+        return Images {
+            pixels,
+            n,
+            labels: None,
+        };
+    }
+    let per = shape.iter().product::<usize>();
+    let mut out = Vec::with_capacity(n * c.channels * c.image_size * c.image_size);
+    for i in 0..n {
+        let bytes: Vec<u8> = pixels[i * per..(i + 1) * per]
+            .iter()
+            .map(|v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        let img = data::folder::chw_to_image(&bytes, shape[0], shape[1]);
+        out.extend(
+            data::folder::image_to_chw(&img, c.image_size, c.channels)
+                .iter()
+                .map(|&v| v as f32 / 127.5 - 1.0),
+        );
+    }
+    Images {
+        pixels: out,
+        n,
+        labels: None,
+    }
+}
+
+/// Samples from a model and compares with real data.
+pub fn evaluate(
+    m: &model::LoadedModel,
+    real: &Images,
+    ext: &classifier::LoadedClassifier,
+    kind: SamplerKind,
+    choice: &SamplerChoice,
+    n: usize,
+    batch: usize,
+    guidance: f32,
+    seed: u64,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<EvalOutcome> {
+    let dev = inference_device();
+    let t0 = Instant::now();
+    let (pixels, classes) = sample_images(m, kind, choice, n, batch, guidance, seed, on_batch)?;
+    let sample_seconds = t0.elapsed().as_secs_f64();
+    let gen_imgs = to_extractor(pixels, n, m.config.image_shape(), ext);
+    // Class accuracy only where the model's classes are the classifier's.
+    let same_classes = m.config.unet.num_classes == Some(ext.config.class_names.len());
+    let wanted = classes.filter(|_| same_classes);
+    let report = eval::compare(
+        ext,
+        real,
+        &gen_imgs,
+        wanted.as_deref(),
+        &MetricOptions::default(),
+        &dev,
+    )?;
+    Ok(EvalOutcome {
+        report,
+        sample_seconds,
+    })
+}
+
+/// An evenly strided subset of at most `max` real images.
+pub fn real_subset(all: Images, max: usize) -> Images {
+    if all.n <= max {
+        return all;
+    }
+    let per = all.pixels.len() / all.n;
+    let stride = all.n.div_ceil(max);
+    let idx: Vec<usize> = (0..all.n).step_by(stride).collect();
+    Images {
+        pixels: idx
+            .iter()
+            .flat_map(|&i| all.pixels[i * per..(i + 1) * per].iter().copied())
+            .collect(),
+        n: idx.len(),
+        labels: all.labels.map(|l| idx.iter().map(|&i| l[i]).collect()),
+    }
+}
+
+pub fn eval_cmd(a: EvalArgs) -> Result<()> {
+    if a.n < 2 || a.n > 100_000 {
+        bail!("--n must be between 2 and 100000 (got {})", a.n);
+    }
+    if a.batch == 0 || a.batch > 10_000 {
+        bail!("--batch must be between 1 and 10000 (got {})", a.batch);
+    }
+    if !(a.guidance.is_finite() && a.guidance >= 0.0) {
+        bail!(
+            "--guidance must be a non-negative number (got {})",
+            a.guidance
+        );
+    }
+    let dev = inference_device();
+    let m = model::load(a.model.as_deref(), &dev)?;
+    let data_spec = match (&a.data, &a.model) {
+        (Some(d), _) => d.clone(),
+        (None, None) => "fashion-mnist".into(),
+        (None, Some(_)) => bail!("--data is needed: the real images to compare the samples with"),
+    };
+    let ext = eval::load_features(&a.features, &dev)?;
+    let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
+    let choice = SamplerChoice {
+        steps: a.steps,
+        karras: a.karras.then_some(true),
+        ..SamplerChoice::default()
+    };
+    m.scheduler.build(kind, &m.schedule, &choice)?; // option errors before any work
+    let t0 = Instant::now();
+    let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
+    let pb = bar(a.n as u64, "{bar:40} {pos}/{len} images  ETA {eta}");
+    let out = evaluate(
+        &m,
+        &real,
+        &ext,
+        kind,
+        &choice,
+        a.n,
+        a.batch,
+        a.guidance,
+        a.seed,
+        &mut |b| pb.inc(b as u64),
+    )?;
+    pb.finish_and_clear();
+    let total = t0.elapsed().as_secs_f64();
+    let extra = serde_json::json!({
+        "model": m.source,
+        "data": data_spec,
+        "sampler": kind.name(),
+        "steps": a.steps,
+        "evaluations": kind.evaluations(a.steps),
+        "guidance": a.guidance,
+        "seed": a.seed,
+        "sample_seconds": out.sample_seconds,
+        "seconds": total,
+    });
+    println!(
+        "{} {} steps, guidance {}: {} images in {:.1} s",
+        kind.name(),
+        a.steps,
+        a.guidance,
+        a.n,
+        out.sample_seconds
+    );
+    print_report(&out.report, a.json.as_ref(), extra)
+}

@@ -1,0 +1,190 @@
+//! Evaluation: the metrics against closed forms, the classifier, and the CLI.
+
+use super::cli::{fails, ok};
+use super::data::fixture;
+use diffuse::data::{self, Shape};
+use diffuse::device::inference_device;
+use diffuse::eval::classifier::{
+    ClassifierTraining, dataset_pixels, load_classifier, save_classifier, train_classifier,
+};
+use diffuse::eval::metrics::{FeatureStats, frechet_distance, kid, precision_recall};
+
+fn stats(mean: Vec<f64>, cov: Vec<f64>) -> FeatureStats {
+    FeatureStats {
+        n: 100,
+        dim: mean.len(),
+        mean,
+        cov,
+    }
+}
+
+#[test]
+fn frechet_distance_matches_closed_forms() {
+    // Diagonal covariances: |mu_1 - mu_2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    let a = stats(
+        vec![0.0, 1.0, 2.0],
+        vec![4.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0],
+    );
+    let b = stats(
+        vec![1.0, 1.0, 0.0],
+        vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.25],
+    );
+    let want = 1.0 + 4.0 + (2.0f64 - 1.0).powi(2) + 0.0 + (3.0f64 - 0.5).powi(2);
+    let got = frechet_distance(&a, &b).unwrap();
+    assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    assert!(frechet_distance(&a, &a).unwrap().abs() < 1e-9);
+    // Non-commuting 2x2: tr sqrt(S1^1/2 S2 S1^1/2) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2.
+    let s1 = [2.0, 0.5, 0.5, 1.0];
+    let s2 = [1.0, -0.3, -0.3, 3.0];
+    let m = [
+        s1[0] * s2[0] + s1[1] * s2[2],
+        s1[0] * s2[1] + s1[1] * s2[3],
+        s1[2] * s2[0] + s1[3] * s2[2],
+        s1[2] * s2[1] + s1[3] * s2[3],
+    ];
+    let det: f64 = m[0] * m[3] - m[1] * m[2];
+    let tr_sqrt = (m[0] + m[3] + 2.0 * det.sqrt()).sqrt();
+    let want = 3.0 + 4.0 - 2.0 * tr_sqrt;
+    let got = frechet_distance(
+        &stats(vec![0.0; 2], s1.to_vec()),
+        &stats(vec![0.0; 2], s2.to_vec()),
+    )
+    .unwrap();
+    assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    // Singular covariance (rank 1) stays finite and non-negative.
+    let z = stats(vec![0.0; 2], vec![1.0, 1.0, 1.0, 1.0]);
+    let d = frechet_distance(&z, &z).unwrap();
+    assert!(d.abs() < 1e-6, "{d}");
+}
+
+#[test]
+fn feature_stats_are_mean_and_unbiased_covariance() {
+    let f = [1.0f32, 2.0, 3.0, 6.0, 5.0, 10.0];
+    let s = FeatureStats::from_features(&f, 2).unwrap();
+    assert_eq!(s.mean, vec![3.0, 6.0]);
+    // x: 1,3,5 (var 4), y: 2,6,10 (var 16), cov 8.
+    assert_eq!(s.cov, vec![4.0, 8.0, 8.0, 16.0]);
+    assert!(FeatureStats::from_features(&f[..2], 2).is_err());
+}
+
+#[test]
+fn kid_is_the_unbiased_mmd_and_precision_recall_count_balls() {
+    // One subset of all 3 points: the unbiased MMD^2 written out.
+    let a = [0.0f32, 1.0, 2.0];
+    let b = [1.0f32, 3.0, 4.0];
+    let k = |x: f32, y: f32| ((x * y) as f64 + 1.0).powi(3);
+    let mut kxx = 0.0;
+    let mut kyy = 0.0;
+    let mut kxy = 0.0;
+    for i in 0..3 {
+        for j in 0..3 {
+            if i != j {
+                kxx += k(a[i], a[j]);
+                kyy += k(b[i], b[j]);
+            }
+            kxy += k(a[i], b[j]);
+        }
+    }
+    let want = (kxx + kyy) / 6.0 - 2.0 * kxy / 9.0;
+    let (mean, std) = kid(&a, &b, 1, 1, 3, 0);
+    assert!((mean - want).abs() < 1e-9 && std == 0.0, "{mean} vs {want}");
+
+    let real = [0.0f32, 1.0, 2.0, 3.0];
+    let fake = [0.5f32, 10.0];
+    let (p, r) = precision_recall(&real, &fake, 1, 1).unwrap();
+    assert_eq!((p, r), (0.5, 1.0));
+    assert!(precision_recall(&real, &fake[..1], 1, 1).is_err());
+}
+
+#[test]
+fn a_classifier_learns_digits_and_round_trips() {
+    let ds = data::load(
+        fixture("digits.csv.gz").to_str().unwrap(),
+        Shape {
+            size: 8,
+            channels: 1,
+        },
+        true,
+    )
+    .unwrap();
+    let tc = ClassifierTraining {
+        steps: 150,
+        batch: 64,
+        lr: 3e-3,
+        seed: 1,
+        held_out: 0.2,
+    };
+    let c = train_classifier(&ds, 16, 32, &tc, &mut |_, _| {}).unwrap();
+    let acc = c.config.held_out_accuracy.unwrap();
+    assert!(acc > 0.85, "held-out accuracy {acc}");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("c.safetensors");
+    save_classifier(&c, &p).unwrap();
+    let back = load_classifier(&p, &inference_device()).unwrap();
+    assert_eq!(back.config, c.config);
+    let idx: Vec<usize> = (0..50).collect();
+    let px = dataset_pixels(&ds, &idx);
+    let dev = inference_device();
+    assert_eq!(c.run(&px, 50, &dev), back.run(&px, 50, &dev));
+}
+
+#[test]
+fn fid_cli_on_folders_and_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clf = tmp.path().join("clf.safetensors");
+    let digits = fixture("digits.csv.gz");
+    let digits = digits.to_str().unwrap();
+    ok(&[
+        "train-classifier",
+        "--data",
+        digits,
+        "--out",
+        clf.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--batch",
+        "32",
+        "--width",
+        "8",
+        "--feature-dim",
+        "16",
+    ]);
+    let json = tmp.path().join("fid.json");
+    ok(&[
+        "fid",
+        digits,
+        digits,
+        "--features",
+        clf.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["fid"].as_f64().unwrap().abs() < 1e-6, "{v}");
+    assert_eq!(v["n_a"], 1797);
+    assert_eq!(v["feature_dim"], 16);
+    assert_eq!(v["precision"], 1.0);
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(
+        &[
+            "fid",
+            digits,
+            empty.to_str().unwrap(),
+            "--features",
+            clf.to_str().unwrap(),
+        ],
+        "holds no image files",
+    );
+    fails(
+        &["fid", digits, digits, "--features", "nope.safetensors"],
+        "nope.safetensors",
+    );
+    fails(
+        &["fid", digits, digits, "--features", "inception"],
+        "inception",
+    );
+    fails(&["eval", "--n", "1"], "--n");
+}
