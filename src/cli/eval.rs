@@ -1,14 +1,13 @@
 //! `diffuse train-classifier`, `diffuse fid` and `diffuse eval`.
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Tensor;
 use clap::Args;
 use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::eval::classifier::{self, ClassifierTraining};
-use diffuse::eval::{self, Images, MetricOptions, Report};
+use diffuse::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
 use diffuse::model;
-use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
+use diffuse::sampler::{SamplerChoice, SamplerKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -202,147 +201,6 @@ pub struct EvalArgs {
     json: Option<PathBuf>,
 }
 
-/// What `diffuse eval` measured, with how it was sampled.
-pub struct EvalOutcome {
-    pub report: Report,
-    pub sample_seconds: f64,
-}
-
-/// Generates `n` images from a loaded model with the given sampler, in batches, classes spread
-/// evenly for a conditioned model. Returns the images in `[-1, 1]` and the classes asked for.
-pub fn sample_images(
-    m: &model::LoadedModel,
-    kind: SamplerKind,
-    choice: &SamplerChoice,
-    n: usize,
-    batch: usize,
-    guidance: f32,
-    seed: u64,
-    on_batch: &mut dyn FnMut(usize),
-) -> Result<(Vec<f32>, Option<Vec<usize>>)> {
-    let dev = inference_device();
-    let k = m.config.unet.num_classes;
-    let classes: Option<Vec<usize>> = k.map(|k| (0..n).map(|i| i % k).collect());
-    let mut pixels = Vec::new();
-    for (bi, start) in (0..n).step_by(batch).enumerate() {
-        let b = (n - start).min(batch);
-        let mut sampler = m.scheduler.build(kind, &m.schedule, choice)?;
-        let opts = GenerateOptions {
-            n: b,
-            classes: classes.as_ref().map(|c| c[start..start + b].to_vec()),
-            guidance,
-            seed: seed.wrapping_add(bi as u64),
-        };
-        let x: Tensor<4> = generate(
-            &m.unet,
-            k,
-            m.config.image_shape(),
-            sampler.as_mut(),
-            &opts,
-            &dev,
-            &mut |_, _| {},
-        );
-        pixels.extend(
-            x.clamp(-1.0, 1.0)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32"),
-        );
-        on_batch(b);
-    }
-    Ok((pixels, classes))
-}
-
-/// Brings generated images `[n, C, S, S]` to the extractor's input (resize, channels).
-fn to_extractor(
-    pixels: Vec<f32>,
-    n: usize,
-    shape: [usize; 3],
-    ext: &classifier::LoadedClassifier,
-) -> Images {
-    let c = &ext.config;
-    if shape == [c.channels, c.image_size, c.image_size] {
-        return Images {
-            pixels,
-            n,
-            labels: None,
-        };
-    }
-    let per = shape.iter().product::<usize>();
-    let mut out = Vec::with_capacity(n * c.channels * c.image_size * c.image_size);
-    for i in 0..n {
-        let bytes: Vec<u8> = pixels[i * per..(i + 1) * per]
-            .iter()
-            .map(|v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
-            .collect();
-        let img = data::folder::chw_to_image(&bytes, shape[0], shape[1]);
-        out.extend(
-            data::folder::image_to_chw(&img, c.image_size, c.channels)
-                .iter()
-                .map(|&v| v as f32 / 127.5 - 1.0),
-        );
-    }
-    Images {
-        pixels: out,
-        n,
-        labels: None,
-    }
-}
-
-/// Samples from a model and compares with real data.
-pub fn evaluate(
-    m: &model::LoadedModel,
-    real: &Images,
-    ext: &classifier::LoadedClassifier,
-    kind: SamplerKind,
-    choice: &SamplerChoice,
-    n: usize,
-    batch: usize,
-    guidance: f32,
-    seed: u64,
-    on_batch: &mut dyn FnMut(usize),
-) -> Result<EvalOutcome> {
-    let dev = inference_device();
-    let t0 = Instant::now();
-    let (pixels, classes) = sample_images(m, kind, choice, n, batch, guidance, seed, on_batch)?;
-    let sample_seconds = t0.elapsed().as_secs_f64();
-    let gen_imgs = to_extractor(pixels, n, m.config.image_shape(), ext);
-    // Class accuracy only where the model's classes are the classifier's.
-    let same_classes = m.config.unet.num_classes == Some(ext.config.class_names.len());
-    let wanted = classes.filter(|_| same_classes);
-    let report = eval::compare(
-        ext,
-        real,
-        &gen_imgs,
-        wanted.as_deref(),
-        &MetricOptions::default(),
-        &dev,
-    )?;
-    Ok(EvalOutcome {
-        report,
-        sample_seconds,
-    })
-}
-
-/// An evenly strided subset of at most `max` real images.
-pub fn real_subset(all: Images, max: usize) -> Images {
-    if all.n <= max {
-        return all;
-    }
-    let per = all.pixels.len() / all.n;
-    let stride = all.n.div_ceil(max);
-    let idx: Vec<usize> = (0..all.n).step_by(stride).collect();
-    Images {
-        pixels: idx
-            .iter()
-            .flat_map(|&i| all.pixels[i * per..(i + 1) * per].iter().copied())
-            .collect(),
-        n: idx.len(),
-        labels: all.labels.map(|l| idx.iter().map(|&i| l[i]).collect()),
-    }
-}
-
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     if a.n < 2 || a.n > 100_000 {
         bail!("--n must be between 2 and 100000 (got {})", a.n);
@@ -374,18 +232,15 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
     let pb = bar(a.n as u64, "{bar:40} {pos}/{len} images  ETA {eta}");
-    let out = evaluate(
-        &m,
-        &real,
-        &ext,
+    let spec = SampleSpec {
         kind,
-        &choice,
-        a.n,
-        a.batch,
-        a.guidance,
-        a.seed,
-        &mut |b| pb.inc(b as u64),
-    )?;
+        choice,
+        n: a.n,
+        batch: a.batch,
+        guidance: a.guidance,
+        seed: a.seed,
+    };
+    let out = evaluate(&m, &real, &ext, &spec, &mut |b| pb.inc(b as u64))?;
     pb.finish_and_clear();
     let total = t0.elapsed().as_secs_f64();
     let extra = serde_json::json!({

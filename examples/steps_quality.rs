@@ -1,0 +1,173 @@
+//! Sample quality against sampling steps for every sampler, on the embedded Fashion-MNIST
+//! model, judged by the embedded Fashion-MNIST classifier's features against the test set.
+//!
+//!     cargo run --release --example steps_quality -- [N] [STEPS,..] [SAMPLERS,..] [GUIDANCE]
+//!
+//! Defaults: 500 images per cell, steps 10,20,50,100 for every sampler plus DDPM at 1000,
+//! guidance 1. Writes docs/steps-quality.json (every result, as it goes, so a long run can be
+//! stopped and resumed), docs/steps-quality.md (the table) and docs/steps-quality.png (FID
+//! against steps). Needs `diffuse fetch fashion-mnist`.
+
+use anyhow::Result;
+use diffuse::data;
+use diffuse::device::inference_device;
+use diffuse::eval::{self, SampleSpec, compare, evaluate, real_subset};
+use diffuse::model;
+use diffuse::plot::{PALETTE, Series, save_line_chart};
+use diffuse::sampler::{SamplerChoice, SamplerKind};
+use serde_json::{Value, json};
+use std::path::Path;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(500);
+    let steps: Vec<usize> = args
+        .get(1)
+        .map(|s| s.split(',').map(|v| v.parse()).collect())
+        .transpose()?
+        .unwrap_or(vec![10, 20, 50, 100]);
+    let kinds: Vec<SamplerKind> = args
+        .get(2)
+        .map(|s| s.split(',').map(|v| v.parse()).collect())
+        .transpose()?
+        .unwrap_or(SamplerKind::ALL.to_vec());
+    let guidance: f32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1.0);
+
+    let dev = inference_device();
+    let m = model::load(None, &dev)?;
+    let ext = eval::load_features("fashion-mnist", &dev)?;
+    let dir = data::resolve("fashion-mnist")?;
+    let test = eval::load_images(
+        dir.join("t10k-images-idx3-ubyte.gz").to_str().unwrap(),
+        &ext,
+        false,
+    )?;
+    let out_json = Path::new("docs/steps-quality.json");
+    let mut results: Vec<Value> = std::fs::read_to_string(out_json)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let have = |results: &[Value], name: &str, k: usize| {
+        results.iter().any(|r| {
+            r["sampler"] == name
+                && r["steps"] == k
+                && r["n"] == n
+                && r["guidance"] == guidance as f64
+        })
+    };
+
+    // The floor: n real training images against the test set.
+    if !have(&results, "real", 0) {
+        let train = real_subset(eval::load_images("fashion-mnist", &ext, false)?, n);
+        let r = compare(&ext, &test, &train, None, &Default::default(), &dev)?;
+        results.push(
+            json!({"sampler": "real", "steps": 0, "n": n, "guidance": guidance as f64,
+                            "report": r, "sample_seconds": 0.0}),
+        );
+    }
+    let mut plan: Vec<(SamplerKind, usize)> = kinds
+        .iter()
+        .flat_map(|&k| steps.iter().map(move |&s| (k, s)))
+        .collect();
+    if args.get(1).is_none() {
+        plan.push((SamplerKind::Ddpm, 1000));
+    }
+    for (kind, k) in plan {
+        if have(&results, kind.name(), k) {
+            continue;
+        }
+        let spec = SampleSpec {
+            kind,
+            choice: SamplerChoice {
+                steps: k,
+                ..SamplerChoice::default()
+            },
+            n,
+            batch: 250,
+            guidance,
+            seed: 0,
+        };
+        let out = evaluate(&m, &test, &ext, &spec, &mut |_| {})?;
+        println!(
+            "{:8} {:5} steps: FID {:.3}  KID {:.4}  P {:.3} R {:.3}  acc {:.3}  ({:.0} s)",
+            kind.name(),
+            k,
+            out.report.fid,
+            out.report.kid_mean,
+            out.report.precision,
+            out.report.recall,
+            out.report.class_accuracy.unwrap_or(f64::NAN),
+            out.sample_seconds
+        );
+        results.push(json!({"sampler": kind.name(), "steps": k, "n": n,
+                            "guidance": guidance as f64,
+                            "evaluations": kind.evaluations(k),
+                            "report": out.report, "sample_seconds": out.sample_seconds}));
+        std::fs::write(out_json, serde_json::to_string_pretty(&results)? + "\n")?;
+    }
+    std::fs::write(out_json, serde_json::to_string_pretty(&results)? + "\n")?;
+
+    // Table and plot of this (n, guidance).
+    let mine: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["n"] == n && r["guidance"] == guidance as f64)
+        .collect();
+    let mut md = format!(
+        "| sampler | steps | model evaluations | FID | KID | precision | recall | class accuracy | seconds |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let mut series = Vec::new();
+    for (ci, name) in std::iter::once("real")
+        .chain(SamplerKind::ALL.iter().map(|k| k.name()))
+        .enumerate()
+    {
+        let mut rows: Vec<&&Value> = mine.iter().filter(|r| r["sampler"] == name).collect();
+        rows.sort_by_key(|r| r["steps"].as_u64());
+        let mut pts = Vec::new();
+        for r in rows {
+            let rep = &r["report"];
+            let acc = rep["class_accuracy"]
+                .as_f64()
+                .map_or("-".to_string(), |a| format!("{:.3}", a));
+            md += &format!(
+                "| {} | {} | {} | {:.3} | {:.4} | {:.3} | {:.3} | {} | {:.0} |\n",
+                name,
+                if name == "real" {
+                    "-".into()
+                } else {
+                    r["steps"].to_string()
+                },
+                r["evaluations"]
+                    .as_u64()
+                    .map_or("-".into(), |e| e.to_string()),
+                rep["fid"].as_f64().unwrap_or(f64::NAN),
+                rep["kid_mean"].as_f64().unwrap_or(f64::NAN),
+                rep["precision"].as_f64().unwrap_or(f64::NAN),
+                rep["recall"].as_f64().unwrap_or(f64::NAN),
+                acc,
+                r["sample_seconds"].as_f64().unwrap_or(0.0)
+            );
+            if name != "real" {
+                pts.push((
+                    r["steps"].as_f64().unwrap_or(1.0),
+                    rep["fid"].as_f64().unwrap_or(f64::NAN),
+                ));
+            }
+        }
+        if !pts.is_empty() {
+            series.push(Series {
+                name: name.to_string(),
+                color: PALETTE[ci % PALETTE.len()],
+                points: pts,
+            });
+        }
+    }
+    std::fs::write("docs/steps-quality.md", &md)?;
+    save_line_chart(
+        &series,
+        "sampling steps",
+        "fid (classifier features)",
+        Path::new("docs/steps-quality.png"),
+    )?;
+    println!("{md}");
+    Ok(())
+}
