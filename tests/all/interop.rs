@@ -226,6 +226,19 @@ fn bad_pipelines_get_one_clear_error() {
         v["block_out_channels"] = serde_json::json!([16, 48]);
     });
     fails(&["sample", "--model", &wider, "--steps", "2"], "has shape");
+    let flow = edited_pipeline(&tmp.path().join("flow"), |_| {});
+    let sc = Path::new(&flow).join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&sc).unwrap();
+    std::fs::write(&sc, text.replace("v_prediction", "flow")).unwrap();
+    fails(
+        &["sample", "--model", &flow, "--steps", "2"],
+        "scheduler key prediction_type",
+    );
+    std::fs::write(&sc, text.replace("\"trailing\"", "\"middle\"")).unwrap();
+    fails(
+        &["sample", "--model", &flow, "--steps", "2"],
+        "timestep_spacing",
+    );
     let good = pipeline("multihead-class");
     let noise = tmp.path().join("noise.safetensors");
     let mut n = NamedTensors::new();
@@ -254,4 +267,72 @@ fn bad_pipelines_get_one_clear_error() {
         &["sample", "--model", &good, "--sampler", "plms"],
         "unknown sampler 'plms'",
     );
+}
+
+#[test]
+fn sharded_and_legacy_named_weights_load_the_same() {
+    let dev = inference_device();
+    let src = Path::new(&pipeline("multihead-class")).to_path_buf();
+    let reference = load_pipeline(&src, &dev).unwrap();
+    let (tensors, _) =
+        read_safetensors(&src.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for (variant, legacy) in [("sharded", false), ("legacy", true)] {
+        let dir = tmp.path().join(variant);
+        std::fs::create_dir_all(dir.join("unet")).unwrap();
+        std::fs::create_dir_all(dir.join("scheduler")).unwrap();
+        for f in [
+            "model_index.json",
+            "unet/config.json",
+            "scheduler/scheduler_config.json",
+        ] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let rename = |k: &str| {
+            if !legacy {
+                return k.to_string();
+            }
+            k.replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.")
+                .replace(".to_out.0.", ".proj_attn.")
+        };
+        let mut shards = [NamedTensors::new(), NamedTensors::new()];
+        let mut map = serde_json::Map::new();
+        for (i, (k, v)) in tensors.iter().enumerate() {
+            let name = rename(k);
+            let file = format!(
+                "diffusion_pytorch_model-0000{}-of-00002.safetensors",
+                i % 2 + 1
+            );
+            map.insert(name.clone(), file.into());
+            shards[i % 2].insert(name, v.clone());
+        }
+        if legacy {
+            let all: NamedTensors = shards.iter().flat_map(|s| s.clone()).collect();
+            let bytes =
+                weights::to_safetensors(&all, &Default::default(), weights::StoreDtype::F16)
+                    .unwrap();
+            std::fs::write(dir.join("unet/diffusion_pytorch_model.safetensors"), bytes).unwrap();
+        } else {
+            for (i, s) in shards.iter().enumerate() {
+                let bytes =
+                    weights::to_safetensors(s, &Default::default(), weights::StoreDtype::F32)
+                        .unwrap();
+                let f = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+                std::fs::write(dir.join("unet").join(f), bytes).unwrap();
+            }
+            let index = serde_json::json!({"metadata": {}, "weight_map": map});
+            std::fs::write(
+                dir.join("unet/diffusion_pytorch_model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+        }
+        let m = load_pipeline(&dir, &dev).unwrap();
+        let (mut a, mut b) = (NamedTensors::new(), NamedTensors::new());
+        weights::collect(&reference.unet, "", &mut a);
+        weights::collect(&m.unet, "", &mut b);
+        assert_eq!(a, b, "{variant}");
+    }
 }
