@@ -716,7 +716,7 @@ fn noise(a: NoiseArgs) -> Result<()> {
 
 fn fetch_cmd(name: &str) -> Result<()> {
     let Some(ds) = fetch::Named::from_name(name) else {
-        bail!("unknown dataset '{name}' (known: fashion-mnist, mnist, digits)");
+        bail!("unknown dataset '{name}' (known: fashion-mnist, mnist, digits, inception)");
     };
     let dir = fetch::fetch(ds)?;
     println!("{} is in {}", ds.name(), dir.display());

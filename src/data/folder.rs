@@ -122,6 +122,19 @@ pub fn class_names(dir: &Path) -> Result<Vec<String>> {
 /// Loads every readable image under `dir`. With `with_classes`, each image's class is its
 /// first-level subfolder (sorted by name); images directly in `dir` are then an error.
 /// Unreadable files are skipped with one counted warning on stderr.
+/// The side length of the first decodable image of a folder, when it is square (the size a
+/// folder of same-sized square images is used at, e.g. for FID).
+pub fn first_square_size(dir: &Path) -> Option<usize> {
+    let mut files = Vec::new();
+    walk(dir, &mut files).ok()?;
+    files.sort();
+    files
+        .iter()
+        .find_map(|f| image::image_dimensions(f).ok())
+        .filter(|(w, h)| w == h && *w > 0)
+        .map(|(w, _)| w as usize)
+}
+
 pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Dataset> {
     let mut files = Vec::new();
     walk(dir, &mut files)?;

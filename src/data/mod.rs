@@ -92,7 +92,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p.to_path_buf());
     }
-    if let Some(ds) = fetch::Named::from_name(spec) {
+    if let Some(ds) = fetch::Named::from_name(spec).filter(|d| *d != fetch::Named::Inception) {
         let dir = fetch::cache_dir()?.join(ds.name());
         if dir.exists() {
             if ds == fetch::Named::Digits {
@@ -108,6 +108,27 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     bail!(
         "data '{spec}' does not exist (give a folder of images, an IDX file, a digits CSV, or a dataset name: fashion-mnist, mnist, digits)"
     );
+}
+
+/// The image shape a data spec has of its own: IDX files and the digits CSV know theirs
+/// (grey); an image folder the size of its first image if square (RGB), else `None`.
+pub fn native_shape(spec: &str) -> Result<Option<Shape>> {
+    let path = resolve(spec)?;
+    Ok(if idx::is_digits_csv(&path) {
+        Some(Shape {
+            size: 8,
+            channels: 1,
+        })
+    } else if idx::is_idx(&path)? {
+        Some(Shape {
+            size: idx::load_idx(&path)?.size,
+            channels: 1,
+        })
+    } else if path.is_dir() {
+        folder::first_square_size(&path).map(|size| Shape { size, channels: 3 })
+    } else {
+        None
+    })
 }
 
 /// Loads training data from a path: a folder of images (optionally with class subfolders), a

