@@ -116,6 +116,62 @@ pub struct Images {
     pub n: usize,
     pub shape: Shape,
     pub labels: Option<Vec<usize>>,
+    /// Keep its features in the cache (real data; not fresh samples).
+    pub cache: bool,
+}
+
+/// FNV-1a, 64 bit, over bytes: the content hash that keys cached features.
+fn fnv1a(bytes: impl Iterator<Item = u8>, mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Features of a set, from the cache (`<cache>/eval/<hash>.safetensors`, keyed by the pixels,
+/// their shape and the extractor) when there, else computed and stored. Predictions are not
+/// cached (they are only needed for samples).
+fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, Vec<usize>) {
+    if !imgs.cache {
+        return ext.run(imgs, dev);
+    }
+    let mut h = fnv1a(ext.name().bytes(), 0xcbf29ce484222325);
+    h = fnv1a(
+        [imgs.n, imgs.shape.size, imgs.shape.channels, ext.dim()]
+            .iter()
+            .flat_map(|v| (*v as u64).to_le_bytes()),
+        h,
+    );
+    h = fnv1a(imgs.pixels.iter().flat_map(|v| v.to_le_bytes()), h);
+    let path = data::fetch::cache_dir()
+        .ok()
+        .map(|d| d.join("eval").join(format!("{h:016x}.safetensors")));
+    if let Some(p) = &path
+        && let Ok((t, _)) = crate::weights::read_safetensors(p)
+        && let Some(f) = t.get("features")
+        && f.shape == [imgs.n, ext.dim()]
+    {
+        return (f.data.clone(), Vec::new());
+    }
+    let (f, preds) = ext.run(imgs, dev);
+    if let Some(p) = &path {
+        let mut t = crate::weights::NamedTensors::new();
+        t.insert(
+            "features".into(),
+            crate::weights::HostTensor {
+                shape: vec![imgs.n, ext.dim()],
+                data: f.clone(),
+            },
+        );
+        let meta = std::collections::HashMap::from([("extractor".to_string(), ext.name())]);
+        if let Ok(bytes) =
+            crate::weights::to_safetensors(&t, &meta, crate::weights::StoreDtype::F32)
+        {
+            let _ = crate::weights::write_atomic(p, &bytes);
+        }
+    }
+    (f, preds)
 }
 
 /// Loads a dataset (`--data` spec or image folder) for an extractor: at its input shape, or
@@ -135,6 +191,7 @@ pub fn load_images(spec: &str, ext: &Extractor, with_labels: bool) -> Result<Ima
         n: ds.len(),
         shape,
         labels: ds.labels.clone(),
+        cache: true,
     })
 }
 
@@ -193,8 +250,8 @@ pub fn compare(
             bail!("{name} has {} images; FID needs at least 2", set.n);
         }
     }
-    let (fa, _) = ext.run(a, dev);
-    let (fb, pb) = ext.run(b, dev);
+    let (fa, _) = features_cached(ext, a, dev);
+    let (fb, pb) = features_cached(ext, b, dev);
     let sa = FeatureStats::from_features(&fa, dim)?;
     let sb = FeatureStats::from_features(&fb, dim)?;
     let fid = frechet_distance(&sa, &sb)?;
@@ -319,6 +376,7 @@ fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extractor) 
             n,
             shape: own,
             labels: None,
+            cache: false,
         };
     }
     let per = shape.iter().product::<usize>();
@@ -340,6 +398,7 @@ fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extractor) 
         n,
         shape: want,
         labels: None,
+        cache: false,
     }
 }
 
@@ -390,5 +449,6 @@ pub fn real_subset(all: Images, max: usize) -> Images {
             .collect(),
         n: idx.len(),
         labels: all.labels.map(|l| idx.iter().map(|&i| l[i]).collect()),
+        cache: all.cache,
     }
 }
