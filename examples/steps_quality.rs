@@ -4,9 +4,10 @@
 //!     cargo run --release --example steps_quality -- [N] [STEPS,..] [SAMPLERS,..] [GUIDANCE]
 //!
 //! Defaults: 500 images per cell, steps 10,20,50,100 for every sampler plus DDPM at 1000,
-//! guidance 1. Writes docs/steps-quality.json (every result, as it goes, so a long run can be
-//! stopped and resumed), docs/steps-quality.md (the table) and docs/steps-quality.png (FID
-//! against steps). Needs `diffuse fetch fashion-mnist`.
+//! guidance 1. Writes its results as it goes to docs/steps-quality.json (or `$STEPS_QUALITY_JSON`,
+//! so that two runs can share the work), skips cells found in any docs/steps-quality*.json,
+//! and writes docs/steps-quality.md (the table) and docs/steps-quality.png (FID against
+//! steps) from all of them. Needs `diffuse fetch fashion-mnist`.
 
 use anyhow::Result;
 use diffuse::data;
@@ -42,11 +43,30 @@ fn main() -> Result<()> {
         &ext,
         false,
     )?;
-    let out_json = Path::new("docs/steps-quality.json");
-    let mut results: Vec<Value> = std::fs::read_to_string(out_json)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let out_name = std::env::var("STEPS_QUALITY_JSON").unwrap_or("docs/steps-quality.json".into());
+    let out_json = Path::new(&out_name);
+    let read = |p: &Path| -> Vec<Value> {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default()
+    };
+    let others = || -> Vec<Value> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir("docs").into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if name.starts_with("steps-quality") && name.ends_with(".json") && p != out_json {
+                v.extend(read(&p));
+            }
+        }
+        v
+    };
+    let mut results: Vec<Value> = read(out_json);
     let have = |results: &[Value], name: &str, k: usize| {
         results.iter().any(|r| {
             r["sampler"] == name
@@ -57,7 +77,7 @@ fn main() -> Result<()> {
     };
 
     // The floor: n real training images against the test set.
-    if !have(&results, "real", 0) {
+    if !have(&results, "real", 0) && !have(&others(), "real", 0) {
         let train = real_subset(eval::load_images("fashion-mnist", &ext, false)?, n);
         let r = compare(&ext, &test, &train, None, &Default::default(), &dev)?;
         results.push(
@@ -73,7 +93,7 @@ fn main() -> Result<()> {
         plan.push((SamplerKind::Ddpm, 1000));
     }
     for (kind, k) in plan {
-        if have(&results, kind.name(), k) {
+        if have(&results, kind.name(), k) || have(&others(), kind.name(), k) {
             continue;
         }
         let spec = SampleSpec {
@@ -107,8 +127,9 @@ fn main() -> Result<()> {
     }
     std::fs::write(out_json, serde_json::to_string_pretty(&results)? + "\n")?;
 
-    // Table and plot of this (n, guidance).
-    let mine: Vec<&Value> = results
+    // Table and plot of this (n, guidance), from every results file.
+    let all: Vec<Value> = results.iter().cloned().chain(others()).collect();
+    let mine: Vec<&Value> = all
         .iter()
         .filter(|r| r["n"] == n && r["guidance"] == guidance as f64)
         .collect();

@@ -134,6 +134,9 @@ fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) ->
     if let Some(acc) = r.class_accuracy {
         println!("class accuracy {:.4}", acc);
     }
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
     println!(
         "({} vs {} images, {}-d features of {})",
         r.n_a, r.n_b, r.feature_dim, r.features

@@ -209,6 +209,9 @@ pub struct Report {
     pub n_b: usize,
     pub features: String,
     pub feature_dim: usize,
+    /// Caveats about the numbers (e.g. fewer images than feature dimensions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Options of the metrics.
@@ -288,6 +291,16 @@ pub fn compare(
         n_b: b.n,
         features: ext.name(),
         feature_dim: dim,
+        notes: [a.n, b.n]
+            .iter()
+            .filter(|&&n| n <= dim)
+            .take(1)
+            .map(|&n| {
+                format!(
+                    "a set has {n} images, not more than the {dim} feature dimensions: its covariance is singular, so FID is still defined (computed stably) but biased upward and comparable only at equal set sizes; use well over {dim} images (10000 is the convention)"
+                )
+            })
+            .collect(),
     })
 }
 

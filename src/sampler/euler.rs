@@ -6,7 +6,7 @@
 //! the denoiser sees `x / sqrt(sigma^2 + 1) = x_t`.
 
 use super::ddim::TimestepSpacing;
-use super::sigmas::{TrainSigmas, as_f32, karras_sigmas};
+use super::sigmas::{self, TrainSigmas, as_f32, karras_sigmas};
 use super::{NoiseSource, Sampler};
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::Result;
@@ -138,18 +138,12 @@ impl Sampler for EulerSampler {
         &self.timesteps
     }
 
-    /// The largest sigma; `sqrt(sigma_max^2 + 1)` for leading spacing, as diffusers has it.
     fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
-        match self.opts.spacing {
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-            _ => max,
-        }
+        sigmas::init_noise_sigma(&self.sigmas, self.opts.spacing)
     }
 
     fn scale_model_input(&self, i: usize, x: Tensor<4>) -> Tensor<4> {
-        let s = self.sigmas[i];
-        x / ((s * s + 1.0).sqrt() as f32)
+        sigmas::model_input(x, self.sigmas[i])
     }
 
     fn to_model_space(&self, i: usize, x: Tensor<4>) -> Tensor<4> {
@@ -167,14 +161,7 @@ impl Sampler for EulerSampler {
         noise: &mut dyn NoiseSource,
     ) -> Tensor<4> {
         let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
-        let x0 = match self.prediction {
-            Prediction::Epsilon => x.clone() - model_out * (s as f32),
-            Prediction::X0 => model_out,
-            Prediction::V => {
-                let c = s * s + 1.0;
-                model_out * ((-s / c.sqrt()) as f32) + x.clone() / (c as f32)
-            }
-        };
+        let x0 = sigmas::x0_from_output(self.prediction, x.clone(), model_out, s);
         let d = (x.clone() - x0) / (s as f32);
         if self.opts.ancestral {
             let up = (s_next * s_next * (s * s - s_next * s_next) / (s * s))

@@ -7,7 +7,7 @@
 
 use super::ddim::TimestepSpacing;
 use super::euler::{Spacing, sigma_steps};
-use super::sigmas::as_f32;
+use super::sigmas::{self, as_f32};
 use super::{NoiseSource, Sampler, X0Clamp};
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::Result;
@@ -90,17 +90,9 @@ impl HeunSampler {
         i % 2 == 0
     }
 
-    /// `x0_hat` from the model output, for a state `x = x0 + sigma eps` shown to the model at
-    /// noise level `sigma` (EDM, table 1, VP preconditioning undone).
+    /// `x0_hat` at noise level `sigma`, clamped as configured.
     fn x0(&self, x: Tensor<4>, out: Tensor<4>, sigma: f64) -> Tensor<4> {
-        let x0 = match self.prediction {
-            Prediction::Epsilon => x - out * (sigma as f32),
-            Prediction::X0 => out,
-            Prediction::V => {
-                let c = sigma * sigma + 1.0;
-                out * ((-sigma / c.sqrt()) as f32) + x / (c as f32)
-            }
-        };
+        let x0 = sigmas::x0_from_output(self.prediction, x, out, sigma);
         self.opts.clamp.apply(x0)
     }
 }
@@ -110,18 +102,12 @@ impl Sampler for HeunSampler {
         &self.timesteps
     }
 
-    /// The largest sigma; `sqrt(sigma_max^2 + 1)` for leading spacing, as diffusers has it.
     fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
-        match self.opts.spacing {
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-            _ => max,
-        }
+        sigmas::init_noise_sigma(&self.sigmas, self.opts.spacing)
     }
 
     fn scale_model_input(&self, i: usize, x: Tensor<4>) -> Tensor<4> {
-        let s = self.sigmas[i];
-        x / ((s * s + 1.0).sqrt() as f32)
+        sigmas::model_input(x, self.sigmas[i])
     }
 
     fn to_model_space(&self, i: usize, x: Tensor<4>) -> Tensor<4> {

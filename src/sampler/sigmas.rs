@@ -3,7 +3,9 @@
 //! `x_t / sqrt(ab) = x0 + sigma eps` has `sigma_t = sqrt((1 - ab_t) / ab_t)` (Karras et al. 2022,
 //! "Elucidating the Design Space of Diffusion-Based Generative Models", EDM, table 1, "VP").
 
-use crate::schedule::NoiseSchedule;
+use super::ddim::TimestepSpacing;
+use crate::schedule::{NoiseSchedule, Prediction};
+use burn::tensor::Tensor;
 
 /// `sigma_t` for every training timestep, with its logarithm for interpolation.
 #[derive(Clone, Debug)]
@@ -81,4 +83,38 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, k: usize) -> Vec<f64> {
 /// Rounds each value through f32, as diffusers stores its sigma tables.
 pub fn as_f32(v: &[f64]) -> Vec<f64> {
     v.iter().map(|&s| s as f32 as f64).collect()
+}
+
+/// The standard deviation of the starting state `x_T / sqrt(ab_T)`: the largest sigma, or
+/// `sqrt(sigma_max^2 + 1)` for leading spacing, as diffusers' sigma-space schedulers have it.
+pub fn init_noise_sigma(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
+    let max = sigmas.iter().cloned().fold(0.0, f64::max);
+    match spacing {
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+        _ => max,
+    }
+}
+
+/// What the denoiser sees of a sigma-space state: `x / sqrt(sigma^2 + 1) = x_t`.
+pub fn model_input(x: Tensor<4>, sigma: f64) -> Tensor<4> {
+    x / ((sigma * sigma + 1.0).sqrt() as f32)
+}
+
+/// `x0_hat` from the model output for a sigma-space state `x = x0 + sigma eps` shown to the
+/// model at noise level `sigma` (EDM, table 1, VP preconditioning undone): epsilon
+/// `x - sigma out`; v `-sigma / sqrt(sigma^2 + 1) out + x / (sigma^2 + 1)`; x0 `out`.
+pub fn x0_from_output(
+    prediction: Prediction,
+    x: Tensor<4>,
+    out: Tensor<4>,
+    sigma: f64,
+) -> Tensor<4> {
+    match prediction {
+        Prediction::Epsilon => x - out * (sigma as f32),
+        Prediction::X0 => out,
+        Prediction::V => {
+            let c = sigma * sigma + 1.0;
+            out * ((-sigma / c.sqrt()) as f32) + x / (c as f32)
+        }
+    }
 }

@@ -182,9 +182,17 @@ fn fid_cli_on_folders_and_bad_input() {
         &["fid", digits, digits, "--features", "nope.safetensors"],
         "nope.safetensors",
     );
-    fails(
-        &["fid", digits, digits, "--features", "inception"],
-        "inception",
+    // Inception weights not fetched: the error names the fetch command.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["fid", digits, digits, "--features", "inception"])
+        .env("DIFFUSE_CACHE", tmp.path().join("no-cache"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("diffuse fetch inception") && !err.contains("panicked"),
+        "{err}"
     );
     fails(&["eval", "--n", "1"], "--n");
 }
