@@ -134,6 +134,10 @@ fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) ->
     if let Some(acc) = r.class_accuracy {
         println!("class accuracy {:.4}", acc);
     }
+    if let Some(per) = &r.class_accuracy_per_class {
+        let cells: Vec<String> = per.iter().map(|a| format!("{a:.2}")).collect();
+        println!("  per class      {}", cells.join(" "));
+    }
     for n in &r.notes {
         eprintln!("note: {n}");
     }

@@ -205,6 +205,9 @@ pub struct Report {
     pub recall: f64,
     /// Share of conditioned samples the classifier assigns to the requested class.
     pub class_accuracy: Option<f64>,
+    /// The same, per requested class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_accuracy_per_class: Option<Vec<f64>>,
     pub n_a: usize,
     pub n_b: usize,
     pub features: String,
@@ -276,9 +279,20 @@ pub fn compare(
     };
     let (precision, recall) = precision_recall(&cap(&fa, a.n), &cap(&fb, b.n), dim, opts.k)
         .context("precision/recall")?;
-    let class_accuracy = wanted.filter(|_| !pb.is_empty()).map(|w| {
+    let wanted = wanted.filter(|_| !pb.is_empty());
+    let class_accuracy = wanted.map(|w| {
         let right = w.iter().zip(&pb).filter(|(x, y)| x == y).count();
         right as f64 / w.len().max(1) as f64
+    });
+    let class_accuracy_per_class = wanted.map(|w| {
+        let k = w.iter().max().map_or(0, |m| m + 1);
+        (0..k)
+            .map(|c| {
+                let asked: Vec<usize> = (0..w.len()).filter(|&i| w[i] == c).collect();
+                let right = asked.iter().filter(|&&i| pb[i] == c).count();
+                right as f64 / asked.len().max(1) as f64
+            })
+            .collect()
     });
     Ok(Report {
         fid,
@@ -287,6 +301,7 @@ pub fn compare(
         precision,
         recall,
         class_accuracy,
+        class_accuracy_per_class,
         n_a: a.n,
         n_b: b.n,
         features: ext.name(),
