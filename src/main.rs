@@ -99,7 +99,7 @@ struct SampleArgs {
     /// Classifier-free guidance weight (1 = none).
     #[arg(long, default_value_t = 2.0)]
     guidance: f32,
-    /// Sampling steps, evenly respaced over the model's T (default: all T).
+    /// Sampling steps (default: all T for ddpm, 50 for the others).
     #[arg(long)]
     steps: Option<usize>,
     /// Sampler: ddpm (ancestral), ddim, dpmpp-2m, euler, euler-a or heun.
@@ -331,8 +331,12 @@ fn sample(a: SampleArgs) -> Result<()> {
     let dev = inference_device();
     let m = model::load(a.model.as_deref(), &dev)?;
     let cfg = &m.config;
-    let steps = a.steps.unwrap_or(m.schedule.len());
     let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
+    // As diffusers' pipelines: DDPM over all T steps, the fast samplers 50.
+    let steps = a.steps.unwrap_or(match kind {
+        SamplerKind::Ddpm => m.schedule.len(),
+        _ => m.schedule.len().min(50),
+    });
     let choice = SamplerChoice {
         steps,
         eta: a.eta,

@@ -209,8 +209,11 @@ pub struct EvalArgs {
 }
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
-    if a.n < 2 || a.n > 100_000 {
-        bail!("--n must be between 2 and 100000 (got {})", a.n);
+    if a.n < 4 || a.n > 100_000 {
+        bail!("--n must be between 4 and 100000 (got {})", a.n);
+    }
+    if a.n_real < 4 {
+        bail!("--n-real must be at least 4 (got {})", a.n_real);
     }
     if a.batch == 0 || a.batch > 10_000 {
         bail!("--batch must be between 1 and 10000 (got {})", a.batch);

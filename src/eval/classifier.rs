@@ -66,17 +66,34 @@ fn conv3(cin: usize, cout: usize, dev: &Device) -> Conv2d {
         .init(dev)
 }
 
-impl Classifier {
-    pub fn new(cfg: &ClassifierConfig, dev: &Device) -> Result<Self> {
-        if cfg.image_size < 4 || cfg.image_size > 256 {
+impl ClassifierConfig {
+    /// Checks the shape: sizes within what `train-classifier` accepts.
+    pub fn validate(&self) -> Result<()> {
+        if self.image_size < 4 || self.image_size > 256 {
             bail!(
                 "classifier image size must be between 4 and 256 (got {})",
-                cfg.image_size
+                self.image_size
             );
         }
-        if cfg.class_names.len() < 2 {
-            bail!("a classifier needs at least 2 classes");
+        if self.channels != 1 && self.channels != 3 {
+            bail!("classifier channels must be 1 or 3 (got {})", self.channels);
         }
+        if !(2..=100_000).contains(&self.class_names.len()) {
+            bail!("a classifier needs between 2 and 100000 classes");
+        }
+        if !(1..=1024).contains(&self.width) || !(2..=4096).contains(&self.feature_dim) {
+            bail!("classifier width must be 1..1024 and feature_dim 2..4096");
+        }
+        if !(self.feature_scale.is_finite() && self.feature_scale > 0.0) {
+            bail!("classifier feature_scale must be a positive number");
+        }
+        Ok(())
+    }
+}
+
+impl Classifier {
+    pub fn new(cfg: &ClassifierConfig, dev: &Device) -> Result<Self> {
+        cfg.validate()?;
         let s = cfg.image_size / 4;
         Ok(Self {
             conv1: conv3(cfg.channels, cfg.width, dev),
@@ -107,6 +124,8 @@ pub struct LoadedClassifier {
     pub config: ClassifierConfig,
     pub net: Classifier,
     pub source: String,
+    /// Hash of its weights and config (keys cached features).
+    pub content_hash: u64,
 }
 
 impl LoadedClassifier {
@@ -247,6 +266,7 @@ pub fn train_classifier(
         config: cfg,
         net: net.valid(),
         source: ds.source.clone(),
+        content_hash: 0,
     };
     if !held.is_empty() {
         let idev = crate::device::inference_device();
@@ -294,11 +314,14 @@ pub fn load_classifier_bytes(bytes: &[u8], what: &str, dev: &Device) -> Result<L
             anyhow!("{what} is not a diffuse classifier (no {CLASSIFIER_KEY} metadata)")
         })?)
         .with_context(|| format!("{what}: invalid classifier config"))?;
+    cfg.validate()
+        .with_context(|| format!("{what}: invalid classifier config"))?;
     let net = weights::apply(Classifier::new(&cfg, dev)?, &t, "")
         .with_context(|| format!("{what} does not match its config"))?;
     Ok(LoadedClassifier {
         config: cfg,
         net,
         source: what.to_string(),
+        content_hash: crate::eval::fnv1a(bytes.iter().copied(), 0xcbf29ce484222325),
     })
 }

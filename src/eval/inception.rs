@@ -304,7 +304,11 @@ fn convert(archive: &[u8]) -> Result<Converted> {
         if dtype != "torch.FloatStorage" {
             bail!("{path} is {dtype}, not float32");
         }
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 28)
+            .ok_or_else(|| anyhow!("{path}: implausible shape {shape:?}"))?;
         let mut contiguous = vec![1usize; shape.len()];
         for i in (0..shape.len().saturating_sub(1)).rev() {
             contiguous[i] = contiguous[i + 1] * shape[i + 1];
@@ -313,8 +317,9 @@ fn convert(archive: &[u8]) -> Result<Converted> {
             bail!("{path} is not stored contiguously");
         }
         let data = storage(key)?;
-        let v = data
-            .get(*offset..offset + n)
+        let v = offset
+            .checked_add(n)
+            .and_then(|end| data.get(*offset..end))
             .ok_or_else(|| anyhow!("{path}: storage too short"))?;
         Ok((shape.clone(), v.iter().map(|&x| x as f64).collect()))
     };
@@ -333,6 +338,12 @@ fn convert(archive: &[u8]) -> Result<Converted> {
         let (_, beta) = read(&format!("{p}.beta"))?;
         let (_, mean) = read(&format!("{p}.mean"))?;
         let (_, var) = read(&format!("{p}.var"))?;
+        if shape.len() != 4
+            || shape.contains(&0)
+            || [&beta, &mean, &var].iter().any(|v| v.len() != shape[0])
+        {
+            bail!("{what}: layer {p} has inconsistent shapes (weight {shape:?})");
+        }
         let per = w.len() / shape[0];
         let mut wf = Vec::with_capacity(w.len());
         let mut bf = Vec::with_capacity(shape[0]);
@@ -352,18 +363,21 @@ fn convert(archive: &[u8]) -> Result<Converted> {
                 data: bf,
             },
         );
+        let small = |v: i64| usize::try_from(v).ok().filter(|&u| u <= 16);
         let stride = match attrs.get(&format!("{p}.stride")) {
-            Some(Value::Int(s)) => *s as usize,
-            _ => 1,
-        };
+            Some(Value::Int(s)) => small(*s).filter(|&s| s >= 1),
+            _ => Some(1),
+        }
+        .ok_or_else(|| anyhow!("{what}: layer {p} has an invalid stride"))?;
         let (ph, pw) = match attrs.get(&format!("{p}.padding")) {
-            Some(Value::Int(s)) => (*s as usize, *s as usize),
+            Some(Value::Int(s)) => small(*s).map(|s| (s, s)),
             Some(Value::List(l)) | Some(Value::Tuple(l)) => match l.as_slice() {
-                [Value::Int(a), Value::Int(b)] => (*a as usize, *b as usize),
-                _ => bail!("{p}: unexpected padding {l:?}"),
+                [Value::Int(a), Value::Int(b)] => small(*a).zip(small(*b)),
+                _ => None,
             },
-            _ => (0, 0),
-        };
+            _ => Some((0, 0)),
+        }
+        .ok_or_else(|| anyhow!("{what}: layer {p} has an invalid padding"))?;
         out.layout.insert(ours, [stride, ph, pw]);
     }
     Ok(out)
@@ -407,6 +421,11 @@ fn basic(
         .get(path)
         .ok_or_else(|| anyhow!("inception layout lacks {path}"))?;
     let s = &w.shape;
+    if s.len() != 4 || stride == 0 {
+        bail!(
+            "inception weights: layer {path} is damaged (run `diffuse fetch inception` again after deleting the cache folder)"
+        );
+    }
     let conv = Conv2dConfig::new([s[1], s[0]], [s[2], s[3]])
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(ph, pw, ph, pw))

@@ -42,6 +42,14 @@ impl Extractor {
         }
     }
 
+    /// Identifies the weights (not just the name): keys the feature cache.
+    pub fn key(&self) -> u64 {
+        match self {
+            Extractor::Classifier(c) => c.content_hash,
+            Extractor::Inception(_) => fnv1a(inception::FILE_NAME.bytes(), 0x1ce9),
+        }
+    }
+
     pub fn dim(&self) -> usize {
         match self {
             Extractor::Classifier(c) => c.config.feature_dim,
@@ -121,7 +129,7 @@ pub struct Images {
 }
 
 /// FNV-1a, 64 bit, over bytes: the content hash that keys cached features.
-fn fnv1a(bytes: impl Iterator<Item = u8>, mut h: u64) -> u64 {
+pub(crate) fn fnv1a(bytes: impl Iterator<Item = u8>, mut h: u64) -> u64 {
     for b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
@@ -136,7 +144,7 @@ fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, V
     if !imgs.cache {
         return ext.run(imgs, dev);
     }
-    let mut h = fnv1a(ext.name().bytes(), 0xcbf29ce484222325);
+    let mut h = fnv1a(ext.key().to_le_bytes().into_iter(), 0xcbf29ce484222325);
     h = fnv1a(
         [imgs.n, imgs.shape.size, imgs.shape.channels, ext.dim()]
             .iter()
@@ -277,8 +285,16 @@ pub fn compare(
             .flat_map(|i| f[i * dim..(i + 1) * dim].iter().copied())
             .collect()
     };
-    let (precision, recall) = precision_recall(&cap(&fa, a.n), &cap(&fb, b.n), dim, opts.k)
-        .context("precision/recall")?;
+    let mut notes = Vec::new();
+    let (precision, recall) = if a.n.min(b.n) > opts.k {
+        precision_recall(&cap(&fa, a.n), &cap(&fb, b.n), dim, opts.k).context("precision/recall")?
+    } else {
+        notes.push(format!(
+            "precision and recall need more than k = {} images in each set; not computed",
+            opts.k
+        ));
+        (f64::NAN, f64::NAN)
+    };
     let wanted = wanted.filter(|_| !pb.is_empty());
     let class_accuracy = wanted.map(|w| {
         let right = w.iter().zip(&pb).filter(|(x, y)| x == y).count();
@@ -315,6 +331,7 @@ pub fn compare(
                     "a set has {n} images, not more than the {dim} feature dimensions: its covariance is singular, so FID is still defined (computed stably) but biased upward and comparable only at equal set sizes; use well over {dim} images (10000 is the convention)"
                 )
             })
+            .chain(notes)
             .collect(),
     })
 }
@@ -378,13 +395,15 @@ pub fn sample_images(
             &dev,
             &mut |_, _| {},
         );
-        pixels.extend(
-            x.clamp(-1.0, 1.0)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32"),
-        );
+        let v: Vec<f32> = x.into_data().convert::<f32>().try_into_vec().expect("f32");
+        if v.iter().any(|p| !p.is_finite()) {
+            bail!(
+                "{} with {} steps produced NaN or infinite pixels; try another sampler or more steps",
+                kind.name(),
+                choice.steps
+            );
+        }
+        pixels.extend(v.iter().map(|p| p.clamp(-1.0, 1.0)));
         on_batch(b);
     }
     Ok((pixels, classes))

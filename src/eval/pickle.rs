@@ -40,6 +40,55 @@ pub enum Value {
     Mark,
 }
 
+/// The most values a pickle may build (memo references copy values here).
+const MAX_VALUES: usize = 5_000_000;
+/// The deepest nesting accepted.
+const MAX_DEPTH: usize = 64;
+
+/// Number of values in `v`, counting no further than `cap`.
+fn count(v: &Value, cap: usize) -> usize {
+    let children: &[Value] = match v {
+        Value::Tuple(t) | Value::List(t) => t,
+        Value::Dict(d) => {
+            let mut n = 1;
+            for (k, x) in d {
+                if n > cap {
+                    break;
+                }
+                n += count(k, cap - n) + count(x, cap.saturating_sub(n));
+            }
+            return n;
+        }
+        Value::Object { state, .. } => return 1 + count(state, cap.saturating_sub(1)),
+        _ => return 1,
+    };
+    let mut n = 1;
+    for c in children {
+        if n > cap {
+            break;
+        }
+        n += count(c, cap - n);
+    }
+    n
+}
+
+/// Nesting depth of `v`, counting no further than `cap + 1`.
+fn depth(v: &Value, cap: usize) -> usize {
+    if cap == 0 {
+        return 1;
+    }
+    let sub = match v {
+        Value::Tuple(t) | Value::List(t) => t.iter().map(|c| depth(c, cap - 1)).max(),
+        Value::Dict(d) => d
+            .iter()
+            .map(|(k, x)| depth(k, cap - 1).max(depth(x, cap - 1)))
+            .max(),
+        Value::Object { state, .. } => Some(depth(state, cap - 1)),
+        _ => None,
+    };
+    1 + sub.unwrap_or(0)
+}
+
 fn as_usize_list(v: &Value) -> Result<Vec<usize>> {
     match v {
         Value::Tuple(t) | Value::List(t) => t
@@ -94,6 +143,7 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
     // Memo keys of values still on the stack: Python's memo holds references, so a container
     // filled after it was memoised must be re-stored.
     let mut keys: Vec<(usize, u32)> = Vec::new();
+    let mut built = 0usize;
     let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| anyhow!("pickle stack underflow"));
     let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>> {
         let m = stack
@@ -127,21 +177,14 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
                 );
                 keys.push((stack.len() - 1, k));
             }
-            b'h' => {
-                let k = r.u8()? as u32;
-                stack.push(
-                    memo.get(&k)
-                        .cloned()
-                        .ok_or_else(|| anyhow!("pickle: memo {k}"))?,
-                );
-            }
-            b'j' => {
-                let k = r.u32()?;
-                stack.push(
-                    memo.get(&k)
-                        .cloned()
-                        .ok_or_else(|| anyhow!("pickle: memo {k}"))?,
-                );
+            b'h' | b'j' => {
+                let k = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
+                let v = memo.get(&k).ok_or_else(|| anyhow!("pickle: memo {k}"))?;
+                built += count(v, MAX_VALUES);
+                if built > MAX_VALUES {
+                    bail!("pickle builds more than {MAX_VALUES} values");
+                }
+                stack.push(v.clone());
             }
             b'(' => stack.push(Value::Mark),
             b')' => stack.push(Value::Tuple(Vec::new())),
@@ -262,8 +305,9 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
                         let Value::Storage { dtype, key } = &a[0] else {
                             bail!("pickle: tensor without storage");
                         };
-                        let Value::Int(offset) = a[1] else {
-                            bail!("pickle: tensor offset");
+                        let offset = match a[1] {
+                            Value::Int(o) if o >= 0 => o,
+                            _ => bail!("pickle: tensor offset"),
                         };
                         Value::Tensor {
                             dtype: dtype.clone(),
@@ -304,6 +348,15 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
                 "pickle: unsupported opcode 0x{other:02x} at byte {}",
                 r.pos - 1
             ),
+        }
+        if matches!(
+            op,
+            b't' | 0x85..=0x87 | b'u' | b's' | b'a' | b'e' | b'b' | b'R' | b'Q'
+        ) && stack
+            .last()
+            .is_some_and(|top| depth(top, MAX_DEPTH) > MAX_DEPTH)
+        {
+            bail!("pickle nests deeper than {MAX_DEPTH} levels");
         }
         // Forget memo keys of slots this op popped or replaced (an op pushes at most one).
         let pushes = !matches!(op, 0x80 | b'q' | b'r' | b'u' | b's' | b'a' | b'e' | b'b');

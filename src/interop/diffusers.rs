@@ -278,11 +278,18 @@ impl UNet2DConfig {
         };
         let sizes = cfg.level_sizes();
         cfg.attention_resolutions = attention_levels.iter().map(|&i| sizes[i]).collect();
-        if attention_levels.len() > 1 && {
-            let set: BTreeSet<_> = cfg.attention_resolutions.iter().collect();
-            set.len() != cfg.attention_resolutions.len()
-        } {
-            bail!("unet config: two attention levels have the same size");
+        // Attention is placed by feature-map size here: two levels of one size must agree.
+        for i in 0..n {
+            for j in i + 1..n {
+                if sizes[i] == sizes[j]
+                    && attention_levels.contains(&i) != attention_levels.contains(&j)
+                {
+                    bail!(
+                        "unet config: levels {i} and {j} are both {} pixels but only one has attention (sample_size {size} is too small for {n} levels)",
+                        sizes[i]
+                    );
+                }
+            }
         }
         cfg.validate().context("unet config")?;
         Ok(cfg)
@@ -595,6 +602,28 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         .to_unet_config()
         .with_context(|| cfg_path.display().to_string())?;
     let sched_path = dir.join("scheduler").join("scheduler_config.json");
+    let raw_sched = read_json(&sched_path)?;
+    if let Some(class) = raw_sched["_class_name"].as_str() {
+        const VP: [&str; 11] = [
+            "DDPMScheduler",
+            "DDIMScheduler",
+            "PNDMScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "LMSDiscreteScheduler",
+            "UniPCMultistepScheduler",
+            "DEISMultistepScheduler",
+        ];
+        if !VP.contains(&class) {
+            bail!(
+                "{}: scheduler {class} is not supported (only variance-preserving DDPM-style schedulers)",
+                sched_path.display()
+            );
+        }
+    }
     let scheduler = SchedulerConfig::from_file(&sched_path)?;
     let theirs = read_unet_weights(&unet_dir)?;
     let ours = tensors_from_diffusers(&unet_cfg, &theirs, device)
@@ -647,6 +676,12 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
         "clip_sample_range": sched.clip_sample_range,
         "timestep_spacing": sched.timestep_spacing.clone().unwrap_or_else(|| "leading".into()),
         "steps_offset": sched.steps_offset,
+        "thresholding": sched.thresholding,
+        "dynamic_thresholding_ratio": sched.dynamic_thresholding_ratio,
+        "sample_max_value": sched.sample_max_value,
+        "rescale_betas_zero_snr": sched.rescale_betas_zero_snr,
+        "set_alpha_to_one": sched.set_alpha_to_one.unwrap_or(true),
+        "use_karras_sigmas": sched.use_karras_sigmas,
     });
     let index_json = json!({
         "_class_name": "DDPMPipeline",

@@ -210,6 +210,16 @@ impl SchedulerConfig {
         }
         self.schedule_config()?;
         self.prediction()?;
+        if self.steps_offset >= self.num_train_timesteps {
+            bail!(
+                "scheduler key steps_offset = {} must be below num_train_timesteps ({})",
+                self.steps_offset,
+                self.num_train_timesteps
+            );
+        }
+        if self.rescale_betas_zero_snr && self.num_train_timesteps < 2 {
+            bail!("scheduler key rescale_betas_zero_snr needs at least 2 timesteps");
+        }
         if let Some(s) = &self.timestep_spacing {
             s.parse::<TimestepSpacing>()
                 .with_context(|| "scheduler key timestep_spacing")?;

@@ -25,8 +25,10 @@ pub struct DpmSolverOptions {
     /// Round the timesteps of Karras sigmas to integers (diffusers does, except for
     /// `squaredcos_cap_v2`).
     pub round_karras_timesteps: bool,
-    /// Take a first-order step last when there are fewer than 15 steps (diffusers'
-    /// `lower_order_final`; the very last step to sigma 0 is always first order).
+    /// diffusers' `lower_order_final` (a first-order last step below 15 steps). With the final
+    /// noise level 0 (`final_sigmas_type = "zero"`, the only one supported) the last step is
+    /// first order anyway (it lands on `x0_hat`), so for the 2M solver this changes nothing;
+    /// it is kept so that configs read the same.
     pub lower_order_final: bool,
     /// What is done to `x0_hat`: only dynamic thresholding applies here, as in diffusers.
     pub clamp: X0Clamp,
@@ -87,10 +89,20 @@ impl DpmSolverSampler {
     ) -> Result<Self> {
         let t = schedule.len();
         super::check_steps(t, opts.steps)?;
-        let ts: Vec<f64> = dpm_timesteps(t, opts.steps, opts.spacing, opts.steps_offset)
+        if opts.spacing == TimestepSpacing::Leading && t / (opts.steps + 1) == 0 {
+            anyhow::bail!(
+                "leading spacing gives DPM-Solver at most {} steps (got {})",
+                t - 1,
+                opts.steps
+            );
+        }
+        let mut ts: Vec<f64> = dpm_timesteps(t, opts.steps, opts.spacing, opts.steps_offset)
             .into_iter()
             .map(|v| v as f64)
             .collect();
+        // Rounding can repeat a timestep when steps come close to T; a repeated noise level
+        // would make the step size h zero, so each is visited once.
+        ts.dedup();
         super::check_offset(&ts, t, opts.steps_offset)?;
         let table = TrainSigmas::new(schedule);
         let (timesteps, mut sigmas) = if opts.karras {
@@ -103,10 +115,12 @@ impl DpmSolverSampler {
                     v as f32 as f64
                 }
             };
-            let ts = k.iter().map(|&s| round(table.sigma_to_t(s))).collect();
-            (ts, k)
+            let mut pairs: Vec<(f64, f64)> =
+                k.iter().map(|&s| (round(table.sigma_to_t(s)), s)).collect();
+            pairs.dedup_by(|a, b| a.1 == b.1);
+            pairs.into_iter().unzip()
         } else {
-            let s = ts.iter().map(|&v| table.at(v)).collect();
+            let s: Vec<f64> = ts.iter().map(|&v| table.at(v)).collect();
             (ts, s)
         };
         sigmas.push(0.0);

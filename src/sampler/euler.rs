@@ -47,7 +47,9 @@ pub struct EulerSampler {
     sigmas: Vec<f64>,
 }
 
-/// Model timesteps as diffusers' Euler scheduler spaces them (`linspace` is not rounded).
+/// Model timesteps as diffusers' Euler scheduler spaces them (`linspace` is not rounded). One
+/// linspace step is `T - 1` here (numpy's `linspace(0, T-1, 1)` would give 0: a single step
+/// from pure noise must start at the noisiest timestep).
 pub fn euler_timesteps(t: usize, k: usize, spacing: TimestepSpacing, offset: usize) -> Vec<f64> {
     match spacing {
         TimestepSpacing::Linspace => {

@@ -251,3 +251,32 @@ fn inception_features_and_fid_match_the_reference() {
     );
     assert_eq!(v["feature_dim"], 2048);
 }
+
+#[test]
+fn hostile_pickles_are_refused_not_followed() {
+    use diffuse::eval::pickle::parse;
+    // A list nested 100 deep.
+    let mut deep = vec![0x80, 2];
+    deep.extend(std::iter::repeat_n(b']', 100));
+    deep.extend(std::iter::repeat_n(b'a', 99));
+    deep.push(b'.');
+    assert!(parse(&deep).unwrap_err().to_string().contains("deeper"));
+    // Each memo reference copies: doubling a value 40 times would build 2^40 values.
+    let mut bomb = vec![0x80, 2, b']', b'q', 0];
+    for _ in 0..40 {
+        bomb.extend([b'h', 0, b'h', 0, 0x86, b'q', 0]);
+    }
+    bomb.push(b'.');
+    assert!(parse(&bomb).is_err());
+    // Truncated, and an unknown opcode.
+    assert!(parse(&[0x80, 2, b'X', 9, 0, 0, 0, b'a']).is_err());
+    assert!(parse(&[0x80, 2, 0xff]).is_err());
+    // A plain one: {"a": [1, 2]}.
+    let ok_bytes = [
+        0x80, 2, b'}', b'(', b'X', 1, 0, 0, 0, b'a', b']', b'(', b'K', 1, b'K', 2, b'e', b'u', b'.',
+    ];
+    assert_eq!(
+        format!("{:?}", parse(&ok_bytes).unwrap()),
+        r#"Dict([(Str("a"), List([Int(1), Int(2)]))])"#
+    );
+}

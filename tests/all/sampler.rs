@@ -126,3 +126,34 @@ fn same_seed_same_bits_other_seed_other_images() {
     assert_ne!(a, run(2, 2.0));
     assert_ne!(a, run(1, 1.0));
 }
+
+#[test]
+fn every_sampler_visits_distinct_noise_levels_even_at_t_steps() {
+    use diffuse::sampler::{SamplerChoice, SamplerKind, SchedulerConfig};
+    for spacing in ["leading", "trailing", "linspace"] {
+        let cfg = SchedulerConfig {
+            timestep_spacing: Some(spacing.into()),
+            ..SchedulerConfig::default()
+        };
+        let s = cfg.noise_schedule().unwrap();
+        for kind in SamplerKind::ALL {
+            for steps in [1, 7, 999, 1000] {
+                let choice = SamplerChoice {
+                    steps,
+                    ..SamplerChoice::default()
+                };
+                let Ok(sm) = cfg.build(kind, &s, &choice) else {
+                    continue; // some spacings cannot give that many steps
+                };
+                let t = sm.timesteps();
+                assert!(!t.is_empty() && t.iter().all(|v| (0.0..=999.0).contains(v)));
+                if kind != SamplerKind::Heun {
+                    assert!(
+                        t.windows(2).all(|w| w[0] > w[1]),
+                        "{spacing} {kind:?} {steps}: repeated timesteps"
+                    );
+                }
+            }
+        }
+    }
+}
