@@ -96,19 +96,13 @@ pub fn train_classifier(a: TrainClassifierArgs) -> Result<()> {
     Ok(())
 }
 
-/// The image shape of `--data` when not given: IDX and digits keep their own.
+/// The image shape of `--data` when not given: IDX and digits keep their own (grey), folders
+/// default to 32x32 RGB.
 fn data_shape(spec: &str, size: Option<usize>, channels: Option<usize>) -> Result<(usize, usize)> {
-    let path = data::resolve(spec)?;
-    let native = if data::idx::is_digits_csv(&path) {
-        Some(8)
-    } else if data::idx::is_idx(&path)? {
-        Some(data::idx::load_idx(&path)?.size)
-    } else {
-        None
-    };
+    let native = data::native_shape(spec)?;
     Ok((
-        size.or(native).unwrap_or(32),
-        channels.unwrap_or(if native.is_some() { 1 } else { 3 }),
+        size.or(native.map(|s| s.size)).unwrap_or(32),
+        channels.unwrap_or(native.map_or(3, |s| s.channels)),
     ))
 }
 

@@ -111,7 +111,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
 }
 
 /// The image shape a data spec has of its own: IDX files and the digits CSV know theirs
-/// (grey); an image folder the size of its first image if square (RGB), else `None`.
+/// (grey); image folders have none (`None`).
 pub fn native_shape(spec: &str) -> Result<Option<Shape>> {
     let path = resolve(spec)?;
     Ok(if idx::is_digits_csv(&path) {
@@ -124,8 +124,6 @@ pub fn native_shape(spec: &str) -> Result<Option<Shape>> {
             size: idx::load_idx(&path)?.size,
             channels: 1,
         })
-    } else if path.is_dir() {
-        folder::first_square_size(&path).map(|size| Shape { size, channels: 3 })
     } else {
         None
     })

@@ -183,12 +183,16 @@ fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, V
 }
 
 /// Loads a dataset (`--data` spec or image folder) for an extractor: at its input shape, or
-/// for Inception at the data's own (folders: 299x299 RGB).
+/// for Inception at the data's own (a folder: its first image's size if square, else 299).
 pub fn load_images(spec: &str, ext: &Extractor, with_labels: bool) -> Result<Images> {
     let shape = match ext.input() {
         Some(s) => s,
-        None => data::native_shape(spec)?.unwrap_or(Shape {
-            size: inception::SIZE,
+        None => data::native_shape(spec)?.unwrap_or_else(|| Shape {
+            // A folder of same-sized square images is taken at its own size.
+            size: data::resolve(spec)
+                .ok()
+                .and_then(|p| data::folder::first_square_size(&p))
+                .unwrap_or(inception::SIZE),
             channels: 3,
         }),
     };

@@ -451,15 +451,12 @@ fn transpose(t: &HostTensor) -> HostTensor {
     }
 }
 
-/// diffusers tensors renamed (and re-laid out) for a diffuse U-Net of config `cfg`. Fails
-/// naming the first missing or mis-shaped tensor, or one the config does not account for.
-pub fn tensors_from_diffusers(
-    cfg: &UNetConfig,
-    theirs: &NamedTensors,
-    device: &Device,
-) -> Result<NamedTensors> {
+/// diffusers tensors renamed (and re-laid out) for the diffuse U-Net `unet` (built from the
+/// converted config). Fails naming the first missing or mis-shaped tensor, or one the config
+/// does not account for.
+pub fn tensors_from_diffusers(unet: &UNet, theirs: &NamedTensors) -> Result<NamedTensors> {
     let mut wanted = NamedTensors::new();
-    weights::collect(&UNet::new(cfg, device)?, "", &mut wanted);
+    weights::collect(unet, "", &mut wanted);
     let mut out = NamedTensors::new();
     let mut used = BTreeSet::new();
     for (ours, want) in &wanted {
@@ -626,18 +623,24 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
     }
     let scheduler = SchedulerConfig::from_file(&sched_path)?;
     let theirs = read_unet_weights(&unet_dir)?;
-    let ours = tensors_from_diffusers(&unet_cfg, &theirs, device)
-        .with_context(|| format!("{}: weights do not match config.json", unet_dir.display()))?;
+    let unet =
+        UNet::new(&unet_cfg, device).with_context(|| format!("{what}: invalid model config"))?;
+    let mismatch = || format!("{}: weights do not match config.json", unet_dir.display());
+    let ours = tensors_from_diffusers(&unet, &theirs).with_context(mismatch)?;
+    let unet = weights::apply(unet, &ours, "").with_context(mismatch)?;
     let config = ModelConfig {
         unet: unet_cfg,
         schedule: scheduler.schedule_config()?,
         prediction: scheduler.prediction()?,
         class_names: Vec::new(),
     };
-    let mut m = crate::model::build(config, &ours, "", &what, device)?;
-    m.schedule = scheduler.noise_schedule()?;
-    m.scheduler = scheduler;
-    Ok(m)
+    Ok(LoadedModel {
+        config,
+        schedule: scheduler.noise_schedule()?,
+        scheduler,
+        unet,
+        source: what,
+    })
 }
 
 /// Writes a diffuse model as a diffusers DDPMPipeline folder (f32 weights). Files are written
