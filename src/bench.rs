@@ -4,6 +4,7 @@
 //! and for no-grad forward passes at B=64. Medians after warm-up.
 
 use crate::device::{inference_device, training_device};
+use crate::kernels;
 use crate::rng::{Stream, normal_tensor, rng_for};
 use crate::train::adamw::AdamW;
 use crate::unet::blocks::{
@@ -87,7 +88,7 @@ impl ReferenceUNet {
 
     pub fn forward(&self, x: Tensor<4>, t: &[f64]) -> Tensor<4> {
         let ta = silu(self.time.forward(t, &x.device()));
-        let mut h = self.stem.forward(x);
+        let mut h = kernels::conv2d(&self.stem, x);
         let mut skips = Vec::new();
         for (i, b) in self.down.iter().enumerate() {
             h = b.forward(h, ta.clone());
@@ -112,7 +113,7 @@ impl ReferenceUNet {
                 h = self.us2.forward(h, [2 * hh, 2 * ww]);
             }
         }
-        self.out_conv.forward(silu(self.out_norm.forward(h)))
+        kernels::conv2d(&self.out_conv, kernels::group_norm(&self.out_norm, h, true))
     }
 }
 

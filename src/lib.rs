@@ -11,6 +11,7 @@ pub mod device;
 pub mod eval;
 pub mod imageio;
 pub mod interop;
+pub mod kernels;
 pub mod model;
 pub mod plot;
 pub mod rng;

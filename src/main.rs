@@ -293,6 +293,7 @@ fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
 }
 
 fn main() {
+    diffuse::device::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Sample(a) => sample(a),

@@ -1,6 +1,7 @@
 //! Building blocks of the denoiser: timestep embedding, residual block, self-attention,
 //! down- and upsampling. Each pairs with a small constructor, as burn's own layers do.
 
+use crate::kernels;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::interpolate::{Interpolate2dConfig, InterpolateMode};
@@ -142,18 +143,21 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: Tensor<4>, temb_act: Tensor<2>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = kernels::conv2d(
+            &self.conv1,
+            kernels::group_norm(&self.norm1, x.clone(), true),
+        );
         let t: Tensor<4> = self.time_proj.forward(temb_act).unsqueeze_dims(&[2, 3]);
         let h = h + t;
-        let h = silu(self.norm2.forward(h));
+        let h = kernels::group_norm(&self.norm2, h, true);
         let h = if self.dropout.prob > 0.0 {
             self.dropout.forward(h)
         } else {
             h
         };
-        let h = self.conv2.forward(h);
+        let h = kernels::conv2d(&self.conv2, h);
         let s = match &self.skip {
-            Some(c) => c.forward(x),
+            Some(c) => kernels::conv2d(c, x),
             None => x,
         };
         h + s
@@ -189,18 +193,16 @@ impl Attention {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, hh, ww] = x.dims();
         let (nh, d, n) = (self.heads, c / self.heads, hh * ww);
-        let h = self.norm.forward(x.clone());
-        let q: Tensor<4> = self
-            .q
-            .forward(h.clone())
+        let h = kernels::group_norm(&self.norm, x.clone(), false);
+        let q: Tensor<4> = kernels::conv2d(&self.q, h.clone())
             .reshape([b, nh, d, n])
             .swap_dims(2, 3);
-        let k: Tensor<4> = self.k.forward(h.clone()).reshape([b, nh, d, n]);
-        let v: Tensor<4> = self.v.forward(h).reshape([b, nh, d, n]);
+        let k: Tensor<4> = kernels::conv2d(&self.k, h.clone()).reshape([b, nh, d, n]);
+        let v: Tensor<4> = kernels::conv2d(&self.v, h).reshape([b, nh, d, n]);
         let scores = q.matmul(k).div_scalar((d as f32).sqrt());
         let attn = softmax(scores, 3);
         let out: Tensor<4> = v.matmul(attn.swap_dims(2, 3)).reshape([b, c, hh, ww]);
-        x + self.proj.forward(out)
+        x + kernels::conv2d(&self.proj, out)
     }
 }
 
@@ -228,7 +230,7 @@ impl Downsample {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(x)
+        kernels::conv2d(&self.conv, x)
     }
 }
 
@@ -253,6 +255,6 @@ impl Upsample {
             .with_align_corners(false)
             .init()
             .forward(x);
-        self.conv.forward(up)
+        kernels::conv2d(&self.conv, up)
     }
 }

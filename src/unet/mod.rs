@@ -7,6 +7,7 @@ pub mod config;
 
 pub use config::UNetConfig;
 
+use crate::kernels;
 use anyhow::Result;
 use blocks::{
     Attention, Downsample, Norm, ResBlock, SinusoidSpec, TimeEmbedding, Upsample, conv, group_norm,
@@ -146,7 +147,7 @@ impl UNet {
         }
         let ta = silu(temb);
 
-        let mut h = self.stem.forward(x);
+        let mut h = kernels::conv2d(&self.stem, x);
         let mut skips = vec![h.clone()];
         for level in &self.down {
             for (block, attn) in level.blocks.iter().zip(&level.attn) {
@@ -179,6 +180,6 @@ impl UNet {
                 h = u.forward(h, [sh, sw]);
             }
         }
-        self.out_conv.forward(silu(self.out_norm.forward(h)))
+        kernels::conv2d(&self.out_conv, kernels::group_norm(&self.out_norm, h, true))
     }
 }

@@ -4,6 +4,7 @@ mod cli;
 mod data;
 mod eval;
 mod interop;
+mod kernels;
 mod parity;
 mod sampler;
 mod schedule;

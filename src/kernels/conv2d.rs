@@ -1,0 +1,456 @@
+//! 2-D convolution on f32 NCHW buffers: forward, input gradient and weight gradient, each as
+//! im2col plus one matrix product per image, images spread over the cores.
+//!
+//! Shapes: input `x` [B, C_in, H, W], weight `w` [C_out, C_in, kh, kw] (burn's and PyTorch's
+//! layout, read as the matrix W [C_out, K] with K = C_in·kh·kw), output `y` [B, C_out, OH, OW]
+//! with `OH = (H + 2·pad_h - kh) / stride_h + 1` (likewise OW). For one image, with the column
+//! matrix `col(x)` [K, OH·OW] whose row `(ci·kh + ky)·kw + kx` holds
+//! `x[ci, oy·s_h + ky - p_h, ox·s_w + kx - p_w]` (zero outside the image):
+//!
+//! - forward: `y = W · col(x) + b`;
+//! - input gradient: `dx = col⁻¹(Wᵀ · dy)`, where `col⁻¹` adds each column entry back onto the
+//!   input pixel it was read from (the adjoint of `col`);
+//! - weight gradient: `dW = Σ_images dy · col(x)ᵀ`, bias gradient `db = Σ_images,pixels dy`.
+//!
+//! These are the textbook identities of convolution as a matrix product (Chellapilla et al.,
+//! "High Performance Convolutional Neural Networks for Document Processing", 2006).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Geometry of one convolution (groups = 1, dilation = 1, symmetric padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// Output height and width.
+    pub fn out_hw(&self) -> [usize; 2] {
+        [
+            (self.h + 2 * self.pad[0] - self.kh) / self.stride[0] + 1,
+            (self.w + 2 * self.pad[1] - self.kw) / self.stride[1] + 1,
+        ]
+    }
+
+    /// K = C_in·kh·kw: the length of one column.
+    pub fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    /// OH·OW: output pixels per image.
+    pub fn n(&self) -> usize {
+        let [oh, ow] = self.out_hw();
+        oh * ow
+    }
+
+    /// 1x1, stride 1, no padding: the image itself is its column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0, 0]
+    }
+
+    /// Whether this geometry is one the kernels handle (anything with a non-empty output).
+    pub fn is_valid(&self) -> bool {
+        self.stride[0] > 0
+            && self.stride[1] > 0
+            && self.h + 2 * self.pad[0] >= self.kh
+            && self.w + 2 * self.pad[1] >= self.kw
+            && self.kh > 0
+            && self.kw > 0
+    }
+}
+
+/// For output coordinate range `0..out` along one axis, kernel offset `k`: the first and one
+/// past the last output index whose input index `o·s + k - p` lies in `0..len`.
+fn valid_range(out: usize, len: usize, k: usize, s: usize, p: usize) -> (usize, usize) {
+    // o·s + k >= p  <=>  o >= ceil((p - k) / s)
+    let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
+    // o·s + k - p <= len - 1  <=>  o <= (len - 1 + p - k) / s
+    let hi = if len + p > k {
+        ((len - 1 + p - k) / s + 1).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Writes `col(x)` [K, OH·OW] of one image `x` [C_in, H, W].
+fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
+    let [oh, ow] = g.out_hw();
+    let n = oh * ow;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.pad;
+    for ci in 0..g.c_in {
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (oy0, oy1) = valid_range(oh, g.h, ky, sh, ph);
+            for kx in 0..g.kw {
+                let (ox0, ox1) = valid_range(ow, g.w, kx, sw, pw);
+                let row = &mut col[((ci * g.kh + ky) * g.kw + kx) * n..][..n];
+                row[..oy0 * ow].fill(0.0);
+                row[oy1 * ow..].fill(0.0);
+                for oy in oy0..oy1 {
+                    let src = &plane[(oy * sh + ky - ph) * g.w..][..g.w];
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    dst[..ox0].fill(0.0);
+                    dst[ox1..].fill(0.0);
+                    if sw == 1 {
+                        let start = ox0 + kx - pw;
+                        dst[ox0..ox1].copy_from_slice(&src[start..start + (ox1 - ox0)]);
+                    } else {
+                        for (ox, d) in dst[ox0..ox1].iter_mut().enumerate() {
+                            *d = src[(ox + ox0) * sw + kx - pw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column matrix `col` [K, OH·OW] back onto the image `dx` [C_in, H, W] (the adjoint
+/// of [`im2col`]); `dx` must start zeroed.
+fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
+    let [oh, ow] = g.out_hw();
+    let n = oh * ow;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.pad;
+    for ci in 0..g.c_in {
+        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (oy0, oy1) = valid_range(oh, g.h, ky, sh, ph);
+            for kx in 0..g.kw {
+                let (ox0, ox1) = valid_range(ow, g.w, kx, sw, pw);
+                let row = &col[((ci * g.kh + ky) * g.kw + kx) * n..][..n];
+                for oy in oy0..oy1 {
+                    let dst = &mut plane[(oy * sh + ky - ph) * g.w..][..g.w];
+                    let src = &row[oy * ow..(oy + 1) * ow];
+                    if sw == 1 {
+                        let start = ox0 + kx - pw;
+                        for (d, s) in dst[start..start + (ox1 - ox0)]
+                            .iter_mut()
+                            .zip(&src[ox0..ox1])
+                        {
+                            *d += *s;
+                        }
+                    } else {
+                        for ox in ox0..ox1 {
+                            dst[ox * sw + kx - pw] += src[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, all given by (row, column)
+/// strides in elements.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: every index the product reads or writes lies inside the slices: the caller passes
+    // strides that describe matrices of the stated sizes within them (checked in debug builds
+    // by the callers' length assertions).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2,
+            lhs.1,
+            rhs.0.as_ptr(),
+            rhs.2,
+            rhs.1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Parallelism inside one matrix product: the cores are spread over the images when there are
+/// enough of them, else over the product.
+fn inner_parallelism(batch: usize) -> Parallelism {
+    if batch >= rayon::current_num_threads() {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    }
+}
+
+/// Forward convolution: `y[b] = W · col(x[b]) + bias` for every image. Returns `y` [B, C_out,
+/// OH, OW].
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+    let (k, n) = (g.k(), g.n());
+    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
+    assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
+    let mut y = vec![0.0f32; g.batch * g.c_out * n];
+    if n == 0 || g.batch == 0 {
+        return y;
+    }
+    let par = inner_parallelism(g.batch);
+    let image = g.c_in * g.h * g.w;
+    y.par_chunks_mut(g.c_out * n).enumerate().for_each_init(
+        Vec::new,
+        |col: &mut Vec<f32>, (b, yb)| {
+            let xb = &x[b * image..(b + 1) * image];
+            let cols: &[f32] = if g.is_pointwise() {
+                xb
+            } else {
+                col.resize(k * n, 0.0);
+                im2col(xb, g, col);
+                col
+            };
+            if let Some(bias) = bias {
+                for (row, &bv) in yb.chunks_mut(n).zip(bias) {
+                    row.fill(bv);
+                }
+            }
+            matmul(
+                g.c_out,
+                n,
+                k,
+                yb,
+                (w, k as isize, 1),
+                (cols, n as isize, 1),
+                bias.is_some(),
+                par,
+            );
+        },
+    );
+    y
+}
+
+/// Input gradient: `dx[b] = col⁻¹(Wᵀ · dy[b])`. Returns `dx` [B, C_in, H, W].
+pub fn backward_input(dy: &[f32], w: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (k, n) = (g.k(), g.n());
+    assert_eq!(
+        dy.len(),
+        g.batch * g.c_out * n,
+        "conv2d output-gradient size"
+    );
+    let image = g.c_in * g.h * g.w;
+    let mut dx = vec![0.0f32; g.batch * image];
+    if n == 0 || g.batch == 0 {
+        return dx;
+    }
+    let par = inner_parallelism(g.batch);
+    dx.par_chunks_mut(image)
+        .enumerate()
+        .for_each_init(Vec::new, |col: &mut Vec<f32>, (b, dxb)| {
+            let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
+            let wt = (w, 1, k as isize);
+            if g.is_pointwise() {
+                matmul(k, n, g.c_out, dxb, wt, (dyb, n as isize, 1), false, par);
+            } else {
+                col.resize(k * n, 0.0);
+                matmul(k, n, g.c_out, col, wt, (dyb, n as isize, 1), false, par);
+                col2im(col, g, dxb);
+            }
+        });
+    dx
+}
+
+/// Weight and bias gradients: `dW = Σ_b dy[b] · col(x[b])ᵀ` [C_out, C_in, kh, kw] and
+/// `db = Σ_b,pixels dy` [C_out].
+pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
+    let (k, n) = (g.k(), g.n());
+    let image = g.c_in * g.h * g.w;
+    assert_eq!(x.len(), g.batch * image, "conv2d input size");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.c_out * n,
+        "conv2d output-gradient size"
+    );
+    // One accumulator per chunk of IMAGES_PER_PARTIAL images, summed in chunk order at the
+    // end: the chunking depends on the batch alone (not on the number of cores), so the sums
+    // are the same bits on every machine.
+    const IMAGES_PER_PARTIAL: usize = 4;
+    let per = IMAGES_PER_PARTIAL;
+    let workers = g.batch.div_ceil(per).max(1);
+    let par = inner_parallelism(workers);
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = (0..workers)
+        .into_par_iter()
+        .map(|wi| {
+            let mut dw = vec![0.0f32; g.c_out * k];
+            let mut db = vec![0.0f32; g.c_out];
+            let mut col = Vec::new();
+            for b in wi * per..((wi + 1) * per).min(g.batch) {
+                let xb = &x[b * image..(b + 1) * image];
+                let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
+                let cols: &[f32] = if g.is_pointwise() {
+                    xb
+                } else {
+                    col.resize(k * n, 0.0);
+                    im2col(xb, g, &mut col);
+                    &col
+                };
+                matmul(
+                    g.c_out,
+                    k,
+                    n,
+                    &mut dw,
+                    (dyb, n as isize, 1),
+                    (cols, 1, n as isize),
+                    true,
+                    par,
+                );
+                for (d, row) in db.iter_mut().zip(dyb.chunks(n)) {
+                    *d += row.iter().sum::<f32>();
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut iter = partial.into_iter();
+    let (mut dw, mut db) = iter.next().unwrap_or_default();
+    for (pw, pb) in iter {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    if dw.is_empty() {
+        dw = vec![0.0; g.c_out * k];
+        db = vec![0.0; g.c_out];
+    }
+    (dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct definition: y[b,co,oy,ox] = bias[co] + Σ w[co,ci,ky,kx]·x[b,ci,oy·s+ky-p,ox·s+kx-p].
+    fn direct(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry) -> Vec<f32> {
+        let [oh, ow] = g.out_hw();
+        let mut y = vec![0.0f64; g.batch * g.c_out * oh * ow];
+        for b in 0..g.batch {
+            for co in 0..g.c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = bias[co] as f64;
+                        for ci in 0..g.c_in {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let iy = (oy * g.stride[0] + ky) as isize - g.pad[0] as isize;
+                                    let ix = (ox * g.stride[1] + kx) as isize - g.pad[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                    let wi = ((co * g.c_in + ci) * g.kh + ky) * g.kw + kx;
+                                    s += x[xi] as f64 * w[wi] as f64;
+                                }
+                            }
+                        }
+                        y[((b * g.c_out + co) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn geometries() -> Vec<ConvGeometry> {
+        let g = |batch, c_in, h, w, c_out, k, s, p| ConvGeometry {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: [s, s],
+            pad: [p, p],
+        };
+        vec![
+            g(3, 4, 7, 6, 5, 3, 1, 1),
+            g(2, 3, 8, 8, 4, 3, 2, 1),
+            g(1, 5, 5, 9, 3, 1, 1, 0),
+            g(2, 2, 6, 6, 3, 3, 2, 0),
+            g(4, 3, 4, 4, 2, 3, 1, 2),
+        ]
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / scale)
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn forward_matches_the_direct_sum() {
+        for g in geometries() {
+            let x = values(g.batch * g.c_in * g.h * g.w, 1);
+            let w = values(g.c_out * g.k(), 2);
+            let bias = values(g.c_out, 3);
+            let got = forward(&x, &w, Some(&bias), &g);
+            let want = direct(&x, &w, &bias, &g);
+            assert!(max_rel(&got, &want) < 1e-5, "{g:?}");
+        }
+    }
+
+    /// The gradients are the adjoints of the forward map: <dy, conv(x)> is linear in x and in
+    /// w, so <dy, conv(x; w)> = <backward_input(dy), x> = <backward_weight(x, dy), w> (no bias).
+    #[test]
+    fn gradients_are_adjoints_of_the_forward_map() {
+        for g in geometries() {
+            let x = values(g.batch * g.c_in * g.h * g.w, 4);
+            let w = values(g.c_out * g.k(), 5);
+            let dy = values(g.batch * g.c_out * g.n(), 6);
+            let y = forward(&x, &w, None, &g);
+            let dot = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum()
+            };
+            let lhs = dot(&dy, &y);
+            let dx = backward_input(&dy, &w, &g);
+            let (dw, db) = backward_weight(&x, &dy, &g);
+            let tol = 1e-4 * lhs.abs().max(1.0);
+            assert!((dot(&dx, &x) - lhs).abs() < tol, "input gradient {g:?}");
+            assert!((dot(&dw, &w) - lhs).abs() < tol, "weight gradient {g:?}");
+            let total: f64 = dy.iter().map(|v| *v as f64).sum();
+            assert!((db.iter().map(|v| *v as f64).sum::<f64>() - total).abs() < 1e-3);
+        }
+    }
+}
