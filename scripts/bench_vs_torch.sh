@@ -6,25 +6,38 @@
 #
 # Needs `pip install torch`. The reference script lives in the team's shared/bench folder
 # (default: ../shared/bench/reference_unet_torch.py). Knobs: ROUNDS (2), WARMUP (3), ITERS (10).
+# VARIANTS: '|'-separated environment settings, each run as its own A in every round, to
+# measure one change against another in the same session, e.g.
+#   VARIANTS='DIFFUSE_KERNELS=burn DIFFUSE_KEEP_FREED=0|DIFFUSE_KERNELS=burn|DIFFUSE_KERNELS=conv|default'
+# (DIFFUSE_KERNELS=burn: burn's own convolution and group norm; DIFFUSE_KEEP_FREED=0: glibc's
+# default malloc tuning; default: everything as shipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF=${1:-../shared/bench/reference_unet_torch.py}
 ROUNDS=${ROUNDS:-2}
+VARIANTS=${VARIANTS:-default}
 export WARMUP=${WARMUP:-3} ITERS=${ITERS:-10} LOSS_STEPS=${LOSS_STEPS:-0} TORCH_THREADS=${TORCH_THREADS:-2}
 [ -f "$REF" ] || { echo "error: PyTorch reference $REF not found" >&2; exit 1; }
 python3 -c 'import torch' 2>/dev/null || { echo "error: PyTorch is not installed: run 'pip install torch'" >&2; exit 1; }
 cargo build --release --quiet
+IFS='|' read -ra VARS <<< "$VARIANTS"
 out=$(mktemp -d)
+printf '%s\n' "${VARS[@]}" > "$out/variants"
 for r in $(seq 1 "$ROUNDS"); do
-  echo "== round $r: diffuse" >&2
-  /usr/bin/time -f 'maxrss_kb %M' -o "$out/a$r.rss" \
-    target/release/diffuse bench --warmup "$WARMUP" --iters "$ITERS" > "$out/a$r.txt" 2>/dev/null
+  for i in "${!VARS[@]}"; do
+    v=${VARS[$i]}
+    [ "$v" = default ] && v=
+    echo "== round $r: diffuse ${VARS[$i]}" >&2
+    env $v /usr/bin/time -f 'maxrss_kb %M' -o "$out/a${r}_$i.rss" \
+      target/release/diffuse bench --warmup "$WARMUP" --iters "$ITERS" > "$out/a${r}_$i.txt" 2>/dev/null
+  done
   echo "== round $r: pytorch" >&2
   /usr/bin/time -f 'maxrss_kb %M' -o "$out/b$r.rss" python3 "$REF" > "$out/b$r.txt" 2>/dev/null
 done
 python3 - "$out" "$ROUNDS" <<'PY'
 import re, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
+variants = open(f"{out}/variants").read().splitlines()
 keys = [("train B=16", "train_b16"), ("train B=64", "train_b64"), ("infer B=64", "infer_b64")]
 def read(path):
     text = open(path).read()
@@ -35,14 +48,16 @@ def read(path):
     m = re.search(r"maxrss_kb ([0-9]+)", open(path[:-4] + ".rss").read())
     vals["rss"] = int(m.group(1)) * 1024 / 1e9 if m else float("nan")
     return vals
-a = [read(f"{out}/a{r}.txt") for r in range(1, rounds + 1)]
 b = [read(f"{out}/b{r}.txt") for r in range(1, rounds + 1)]
-print(f"{'measure':<12}{'diffuse img/s':>16}{'pytorch img/s':>16}{'ratio':>8}")
-for _, key in keys:
-    ma = statistics.median(x[key] for x in a)
-    mb = statistics.median(x[key] for x in b)
-    runs = " ".join(f"{x[key]:.1f}/{y[key]:.1f}" for x, y in zip(a, b))
-    print(f"{key:<12}{ma:>16.2f}{mb:>16.2f}{ma / mb:>8.2f}   (A/B per round: {runs})")
-ra, rb = (statistics.median(x["rss"] for x in v) for v in (a, b))
-print(f"{'peak RSS GB':<12}{ra:>16.2f}{rb:>16.2f}{ra / rb:>8.2f}   (whole process: both B=16 and B=64 training, then inference)")
+for i, name in enumerate(variants):
+    a = [read(f"{out}/a{r}_{i}.txt") for r in range(1, rounds + 1)]
+    print(f"-- diffuse: {name}")
+    print(f"{'measure':<12}{'diffuse img/s':>16}{'pytorch img/s':>16}{'ratio':>8}")
+    for _, key in keys:
+        ma = statistics.median(x[key] for x in a)
+        mb = statistics.median(x[key] for x in b)
+        runs = " ".join(f"{x[key]:.1f}/{y[key]:.1f}" for x, y in zip(a, b))
+        print(f"{key:<12}{ma:>16.2f}{mb:>16.2f}{ma / mb:>8.2f}   (A/B per round: {runs})")
+    ra, rb = (statistics.median(x["rss"] for x in v) for v in (a, b))
+    print(f"{'peak RSS GB':<12}{ra:>16.2f}{rb:>16.2f}{ra / rb:>8.2f}   (whole process: both B=16 and B=64 training, then inference)")
 PY

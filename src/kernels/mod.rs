@@ -28,11 +28,15 @@ use burn_flex::{Flex, FlexTensor};
 use conv2d::ConvGeometry;
 use group_norm::NormGeometry;
 
-/// Whether the project's kernels may be used (on by default). `DIFFUSE_KERNELS=burn` turns them
-/// off for the whole process, which is how the benchmark measures burn's own path.
-pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DIFFUSE_KERNELS").map_or(true, |v| v != "burn"))
+/// Which of the project's kernels may be used: all by default. `DIFFUSE_KERNELS` narrows it
+/// for the whole process: `burn` (none: burn's own ops throughout), or a comma list of `conv`
+/// and `norm`. The benchmark uses it to measure each kernel's effect.
+fn enabled(kernel: &str) -> bool {
+    static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match CHOICE.get_or_init(|| std::env::var("DIFFUSE_KERNELS").ok()) {
+        None => true,
+        Some(list) => list.split(',').any(|k| k.trim() == kernel),
+    }
 }
 
 type AdFlex = Autodiff<Flex, NoCheckpointing>;
@@ -84,7 +88,7 @@ fn symmetric_padding(
 /// `module.forward(x)` for a burn `Conv2d`, on the project's kernel where it applies (see
 /// [`try_conv2d`]); burn's own convolution otherwise.
 pub fn conv2d(module: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    if enabled() {
+    if enabled("conv") {
         if let Some(y) = try_conv2d(module, x.clone()) {
             return y;
         }
@@ -212,7 +216,7 @@ fn conv2d_with(
 /// `module.forward(x)` for a burn `GroupNorm`, followed by SiLU when `silu` is set, fused on the
 /// project's kernel where it applies (see [`try_group_norm`]); burn's own ops otherwise.
 pub fn group_norm(module: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
-    if enabled() {
+    if enabled("norm") {
         if let Some(y) = try_group_norm(module, x.clone(), silu) {
             return y;
         }

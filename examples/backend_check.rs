@@ -1,0 +1,222 @@
+//! Compares the active backend (built with `--features vulkan` or `cuda`) against the Flex CPU
+//! backend on the embedded model, op by op and block by block, on the same inputs; prints the
+//! largest relative difference of each. Run on a GPU machine to find where a backend departs.
+//!
+//!   cargo run --release --features vulkan --example backend_check
+
+use anyhow::Result;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use diffuse::device::inference_device;
+use diffuse::model;
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec().unwrap()
+}
+
+fn report<const D: usize>(name: &str, a: Tensor<D>, b: Tensor<D>) {
+    let shape = a.dims();
+    let (a, b) = (host(a), host(b));
+    let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let bad = a.iter().any(|v| !v.is_finite());
+    println!(
+        "{name:<28} {shape:?}  max |diff| / max |ref| = {:.2e}{}",
+        diff / scale,
+        if bad { "  NON-FINITE" } else { "" }
+    );
+}
+
+fn input(shape: [usize; 4], seed: u32, dev: &Device) -> Tensor<4> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(2654435761) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), dev)
+}
+
+/// The embedded model's prediction type.
+fn loaded_prediction() -> Result<diffuse::schedule::Prediction> {
+    Ok(model::load(None, &Device::flex())?.config.prediction)
+}
+
+fn main() -> Result<()> {
+    let (gpu, cpu) = (inference_device(), Device::flex());
+    println!("backend {} against flex", diffuse::device::backend_name());
+    let mg = model::load(None, &gpu)?.unet;
+    let mc = model::load(None, &cpu)?.unet;
+    let x = |d: &Device| input([4, 1, 28, 28], 1, d);
+    let t = [999.0, 500.0, 250.0, 3.0];
+    let labels = [0usize, 3, 5, 9];
+
+    // Primitive ops.
+    let a = |d: &Device| input([2, 8, 6, 6], 2, d);
+    let b = |d: &Device| input([2, 8, 6, 6], 3, d);
+    report("add", a(&gpu) + b(&gpu), a(&cpu) + b(&cpu));
+    report("silu", silu(a(&gpu)), silu(a(&cpu)));
+    report(
+        "cat dim 1",
+        Tensor::cat(vec![a(&gpu), b(&gpu)], 1),
+        Tensor::cat(vec![a(&cpu), b(&cpu)], 1),
+    );
+    let mm = |d: &Device| {
+        let q: Tensor<4> = a(d).reshape([2, 2, 4, 36]).swap_dims(2, 3);
+        q.matmul(b(d).reshape([2, 2, 4, 36]))
+    };
+    report("matmul (swapped dims)", mm(&gpu), mm(&cpu));
+    report("softmax", softmax(mm(&gpu), 3), softmax(mm(&cpu), 3));
+    report("mean dim", a(&gpu).mean_dim(3), a(&cpu).mean_dim(3));
+    let ids =
+        |d: &Device| Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 3, 5, 9], [4, 1]), d);
+    if let (Some(eg), Some(ec)) = (&mg.class_embed, &mc.class_embed) {
+        report(
+            "class embedding",
+            eg.forward(ids(&gpu)),
+            ec.forward(ids(&cpu)),
+        );
+    }
+
+    // Blocks of the embedded model.
+    report(
+        "time embedding",
+        mg.time.forward(&t, &gpu),
+        mc.time.forward(&t, &cpu),
+    );
+    let ta = |m: &diffuse::unet::UNet, d: &Device| silu(m.time.forward(&t, d));
+    report(
+        "stem conv",
+        diffuse::kernels::conv2d(&mg.stem, x(&gpu)),
+        diffuse::kernels::conv2d(&mc.stem, x(&cpu)),
+    );
+    let h = |m: &diffuse::unet::UNet, d: &Device| diffuse::kernels::conv2d(&m.stem, x(d));
+    report(
+        "first res block",
+        mg.down[0].blocks[0].forward(h(&mg, &gpu), ta(&mg, &gpu)),
+        mc.down[0].blocks[0].forward(h(&mc, &cpu), ta(&mc, &cpu)),
+    );
+    report(
+        "group norm + silu",
+        diffuse::kernels::group_norm(&mg.down[0].blocks[0].norm1, h(&mg, &gpu), true),
+        diffuse::kernels::group_norm(&mc.down[0].blocks[0].norm1, h(&mc, &cpu), true),
+    );
+    if let (Some(dg), Some(dc)) = (&mg.down[0].downsample, &mc.down[0].downsample) {
+        report(
+            "downsample",
+            dg.forward(h(&mg, &gpu)),
+            dc.forward(h(&mc, &cpu)),
+        );
+    }
+    if let (Some(ag), Some(ac)) = (&mg.mid_attn, &mc.mid_attn) {
+        let c = mg.mid1.conv1.weight.dims()[1];
+        report(
+            "attention",
+            ag.forward(input([4, c, 7, 7], 4, &gpu)),
+            ac.forward(input([4, c, 7, 7], 4, &cpu)),
+        );
+    }
+    for (i, (lg, lc)) in mg.up.iter().zip(&mc.up).enumerate() {
+        if let (Some(ug), Some(uc)) = (&lg.upsample, &lc.upsample) {
+            let c = lg.blocks.last().unwrap().conv2.weight.dims()[0];
+            report(
+                &format!("upsample level {i}"),
+                ug.forward(input([2, c, 7, 7], 5, &gpu), [14, 14]),
+                uc.forward(input([2, c, 7, 7], 5, &cpu), [14, 14]),
+            );
+        }
+    }
+    report(
+        "whole U-Net, no class",
+        mg.forward(x(&gpu), &t, None),
+        mc.forward(x(&cpu), &t, None),
+    );
+    report(
+        "whole U-Net, classes",
+        mg.forward(x(&gpu), &t, Some(&labels)),
+        mc.forward(x(&cpu), &t, Some(&labels)),
+    );
+
+    // The pieces of one sampling step at batch 10, all items at one timestep.
+    let x10 = |d: &Device| input([10, 1, 28, 28], 8, d);
+    let classes: Vec<usize> = (0..10).collect();
+    report(
+        "U-Net, batch 10, t = 999",
+        mg.forward(x10(&gpu), &[999.0; 10], Some(&classes)),
+        mc.forward(x10(&cpu), &[999.0; 10], Some(&classes)),
+    );
+    let pred = loaded_prediction()?;
+    let sched_g = model::load(None, &gpu)?.schedule;
+    let split = |d: &Device| {
+        let (x0, eps) =
+            sched_g.split_prediction(pred, x10(d), input([10, 1, 28, 28], 9, d), &[999; 10]);
+        Tensor::cat(vec![x0, eps], 1)
+    };
+    report("split_prediction, batch 10", split(&gpu), split(&cpu));
+    for kind in diffuse::sampler::SamplerKind::ALL {
+        let one = |d: &Device| {
+            let m = model::load(None, &cpu).expect("model");
+            let choice = diffuse::sampler::SamplerChoice {
+                steps: 5,
+                ..Default::default()
+            };
+            let mut s = m
+                .scheduler
+                .build(kind, &m.schedule, &choice)
+                .expect("sampler");
+            let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
+            s.step(0, x10(d), input([10, 1, 28, 28], 9, d), &mut rng)
+        };
+        report(
+            &format!("{kind:?} one step, batch 10"),
+            one(&gpu),
+            one(&cpu),
+        );
+    }
+
+    // A short sampling run per sampler from the same noise, unguided.
+    let loaded_g = model::load(None, &gpu)?;
+    let loaded_c = model::load(None, &cpu)?;
+    for kind in diffuse::sampler::SamplerKind::ALL {
+        let run = |m: &model::LoadedModel, d: &Device| {
+            let choice = diffuse::sampler::SamplerChoice {
+                steps: 5,
+                ..Default::default()
+            };
+            let mut s = m
+                .scheduler
+                .build(kind, &m.schedule, &choice)
+                .expect("sampler");
+            let x0 = input([10, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
+            let opts = diffuse::sampler::GenerateOptions {
+                n: 10,
+                classes: Some((0..10).collect()),
+                guidance: 1.0,
+                seed: 0,
+            };
+            let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
+            diffuse::sampler::denoise_from(
+                &m.unet,
+                m.config.unet.num_classes,
+                x0,
+                s.as_mut(),
+                &opts,
+                &mut rng,
+                &mut |_, _| {},
+            )
+        };
+        report(
+            &format!("{kind:?} 5 steps"),
+            run(&loaded_g, &gpu),
+            run(&loaded_c, &cpu),
+        );
+    }
+    Ok(())
+}
