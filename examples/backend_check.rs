@@ -9,6 +9,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use diffuse::device::inference_device;
 use diffuse::model;
+use diffuse::sampler::SamplerKind;
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec().unwrap()
@@ -47,6 +48,17 @@ fn input(shape: [usize; 4], seed: u32, dev: &Device) -> Tensor<4> {
 /// The embedded model's prediction type.
 fn loaded_prediction() -> Result<diffuse::schedule::Prediction> {
     Ok(model::load(None, &Device::flex())?.config.prediction)
+}
+
+/// A 5-step sampler of `kind` for model `m`.
+fn five_steps(m: &model::LoadedModel, kind: SamplerKind) -> Box<dyn diffuse::sampler::Sampler> {
+    let choice = diffuse::sampler::SamplerChoice {
+        steps: 5,
+        ..Default::default()
+    };
+    m.scheduler
+        .build(kind, &m.schedule, &choice)
+        .expect("sampler")
 }
 
 fn main() -> Result<()> {
@@ -163,14 +175,7 @@ fn main() -> Result<()> {
     for kind in diffuse::sampler::SamplerKind::ALL {
         let one = |d: &Device| {
             let m = model::load(None, &cpu).expect("model");
-            let choice = diffuse::sampler::SamplerChoice {
-                steps: 5,
-                ..Default::default()
-            };
-            let mut s = m
-                .scheduler
-                .build(kind, &m.schedule, &choice)
-                .expect("sampler");
+            let mut s = five_steps(&m, kind);
             let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
             s.step(0, x10(d), input([10, 1, 28, 28], 9, d), &mut rng)
         };
@@ -186,14 +191,7 @@ fn main() -> Result<()> {
     let loaded_c = model::load(None, &cpu)?;
     for kind in diffuse::sampler::SamplerKind::ALL {
         let run = |m: &model::LoadedModel, d: &Device| {
-            let choice = diffuse::sampler::SamplerChoice {
-                steps: 5,
-                ..Default::default()
-            };
-            let mut s = m
-                .scheduler
-                .build(kind, &m.schedule, &choice)
-                .expect("sampler");
+            let mut s = five_steps(&m, kind);
             let x0 = input([10, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
             let opts = diffuse::sampler::GenerateOptions {
                 n: 10,

