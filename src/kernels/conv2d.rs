@@ -79,10 +79,13 @@ impl ConvGeometry {
         self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0, 0]
     }
 
-    /// Whether this geometry is one the kernels handle (anything with a non-empty output).
+    /// Whether this geometry is one the kernels handle: positive strides, at least one input and
+    /// output channel, and a kernel that fits the padded image.
     pub fn is_valid(&self) -> bool {
         self.stride[0] > 0
             && self.stride[1] > 0
+            && self.c_in > 0
+            && self.c_out > 0
             && self.h + 2 * self.pad[0] >= self.kh
             && self.w + 2 * self.pad[1] >= self.kw
             && self.kh > 0

@@ -234,7 +234,9 @@ pub fn group_norm(module: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
 pub fn try_group_norm(module: &GroupNorm, x: Tensor<4>, silu: bool) -> Option<Tensor<4>> {
     let [batch, channels, h, w] = x.dims();
     let (gamma, beta) = (module.gamma.as_ref()?.val(), module.beta.as_ref()?.val());
-    if channels != module.num_channels
+    let empty = batch == 0 || channels == 0 || h * w == 0;
+    if empty
+        || channels != module.num_channels
         || module.num_groups == 0
         || channels % module.num_groups != 0
     {
