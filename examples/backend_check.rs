@@ -45,11 +45,6 @@ fn input(shape: [usize; 4], seed: u32, dev: &Device) -> Tensor<4> {
     Tensor::from_data(TensorData::new(v, shape), dev)
 }
 
-/// The embedded model's prediction type.
-fn loaded_prediction() -> Result<diffuse::schedule::Prediction> {
-    Ok(model::load(None, &Device::flex())?.config.prediction)
-}
-
 /// A 5-step sampler of `kind` for model `m`.
 fn five_steps(m: &model::LoadedModel, kind: SamplerKind) -> Box<dyn diffuse::sampler::Sampler> {
     let choice = diffuse::sampler::SamplerChoice {
@@ -64,8 +59,10 @@ fn five_steps(m: &model::LoadedModel, kind: SamplerKind) -> Box<dyn diffuse::sam
 fn main() -> Result<()> {
     let (gpu, cpu) = (inference_device(), Device::flex());
     println!("backend {} against flex", diffuse::device::backend_name());
-    let mg = model::load(None, &gpu)?.unet;
-    let mc = model::load(None, &cpu)?.unet;
+    // The embedded model, loaded once per device.
+    let loaded_g = model::load(None, &gpu)?;
+    let loaded_c = model::load(None, &cpu)?;
+    let (mg, mc) = (&loaded_g.unet, &loaded_c.unet);
     let x = |d: &Device| input([4, 1, 28, 28], 1, d);
     let t = [999.0, 500.0, 250.0, 3.0];
     let labels = [0usize, 3, 5, 9];
@@ -164,8 +161,8 @@ fn main() -> Result<()> {
         mg.forward(x10(&gpu), &[999.0; 10], Some(&classes)),
         mc.forward(x10(&cpu), &[999.0; 10], Some(&classes)),
     );
-    let pred = loaded_prediction()?;
-    let sched_g = model::load(None, &gpu)?.schedule;
+    let pred = loaded_c.config.prediction;
+    let sched_g = &loaded_c.schedule;
     let split = |d: &Device| {
         let (x0, eps) =
             sched_g.split_prediction(pred, x10(d), input([10, 1, 28, 28], 9, d), &[999; 10]);
@@ -174,8 +171,8 @@ fn main() -> Result<()> {
     report("split_prediction, batch 10", split(&gpu), split(&cpu));
     for kind in diffuse::sampler::SamplerKind::ALL {
         let one = |d: &Device| {
-            let m = model::load(None, &cpu).expect("model");
-            let mut s = five_steps(&m, kind);
+            let m = &loaded_c;
+            let mut s = five_steps(m, kind);
             let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
             s.step(0, x10(d), input([10, 1, 28, 28], 9, d), &mut rng)
         };
@@ -187,11 +184,9 @@ fn main() -> Result<()> {
     }
 
     // A short sampling run per sampler from the same noise, unguided.
-    let loaded_g = model::load(None, &gpu)?;
-    let loaded_c = model::load(None, &cpu)?;
     for kind in diffuse::sampler::SamplerKind::ALL {
         let run = |m: &model::LoadedModel, d: &Device| {
-            let mut s = five_steps(&m, kind);
+            let mut s = five_steps(m, kind);
             let x0 = input([10, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
             let opts = diffuse::sampler::GenerateOptions {
                 n: 10,
