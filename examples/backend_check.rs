@@ -155,6 +155,22 @@ fn main() -> Result<()> {
 
     // The pieces of one sampling step at batch 10, all items at one timestep.
     let x10 = |d: &Device| input([10, 1, 28, 28], 8, d);
+    // Batch sizes: where does the U-Net start to depart, if it does?
+    for b in [1usize, 2, 3, 5, 8, 10, 16, 20] {
+        let xb = |d: &Device| input([b, 1, 28, 28], 11, d);
+        let ts = vec![500.0; b];
+        let cs: Vec<usize> = (0..b).map(|i| i % 10).collect();
+        report(
+            &format!("U-Net, batch {b}"),
+            mg.forward(xb(&gpu), &ts, Some(&cs)),
+            mc.forward(xb(&cpu), &ts, Some(&cs)),
+        );
+    }
+    // The same call twice on the GPU: buffer reuse must not change the answer.
+    let again = |d: &Device| mg.forward(x10(d), &[250.0; 10], Some(&(0..10).collect::<Vec<_>>()));
+    let first = again(&gpu);
+    let _ = again(&gpu);
+    report("U-Net batch 10, repeated", again(&gpu), first);
     let classes: Vec<usize> = (0..10).collect();
     report(
         "U-Net, batch 10, t = 999",
@@ -183,14 +199,119 @@ fn main() -> Result<()> {
         );
     }
 
+    // DDIM, 5 steps, batch 4, written out by hand, with each kind of barrier between steps:
+    // which one (if any) makes the GPU agree with Flex?
+    for mode in ["none", "sync", "readback", "host round trip"] {
+        let run = |m: &model::LoadedModel, d: &Device| {
+            let mut s = five_steps(m, SamplerKind::Ddim);
+            let mut x = input([4, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
+            let labels = [0usize, 3, 5, 9];
+            let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
+            for (i, &t) in s.timesteps().to_vec().iter().enumerate() {
+                let inp = s.scale_model_input(i, x.clone());
+                let out = m.unet.forward(inp, &[t; 4], Some(&labels));
+                x = s.step(i, x, out, &mut rng);
+                match mode {
+                    "sync" => d.sync().expect("sync"),
+                    "readback" => drop(x.to_data()),
+                    "host round trip" => x = Tensor::from_data(x.into_data(), d),
+                    _ => {}
+                }
+            }
+            x
+        };
+        report(
+            &format!("Ddim 5 steps by hand, {mode}"),
+            run(&loaded_g, &gpu),
+            run(&loaded_c, &cpu),
+        );
+    }
+    // Clone probe: an op given `x.clone()` must leave `x` as it was. A backend that reuses the
+    // buffer in place despite the clone corrupts the sampler's state.
+    {
+        let d = &gpu;
+        let xs = |d: &Device| input([4, 1, 28, 28], 12, d);
+        type Op<'a> = Box<dyn Fn(Tensor<4>) -> Tensor<4> + 'a>;
+        let ops: Vec<(&str, Op)> = vec![
+            ("mul scalar", Box::new(|x| x * 2.0)),
+            ("div scalar", Box::new(|x| x / 3.0)),
+            ("add scalar", Box::new(|x| x + 1.0)),
+            ("add tensor", Box::new(|x| x.clone() + xs(d))),
+            ("silu", Box::new(silu)),
+            ("clamp", Box::new(|x| x.clamp(-0.5, 0.5))),
+            (
+                "stem conv",
+                Box::new(|x| diffuse::kernels::conv2d(&mg.stem, x)),
+            ),
+            (
+                "U-Net",
+                Box::new(|x| mg.forward(x, &[500.0; 4], Some(&labels))),
+            ),
+        ];
+        for (name, f) in ops {
+            let x = xs(d);
+            let y = f(x.clone());
+            drop(y.to_data());
+            report(&format!("clone probe: {name}"), x, xs(&cpu));
+        }
+    }
+    // The sampling loop with the model's input a deep copy of x, not a clone of it.
+    {
+        let run = |m: &model::LoadedModel, d: &Device| {
+            let mut s = five_steps(m, SamplerKind::Ddim);
+            let mut x = input([4, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
+            let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
+            for (i, &t) in s.timesteps().to_vec().iter().enumerate() {
+                let copy = Tensor::from_data(x.to_data(), d);
+                let inp = s.scale_model_input(i, copy);
+                let out = m.unet.forward(inp, &[t; 4], Some(&labels));
+                x = s.step(i, x, out, &mut rng);
+            }
+            x
+        };
+        report(
+            "Ddim 5 steps, input deep copy",
+            run(&loaded_g, &gpu),
+            run(&loaded_c, &cpu),
+        );
+    }
+    // Lockstep: at every step both devices start from Flex's state, so the first line that
+    // departs names the step and the stage (model or update).
+    for kind in [SamplerKind::Ddim, SamplerKind::Euler] {
+        let mut sg = five_steps(&loaded_c, kind);
+        let mut sc = five_steps(&loaded_c, kind);
+        let mut xc = input([4, 1, 28, 28], 7, &cpu) * (sc.init_noise_sigma() as f32);
+        let labels = [0usize, 3, 5, 9];
+        let mut rg = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
+        let mut rc = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
+        let up = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &gpu);
+        for (i, &t) in sc.timesteps().to_vec().iter().enumerate() {
+            let ic = sc.scale_model_input(i, xc.clone());
+            let ig = sg.scale_model_input(i, up(&xc));
+            report(
+                &format!("{kind:?} lockstep {i} (t={t}) input"),
+                ig.clone(),
+                ic.clone(),
+            );
+            let oc = mc.forward(ic.clone(), &[t; 4], Some(&labels));
+            let og = mg.forward(up(&ic), &[t; 4], Some(&labels));
+            report(&format!("{kind:?} lockstep {i} model"), og, oc.clone());
+            let xg = sg.step(i, up(&xc), up(&oc), &mut rg);
+            xc = sc.step(i, xc, oc, &mut rc);
+            report(&format!("{kind:?} lockstep {i} update"), xg, xc.clone());
+        }
+    }
     // A short sampling run per sampler from the same noise, unguided.
-    for kind in diffuse::sampler::SamplerKind::ALL {
+    for (kind, nb) in diffuse::sampler::SamplerKind::ALL
+        .into_iter()
+        .flat_map(|k| [(k, 4usize), (k, 10)])
+    {
         let run = |m: &model::LoadedModel, d: &Device| {
             let mut s = five_steps(m, kind);
-            let x0 = input([10, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
+            let x0 = input([nb, 1, 28, 28], 7, d) * (s.init_noise_sigma() as f32);
             let opts = diffuse::sampler::GenerateOptions {
-                n: 10,
-                classes: Some((0..10).collect()),
+                n: nb,
+                classes: Some((0..nb).map(|i| i % 10).collect()),
                 guidance: 1.0,
                 seed: 0,
             };
@@ -206,7 +327,7 @@ fn main() -> Result<()> {
             )
         };
         report(
-            &format!("{kind:?} 5 steps"),
+            &format!("{kind:?} 5 steps, batch {nb}"),
             run(&loaded_g, &gpu),
             run(&loaded_c, &cpu),
         );

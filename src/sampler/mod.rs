@@ -180,6 +180,29 @@ pub fn generate(
     denoise_from(model, num_classes, x, sampler, opts, &mut rng, on_step)
 }
 
+/// Where the sampler's own arithmetic runs: the CPU (Flex) in GPU builds, the model's device
+/// otherwise. On burn 0.22.1's fused GPU backend (Vulkan, seen on an H200), a sampling loop run
+/// on the GPU drifted far from Flex although every model call and every single update matched
+/// it to 1e-6 when given fresh tensors (`examples/backend_check.rs`, "lockstep"): an update
+/// that reads a tensor through clones was seen to go wrong. So in GPU builds the GPU gets one
+/// fresh upload per model call and the updates (a few element-wise operations) run on the host.
+fn sampler_device(model_device: &Device) -> Device {
+    if cfg!(any(feature = "cuda", feature = "vulkan")) {
+        Device::flex()
+    } else {
+        model_device.clone()
+    }
+}
+
+/// `t` on `device`: itself when already there, else a copy through host memory.
+fn moved(t: Tensor<4>, device: &Device) -> Tensor<4> {
+    if t.device() == *device {
+        t
+    } else {
+        Tensor::from_data(t.into_data(), device)
+    }
+}
+
 /// Runs the reverse process from a given starting sample `x` (pure noise for generation).
 pub fn denoise_from(
     model: &UNet,
@@ -197,6 +220,9 @@ pub fn denoise_from(
         _ => None,
     };
     let guided = labels.is_some() && opts.classes.is_some() && opts.guidance != 1.0;
+    let model_device = x.device();
+    let host = sampler_device(&model_device);
+    x = moved(x, &host);
     let timesteps = sampler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
         let input = sampler.scale_model_input(i, x.clone());
@@ -205,16 +231,17 @@ pub fn denoise_from(
             let k = num_classes.expect("guided implies classes");
             let mut both = labels.clone();
             both.extend(std::iter::repeat_n(k, n));
-            let xx = Tensor::cat(vec![input.clone(), input], 0);
-            let out = model.forward(xx, &vec![t; 2 * n], Some(&both));
+            let xx = moved(Tensor::cat(vec![input.clone(), input], 0), &model_device);
+            let out = moved(model.forward(xx, &vec![t; 2 * n], Some(&both)), &host);
             let cond = out.clone().narrow(0, 0, n);
             let uncond = out.narrow(0, n, n);
             uncond.clone() + (cond - uncond) * opts.guidance
         } else {
-            model.forward(input, &vec![t; n], labels.as_deref())
+            let input = moved(input, &model_device);
+            moved(model.forward(input, &vec![t; n], labels.as_deref()), &host)
         };
         x = sampler.step(i, x, out, rng);
         on_step(i, &sampler.to_model_space(i, x.clone()));
     }
-    x
+    moved(x, &model_device)
 }
