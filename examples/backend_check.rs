@@ -314,6 +314,7 @@ fn main() -> Result<()> {
                 classes: Some((0..nb).map(|i| i % 10).collect()),
                 guidance: 1.0,
                 seed: 0,
+                cancel: None,
             };
             let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
             diffuse::sampler::denoise_from(

@@ -140,10 +140,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Peak resident memory of this process (VmHWM), 0 where /proc is not available.
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_kb("VmHWM:")
+}
+
+/// Resident memory of this process now (VmRSS), 0 where /proc is not available.
+pub fn current_rss_bytes() -> u64 {
+    proc_status_kb("VmRSS:")
+}
+
+fn proc_status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<u64>().ok())

@@ -94,12 +94,17 @@ pub fn display_factor(size: usize) -> u32 {
     (64 / size.max(1)).clamp(1, 8) as u32
 }
 
+/// An RGB image encoded as PNG bytes (what [`save_png`] writes).
+pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png)?;
+    Ok(buf.into_inner())
+}
+
 /// Saves an RGB image as PNG atomically, naming the path in errors.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png)
-        .with_context(|| format!("cannot encode {}", path.display()))?;
-    crate::weights::write_atomic(path, buf.get_ref())
+    let bytes = png_bytes(img).with_context(|| format!("cannot encode {}", path.display()))?;
+    crate::weights::write_atomic(path, &bytes)
 }
 
 /// Loads an image file as a `[1, C, S, S]` model-space tensor (resized and centre-cropped).

@@ -17,6 +17,7 @@ pub mod plot;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod serve;
 pub mod train;
 pub mod unet;
 pub mod weights;

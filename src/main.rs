@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 mod cli {
     pub mod eval;
+    pub mod serve;
 }
 
 #[derive(Parser)]
@@ -71,6 +72,10 @@ enum Cmd {
         #[arg(long)]
         diffusers: PathBuf,
     },
+    /// Serve an HTTP API and a web page for generating images (loopback by default).
+    Serve(cli::serve::ServeArgs),
+    /// Load-test a running `diffuse serve` on loopback: good and bad requests, hang-ups.
+    Loadtest(cli::serve::LoadTestArgs),
     /// Rewrite a model file, e.g. in half precision for shipping.
     Convert {
         /// Run folder or model file.
@@ -305,6 +310,8 @@ fn main() {
         Cmd::Fid(a) => cli::eval::fid(a),
         Cmd::Eval(a) => cli::eval::eval_cmd(a),
         Cmd::Export { model, diffusers } => export(model.as_deref(), &diffusers),
+        Cmd::Serve(a) => cli::serve::serve_cmd(a),
+        Cmd::Loadtest(a) => cli::serve::loadtest_cmd(a),
         Cmd::Bench {
             warmup,
             iters,
@@ -397,6 +404,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         classes,
         guidance: a.guidance,
         seed: a.seed,
+        cancel: None,
     };
     let total = sampler.timesteps().len();
     let pb = bar(

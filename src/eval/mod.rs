@@ -389,6 +389,7 @@ pub fn sample_images(
             classes: classes.as_ref().map(|c| c[start..start + b].to_vec()),
             guidance,
             seed: seed.wrapping_add(bi as u64),
+            cancel: None,
         };
         let x: Tensor<4> = generate(
             &m.unet,

@@ -20,6 +20,8 @@ use crate::rng::{Stream, normal_tensor, rng_for};
 use crate::unet::UNet;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where a stochastic sampler takes its standard normal noise from: a seeded generator in
 /// normal use, or recorded draws (to replay another implementation's trajectory in tests).
@@ -158,6 +160,9 @@ pub struct GenerateOptions {
     pub guidance: f32,
     /// Seed of every random draw of the run.
     pub seed: u64,
+    /// Checked before every step: once set, the run stops early and returns the sample as it
+    /// is (for the caller who set it to discard). `None`: runs to the end.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Runs the full reverse process from pure Gaussian noise. `num_classes` is the model's class
@@ -225,6 +230,13 @@ pub fn denoise_from(
     x = moved(x, &host);
     let timesteps = sampler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            break;
+        }
         let input = sampler.scale_model_input(i, x.clone());
         let out = if guided {
             let labels = labels.as_ref().expect("guided implies labels");

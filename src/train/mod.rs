@@ -404,6 +404,7 @@ fn preview(
         classes,
         guidance: 1.0,
         seed: cfg.train.seed,
+        cancel: None,
     };
     let x = generate(
         ema,

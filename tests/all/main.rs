@@ -1,5 +1,6 @@
 //! The test suite, as one binary: `cargo test --release`.
 
+mod browser;
 mod cli;
 mod data;
 mod eval;
@@ -8,4 +9,5 @@ mod kernels;
 mod parity;
 mod sampler;
 mod schedule;
+mod serve;
 mod unet;

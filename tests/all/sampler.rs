@@ -108,6 +108,7 @@ fn same_seed_same_bits_other_seed_other_images() {
             classes: Some(vec![0, 1, 2]),
             guidance,
             seed,
+            cancel: None,
         };
         to_vec(generate(
             &m,

@@ -1,0 +1,199 @@
+//! The JSON API's shapes: the generate request, its checks against the model and the
+//! server's limits, and the error body every 4xx/5xx carries (`{"error": "..."}`).
+
+use super::jobs::JobSpec;
+use crate::model::ModelConfig;
+use crate::sampler::SamplerKind;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/generate` body. Unknown fields are refused, so a misspelt option is an error
+/// rather than silently ignored.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// For a class-conditioned model: a class name (as `class`). Text models are not served
+    /// yet.
+    pub prompt: Option<String>,
+    /// Class index or name.
+    pub class: Option<ClassSpec>,
+    /// Number of images (default 1).
+    pub n: Option<u64>,
+    /// Sampling steps (default: 50, or all T for ddpm).
+    pub steps: Option<u64>,
+    /// ddpm, ddim, dpmpp-2m, euler, euler-a or heun (default euler-a: at 50 steps the closest
+    /// to 1000-step DDPM on the embedded model, docs/steps-quality.md).
+    pub sampler: Option<String>,
+    /// Classifier-free guidance weight (default 2; 1 = none).
+    pub guidance: Option<f64>,
+    /// Seed of every random draw (default: drawn by the server and returned).
+    pub seed: Option<u64>,
+    /// DDIM noise weight, 0 to 1 (default 0).
+    pub eta: Option<f64>,
+}
+
+/// A class given as its index or its name.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ClassSpec {
+    Index(u64),
+    Name(String),
+}
+
+/// Per-request limits (`diffuse serve --max-n ...`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Limits {
+    pub max_n: usize,
+    pub max_steps: usize,
+    pub max_body_bytes: usize,
+    pub timeout_s: u64,
+}
+
+/// The largest guidance weight accepted (far beyond any useful one).
+pub const MAX_GUIDANCE: f64 = 100.0;
+/// The longest prompt accepted, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 1000;
+
+/// Checks a request against the model and the limits; the error is a message for the client.
+pub fn validate(
+    req: &GenerateRequest,
+    model: &ModelConfig,
+    schedule_len: usize,
+    limits: &Limits,
+    default_seed: u64,
+) -> Result<JobSpec, String> {
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > limits.max_n as u64 {
+        return Err(format!(
+            "n must be between 1 and {} (got {n})",
+            limits.max_n
+        ));
+    }
+    let n = n as usize;
+    let sampler: SamplerKind = match &req.sampler {
+        None => SamplerKind::EulerAncestral,
+        Some(s) => s.parse().map_err(|e| format!("sampler: {e}"))?,
+    };
+    let max_steps = limits.max_steps.min(schedule_len);
+    let steps = match req.steps {
+        Some(s) => s,
+        None if sampler == SamplerKind::Ddpm => max_steps as u64,
+        None => 50.min(max_steps) as u64,
+    };
+    if steps == 0 || steps > max_steps as u64 {
+        return Err(format!(
+            "steps must be between 1 and {max_steps} (got {steps})"
+        ));
+    }
+    let guidance = req.guidance.unwrap_or(2.0);
+    if !(guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&guidance)) {
+        return Err(format!(
+            "guidance must be between 0 and {MAX_GUIDANCE} (got {guidance})"
+        ));
+    }
+    let eta = req.eta.unwrap_or(0.0);
+    if !(eta.is_finite() && (0.0..=1.0).contains(&eta)) {
+        return Err(format!("eta must be between 0 and 1 (got {eta})"));
+    }
+    let class = match (&req.class, &req.prompt) {
+        (Some(_), Some(_)) => return Err("give either class or prompt, not both".into()),
+        (Some(c), None) => Some(c.clone()),
+        (None, Some(p)) => {
+            if p.len() > MAX_PROMPT_BYTES {
+                return Err(format!(
+                    "prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+                    p.len()
+                ));
+            }
+            if p.trim().is_empty() {
+                None
+            } else if model.unet.num_classes.is_some() {
+                Some(ClassSpec::Name(p.trim().to_string()))
+            } else {
+                return Err(
+                    "this model is unconditioned: it takes no prompt (leave prompt out)".into(),
+                );
+            }
+        }
+        (None, None) => None,
+    };
+    let classes = match class {
+        None => None,
+        Some(c) => {
+            let spec = match c {
+                ClassSpec::Index(i) => i.to_string(),
+                ClassSpec::Name(s) => s,
+            };
+            let idx = model.class_index(&spec).map_err(|e| {
+                e.to_string()
+                    .replace("--class was given", "class was given")
+                    .replace("--class ", "class ")
+            })?;
+            Some(vec![idx; n])
+        }
+    };
+    Ok(JobSpec {
+        n,
+        classes,
+        steps: steps as usize,
+        sampler,
+        eta,
+        guidance: guidance as f32,
+        seed: req.seed.unwrap_or(default_seed),
+    })
+}
+
+/// `GET /v1/models`: what the served model generates and takes.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub id: String,
+    pub image_size: usize,
+    pub channels: usize,
+    /// `class`, or `none` for an unconditioned model.
+    pub conditioning: &'static str,
+    pub classes: Vec<String>,
+    pub samplers: Vec<&'static str>,
+    pub timesteps: usize,
+    pub limits: Limits,
+}
+
+impl ModelInfo {
+    pub fn new(id: &str, cfg: &ModelConfig, timesteps: usize, limits: Limits) -> Self {
+        let classes = match cfg.unet.num_classes {
+            Some(k) if cfg.class_names.len() == k => cfg.class_names.clone(),
+            Some(k) => (0..k).map(|i| i.to_string()).collect(),
+            None => Vec::new(),
+        };
+        Self {
+            id: id.to_string(),
+            image_size: cfg.unet.image_size,
+            channels: cfg.unet.in_channels,
+            conditioning: if cfg.unet.num_classes.is_some() {
+                "class"
+            } else {
+                "none"
+            },
+            classes,
+            samplers: SamplerKind::ALL.iter().map(|k| k.name()).collect(),
+            timesteps,
+            limits,
+        }
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `POST /v1/generate` answer as JSON (several images, or when JSON is asked for).
+#[derive(Debug, Serialize)]
+pub struct GenerateResponse {
+    /// Base64 PNGs, one per image.
+    pub images: Vec<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub sampler: &'static str,
+    pub classes: Option<Vec<usize>>,
+    pub seconds: f64,
+}
