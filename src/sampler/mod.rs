@@ -36,6 +36,47 @@ impl NoiseSource for ChaCha8Rng {
     }
 }
 
+/// Noise for a batch made of several requests, each with its own seed: request `j` owns `n_j`
+/// consecutive images and every draw for them comes from its own generator, so each request
+/// gets the noise it would get alone (`rng_for(seed, Sample, 0)`, as [`generate`] uses).
+pub struct SeededNoise {
+    parts: Vec<(usize, ChaCha8Rng)>,
+}
+
+impl SeededNoise {
+    /// `(images, seed)` per request, in batch order.
+    pub fn new(parts: &[(usize, u64)]) -> Self {
+        Self {
+            parts: parts
+                .iter()
+                .map(|&(n, seed)| (n, rng_for(seed, Stream::Sample, 0)))
+                .collect(),
+        }
+    }
+
+    /// Images in the batch.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.0).sum()
+    }
+
+    /// True when no request is in the batch.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl NoiseSource for SeededNoise {
+    fn normal(&mut self, dims: [usize; 4], device: &Device) -> Tensor<4> {
+        assert_eq!(dims[0], self.len(), "noise batch size");
+        let per: usize = dims[1..].iter().product();
+        let mut v = Vec::with_capacity(dims[0] * per);
+        for (n, rng) in &mut self.parts {
+            v.extend(crate::rng::normal_vec(rng, *n * per));
+        }
+        Tensor::from_data(TensorData::new(v, dims), device)
+    }
+}
+
 /// What is done to the predicted clean image `x0_hat` before a sampler uses it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum X0Clamp {
@@ -177,12 +218,37 @@ pub fn generate(
     device: &Device,
     on_step: &mut dyn FnMut(usize, &Tensor<4>),
 ) -> Tensor<4> {
-    let mut rng = rng_for(opts.seed, Stream::Sample, 0);
+    let mut noise = SeededNoise::new(&[(opts.n, opts.seed)]);
+    generate_with(
+        model,
+        num_classes,
+        shape,
+        sampler,
+        opts,
+        &mut noise,
+        device,
+        on_step,
+    )
+}
+
+/// [`generate`] with the noise drawn from `noise` (e.g. a [`SeededNoise`] of several
+/// requests batched together; `opts.seed` is then unused).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with(
+    model: &UNet,
+    num_classes: Option<usize>,
+    shape: [usize; 3],
+    sampler: &mut dyn Sampler,
+    opts: &GenerateOptions,
+    noise: &mut dyn NoiseSource,
+    device: &Device,
+    on_step: &mut dyn FnMut(usize, &Tensor<4>),
+) -> Tensor<4> {
     let [c, h, w] = shape;
-    let x = normal_tensor(&mut rng, [opts.n, c, h, w], device);
+    let x = noise.normal([opts.n, c, h, w], device);
     let sigma = sampler.init_noise_sigma();
     let x = if sigma != 1.0 { x * (sigma as f32) } else { x };
-    denoise_from(model, num_classes, x, sampler, opts, &mut rng, on_step)
+    denoise_from(model, num_classes, x, sampler, opts, noise, on_step)
 }
 
 /// Where the sampler's own arithmetic runs: the CPU (Flex) in GPU builds, the model's device
@@ -215,7 +281,7 @@ pub fn denoise_from(
     mut x: Tensor<4>,
     sampler: &mut dyn Sampler,
     opts: &GenerateOptions,
-    rng: &mut ChaCha8Rng,
+    rng: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(usize, &Tensor<4>),
 ) -> Tensor<4> {
     let n = x.dims()[0];

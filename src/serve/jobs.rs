@@ -7,7 +7,7 @@
 
 use crate::imageio::{ImageBatch, png_bytes};
 use crate::model::LoadedModel;
-use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
+use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, SeededNoise, generate_with};
 use burn::tensor::Device;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -191,93 +191,176 @@ impl Queue {
     }
 }
 
+/// Most images the worker puts in one batch.
+pub const MAX_BATCH_IMAGES: usize = 32;
+
+/// Jobs that can share one sampling loop: same sampler, steps, eta, guidance, and all with
+/// or all without classes. Seeds, classes and sizes may differ.
+fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
+    a.sampler == b.sampler
+        && a.steps == b.steps
+        && a.eta.to_bits() == b.eta.to_bits()
+        && a.guidance.to_bits() == b.guidance.to_bits()
+        && a.classes.is_some() == b.classes.is_some()
+}
+
 fn worker(model: LoadedModel, device: Device, rx: Receiver<Job>, stats: Arc<Stats>) {
-    for job in rx {
-        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+    // A job taken off the channel that could not join the last batch starts the next one.
+    let mut next: Option<Job> = None;
+    loop {
+        let Some(first) = next.take().or_else(|| rx.recv().ok()) else {
+            return;
+        };
+        // Whatever is waiting and fits joins the batch: under load, batches form by themselves.
+        let mut batch = vec![first];
+        let mut images = batch[0].spec.n;
+        while images < MAX_BATCH_IMAGES {
+            match rx.try_recv() {
+                Ok(j)
+                    if compatible(&batch[0].spec, &j.spec)
+                        && images + j.spec.n <= MAX_BATCH_IMAGES =>
+                {
+                    images += j.spec.n;
+                    batch.push(j);
+                }
+                Ok(j) => {
+                    next = Some(j);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        stats.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
         // Past its deadline the handler has answered 504 (and dropped its ticket, which sets
         // the cancel flag too): that is a time-out, not a client that left.
-        let outcome = if Instant::now() >= job.deadline {
-            Err(JobError::TimedOut)
-        } else if job.cancel.load(Ordering::Relaxed) {
-            Err(JobError::Cancelled)
-        } else {
-            stats.running.fetch_add(1, Ordering::Relaxed);
-            let r = run(&model, &device, &job, &stats);
-            stats.running.fetch_sub(1, Ordering::Relaxed);
-            r
-        };
-        let counter = match &outcome {
-            Ok(_) => &stats.completed,
-            Err(JobError::Cancelled) => &stats.cancelled,
-            Err(JobError::TimedOut) => &stats.timed_out,
-            Err(JobError::Failed(_)) => &stats.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        // The handler may be gone (client left): nothing to tell then.
-        let _ = job.done.send(outcome);
+        let now = Instant::now();
+        let (live, dead): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|j| now < j.deadline && !j.cancel.load(Ordering::Relaxed));
+        for j in dead {
+            finish(j, Err(JobError::Cancelled), &stats);
+        }
+        if live.is_empty() {
+            continue;
+        }
+        stats.running.fetch_add(live.len(), Ordering::Relaxed);
+        let outcomes = run(&model, &device, &live, &stats);
+        stats.running.fetch_sub(live.len(), Ordering::Relaxed);
+        for (j, o) in live.into_iter().zip(outcomes) {
+            finish(j, o, &stats);
+        }
     }
 }
 
+/// Counts a job's outcome and hands it to its handler (if it is still there).
+fn finish(job: Job, outcome: Result<JobOutput, JobError>, stats: &Stats) {
+    let outcome = match outcome {
+        Err(JobError::Cancelled) if Instant::now() >= job.deadline => Err(JobError::TimedOut),
+        o => o,
+    };
+    let counter = match &outcome {
+        Ok(_) => &stats.completed,
+        Err(JobError::Cancelled) => &stats.cancelled,
+        Err(JobError::TimedOut) => &stats.timed_out,
+        Err(JobError::Failed(_)) => &stats.failed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let _ = job.done.send(outcome);
+}
+
+/// Runs compatible jobs as one batch; one outcome per job, in order.
 fn run(
     model: &LoadedModel,
     device: &Device,
-    job: &Job,
+    jobs: &[Job],
     stats: &Stats,
-) -> Result<JobOutput, JobError> {
+) -> Vec<Result<JobOutput, JobError>> {
     let t0 = Instant::now();
-    let spec = &job.spec;
+    let spec = &jobs[0].spec;
     let choice = SamplerChoice {
         steps: spec.steps,
         eta: spec.eta,
         ..Default::default()
     };
-    let mut sampler = model
+    let mut sampler = match model
         .scheduler
         .build(spec.sampler, &model.schedule, &choice)
-        .map_err(|e| JobError::Failed(format!("{e:#}")))?;
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let e = JobError::Failed(format!("{e:#}"));
+            return jobs.iter().map(|_| Err(e.clone())).collect();
+        }
+    };
     let total = sampler.timesteps().len();
-    let _ = job.progress.try_send(Progress::Started);
+    for j in jobs {
+        let _ = j.progress.try_send(Progress::Started);
+    }
+    let n: usize = jobs.iter().map(|j| j.spec.n).sum();
+    let classes = spec.classes.as_ref().map(|_| {
+        jobs.iter()
+            .flat_map(|j| j.spec.classes.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    let cancel_all = Arc::new(AtomicBool::new(false));
     let opts = GenerateOptions {
-        n: spec.n,
-        classes: spec.classes.clone(),
+        n,
+        classes,
         guidance: spec.guidance,
         seed: spec.seed,
-        cancel: Some(job.cancel.clone()),
+        cancel: Some(cancel_all.clone()),
+    };
+    let parts: Vec<(usize, u64)> = jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect();
+    let mut noise = SeededNoise::new(&parts);
+    let gone = |j: &Job| {
+        // Out of time, cancelled, or a client that stopped reading its stream.
+        Instant::now() >= j.deadline
+            || j.cancel.load(Ordering::Relaxed)
+            || (j.progress.is_closed() && j.done.is_closed())
     };
     let mut on_step = |i: usize, _: &burn::tensor::Tensor<4>| {
-        if Instant::now() >= job.deadline {
-            job.cancel.store(true, Ordering::Relaxed);
+        let mut all_gone = true;
+        for j in jobs {
+            if gone(j) {
+                j.cancel.store(true, Ordering::Relaxed);
+            } else {
+                all_gone = false;
+                let _ = j.progress.try_send(Progress::Step { step: i + 1, total });
+            }
         }
-        // A client that stopped reading its stream has left.
-        if job.progress.is_closed() && job.done.is_closed() {
-            job.cancel.store(true, Ordering::Relaxed);
+        if all_gone {
+            cancel_all.store(true, Ordering::Relaxed);
         }
-        let _ = job.progress.try_send(Progress::Step { step: i + 1, total });
     };
-    let x = generate(
+    let x = generate_with(
         &model.unet,
         model.config.unet.num_classes,
         model.config.image_shape(),
         sampler.as_mut(),
         &opts,
+        &mut noise,
         device,
         &mut on_step,
     );
-    if job.cancel.load(Ordering::Relaxed) {
-        return Err(if Instant::now() >= job.deadline {
-            JobError::TimedOut
-        } else {
-            JobError::Cancelled
-        });
-    }
     let batch = ImageBatch::from_tensor(x);
-    let mut pngs = Vec::with_capacity(batch.len());
-    for i in 0..batch.len() {
-        let png = png_bytes(&batch.image(i).to_rgb8())
-            .map_err(|e| JobError::Failed(format!("cannot encode PNG: {e}")))?;
-        pngs.push(png);
-    }
     let seconds = t0.elapsed().as_secs_f64();
+    let mut start = 0;
+    let mut out = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let range = start..start + j.spec.n;
+        start = range.end;
+        if gone(j) {
+            out.push(Err(JobError::Cancelled));
+            continue;
+        }
+        let pngs: Result<Vec<Vec<u8>>, JobError> = range
+            .map(|i| {
+                png_bytes(&batch.image(i).to_rgb8())
+                    .map_err(|e| JobError::Failed(format!("cannot encode PNG: {e}")))
+            })
+            .collect();
+        out.push(pngs.map(|pngs| JobOutput { pngs, seconds }));
+    }
     stats.record(seconds);
-    Ok(JobOutput { pngs, seconds })
+    out
 }
