@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 mod cli {
+    pub mod edit;
     pub mod eval;
     pub mod serve;
 }
@@ -72,6 +73,8 @@ enum Cmd {
         #[arg(long)]
         diffusers: PathBuf,
     },
+    /// Edit an image: SDEdit (--strength) or inpainting (--mask), steered by class.
+    Edit(Box<cli::edit::EditArgs>),
     /// Serve an HTTP API and a web page for generating images (loopback by default).
     Serve(cli::serve::ServeArgs),
     /// Load-test a running `diffuse serve` on loopback: good and bad requests, hang-ups.
@@ -310,6 +313,7 @@ fn main() {
         Cmd::Fid(a) => cli::eval::fid(a),
         Cmd::Eval(a) => cli::eval::eval_cmd(a),
         Cmd::Export { model, diffusers } => export(model.as_deref(), &diffusers),
+        Cmd::Edit(a) => cli::edit::edit_cmd(*a),
         Cmd::Serve(a) => cli::serve::serve_cmd(a),
         Cmd::Loadtest(a) => cli::serve::loadtest_cmd(a),
         Cmd::Bench {

@@ -140,6 +140,16 @@ impl Sampler for DdimSampler {
         &self.model_t
     }
 
+    /// Before position 0, `x_t` at the first timestep; after the update at `i - 1`, `x` at
+    /// that step's `alpha_bar_prev` (eq. 12).
+    fn state_scales(&self, i: usize) -> (f64, f64) {
+        let ab = match i {
+            0 => self.schedule.alphas_cumprod[self.timesteps[0]],
+            _ => self.alpha_bar_prev(self.timesteps[i - 1]),
+        };
+        (ab.sqrt(), (1.0 - ab).max(0.0).sqrt())
+    }
+
     /// DDIM, eq. 12: `x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat
     /// + sigma z`, with `sigma = eta sqrt((1 - ab_prev)/(1 - ab) (1 - ab/ab_prev))` (eq. 16).
     fn step(

@@ -127,6 +127,14 @@ impl Sampler for DdpmSampler {
         &self.model_t
     }
 
+    fn state_scales(&self, i: usize) -> (f64, f64) {
+        let ab = self
+            .timesteps
+            .get(i)
+            .map_or(1.0, |&t| self.schedule.alphas_cumprod[t]);
+        (ab.sqrt(), (1.0 - ab).max(0.0).sqrt())
+    }
+
     /// `x_{prev} = c_x0 x0_hat + c_xt x_t + sigma z` (DDPM, eqs. 6-7), `x0_hat` clamped.
     fn step(
         &mut self,

@@ -150,6 +150,16 @@ impl Sampler for DpmSolverSampler {
         &self.timesteps
     }
 
+    fn state_scales(&self, i: usize) -> (f64, f64) {
+        match self.sigmas[i] {
+            0.0 => (1.0, 0.0),
+            s => {
+                let (a, s, _) = alpha_sigma_lambda(s);
+                (a, s)
+            }
+        }
+    }
+
     /// First order (DPM-Solver++, eq. 9; DDIM): `h = lambda' - lambda`,
     /// `x' = (sigma'_t / sigma_t) x - alpha'_t (e^{-h} - 1) x0_hat`.
     /// Second order from the previous `x0_hat` (Algorithm 2): `r = h_prev / h`,

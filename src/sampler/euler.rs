@@ -140,6 +140,10 @@ impl Sampler for EulerSampler {
         &self.timesteps
     }
 
+    fn state_scales(&self, i: usize) -> (f64, f64) {
+        (1.0, self.sigmas[i])
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         sigmas::init_noise_sigma(&self.sigmas, self.opts.spacing)
     }

@@ -102,6 +102,14 @@ impl Sampler for HeunSampler {
         &self.timesteps
     }
 
+    fn state_scales(&self, i: usize) -> (f64, f64) {
+        (1.0, self.sigmas[i])
+    }
+
+    fn starts_step(&self, i: usize) -> bool {
+        Self::first_order(i)
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         sigmas::init_noise_sigma(&self.sigmas, self.opts.spacing)
     }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
+pub mod edit;
 pub mod euler;
 pub mod heun;
 pub mod sigmas;
@@ -148,6 +149,19 @@ pub trait Sampler {
         x
     }
 
+    /// `(a_i, s_i)`: the sampler's state before the update at position `i` is
+    /// `a_i x0 + s_i eps` for a clean image `x0` and `eps ~ N(0, I)`; `i` = the number of
+    /// positions means after the last update. x_t samplers: `(sqrt(ab_t), sqrt(1 - ab_t))`
+    /// (DDPM, eq. 4); sigma samplers, whose state is `x_t / sqrt(ab_t)`: `(1, sigma_i)`
+    /// (EDM, section 2). What editing ([`edit`]) noises a given image with.
+    fn state_scales(&self, i: usize) -> (f64, f64);
+
+    /// Whether a run may begin at position `i` (false inside a multi-evaluation step, such as
+    /// Heun's corrector).
+    fn starts_step(&self, _i: usize) -> bool {
+        true
+    }
+
     /// The update at position `i` of [`Sampler::timesteps`], from `x` and the model output.
     /// Positions are visited in order from 0; multistep samplers keep what they need of
     /// earlier positions, and start afresh at position 0.
@@ -278,10 +292,31 @@ fn moved(t: Tensor<4>, device: &Device) -> Tensor<4> {
 pub fn denoise_from(
     model: &UNet,
     num_classes: Option<usize>,
+    x: Tensor<4>,
+    sampler: &mut dyn Sampler,
+    opts: &GenerateOptions,
+    rng: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(usize, &Tensor<4>),
+) -> Tensor<4> {
+    denoise_positions(model, num_classes, x, sampler, opts, rng, 0, None, on_step)
+}
+
+/// What is done to the state after each update (editing): `(i, x, noise) -> x`.
+pub(crate) type AfterStep<'a> =
+    &'a mut dyn FnMut(usize, Tensor<4>, &mut dyn NoiseSource) -> Tensor<4>;
+
+/// The reverse process over positions `start..` of the sampler's timesteps, `x` being the
+/// state before position `start`; `after` (if any) sees each updated state.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn denoise_positions(
+    model: &UNet,
+    num_classes: Option<usize>,
     mut x: Tensor<4>,
     sampler: &mut dyn Sampler,
     opts: &GenerateOptions,
     rng: &mut dyn NoiseSource,
+    start: usize,
+    mut after: Option<AfterStep>,
     on_step: &mut dyn FnMut(usize, &Tensor<4>),
 ) -> Tensor<4> {
     let n = x.dims()[0];
@@ -295,7 +330,7 @@ pub fn denoise_from(
     let host = sampler_device(&model_device);
     x = moved(x, &host);
     let timesteps = sampler.timesteps().to_vec();
-    for (i, &t) in timesteps.iter().enumerate() {
+    for (i, &t) in timesteps.iter().enumerate().skip(start) {
         if opts
             .cancel
             .as_ref()
@@ -319,6 +354,9 @@ pub fn denoise_from(
             moved(model.forward(input, &vec![t; n], labels.as_deref()), &host)
         };
         x = sampler.step(i, x, out, rng);
+        if let Some(f) = after.as_mut() {
+            x = f(i, x, rng);
+        }
         on_step(i, &sampler.to_model_space(i, x.clone()));
     }
     moved(x, &model_device)

@@ -218,3 +218,138 @@ fn batched_requests_give_the_bits_of_solo_runs() {
         assert!(same, "{kind:?}: batched differs from solo by up to {diff}");
     }
 }
+
+/// Every sampler's `state_scales`: variance-preserving or sigma form, ending clean.
+#[test]
+fn state_scales_run_from_noise_to_the_clean_image() {
+    use diffuse::sampler::{SamplerChoice, SamplerKind};
+    let m = diffuse::model::load(None, &inference_device()).unwrap();
+    for kind in SamplerKind::ALL {
+        let s = m
+            .scheduler
+            .build(
+                kind,
+                &m.schedule,
+                &SamplerChoice {
+                    steps: 10,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let len = s.timesteps().len();
+        // DDIM ends at alpha_bar_0 (its last step's `t - T/K`), the others at level 0.
+        let (a_end, s_end) = s.state_scales(len);
+        assert!(
+            s_end < 0.01 && (a_end - 1.0).abs() < 1e-4,
+            "{kind:?}: {a_end} {s_end}"
+        );
+        let (a0, s0) = s.state_scales(0);
+        let sigma_form = matches!(
+            kind,
+            SamplerKind::Euler | SamplerKind::EulerAncestral | SamplerKind::Heun
+        );
+        for i in 0..len {
+            let (a, sd) = s.state_scales(i);
+            if sigma_form {
+                assert_eq!(a, 1.0, "{kind:?} {i}");
+            } else {
+                assert!(
+                    (a * a + sd * sd - 1.0).abs() < 1e-6,
+                    "{kind:?} {i}: {a} {sd}"
+                );
+            }
+            // Noise falls along the way.
+            assert!(sd / a >= s.state_scales(i + 1).1 / s.state_scales(i + 1).0 - 1e-9);
+        }
+        // The first position is nearly pure noise for this schedule (t = 999).
+        assert!(s0 / a0 > 50.0, "{kind:?}: {a0} {s0}");
+    }
+}
+
+/// Editing: strength 0 returns the image bit for bit; inpainting keeps the unmasked pixels bit
+/// for bit and changes the masked ones; same seed, same bits.
+#[test]
+fn edit_keeps_what_it_must_for_every_sampler() {
+    use burn::tensor::{Tensor, TensorData};
+    use diffuse::sampler::edit::{EditOptions, edit, start_position};
+    use diffuse::sampler::{SamplerChoice, SamplerKind};
+    let dev = inference_device();
+    let m = diffuse::model::load(None, &dev).unwrap();
+    let x0: Tensor<4> = Tensor::from_data(
+        TensorData::new(
+            normal_vec(&mut rng_for(3, Stream::Sample, 9), 2 * 28 * 28)
+                .into_iter()
+                .map(|v| v.clamp(-1.0, 1.0))
+                .collect::<Vec<f32>>(),
+            [2, 1, 28, 28],
+        ),
+        &dev,
+    );
+    let mask_v: Vec<f32> = (0..28 * 28)
+        .map(|p| if p % 28 >= 14 { 1.0 } else { 0.0 })
+        .collect();
+    let mask: Tensor<4> = Tensor::from_data(TensorData::new(mask_v.clone(), [1, 1, 28, 28]), &dev);
+    let x0v = to_vec(x0.clone());
+    for kind in SamplerKind::ALL {
+        let run = |strength: f64, mask: Option<Tensor<4>>, seed: u64| {
+            let mut s = m
+                .scheduler
+                .build(
+                    kind,
+                    &m.schedule,
+                    &SamplerChoice {
+                        steps: 6,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            let opts = GenerateOptions {
+                n: 2,
+                classes: Some(vec![7, 7]),
+                guidance: 2.0,
+                seed,
+                cancel: None,
+            };
+            let e = EditOptions { strength, mask };
+            to_vec(edit(
+                &m.unet,
+                Some(10),
+                x0.clone(),
+                s.as_mut(),
+                &opts,
+                &e,
+                &mut |_, _| {},
+            ))
+        };
+        let s = m
+            .scheduler
+            .build(
+                kind,
+                &m.schedule,
+                &SamplerChoice {
+                    steps: 6,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(start_position(s.as_ref(), 0.0), s.timesteps().len());
+        assert_eq!(start_position(s.as_ref(), 1.0), 0);
+        assert_eq!(run(0.0, None, 1), x0v, "{kind:?}: strength 0");
+        let sd = run(0.5, None, 1);
+        assert_ne!(sd, x0v, "{kind:?}: strength 0.5 changes the image");
+        assert_eq!(sd, run(0.5, None, 1), "{kind:?}: same seed, same bits");
+        let inp = run(1.0, Some(mask.clone()), 2);
+        let mut changed = 0;
+        for (p, (a, b)) in inp.iter().zip(&x0v).enumerate() {
+            if mask_v[p % (28 * 28)] == 0.0 {
+                assert_eq!(a.to_bits(), b.to_bits(), "{kind:?}: kept pixel {p} changed");
+            } else if a != b {
+                changed += 1;
+            }
+        }
+        assert!(
+            changed > 28 * 14,
+            "{kind:?}: only {changed} masked pixels changed"
+        );
+    }
+}
