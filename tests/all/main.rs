@@ -10,4 +10,5 @@ mod parity;
 mod sampler;
 mod schedule;
 mod serve;
+mod text;
 mod unet;

@@ -1,0 +1,5 @@
+//! Conditioning: what steers the denoiser besides the noisy image and the timestep. Class
+//! labels are embedded inside the U-Net (`unet`); prompts go through the frozen text encoder
+//! here.
+
+pub mod text;
