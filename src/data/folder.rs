@@ -167,10 +167,12 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
         }
         class_names.sort();
     }
+    let all_captions = super::captions::read(dir, &files)?;
+    let mut captions = Vec::new();
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     let mut bad = Vec::new();
-    for f in &files {
+    for (k, f) in files.iter().enumerate() {
         let decoded = image::ImageReader::open(f)
             .and_then(|r| r.with_guessed_format())
             .map_err(|e| e.to_string())
@@ -178,6 +180,9 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
         match decoded {
             Ok(img) if img.width() > 0 && img.height() > 0 => {
                 pixels.extend(image_to_chw(&img, shape.size, shape.channels));
+                if let Some(c) = &all_captions {
+                    captions.push(c[k].clone());
+                }
                 if with_classes {
                     let c = class_of(f).expect("checked above");
                     labels.push(
@@ -211,6 +216,7 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
         pixels,
         labels: with_classes.then_some(labels),
         class_names,
+        captions: all_captions.map(|_| captions),
         channels: shape.channels,
         size: shape.size,
         source: dir.display().to_string(),

@@ -2,6 +2,8 @@
 //! and named datasets fetched with package clients. Everything is decoded once into memory as
 //! `u8` pixels; batches are built from there.
 
+pub mod captions;
+pub mod emoji;
 pub mod fetch;
 pub mod folder;
 pub mod idx;
@@ -21,6 +23,8 @@ pub struct Dataset {
     pub labels: Option<Vec<usize>>,
     /// Class names by index.
     pub class_names: Vec<String>,
+    /// Captions per image (alternatives), for folders that have them ([`captions`]).
+    pub captions: Option<Vec<Vec<String>>>,
     pub channels: usize,
     pub size: usize,
     /// Where the data came from, for messages.
@@ -92,7 +96,8 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p.to_path_buf());
     }
-    if let Some(ds) = fetch::Named::from_name(spec).filter(|d| *d != fetch::Named::Inception) {
+    let not_data = [fetch::Named::Inception, fetch::Named::TextEncoder];
+    if let Some(ds) = fetch::Named::from_name(spec).filter(|d| !not_data.contains(d)) {
         let dir = fetch::cache_dir()?.join(ds.name());
         if dir.exists() {
             if ds == fetch::Named::Digits {
@@ -106,7 +111,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
         );
     }
     bail!(
-        "data '{spec}' does not exist (give a folder of images, an IDX file, a digits CSV, or a dataset name: fashion-mnist, mnist, digits)"
+        "data '{spec}' does not exist (give a folder of images, an IDX file, a digits CSV, or a dataset name: fashion-mnist, mnist, digits, emoji)"
     );
 }
 

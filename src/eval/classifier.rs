@@ -224,6 +224,7 @@ pub fn train_classifier(
             .flat_map(|&i| ds.image(i).to_vec())
             .collect(),
         labels: Some(train_idx.iter().map(|&i| labels[i]).collect()),
+        captions: None,
         ..ds.clone()
     };
     let cfg = ClassifierConfig {

@@ -252,3 +252,100 @@ fn batches_are_deterministic_epoch_permutations() {
     seen.sort();
     assert_eq!(seen, (0..64).collect::<Vec<_>>());
 }
+
+fn write_png(p: &Path, v: u8) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    image::RgbImage::from_pixel(8, 8, image::Rgb([v, 0, 255 - v]))
+        .save(p)
+        .unwrap();
+}
+
+#[test]
+fn captions_from_jsonl_or_sidecars_and_their_errors() {
+    let shape = Shape {
+        size: 8,
+        channels: 3,
+    };
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    write_png(&dir.join("a.png"), 10);
+    write_png(&dir.join("sub/b.png"), 200);
+    // No captions at all: an ordinary folder.
+    assert!(data::load(s(dir), shape, false).unwrap().captions.is_none());
+    // Sidecars: one caption per non-empty line.
+    std::fs::write(dir.join("a.txt"), "red square\n\n  a red tile \n").unwrap();
+    let err = data::load(s(dir), shape, false).unwrap_err().to_string();
+    assert!(
+        err.contains("1 of 2 images") && err.contains("b.png"),
+        "{err}"
+    );
+    std::fs::write(dir.join("sub/b.txt"), "blue square").unwrap();
+    let ds = data::load(s(dir), shape, false).unwrap();
+    assert_eq!(
+        ds.captions.unwrap(),
+        vec![
+            vec!["red square".to_string(), "a red tile".into()],
+            vec!["blue square".into()]
+        ]
+    );
+    // captions.jsonl takes precedence; several lines per file are alternatives.
+    let jsonl = "{\"file\": \"sub/b.png\", \"text\": \"b one\"}\n{\"file\": \"a.png\", \"text\": \"a\"}\n{\"file\": \"sub/b.png\", \"text\": \"b two\"}\n";
+    std::fs::write(dir.join("captions.jsonl"), jsonl).unwrap();
+    let ds = data::load(s(dir), shape, false).unwrap();
+    assert_eq!(ds.len(), 2);
+    assert_eq!(
+        ds.captions.unwrap(),
+        vec![vec!["a".to_string()], vec!["b one".into(), "b two".into()]]
+    );
+    for (bad, needle) in [
+        ("{\"file\": \"a.png\"}\n", "line 1: not a caption"),
+        (
+            "{\"file\": \"nope.png\", \"text\": \"x\"}\n",
+            "line 1: no image nope.png",
+        ),
+        (
+            "{\"file\": \"../a.png\", \"text\": \"x\"}\n",
+            "must be a path inside the folder",
+        ),
+        (
+            "{\"file\": \"a.png\", \"text\": \"x\"}\nnot json\n",
+            "line 2: not a caption",
+        ),
+        ("{\"file\": \"a.png\", \"text\": \"x\"}\n", "1 of 2 images"),
+    ] {
+        std::fs::write(dir.join("captions.jsonl"), bad).unwrap();
+        let err = format!("{:#}", data::load(s(dir), shape, false).unwrap_err());
+        assert!(err.contains(needle), "{bad:?}: {err}");
+        assert!(
+            err.contains("captions.jsonl") || err.contains(s(dir)),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn emoji_captions_join_names_short_names_categories_and_keywords() {
+    let emoji = r#"[
+      {"name": "RED HEART", "unified": "2764-FE0F", "image": "2764-fe0f.png", "short_names": ["heart"],
+       "category": "Smileys & Emotion", "subcategory": "heart", "has_img_google": true},
+      {"name": null, "unified": "1F1FA-1F1F8", "image": "1f1fa-1f1f8.png", "short_names": ["flag-us", "us"],
+       "category": "Flags", "subcategory": "country-flag", "has_img_google": true},
+      {"name": "NO IMAGE", "unified": "1F000", "image": "1f000.png", "short_names": ["x"],
+       "category": "Symbols", "subcategory": "other", "has_img_google": false}
+    ]"#;
+    let mart = r#"{"emojis": {"heart": {"keywords": ["love", "Like", "heart"], "skins": [{"unified": "2764-fe0f"}]}}}"#;
+    let c = data::emoji::captions(emoji, mart).unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[0].0, "2764-fe0f.png");
+    assert_eq!(
+        c[0].1,
+        vec![
+            "red heart",
+            "red heart, heart, love, like",
+            "red heart, heart, smileys & emotion"
+        ]
+    );
+    assert_eq!(c[1].1[0], "flag us");
+    assert!(data::emoji::captions("[]", mart).is_err());
+    assert!(data::emoji::captions("{", mart).is_err());
+}
