@@ -275,6 +275,8 @@ impl UNet2DConfig {
             freq_shift: self.freq_shift,
             downsample_padding: self.downsample_padding,
             mid_attention: self.add_attention,
+            text_dim: None,
+            cross_attention_resolutions: Vec::new(),
         };
         let sizes = cfg.level_sizes();
         cfg.attention_resolutions = attention_levels.iter().map(|&i| sizes[i]).collect();

@@ -1,5 +1,5 @@
 //! Building blocks of the denoiser: timestep embedding, residual block, self-attention,
-//! down- and upsampling. Each pairs with a small constructor, as burn's own layers do.
+//! cross-attention to text tokens, down- and upsampling. Each pairs with a small constructor, as burn's own layers do.
 
 use crate::kernels;
 use burn::module::Module;
@@ -202,6 +202,69 @@ impl Attention {
         let scores = q.matmul(k).div_scalar((d as f32).sqrt());
         let attn = softmax(scores, 3);
         let out: Tensor<4> = v.matmul(attn.swap_dims(2, 3)).reshape([b, c, hh, ww]);
+        x + kernels::conv2d(&self.proj, out)
+    }
+}
+
+/// Text tokens as cross-attention reads them.
+#[derive(Clone, Debug)]
+pub struct TextContext {
+    /// Token states `[B, L, D]`.
+    pub tokens: Tensor<3>,
+    /// Additive attention bias `[B, 1, 1, L]`: 0 for real tokens, -1e9 for padding.
+    pub bias: Tensor<4>,
+}
+
+/// Cross-attention from image positions to text tokens (Rombach et al. 2022, "Latent
+/// Diffusion", eq. 3; as in Imagen): `x + proj(softmax(Q K^T / sqrt(d) + bias) V)`, with
+/// `Q` from the group-normalised image (1x1 convolution) and `K`, `V` from the token states
+/// (linear maps from the text width to the channels). `proj` starts at zero, so a new block
+/// is the identity.
+#[derive(Module, Debug)]
+pub struct CrossAttention {
+    pub heads: usize,
+    pub norm: GroupNorm,
+    pub q: Conv2d,
+    pub k: Linear,
+    pub v: Linear,
+    pub proj: Conv2d,
+}
+
+impl CrossAttention {
+    pub fn new(channels: usize, text_dim: usize, heads: usize, norm: Norm, dev: &Device) -> Self {
+        Self {
+            heads,
+            norm: group_norm(norm, channels, dev),
+            q: conv(channels, channels, 1, 1, false, dev),
+            k: LinearConfig::new(text_dim, channels).init(dev),
+            v: LinearConfig::new(text_dim, channels).init(dev),
+            proj: conv(channels, channels, 1, 1, true, dev),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>, ctx: &TextContext) -> Tensor<4> {
+        let [b, c, hh, ww] = x.dims();
+        let l = ctx.tokens.dims()[1];
+        let (nh, d, n) = (self.heads, c / self.heads, hh * ww);
+        let h = kernels::group_norm(&self.norm, x.clone(), false);
+        let q: Tensor<4> = kernels::conv2d(&self.q, h)
+            .reshape([b, nh, d, n])
+            .swap_dims(2, 3);
+        let k: Tensor<4> = self
+            .k
+            .forward(ctx.tokens.clone())
+            .reshape([b, l, nh, d])
+            .permute([0, 2, 3, 1]);
+        let v: Tensor<4> = self
+            .v
+            .forward(ctx.tokens.clone())
+            .reshape([b, l, nh, d])
+            .swap_dims(1, 2);
+        let scores = q.matmul(k).div_scalar((d as f32).sqrt()) + ctx.bias.clone();
+        let out: Tensor<4> = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(2, 3)
+            .reshape([b, c, hh, ww]);
         x + kernels::conv2d(&self.proj, out)
     }
 }

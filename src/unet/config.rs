@@ -46,6 +46,14 @@ pub struct UNetConfig {
     /// Self-attention between the two middle residual blocks.
     #[serde(default = "default_mid_attention")]
     pub mid_attention: bool,
+    /// Width of the text encoder's token states for a text-conditioned model (384 for
+    /// all-MiniLM-L6-v2); `None`: no text conditioning.
+    #[serde(default)]
+    pub text_dim: Option<usize>,
+    /// Feature-map side lengths at which cross-attention to the text tokens follows each
+    /// residual block (and between the middle blocks when `mid_attention`); text models only.
+    #[serde(default)]
+    pub cross_attention_resolutions: Vec<usize>,
 }
 
 fn default_norm_eps() -> f64 {
@@ -79,6 +87,8 @@ impl Default for UNetConfig {
             freq_shift: 0.0,
             downsample_padding: default_downsample_padding(),
             mid_attention: true,
+            text_dim: None,
+            cross_attention_resolutions: Vec::new(),
         }
     }
 }
@@ -220,6 +230,37 @@ impl UNetConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout must be in [0, 1) (got {})", self.dropout);
+        }
+        match self.text_dim {
+            Some(d) if !(1..=4096).contains(&d) => {
+                bail!("text width must be between 1 and 4096 (got {d})")
+            }
+            Some(_) if self.num_classes.is_some() => {
+                bail!("a model is conditioned on classes or on text, not both")
+            }
+            None if !self.cross_attention_resolutions.is_empty() => {
+                bail!("cross-attention needs a text-conditioned model (text width)")
+            }
+            _ => {}
+        }
+        if let Some(a) = self
+            .cross_attention_resolutions
+            .iter()
+            .find(|a| !sizes.contains(a))
+        {
+            bail!(
+                "cross-attention resolution {a} matches no level of the U-Net (its levels are {sizes:?} pixels)"
+            );
+        }
+        if let Some(d) = self.attention_head_dim {
+            let chans = self.level_channels();
+            for (s, c) in sizes.iter().zip(&chans) {
+                if self.cross_attention_resolutions.contains(s) && c % d != 0 {
+                    bail!(
+                        "attention head dim {d} must divide the cross-attention layers' {c} channels"
+                    );
+                }
+            }
         }
         match self.num_classes {
             Some(0) => bail!("a class-conditioned model needs at least one class"),
