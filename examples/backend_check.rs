@@ -315,6 +315,8 @@ fn main() -> Result<()> {
                 guidance: 1.0,
                 seed: 0,
                 cancel: None,
+                text: None,
+                negative: None,
             };
             let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
             diffuse::sampler::denoise_from(

@@ -105,6 +105,13 @@ struct SampleArgs {
     /// Class index or name, for class-conditioned models (default: rows of every class).
     #[arg(long)]
     class: Option<String>,
+    /// The prompt, for text-conditioned models (empty: unconditional); for a class-conditioned
+    /// model, a class name.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Text models: what guidance steers away from (default: the null text).
+    #[arg(long)]
+    negative_prompt: Option<String>,
     /// Classifier-free guidance weight (1 = none).
     #[arg(long, default_value_t = 2.0)]
     guidance: f32,
@@ -194,9 +201,14 @@ struct TrainArgs {
     /// 1 (grey) or 3 (RGB) (default: the data's own; 3 for folders).
     #[arg(long)]
     channels: Option<usize>,
-    /// Conditioning: none or class.
+    /// Conditioning: none, class (class subfolders) or text (captions.jsonl or .txt files;
+    /// needs `diffuse fetch text-encoder`).
     #[arg(long, default_value = "none")]
     cond: String,
+    /// Text models: feature-map sizes with cross-attention to the prompt (default: the two
+    /// lowest-resolution levels).
+    #[arg(long)]
+    cross_attention: Option<String>,
     /// Training steps (with --resume: a new total to train to).
     #[arg(long)]
     steps: Option<usize>,
@@ -387,6 +399,25 @@ fn sample(a: SampleArgs) -> Result<()> {
     if a.cols == Some(0) {
         bail!("--cols must be at least 1");
     }
+    let text_model = cfg.unet.text_dim.is_some();
+    if text_model && a.class.is_some() {
+        bail!("--class was given, but this model is text-conditioned: use --prompt");
+    }
+    if a.negative_prompt.is_some() && !text_model {
+        bail!("--negative-prompt is for text-conditioned models");
+    }
+    let a = match (&a.prompt, k) {
+        (Some(_), _) if a.class.is_some() => bail!("give --class or --prompt, not both"),
+        (Some(p), Some(_)) if !text_model => SampleArgs {
+            class: Some(p.clone()),
+            prompt: None,
+            ..a
+        },
+        (Some(_), None) if !text_model => {
+            bail!("--prompt was given, but this model is unconditioned")
+        }
+        _ => a,
+    };
     let (n, classes, cols) = match (k, &a.class) {
         (_, Some(c)) => {
             let ci = cfg.class_index(c)?;
@@ -404,12 +435,38 @@ fn sample(a: SampleArgs) -> Result<()> {
             (n, None, a.cols.unwrap_or((n as f64).sqrt().ceil() as usize))
         }
     };
+    let (text, negative) = if text_model {
+        let enc = diffuse::conditioning::text::TextEncoder::load_default(&dev)?;
+        let prompt = a.prompt.clone().unwrap_or_default();
+        let encode = |p: &str, what: &str| -> Result<_> {
+            let (_, cut) = enc.tokenize(&[p])?;
+            if cut[0] {
+                eprintln!(
+                    "note: {what} is longer than the encoder's {} tokens; the rest is ignored",
+                    enc.max_len
+                );
+            }
+            enc.cond(&vec![p; n])
+        };
+        if prompt.trim().is_empty() {
+            eprintln!("note: no --prompt: sampling the model's unconditional distribution");
+        }
+        let negative = match &a.negative_prompt {
+            Some(np) => Some(encode(np, "--negative-prompt")?),
+            None => None,
+        };
+        (Some(encode(&prompt, "--prompt")?), negative)
+    } else {
+        (None, None)
+    };
     let opts = GenerateOptions {
         n,
         classes,
         guidance: a.guidance,
         seed: a.seed,
         cancel: None,
+        text,
+        negative,
     };
     let total = sampler.timesteps().len();
     let pb = bar(
@@ -595,11 +652,15 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
     // Probe the data once for its native size, channels and classes.
     let path = data::resolve(&a.data)?;
     let native = data::idx::is_digits_csv(&path) || data::idx::is_idx(&path)?;
-    let with_classes = match a.cond.as_str() {
-        "none" => false,
-        "class" => true,
-        other => bail!("--cond must be none or class (got '{other}')"),
+    let (with_classes, with_text) = match a.cond.as_str() {
+        "none" => (false, false),
+        "class" => (true, false),
+        "text" => (false, true),
+        other => bail!("--cond must be none, class or text (got '{other}')"),
     };
+    if a.cross_attention.is_some() && !with_text {
+        bail!("--cross-attention is for text models (--cond text)");
+    }
     let (size, channels, class_names) = if native {
         let probe = if data::idx::is_digits_csv(&path) {
             data::idx::load_digits_csv(&path)?
@@ -643,6 +704,14 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
     if with_classes && class_names.is_empty() {
         bail!("--cond class: {} has no class labels", a.data);
     }
+    let cross_attention_resolutions = match (&a.cross_attention, with_text) {
+        (Some(s), _) => parse_list(s, "--cross-attention")?,
+        (None, true) => {
+            let sizes = tmp.level_sizes();
+            sizes[sizes.len().saturating_sub(2)..].to_vec()
+        }
+        (None, false) => Vec::new(),
+    };
     let unet = UNetConfig {
         image_size: size,
         in_channels: channels,
@@ -654,6 +723,8 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         dropout: a.dropout,
         norm_groups: a.norm_groups,
         num_classes: with_classes.then_some(class_names.len()),
+        text_dim: with_text.then_some(diffuse::conditioning::text::MINILM_DIM),
+        cross_attention_resolutions,
         ..UNetConfig::default()
     };
     unet.validate()?;

@@ -133,6 +133,8 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         guidance: a.guidance,
         seed: a.seed,
         cancel: None,
+        text: None,
+        negative: None,
     };
     let start = start_position(sampler.as_ref(), strength);
     let runs = sampler.timesteps().len() - start;

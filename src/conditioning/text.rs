@@ -15,6 +15,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
+/// Width of all-MiniLM-L6-v2's token states: what `--cond text` models are built for.
+pub const MINILM_DIM: usize = 384;
+
 /// The folder name of the fetched encoder inside the cache.
 pub const CACHE_NAME: &str = "text-encoder";
 
@@ -380,5 +383,128 @@ impl TextEncoder {
             ids,
             truncated,
         })
+    }
+}
+
+impl TextEncoder {
+    /// Prompts as the U-Net reads them; empty prompts (after trimming) become the null text.
+    pub fn cond(&self, prompts: &[&str]) -> Result<crate::unet::TextCond> {
+        let e = self.encode(prompts)?;
+        Ok(crate::unet::TextCond {
+            tokens: e.tokens,
+            mask: e.mask,
+            pooled: e.pooled,
+            null: prompts.iter().map(|p| p.trim().is_empty()).collect(),
+        })
+    }
+}
+
+/// A dataset's captions encoded once (training reads them every step): per image, per
+/// alternative caption, the token states and the pooled vector.
+pub struct CaptionBank {
+    dim: usize,
+    /// Per image, per alternative: index into `entries`.
+    items: Vec<Vec<usize>>,
+    /// Per distinct caption: token states (`len x dim`, row-major) and the pooled vector.
+    entries: Vec<(Vec<f32>, usize, Vec<f32>)>,
+}
+
+impl CaptionBank {
+    /// Encodes every distinct caption of `captions` (per image, its alternatives), 64 at a
+    /// time; `on_progress(done, total)` after each batch.
+    pub fn build(
+        enc: &TextEncoder,
+        captions: &[Vec<String>],
+        on_progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let mut index: std::collections::HashMap<&str, usize> = Default::default();
+        let mut distinct: Vec<&str> = Vec::new();
+        let items: Vec<Vec<usize>> = captions
+            .iter()
+            .map(|alts| {
+                alts.iter()
+                    .map(|c| {
+                        *index.entry(c.as_str()).or_insert_with(|| {
+                            distinct.push(c.as_str());
+                            distinct.len() - 1
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        if items.iter().any(|a| a.is_empty()) {
+            bail!("every image needs at least one caption");
+        }
+        let dim = enc.config.hidden_size;
+        let mut entries = Vec::with_capacity(distinct.len());
+        for chunk in distinct.chunks(64) {
+            let e = enc.encode(chunk)?;
+            let l = e.tokens.dims()[1];
+            let tokens: Vec<f32> = e
+                .tokens
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .map_err(|e| anyhow!("{e:?}"))?;
+            let pooled: Vec<f32> = e
+                .pooled
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .map_err(|e| anyhow!("{e:?}"))?;
+            for (k, ids) in e.ids.iter().enumerate() {
+                let n = ids.len();
+                let t = tokens[k * l * dim..(k * l + n) * dim].to_vec();
+                entries.push((t, n, pooled[k * dim..(k + 1) * dim].to_vec()));
+            }
+            on_progress(entries.len(), distinct.len());
+        }
+        Ok(Self {
+            dim,
+            items,
+            entries,
+        })
+    }
+
+    /// Alternatives of image `i`.
+    pub fn alternatives(&self, i: usize) -> usize {
+        self.items[i].len()
+    }
+
+    /// Distinct captions encoded.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no caption was encoded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A batch: `(image, alternative)` per item, and which items take the null text.
+    pub fn batch(
+        &self,
+        picks: &[(usize, usize)],
+        null: Vec<bool>,
+        device: &Device,
+    ) -> crate::unet::TextCond {
+        let (b, d) = (picks.len(), self.dim);
+        let entry = |&(i, a): &(usize, usize)| &self.entries[self.items[i][a]];
+        let l = picks.iter().map(|p| entry(p).1).max().unwrap_or(1).max(1);
+        let mut tokens = vec![0f32; b * l * d];
+        let mut mask = vec![0f32; b * l];
+        let mut pooled = vec![0f32; b * d];
+        for (k, p) in picks.iter().enumerate() {
+            let (t, n, pl) = entry(p);
+            tokens[k * l * d..k * l * d + n * d].copy_from_slice(t);
+            mask[k * l..k * l + n].fill(1.0);
+            pooled[k * d..(k + 1) * d].copy_from_slice(pl);
+        }
+        crate::unet::TextCond {
+            tokens: Tensor::from_data(TensorData::new(tokens, [b, l, d]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [b, l]), device),
+            pooled: Tensor::from_data(TensorData::new(pooled, [b, d]), device),
+            null,
+        }
     }
 }

@@ -187,6 +187,8 @@ pub struct HostBatch {
     pub step: usize,
     pub images: Vec<f32>,
     pub labels: Option<Vec<usize>>,
+    /// Dataset index of each image (for captions).
+    pub indices: Vec<usize>,
     pub shape: [usize; 4],
 }
 
@@ -207,6 +209,7 @@ pub fn batch_for_step(
     let (c, s) = (ds.channels, ds.size);
     let mut images = Vec::with_capacity(batch * ds.image_len());
     let mut labels = ds.labels.as_ref().map(|_| Vec::with_capacity(batch));
+    let mut indices = Vec::with_capacity(batch);
     let mut flip_rng = rng_for(seed, Stream::TrainStep, (step as u64) | (1 << 40));
     for k in start..start + batch {
         let e = (k / n) as u64;
@@ -215,6 +218,7 @@ pub fn batch_for_step(
             order_epoch = e;
         }
         let i = order[k % n];
+        indices.push(i);
         let img = ds.image(i);
         let flip = hflip && rand::Rng::gen_bool(&mut flip_rng, 0.5);
         for ch in 0..c {
@@ -234,6 +238,7 @@ pub fn batch_for_step(
         step,
         images,
         labels,
+        indices,
         shape: [batch, c, s, s],
     }
 }

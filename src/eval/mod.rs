@@ -390,6 +390,8 @@ pub fn sample_images(
             guidance,
             seed: seed.wrapping_add(bi as u64),
             cancel: None,
+            text: None,
+            negative: None,
         };
         let x: Tensor<4> = generate(
             &m.unet,

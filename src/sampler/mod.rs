@@ -18,7 +18,7 @@ pub use euler::{EulerOptions, EulerSampler};
 pub use heun::{HeunOptions, HeunSampler};
 
 use crate::rng::{Stream, normal_tensor, rng_for};
-use crate::unet::UNet;
+use crate::unet::{Cond, TextCond, UNet};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -218,6 +218,11 @@ pub struct GenerateOptions {
     /// Checked before every step: once set, the run stops early and returns the sample as it
     /// is (for the caller who set it to discard). `None`: runs to the end.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Prompts for a text-conditioned model, one per image (items marked null: unconditional).
+    pub text: Option<TextCond>,
+    /// What guidance steers away from for a text model (a negative prompt per image); `None`:
+    /// the null text.
+    pub negative: Option<TextCond>,
 }
 
 /// Runs the full reverse process from pure Gaussian noise. `num_classes` is the model's class
@@ -328,6 +333,16 @@ pub(crate) fn denoise_positions(
     let guided = labels.is_some() && opts.classes.is_some() && opts.guidance != 1.0;
     let model_device = x.device();
     let host = sampler_device(&model_device);
+    // Text: the prompts, and for guidance the prompts then their unconditional counterparts.
+    let text = opts.text.as_ref().map(|tc| {
+        let both = if opts.guidance != 1.0 {
+            let unc = opts.negative.clone().unwrap_or_else(|| tc.as_null());
+            TextCond::cat(tc, &unc)
+        } else {
+            tc.clone()
+        };
+        both.to_device(&model_device)
+    });
     x = moved(x, &host);
     let timesteps = sampler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
@@ -339,7 +354,24 @@ pub(crate) fn denoise_positions(
             break;
         }
         let input = sampler.scale_model_input(i, x.clone());
-        let out = if guided {
+        let out = if let Some(tc) = &text {
+            if opts.guidance != 1.0 {
+                let xx = moved(Tensor::cat(vec![input.clone(), input], 0), &model_device);
+                let out = moved(
+                    model.forward_cond(xx, &vec![t; 2 * n], Cond::Text(tc)),
+                    &host,
+                );
+                let cond = out.clone().narrow(0, 0, n);
+                let uncond = out.narrow(0, n, n);
+                uncond.clone() + (cond - uncond) * opts.guidance
+            } else {
+                let input = moved(input, &model_device);
+                moved(
+                    model.forward_cond(input, &vec![t; n], Cond::Text(tc)),
+                    &host,
+                )
+            }
+        } else if guided {
             let labels = labels.as_ref().expect("guided implies labels");
             let k = num_classes.expect("guided implies classes");
             let mut both = labels.clone();

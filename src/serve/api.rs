@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
-    /// For a class-conditioned model: a class name (as `class`). Text models are not served
-    /// yet.
+    /// The prompt for a text-conditioned model; for a class-conditioned model, a class name
+    /// (as `class`).
     pub prompt: Option<String>,
     /// Class index or name.
     pub class: Option<ClassSpec>,
@@ -61,6 +61,9 @@ pub fn validate(
     limits: &Limits,
     default_seed: u64,
 ) -> Result<JobSpec, String> {
+    if model.unet.text_dim.is_some() && req.class.is_some() {
+        return Err("this model is text-conditioned: give a prompt, not a class".into());
+    }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > limits.max_n as u64 {
         return Err(format!(
@@ -104,7 +107,7 @@ pub fn validate(
                     p.len()
                 ));
             }
-            if p.trim().is_empty() {
+            if p.trim().is_empty() || model.unet.text_dim.is_some() {
                 None
             } else if model.unet.num_classes.is_some() {
                 Some(ClassSpec::Name(p.trim().to_string()))
@@ -131,9 +134,15 @@ pub fn validate(
             Some(vec![idx; n])
         }
     };
+    let prompt = match (&req.prompt, model.unet.text_dim) {
+        (Some(p), Some(_)) => p.trim().to_string(),
+        (None, Some(_)) => String::new(),
+        _ => String::new(),
+    };
     Ok(JobSpec {
         n,
         classes,
+        prompt,
         steps: steps as usize,
         sampler,
         eta,
@@ -148,7 +157,7 @@ pub struct ModelInfo {
     pub id: String,
     pub image_size: usize,
     pub channels: usize,
-    /// `class`, or `none` for an unconditioned model.
+    /// `class`, `text`, or `none` for an unconditioned model.
     pub conditioning: &'static str,
     pub classes: Vec<String>,
     pub samplers: Vec<&'static str>,
@@ -169,6 +178,8 @@ impl ModelInfo {
             channels: cfg.unet.in_channels,
             conditioning: if cfg.unet.num_classes.is_some() {
                 "class"
+            } else if cfg.unet.text_dim.is_some() {
+                "text"
             } else {
                 "none"
             },
@@ -195,5 +206,7 @@ pub struct GenerateResponse {
     pub steps: usize,
     pub sampler: &'static str,
     pub classes: Option<Vec<usize>>,
+    /// Text models: the prompt used.
+    pub prompt: Option<String>,
     pub seconds: f64,
 }

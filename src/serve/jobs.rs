@@ -5,6 +5,7 @@
 //! sampling loop checks it before every step), a channel for progress events (dropped when
 //! full: progress is advisory) and a one-shot channel for its result.
 
+use crate::conditioning::text::TextEncoder;
 use crate::imageio::{ImageBatch, png_bytes};
 use crate::model::LoadedModel;
 use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, SeededNoise, generate_with};
@@ -21,6 +22,8 @@ pub struct JobSpec {
     pub n: usize,
     /// Class per image (`None`: the model's unconditional distribution).
     pub classes: Option<Vec<usize>>,
+    /// Text models: the prompt (empty: unconditional).
+    pub prompt: String,
     pub steps: usize,
     pub sampler: SamplerKind,
     pub eta: f64,
@@ -130,15 +133,21 @@ pub struct QueueFull {
 }
 
 impl Queue {
-    /// Starts the worker thread that owns `model` (on `device`) and returns the queue that
-    /// feeds it, holding at most `capacity` waiting jobs.
-    pub fn start(model: LoadedModel, device: Device, capacity: usize) -> Self {
+    /// Starts the worker thread that owns `model` (and, for a text model, the text encoder)
+    /// on `device` and returns the queue that feeds it, holding at most `capacity` waiting
+    /// jobs.
+    pub fn start(
+        model: LoadedModel,
+        encoder: Option<TextEncoder>,
+        device: Device,
+        capacity: usize,
+    ) -> Self {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("diffuse-worker".into())
-            .spawn(move || worker(model, device, rx, s))
+            .spawn(move || worker(model, encoder, device, rx, s))
             .expect("cannot start the generation thread");
         Self {
             tx: Mutex::new(Some(tx)),
@@ -204,7 +213,13 @@ fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
         && a.classes.is_some() == b.classes.is_some()
 }
 
-fn worker(model: LoadedModel, device: Device, rx: Receiver<Job>, stats: Arc<Stats>) {
+fn worker(
+    model: LoadedModel,
+    encoder: Option<TextEncoder>,
+    device: Device,
+    rx: Receiver<Job>,
+    stats: Arc<Stats>,
+) {
     // A job taken off the channel that could not join the last batch starts the next one.
     let mut next: Option<Job> = None;
     loop {
@@ -244,7 +259,7 @@ fn worker(model: LoadedModel, device: Device, rx: Receiver<Job>, stats: Arc<Stat
             continue;
         }
         stats.running.fetch_add(live.len(), Ordering::Relaxed);
-        let outcomes = run(&model, &device, &live, &stats);
+        let outcomes = run(&model, encoder.as_ref(), &device, &live, &stats);
         stats.running.fetch_sub(live.len(), Ordering::Relaxed);
         for (j, o) in live.into_iter().zip(outcomes) {
             finish(j, o, &stats);
@@ -271,6 +286,7 @@ fn finish(job: Job, outcome: Result<JobOutput, JobError>, stats: &Stats) {
 /// Runs compatible jobs as one batch; one outcome per job, in order.
 fn run(
     model: &LoadedModel,
+    encoder: Option<&TextEncoder>,
     device: &Device,
     jobs: &[Job],
     stats: &Stats,
@@ -303,12 +319,37 @@ fn run(
             .collect::<Vec<_>>()
     });
     let cancel_all = Arc::new(AtomicBool::new(false));
+    let text = match &model.config.unet.text_dim {
+        None => None,
+        Some(_) => {
+            let prompts: Vec<&str> = jobs
+                .iter()
+                .flat_map(|j| std::iter::repeat_n(j.spec.prompt.as_str(), j.spec.n))
+                .collect();
+            let enc = match encoder {
+                Some(e) => e,
+                None => {
+                    let e = JobError::Failed("the text encoder is not loaded".into());
+                    return jobs.iter().map(|_| Err(e.clone())).collect();
+                }
+            };
+            match enc.cond(&prompts) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let e = JobError::Failed(format!("{e:#}"));
+                    return jobs.iter().map(|_| Err(e.clone())).collect();
+                }
+            }
+        }
+    };
     let opts = GenerateOptions {
         n,
         classes,
         guidance: spec.guidance,
         seed: spec.seed,
         cancel: Some(cancel_all.clone()),
+        text,
+        negative: None,
     };
     let parts: Vec<(usize, u64)> = jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect();
     let mut noise = SeededNoise::new(&parts);

@@ -74,7 +74,12 @@ pub struct AppState {
 const PAGE: &str = include_str!("page.html");
 
 /// Builds the router for a loaded model, starting its worker thread.
-pub fn app(model: LoadedModel, device: burn::tensor::Device, cfg: &ServeConfig) -> Router {
+pub fn app(
+    model: LoadedModel,
+    encoder: Option<crate::conditioning::text::TextEncoder>,
+    device: burn::tensor::Device,
+    cfg: &ServeConfig,
+) -> Router {
     let limits = Limits {
         max_n: cfg.max_n,
         max_steps: cfg.max_steps,
@@ -89,7 +94,7 @@ pub fn app(model: LoadedModel, device: burn::tensor::Device, cfg: &ServeConfig) 
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let state = Arc::new(AppState {
-        queue: Queue::start(model, device, cfg.queue),
+        queue: Queue::start(model, encoder, device, cfg.queue),
         info,
         config,
         timeout: cfg.timeout,
@@ -123,7 +128,13 @@ pub fn serve(
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local: SocketAddr = listener.local_addr()?;
-        let router = app(model, device, &cfg);
+        let encoder = match model.config.unet.text_dim {
+            Some(_) => Some(crate::conditioning::text::TextEncoder::load_default(
+                &device,
+            )?),
+            None => None,
+        };
+        let router = app(model, encoder, device, &cfg);
         println!("listening on http://{local}");
         if !local.ip().is_loopback() {
             eprintln!(
@@ -304,6 +315,7 @@ fn response_body(spec: &JobSpec, out: JobOutput) -> GenerateResponse {
         steps: spec.steps,
         sampler: spec.sampler.name(),
         classes: spec.classes.clone(),
+        prompt: (!spec.prompt.is_empty()).then(|| spec.prompt.clone()),
         seconds: out.seconds,
     }
 }

