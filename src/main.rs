@@ -618,6 +618,18 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             );
         }
     }
+    if u.text_dim.is_some() {
+        if ds.captions.is_none() {
+            bail!(
+                "--cond text: {} has neither captions.jsonl nor .txt files beside its images",
+                cfg.data
+            );
+        }
+        let enc = diffuse::conditioning::text::default_dir()?;
+        if !enc.join("model.safetensors").exists() {
+            bail!("--cond text needs the text encoder: run `diffuse fetch text-encoder`");
+        }
+    }
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     eprintln!(
         "training on {} images ({}x{}x{}) from {}, steps {}..{}, run folder {}",

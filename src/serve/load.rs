@@ -305,8 +305,9 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-/// Runs the load test. Each client loops until the time is up: a good request, then
-/// (every other round) a bad one, and every fifth round a request it abandons.
+/// Runs the load test. Each client loops until the time is up: a good request, then in
+/// every other round a bad one, and in every fifth a request it abandons (clients start at
+/// different points of that cycle, so all kinds come from the first round on).
 pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     let health = request(
         cfg.addr,
@@ -422,7 +423,8 @@ fn client(
             cfg.steps,
             1000 * c + round
         );
-        if round % 5 == 4 {
+        // Every client's rounds mix the kinds from its first round on, whatever the pace.
+        if (c + round) % 5 == 0 {
             // Leaves while its job waits or runs; the server must cancel it.
             hang_up(
                 cfg.addr,
@@ -497,7 +499,7 @@ fn client(
                 }
             }
         }
-        if round % 2 == 1 {
+        if (c + round) % 2 == 0 {
             let (what, method, path, body) = bad_request(c + round / 2, max_body);
             log.bad += 1;
             let hdr = [("Content-Type", "application/json")];

@@ -390,7 +390,7 @@ fn bad_input_gives_one_clear_error_line() {
         "--batch",
     );
     fails(
-        &["train", "--data", folder, "--out", &out, "--cond", "text"],
+        &["train", "--data", folder, "--out", &out, "--cond", "words"],
         "--cond",
     );
     fails(

@@ -274,7 +274,7 @@ fn text_model_trains_and_samples_from_prompts() {
     }
     // Captions are required, and text models take no classes.
     std::fs::remove_file(data.join("captions.jsonl")).unwrap();
-    fails(&refs(&train(&p("run2"))), "needs captions");
+    fails(&refs(&train(&p("run2"))), "neither captions.jsonl nor .txt");
     fails(
         &["sample", "--prompt", "x", "--negative-prompt", "y"],
         "--negative-prompt is for text-conditioned models",
