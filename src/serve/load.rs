@@ -111,6 +111,11 @@ fn read_answer(s: &mut TcpStream) -> Result<Vec<u8>> {
     }
 }
 
+/// `GET path` with a 10 s limit.
+pub fn get(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
+    request(addr, "GET", path, &[], &[], Duration::from_secs(10))
+}
+
 /// Sends the head and part of a body, then hangs up: a client that leaves early.
 pub fn hang_up(addr: SocketAddr, path: &str, body: &[u8], after: Duration) -> Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -309,27 +314,11 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// every other round a bad one, and in every fifth a request it abandons (clients start at
 /// different points of that cycle, so all kinds come from the first round on).
 pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
-    let health = request(
-        cfg.addr,
-        "GET",
-        "/health",
-        &[],
-        &[],
-        Duration::from_secs(10),
-    )
-    .context("the server does not answer /health")?;
+    let health = get(cfg.addr, "/health").context("the server does not answer /health")?;
     if health.status != 200 {
         bail!("/health answered {}", health.status);
     }
-    let models = request(
-        cfg.addr,
-        "GET",
-        "/v1/models",
-        &[],
-        &[],
-        Duration::from_secs(10),
-    )?
-    .json()?;
+    let models = get(cfg.addr, "/v1/models")?.json()?;
     let m = &models["models"][0];
     let size = m["image_size"].as_u64().unwrap_or(0) as u32;
     let classes = m["classes"].as_array().map(|a| a.len()).unwrap_or(0);
@@ -373,16 +362,9 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport> {
     r.latency_ms_max = lat.last().copied().unwrap_or(0.0);
     r.good_per_s = r.good_ok as f64 / seconds;
     r.images_per_s = r.images as f64 / seconds;
-    let h = request(
-        cfg.addr,
-        "GET",
-        "/health",
-        &[],
-        &[],
-        Duration::from_secs(10),
-    )
-    .context("the server stopped answering /health after the load")?
-    .json()?;
+    let h = get(cfg.addr, "/health")
+        .context("the server stopped answering /health after the load")?
+        .json()?;
     r.server_peak_rss_bytes = h["peak_rss_bytes"].as_u64().unwrap_or(0);
     r.server_rss_bytes = h["rss_bytes"].as_u64().unwrap_or(0);
     Ok(r)
