@@ -30,7 +30,7 @@ pub struct EditArgs {
     /// Class index or name to steer towards (class-conditioned models).
     #[arg(long)]
     class: Option<String>,
-    /// For a class-conditioned model, a class name (as --class).
+    /// The prompt, for text-conditioned models; for a class-conditioned model, a class name.
     #[arg(long)]
     prompt: Option<String>,
     /// Classifier-free guidance weight (1 = none).
@@ -92,17 +92,20 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         ..Default::default()
     };
     let mut sampler = m.scheduler.build(kind, &m.schedule, &choice)?;
+    let text_model = cfg.unet.text_dim.is_some();
+    if text_model && a.class.is_some() {
+        bail!("--class was given, but this model is text-conditioned: use --prompt");
+    }
     let class = match (&a.class, &a.prompt) {
         (Some(_), Some(_)) => bail!("give --class or --prompt, not both"),
+        (None, Some(_)) if text_model => None,
         (Some(c), None) => Some(cfg.class_index(c)?),
         (None, Some(p)) if p.trim().is_empty() => None,
         (None, Some(p)) => match cfg.unet.num_classes {
             Some(_) => Some(cfg.class_index(p.trim()).map_err(|e| {
                 anyhow::anyhow!("{}", e.to_string().replace("--class", "--prompt"))
             })?),
-            None => bail!(
-                "--prompt was given, but this model is unconditioned (text-conditioned models are not supported yet)"
-            ),
+            None => bail!("--prompt was given, but this model is unconditioned"),
         },
         (None, None) => None,
     };
@@ -127,13 +130,26 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         }
     };
     let x0 = x0.repeat_dim(0, a.n);
+    let text = if text_model {
+        let enc = diffuse::conditioning::text::TextEncoder::load_default(&dev)?;
+        let p = a.prompt.clone().unwrap_or_default();
+        if enc.tokenize(&[p.as_str()])?.1[0] {
+            eprintln!(
+                "note: --prompt is longer than the encoder's {} tokens; the rest is ignored",
+                enc.max_len
+            );
+        }
+        Some(enc.cond(&vec![p.as_str(); a.n])?)
+    } else {
+        None
+    };
     let opts = GenerateOptions {
         n: a.n,
         classes: class.map(|k| vec![k; a.n]),
         guidance: a.guidance,
         seed: a.seed,
         cancel: None,
-        text: None,
+        text,
         negative: None,
     };
     let start = start_position(sampler.as_ref(), strength);

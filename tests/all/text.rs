@@ -247,6 +247,39 @@ fn text_model_trains_and_samples_from_prompts() {
         &["sample", "--model", &run, "--class", "1"],
         "text-conditioned: use --prompt",
     );
+    // Edited with a prompt: the kept half stays, bit for bit.
+    let src = p("a.png");
+    image::RgbImage::from_pixel(8, 8, image::Rgb([220, 20, 20]))
+        .save(&src)
+        .unwrap();
+    let mut mask = image::GrayImage::new(8, 8);
+    for (x, _, px) in mask.enumerate_pixels_mut() {
+        px.0 = [if x >= 4 { 255 } else { 0 }];
+    }
+    mask.save(p("mask.png")).unwrap();
+    ok(&[
+        "edit",
+        "--model",
+        &run,
+        "--image",
+        &src,
+        "--mask",
+        &p("mask.png"),
+        "--prompt",
+        "a blue square",
+        "--steps",
+        "4",
+        "--out",
+        &p("e.png"),
+        "--out-dir",
+        &p("e"),
+    ]);
+    let e = image::open(p("e/00000.png")).unwrap().to_rgb8();
+    assert!((0..8).all(|y| (0..4).all(|x| e.get_pixel(x, y).0 == [220, 20, 20])));
+    fails(
+        &["edit", "--model", &run, "--image", &src, "--class", "0"],
+        "text-conditioned: use --prompt",
+    );
     // Served: prompts through the API.
     {
         use diffuse::serve::load::request;
