@@ -208,5 +208,8 @@ pub struct GenerateResponse {
     pub classes: Option<Vec<usize>>,
     /// Text models: the prompt used.
     pub prompt: Option<String>,
+    /// Text models: true when the prompt was longer than the encoder's 256 tokens and was
+    /// cut there.
+    pub prompt_truncated: bool,
     pub seconds: f64,
 }

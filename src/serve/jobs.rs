@@ -45,6 +45,8 @@ pub enum Progress {
 pub struct JobOutput {
     pub pngs: Vec<Vec<u8>>,
     pub seconds: f64,
+    /// Text models: the prompt was longer than the encoder reads and was cut.
+    pub prompt_truncated: bool,
 }
 
 /// Why a job gave no images.
@@ -319,6 +321,7 @@ fn run(
             .collect::<Vec<_>>()
     });
     let cancel_all = Arc::new(AtomicBool::new(false));
+    let mut truncated = vec![false; jobs.len()];
     let text = match &model.config.unet.text_dim {
         None => None,
         Some(_) => {
@@ -333,6 +336,12 @@ fn run(
                     return jobs.iter().map(|_| Err(e.clone())).collect();
                 }
             };
+            for (k, j) in jobs.iter().enumerate() {
+                truncated[k] = enc
+                    .tokenize(&[j.spec.prompt.as_str()])
+                    .map(|(_, cut)| cut[0])
+                    .unwrap_or(false);
+            }
             match enc.cond(&prompts) {
                 Ok(t) => Some(t),
                 Err(e) => {
@@ -387,7 +396,7 @@ fn run(
     let seconds = t0.elapsed().as_secs_f64();
     let mut start = 0;
     let mut out = Vec::with_capacity(jobs.len());
-    for j in jobs {
+    for (k, j) in jobs.iter().enumerate() {
         let range = start..start + j.spec.n;
         start = range.end;
         if gone(j) {
@@ -400,7 +409,11 @@ fn run(
                     .map_err(|e| JobError::Failed(format!("cannot encode PNG: {e}")))
             })
             .collect();
-        out.push(pngs.map(|pngs| JobOutput { pngs, seconds }));
+        out.push(pngs.map(|pngs| JobOutput {
+            pngs,
+            seconds,
+            prompt_truncated: truncated[k],
+        }));
     }
     stats.record(seconds);
     out

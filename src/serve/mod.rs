@@ -275,6 +275,7 @@ async fn generate(
         Ok(Ok(Err(e))) => return job_error(e, s.timeout),
         Ok(Ok(Ok(out))) => out,
     };
+    let prompt_truncated = out.prompt_truncated;
     if json {
         axum::Json(response_body(&spec, out)).into_response()
     } else {
@@ -285,6 +286,10 @@ async fn generate(
             .into_response();
         r.headers_mut()
             .insert("x-seed", HeaderValue::from(spec.seed));
+        if prompt_truncated {
+            r.headers_mut()
+                .insert("x-prompt-truncated", HeaderValue::from_static("true"));
+        }
         r
     }
 }
@@ -316,6 +321,7 @@ fn response_body(spec: &JobSpec, out: JobOutput) -> GenerateResponse {
         sampler: spec.sampler.name(),
         classes: spec.classes.clone(),
         prompt: (!spec.prompt.is_empty()).then(|| spec.prompt.clone()),
+        prompt_truncated: out.prompt_truncated,
         seconds: out.seconds,
     }
 }

@@ -296,6 +296,11 @@ fn text_model_trains_and_samples_from_prompts() {
         let j = r.json().unwrap();
         assert_eq!(j["images"].as_array().unwrap().len(), 2);
         assert_eq!(j["prompt"], "a red square");
+        assert_eq!(j["prompt_truncated"], false);
+        let long = format!(r#"{{"prompt": "{}", "steps": 2}}"#, "a ".repeat(300));
+        let r = request(srv.addr, "POST", "/v1/generate", &[], long.as_bytes(), t).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-prompt-truncated"), Some("true"));
         let r = request(srv.addr, "POST", "/v1/generate", &[], br#"{"class": 1}"#, t).unwrap();
         assert_eq!(r.status, 400);
         assert!(
