@@ -439,14 +439,14 @@ fn sample(a: SampleArgs) -> Result<()> {
         let enc = diffuse::conditioning::text::TextEncoder::load_default(&dev)?;
         let prompt = a.prompt.clone().unwrap_or_default();
         let encode = |p: &str, what: &str| -> Result<_> {
-            let (_, cut) = enc.tokenize(&[p])?;
+            let (cond, cut) = enc.cond_repeated(&[(p, n)])?;
             if cut[0] {
                 eprintln!(
                     "note: {what} is longer than the encoder's {} tokens; the rest is ignored",
                     enc.max_len
                 );
             }
-            enc.cond(&vec![p; n])
+            Ok(cond)
         };
         if prompt.trim().is_empty() {
             eprintln!("note: no --prompt: sampling the model's unconditional distribution");

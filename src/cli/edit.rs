@@ -133,13 +133,14 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let text = if text_model {
         let enc = diffuse::conditioning::text::TextEncoder::load_default(&dev)?;
         let p = a.prompt.clone().unwrap_or_default();
-        if enc.tokenize(&[p.as_str()])?.1[0] {
+        let (cond, cut) = enc.cond_repeated(&[(p.as_str(), a.n)])?;
+        if cut[0] {
             eprintln!(
                 "note: --prompt is longer than the encoder's {} tokens; the rest is ignored",
                 enc.max_len
             );
         }
-        Some(enc.cond(&vec![p.as_str(); a.n])?)
+        Some(cond)
     } else {
         None
     };

@@ -382,13 +382,36 @@ impl TextEncoder {
 impl TextEncoder {
     /// Prompts as the U-Net reads them; empty prompts (after trimming) become the null text.
     pub fn cond(&self, prompts: &[&str]) -> Result<crate::unet::TextCond> {
-        let e = self.encode(prompts)?;
-        Ok(crate::unet::TextCond {
-            tokens: e.tokens,
-            mask: e.mask,
-            pooled: e.pooled,
-            null: prompts.iter().map(|p| p.trim().is_empty()).collect(),
-        })
+        let each: Vec<(&str, usize)> = prompts.iter().map(|&p| (p, 1)).collect();
+        Ok(self.cond_repeated(&each)?.0)
+    }
+
+    /// [`TextEncoder::cond`] for `(prompt, copies)` pairs: each prompt is encoded once and its
+    /// rows repeated. Also says, per pair, whether the prompt was cut at `max_len`.
+    pub fn cond_repeated(
+        &self,
+        prompts: &[(&str, usize)],
+    ) -> Result<(crate::unet::TextCond, Vec<bool>)> {
+        let texts: Vec<&str> = prompts.iter().map(|p| p.0).collect();
+        let e = self.encode(&texts)?;
+        let rows: Vec<i64> = prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(_, k))| std::iter::repeat_n(i as i64, k))
+            .collect();
+        let n = rows.len();
+        let idx =
+            Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(rows, [n]), &self.device);
+        let cond = crate::unet::TextCond {
+            tokens: e.tokens.select(0, idx.clone()),
+            mask: e.mask.select(0, idx.clone()),
+            pooled: e.pooled.select(0, idx),
+            null: prompts
+                .iter()
+                .flat_map(|&(p, k)| std::iter::repeat_n(p.trim().is_empty(), k))
+                .collect(),
+        };
+        Ok((cond, e.truncated))
     }
 }
 

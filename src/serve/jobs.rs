@@ -325,9 +325,9 @@ fn run(
     let text = match &model.config.unet.text_dim {
         None => None,
         Some(_) => {
-            let prompts: Vec<&str> = jobs
+            let prompts: Vec<(&str, usize)> = jobs
                 .iter()
-                .flat_map(|j| std::iter::repeat_n(j.spec.prompt.as_str(), j.spec.n))
+                .map(|j| (j.spec.prompt.as_str(), j.spec.n))
                 .collect();
             let enc = match encoder {
                 Some(e) => e,
@@ -336,14 +336,11 @@ fn run(
                     return jobs.iter().map(|_| Err(e.clone())).collect();
                 }
             };
-            for (k, j) in jobs.iter().enumerate() {
-                truncated[k] = enc
-                    .tokenize(&[j.spec.prompt.as_str()])
-                    .map(|(_, cut)| cut[0])
-                    .unwrap_or(false);
-            }
-            match enc.cond(&prompts) {
-                Ok(t) => Some(t),
+            match enc.cond_repeated(&prompts) {
+                Ok((t, cut)) => {
+                    truncated = cut;
+                    Some(t)
+                }
                 Err(e) => {
                     let e = JobError::Failed(format!("{e:#}"));
                     return jobs.iter().map(|_| Err(e.clone())).collect();

@@ -275,8 +275,9 @@ pub fn train(
     }
 
     // Text models: every caption encoded once, before the first step.
-    let bank = match (cfg.model.unet.text_dim, &ds.captions) {
-        (None, _) => None,
+    // The preview grids' prompts (16 dataset captions) are encoded once too.
+    let (bank, preview_text) = match (cfg.model.unet.text_dim, &ds.captions) {
+        (None, _) => (None, None),
         (Some(_), None) => bail!(
             "a text-conditioned model needs captions: {} has neither captions.jsonl nor .txt files beside its images",
             ds.source
@@ -296,22 +297,16 @@ pub fn train(
                 bank.len(),
                 t0.elapsed().as_secs_f64()
             );
-            Some(bank)
-        }
-    };
-    let preview_prompts: Vec<String> = ds
-        .captions
-        .as_ref()
-        .map(|c| {
-            let step = (c.len() / 16).max(1);
-            c.iter()
+            let step = (caps.len() / 16).max(1);
+            let prompts: Vec<&str> = caps
+                .iter()
                 .step_by(step)
                 .take(16)
-                .map(|a| a[0].clone())
-                .collect()
-        })
-        .unwrap_or_default();
-
+                .map(|a| a[0].as_str())
+                .collect();
+            (Some(bank), Some(enc.cond(&prompts)?))
+        }
+    };
     // Batches are built on a separate thread, two steps ahead of the training step.
     let ds = Arc::new(ds);
     let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(2);
@@ -412,7 +407,7 @@ pub fn train(
             checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done)?;
         }
         if tc.sample_every > 0 && (done % tc.sample_every == 0 || done == tc.steps) {
-            preview(cfg, &sched, &ema_model, &paths, done, &preview_prompts)?;
+            preview(cfg, &sched, &ema_model, &paths, done, preview_text.clone())?;
         }
     }
     let all = read_metrics(&paths.metrics(), tc.steps);
@@ -429,16 +424,9 @@ fn preview(
     ema: &UNet,
     paths: &RunPaths,
     step: usize,
-    prompts: &[String],
+    text: Option<crate::unet::TextCond>,
 ) -> Result<()> {
     let idev = inference_device();
-    let text = if cfg.model.unet.text_dim.is_some() && !prompts.is_empty() {
-        let enc = crate::conditioning::text::TextEncoder::load_default(&idev)?;
-        let p: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        Some(enc.cond(&p)?)
-    } else {
-        None
-    };
     let (n, classes, cols) = match cfg.model.unet.num_classes {
         Some(k) => {
             let per = (16 / k).clamp(1, 4);
