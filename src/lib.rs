@@ -21,4 +21,5 @@ pub mod schedule;
 pub mod serve;
 pub mod train;
 pub mod unet;
+pub mod vae;
 pub mod weights;

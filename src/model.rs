@@ -15,8 +15,23 @@ use std::path::{Path, PathBuf};
 /// Metadata key holding the model config JSON in a safetensors file.
 pub const CONFIG_KEY: &str = "diffuse.config";
 
-/// The class-conditioned Fashion-MNIST model shipped inside the binary.
+/// The class-conditioned Fashion-MNIST model shipped inside the binary (the default model).
 pub static EMBEDDED_MODEL: &[u8] = include_bytes!("../models/fashion-mnist.safetensors");
+
+/// The text-conditioned 32x32 Noto emoji model shipped inside the binary (`--model emoji`).
+pub static EMOJI_MODEL: &[u8] = include_bytes!("../models/emoji.safetensors");
+
+/// Models shipped inside the binary, by the name `--model` takes.
+pub const NAMED_MODELS: &[(&str, &[u8])] =
+    &[("fashion-mnist", EMBEDDED_MODEL), ("emoji", EMOJI_MODEL)];
+
+/// The bytes of a shipped model, by name.
+pub fn named_model(name: &str) -> Option<&'static [u8]> {
+    NAMED_MODELS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bytes)| *bytes)
+}
 
 /// Everything needed to rebuild and sample a model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,8 +141,9 @@ pub fn model_file_in(run: &Path) -> PathBuf {
     run.join("model.safetensors")
 }
 
-/// Loads `--model`: `None` for the embedded model, a run folder, a diffusers pipeline folder,
-/// or a `.safetensors` file.
+/// Loads `--model`: `None` for the embedded Fashion-MNIST model, a run folder, a diffusers
+/// pipeline folder, a `.safetensors` file, or the name of a shipped model (`emoji`,
+/// `fashion-mnist`) when no such path exists.
 pub fn load(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
     let Some(spec) = spec else {
         return load_from_bytes(EMBEDDED_MODEL, "the embedded model", device);
@@ -148,8 +164,14 @@ pub fn load(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
         f
     } else if p.exists() {
         p.to_path_buf()
+    } else if let Some(bytes) = named_model(spec) {
+        return load_from_bytes(bytes, &format!("the shipped model '{spec}'"), device);
     } else {
-        bail!("model '{spec}' does not exist");
+        let names: Vec<&str> = NAMED_MODELS.iter().map(|(n, _)| *n).collect();
+        bail!(
+            "model '{spec}' is neither a file or folder nor a shipped model ({})",
+            names.join(", ")
+        );
     };
     let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
     load_from_bytes(&bytes, &file.display().to_string(), device)

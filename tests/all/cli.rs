@@ -417,7 +417,7 @@ fn bad_input_gives_one_clear_error_line() {
     );
     fails(
         &["sample", "--model", &t("missing.safetensors")],
-        "does not exist",
+        "neither a file or folder nor a shipped model (fashion-mnist, emoji)",
     );
     fails(
         &["sample", "--model", &t("empty")],

@@ -12,3 +12,4 @@ mod schedule;
 mod serve;
 mod text;
 mod unet;
+mod vae;

@@ -1,0 +1,106 @@
+//! The autoencoder: output parity with diffusers' AutoencoderKL on a random-weight small
+//! config (fixture made by tests/fixtures/vae/make_vae_fixture.py), folder round trips, and
+//! bad folders.
+
+use super::data::fixture;
+use burn::tensor::{Tensor, TensorData};
+use diffuse::device::inference_device;
+use diffuse::vae::{self, WEIGHTS_FILE};
+use diffuse::weights::{HostTensor, StoreDtype, read_safetensors};
+
+fn tensor4(t: &HostTensor) -> Tensor<4> {
+    let s: [usize; 4] = t.shape.clone().try_into().unwrap();
+    Tensor::from_data(TensorData::new(t.data.clone(), s), &inference_device())
+}
+
+fn values(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec().unwrap()
+}
+
+/// Largest absolute difference over the largest magnitude of `want`.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+#[test]
+fn autoencoderkl_matches_diffusers() {
+    let dev = inference_device();
+    let v = vae::load(&fixture("vae/tiny-autoencoderkl"), &dev).unwrap();
+    let (io, _) = read_safetensors(&fixture("vae/tiny-autoencoderkl_io.safetensors")).unwrap();
+    let post = v.vae.encode(tensor4(&io["input"]));
+    assert_eq!(post.mean.dims(), [2, 4, 4, 4]);
+    let e_mean = rel_err(&values(post.mean.clone()), &io["mean"].data);
+    let e_logvar = rel_err(&values(post.logvar.clone()), &io["logvar"].data);
+    let e_dec = rel_err(&values(v.vae.decode(post.mean)), &io["decoded"].data);
+    assert!(e_mean < 1e-5, "mean differs from diffusers by {e_mean}");
+    assert!(
+        e_logvar < 1e-5,
+        "logvar differs from diffusers by {e_logvar}"
+    );
+    assert!(e_dec < 1e-5, "decode differs from diffusers by {e_dec}");
+    // decode(encode(x)) through the scaled interface is the same as diffusers' forward.
+    let z = v.encode_scaled(tensor4(&io["input"]));
+    let e_fwd = rel_err(&values(v.decode_scaled(z)), &io["forward"].data);
+    assert!(e_fwd < 1e-4, "forward differs from diffusers by {e_fwd}");
+}
+
+#[test]
+fn vae_folders_round_trip_with_diffusers_names() {
+    let dev = inference_device();
+    let v = vae::load(&fixture("vae/tiny-autoencoderkl"), &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    vae::save(&v, dir.path(), StoreDtype::F32).unwrap();
+    // Same tensor names, shapes and values as the diffusers file.
+    let (theirs, _) =
+        read_safetensors(&fixture("vae/tiny-autoencoderkl").join(WEIGHTS_FILE)).unwrap();
+    let (ours, _) = read_safetensors(&dir.path().join(WEIGHTS_FILE)).unwrap();
+    assert_eq!(ours, theirs);
+    let back = vae::load(dir.path(), &dev).unwrap();
+    assert_eq!(back.config, v.config);
+    let (io, _) = read_safetensors(&fixture("vae/tiny-autoencoderkl_io.safetensors")).unwrap();
+    let a = values(v.vae.decode(v.vae.encode(tensor4(&io["input"])).mean));
+    let b = values(back.vae.decode(back.vae.encode(tensor4(&io["input"])).mean));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bad_vae_folders_say_what_is_wrong() {
+    let dev = inference_device();
+    let err = |p: &std::path::Path| format!("{:#}", vae::load(p, &dev).unwrap_err());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(err(&d.join("nope")).contains("does not exist"));
+    assert!(err(d).contains("has no config.json"));
+    let src = fixture("vae/tiny-autoencoderkl");
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("UpDecoderBlock2D", "AttnUpDecoderBlock2D"),
+    )
+    .unwrap();
+    std::fs::copy(src.join(WEIGHTS_FILE), d.join(WEIGHTS_FILE)).unwrap();
+    assert!(
+        err(d).contains("only UpDecoderBlock2D is supported"),
+        "{}",
+        err(d)
+    );
+    // Weights of another shape: latent_channels 8 does not fit the 4-channel weights.
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"latent_channels\": 4", "\"latent_channels\": 8"),
+    )
+    .unwrap();
+    let e = err(d);
+    assert!(
+        e.contains("does not match its config") && e.contains("shape"),
+        "{e}"
+    );
+    std::fs::write(d.join("config.json"), &cfg).unwrap();
+    std::fs::write(d.join(WEIGHTS_FILE), b"junk").unwrap();
+    assert!(err(d).contains("not a valid safetensors"), "{}", err(d));
+}
