@@ -317,6 +317,7 @@ fn main() -> Result<()> {
                 cancel: None,
                 text: None,
                 negative: None,
+                image_cond: None,
             };
             let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
             diffuse::sampler::denoise_from(

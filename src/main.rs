@@ -20,6 +20,8 @@ mod cli {
     pub mod edit;
     pub mod eval;
     pub mod serve;
+    pub mod upscale;
+    pub mod vae;
 }
 
 #[derive(Parser)]
@@ -76,6 +78,15 @@ enum Cmd {
     },
     /// Edit an image: SDEdit (--strength) or inpainting (--mask), steered by class.
     Edit(Box<cli::edit::EditArgs>),
+    /// Enlarge an image with a super-resolution model, or compare one with bicubic upscaling.
+    Upscale(Box<cli::upscale::UpscaleArgs>),
+    /// Train a variational autoencoder (diffusers AutoencoderKL layout) for latent diffusion.
+    TrainVae(Box<cli::vae::TrainVaeArgs>),
+    /// Encode images to latents or decode latents to images with a VAE.
+    Vae {
+        #[command(subcommand)]
+        cmd: cli::vae::VaeCmd,
+    },
     /// Serve an HTTP API and a web page for generating images (loopback by default).
     Serve(cli::serve::ServeArgs),
     /// Load-test a running `diffuse serve` on loopback: good and bad requests, hang-ups.
@@ -209,6 +220,17 @@ struct TrainArgs {
     /// lowest-resolution levels).
     #[arg(long)]
     cross_attention: Option<String>,
+    /// What the model learns: denoise (generate images) or superres (enlarge images by
+    /// --scale; --image-size is the high resolution; pairs are made from the data).
+    #[arg(long, default_value = "denoise")]
+    task: String,
+    /// Super-resolution factor: 2 or 4.
+    #[arg(long)]
+    scale: Option<usize>,
+    /// Latent diffusion: a VAE folder (diffuse train-vae output or a diffusers AutoencoderKL);
+    /// the denoiser learns its scaled latents and the VAE travels in the model file.
+    #[arg(long)]
+    latent: Option<PathBuf>,
     /// Training steps (with --resume: a new total to train to).
     #[arg(long)]
     steps: Option<usize>,
@@ -327,6 +349,9 @@ fn main() {
         Cmd::Eval(a) => cli::eval::eval_cmd(a),
         Cmd::Export { model, diffusers } => export(model.as_deref(), &diffusers),
         Cmd::Edit(a) => cli::edit::edit_cmd(*a),
+        Cmd::Upscale(a) => cli::upscale::upscale_cmd(*a),
+        Cmd::TrainVae(a) => cli::vae::train_vae_cmd(*a),
+        Cmd::Vae { cmd } => cli::vae::vae_cmd(cmd),
         Cmd::Serve(a) => cli::serve::serve_cmd(a),
         Cmd::Loadtest(a) => cli::serve::loadtest_cmd(a),
         Cmd::Bench {
@@ -356,6 +381,13 @@ fn sample(a: SampleArgs) -> Result<()> {
     let dev = inference_device();
     let m = model::load(a.model.as_deref(), &dev)?;
     let cfg = &m.config;
+    if let Some(sr) = &cfg.superres {
+        bail!(
+            "{} is a {}x super-resolution model: it enlarges a given image; use `diffuse upscale --model ... --image small.png`",
+            m.source,
+            sr.scale
+        );
+    }
     let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
     // As diffusers' pipelines: DDPM over all T steps, the fast samplers 50.
     let steps = a.steps.unwrap_or(match kind {
@@ -467,6 +499,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         cancel: None,
         text,
         negative,
+        image_cond: None,
     };
     let total = sampler.timesteps().len();
     let pb = bar(
@@ -479,7 +512,9 @@ fn sample(a: SampleArgs) -> Result<()> {
     let mut on_step = |i: usize, x: &Tensor<4>| {
         pb.inc(1);
         if want_traj && (i % keep_every == 0 || i + 1 == total) {
-            traj.push(ImageBatch::from_tensor(x.clone().narrow(0, 0, 1)));
+            traj.push(ImageBatch::from_tensor(
+                m.to_images(x.clone().narrow(0, 0, 1)),
+            ));
         }
     };
     let x = match init {
@@ -527,9 +562,9 @@ fn sample(a: SampleArgs) -> Result<()> {
         weights::write_atomic(path, &bytes)?;
         println!("wrote {}", path.display());
     }
-    let batch = ImageBatch::from_tensor(x);
+    let batch = ImageBatch::from_tensor(m.to_images(x));
     let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
-    let f = display_factor(cfg.unet.image_size);
+    let f = display_factor(cfg.output_shape()[1]);
     let out = match (&a.out, &a.out_dir) {
         (None, None) => Some(PathBuf::from("samples.png")),
         (o, _) => o.clone(),
@@ -600,14 +635,21 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     cfg.train.validate()?;
     let u = &cfg.model.unet;
     let with_classes = u.num_classes.is_some();
-    let ds = data::load(
-        &cfg.data,
-        Shape {
-            size: u.image_size,
-            channels: u.in_channels,
-        },
-        with_classes,
-    )?;
+    let [channels, size, _] = cfg.model.output_shape();
+    let ds = data::load(&cfg.data, Shape { size, channels }, with_classes)?;
+    // A latent model's VAE: from --latent for a new run, from the checkpoint when resuming.
+    let vae = match (&cfg.model.latent, &resume, &a.latent) {
+        (None, _, _) => None,
+        (Some(l), Some(ck), _) => Some(diffuse::vae::build(
+            l.vae.clone(),
+            &ck.tensors,
+            model::VAE_PREFIX,
+            &ckpt_path.display().to_string(),
+            &inference_device(),
+        )?),
+        (Some(_), None, Some(v)) => Some(diffuse::vae::load(v, &inference_device())?),
+        (Some(_), None, None) => unreachable!("a latent config comes from --latent"),
+    };
     if let (Some(k), true) = (u.num_classes, with_classes) {
         if ds.num_classes() != k {
             bail!(
@@ -648,7 +690,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     );
     pb.set_position(start as u64);
     pb.reset_eta();
-    let done = train::train(&cfg, ds, &a.out, resume, &mut |r| {
+    let done = train::train(&cfg, ds, &a.out, resume, vae.as_ref(), &mut |r| {
         pb.set_position(r.step as u64);
         pb.set_message(format!("{:.4}", r.loss));
     })?;
@@ -700,6 +742,60 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
     if channels != 1 && channels != 3 {
         bail!("--channels must be 1 or 3 (got {channels})");
     }
+    let superres = match (a.task.as_str(), a.scale) {
+        ("denoise", None) => None,
+        ("denoise", Some(_)) => bail!("--scale is for --task superres"),
+        ("superres", Some(k)) if k == 2 || k == 4 => {
+            if size % k != 0 || size / k < 2 {
+                bail!(
+                    "--task superres: --image-size {size} must be a multiple of --scale {k} (and at least {})",
+                    2 * k
+                );
+            }
+            Some(model::SuperResConfig { scale: k })
+        }
+        ("superres", Some(k)) => bail!("--scale must be 2 or 4 (got {k})"),
+        ("superres", None) => bail!("--task superres needs --scale 2 or 4"),
+        (t, _) => bail!("--task must be denoise or superres (got '{t}')"),
+    };
+    let latent = match &a.latent {
+        None => None,
+        Some(_) if superres.is_some() => {
+            bail!("--latent and --task superres do not combine (super-resolution works on pixels)")
+        }
+        Some(_) if a.hflip => {
+            bail!("--hflip is not available with --latent (latents are encoded once)")
+        }
+        Some(v) => {
+            let vae = diffuse::vae::load(v, &inference_device())?;
+            if vae.config.in_channels != channels {
+                bail!(
+                    "--latent {}: the VAE takes {} channels but the data is read with {channels}",
+                    v.display(),
+                    vae.config.in_channels
+                );
+            }
+            if size % vae.config.downscale() != 0 {
+                bail!(
+                    "--latent {}: --image-size {size} is not a multiple of the VAE's downscale {}",
+                    v.display(),
+                    vae.config.downscale()
+                );
+            }
+            Some(model::LatentConfig {
+                vae: vae.config,
+                image_size: size,
+            })
+        }
+    };
+    // The denoiser's own image: latents for a latent model.
+    let (size, channels) = match &latent {
+        Some(l) => {
+            let [c, h, _] = l.vae.latent_shape(size);
+            (h, c)
+        }
+        None => (size, channels),
+    };
     let channel_mult = match &a.channel_mult {
         Some(s) => parse_list(s, "--channel-mult")?,
         None => default_mult(size),
@@ -737,6 +833,7 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         num_classes: with_classes.then_some(class_names.len()),
         text_dim: with_text.then_some(diffuse::conditioning::text::MINILM_DIM),
         cross_attention_resolutions,
+        cond_channels: if superres.is_some() { channels } else { 0 },
         ..UNetConfig::default()
     };
     unet.validate()?;
@@ -776,6 +873,8 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
             } else {
                 Vec::new()
             },
+            superres,
+            latent,
         },
         train,
         data: a.data.clone(),

@@ -7,7 +7,7 @@ use crate::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
 use crate::unet::{UNet, UNetConfig};
 use crate::weights::{self, NamedTensors, StoreDtype};
 use anyhow::{Context, Result, anyhow, bail};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,13 +42,55 @@ pub struct ModelConfig {
     /// Class names by index (empty for an unconditioned model).
     #[serde(default)]
     pub class_names: Vec<String>,
+    /// A super-resolution model: the denoiser also reads the low-resolution image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superres: Option<SuperResConfig>,
+    /// A latent diffusion model: the denoiser works on a VAE's scaled latents; the VAE's
+    /// weights travel in the same file under `vae.` (in diffusers' names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentConfig>,
 }
 
+/// SR3 super-resolution (Saharia et al. 2021): the `S/scale` low-resolution image, upsampled
+/// bicubically to `S`, is concatenated to the noisy image as extra input channels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SuperResConfig {
+    /// How many times larger each side of the output is than the input.
+    pub scale: usize,
+}
+
+/// Latent diffusion (Rombach et al. 2022): the autoencoder the denoiser's latents belong to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatentConfig {
+    pub vae: crate::vae::VaeConfig,
+    /// Side of the images (the VAE's input and output).
+    pub image_size: usize,
+}
+
+/// The prefix of the VAE's tensors inside a latent model's file.
+pub const VAE_PREFIX: &str = "vae.";
+
 impl ModelConfig {
-    /// `[channels, height, width]` of generated images.
+    /// `[channels, height, width]` of what the denoiser generates (latents for a latent
+    /// model, else images).
     pub fn image_shape(&self) -> [usize; 3] {
         let s = self.unet.image_size;
         [self.unet.in_channels, s, s]
+    }
+
+    /// `[channels, height, width]` of the output images.
+    pub fn output_shape(&self) -> [usize; 3] {
+        match &self.latent {
+            Some(l) => [l.vae.out_channels, l.image_size, l.image_size],
+            None => self.image_shape(),
+        }
+    }
+
+    /// Side of the low-resolution input of a super-resolution model.
+    pub fn lowres_size(&self) -> Option<usize> {
+        self.superres
+            .as_ref()
+            .map(|s| self.output_shape()[1] / s.scale)
     }
 
     /// Resolves `--class`: an index, or a class name (case-insensitive).
@@ -89,6 +131,27 @@ pub struct LoadedModel {
     pub unet: UNet,
     /// Where it came from, for messages.
     pub source: String,
+    /// The autoencoder of a latent model.
+    pub vae: Option<crate::vae::LoadedVae>,
+}
+
+impl LoadedModel {
+    /// What the sampler produced to images in `[-1, 1]`: decoded by the VAE for a latent
+    /// model, as it is otherwise.
+    pub fn to_images(&self, x: Tensor<4>) -> Tensor<4> {
+        match &self.vae {
+            Some(v) => v.decode_scaled(x),
+            None => x,
+        }
+    }
+
+    /// Images in `[-1, 1]` to what the sampler works on (scaled latents for a latent model).
+    pub fn from_images(&self, x: Tensor<4>) -> Tensor<4> {
+        match &self.vae {
+            Some(v) => v.encode_scaled(x),
+            None => x,
+        }
+    }
 }
 
 /// Serialises a model (weights and config) as safetensors bytes.
@@ -127,12 +190,23 @@ pub fn build(
         .map_err(|e| anyhow!("{what} does not match its config: {e}"))?;
     let schedule = NoiseSchedule::new(&config.schedule)?;
     let scheduler = SchedulerConfig::for_model(&config.schedule, config.prediction);
+    let vae = match &config.latent {
+        Some(l) => Some(crate::vae::build(
+            l.vae.clone(),
+            tensors,
+            &format!("{prefix}{VAE_PREFIX}"),
+            what,
+            device,
+        )?),
+        None => None,
+    };
     Ok(LoadedModel {
         config,
         schedule,
         scheduler,
         unet,
         source: what.to_string(),
+        vae,
     })
 }
 

@@ -71,6 +71,12 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let dev = inference_device();
     let m = model::load(a.model.as_deref(), &dev)?;
     let cfg = &m.config;
+    if cfg.superres.is_some() {
+        bail!(
+            "{} is a super-resolution model; use `diffuse upscale`",
+            m.source
+        );
+    }
     let strength = a
         .strength
         .unwrap_or(if a.mask.is_some() { 1.0 } else { 0.6 });
@@ -109,14 +115,16 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         },
         (None, None) => None,
     };
-    let [c, size, _] = cfg.image_shape();
+    // A latent model edits the image's latents (the mask is reduced to the latent size).
+    let [c, size, _] = cfg.output_shape();
+    let latent_size = cfg.image_shape()[1];
     note_resize(&a.image, size, "--image")?;
     let x0 = load_image(&a.image, size, c, &dev)?;
     let mask = match &a.mask {
         None => None,
         Some(p) => {
             note_resize(p, size, "--mask")?;
-            let m = load_image(p, size, 1, &dev)?;
+            let m = load_image(p, latent_size, 1, &dev)?;
             // Model space [-1, 1]: white (>= 128) -> 1 (regenerate), black -> 0 (keep).
             let m = m.greater_equal_elem(0.0).float();
             let regen: f32 = m.clone().sum().into_scalar::<f32>();
@@ -152,6 +160,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         cancel: None,
         text,
         negative: None,
+        image_cond: None,
     };
     let start = start_position(sampler.as_ref(), strength);
     let runs = sampler.timesteps().len() - start;
@@ -171,19 +180,23 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let x = edit(
         &m.unet,
         cfg.unet.num_classes,
-        x0.clone(),
+        m.from_images(x0.clone()),
         sampler.as_mut(),
         &opts,
         &opts_edit,
         &mut |_, _| {},
     );
     let mut shown = vec![ImageBatch::from_tensor(x0.narrow(0, 0, 1)).image(0)];
-    if let Some(mk) = &mask {
-        let t: Tensor<4> = mk.clone().narrow(0, 0, 1) * 2.0 - 1.0;
+    if let Some(p) = &a.mask {
+        let t: Tensor<4> = load_image(p, size, 1, &dev)?
+            .greater_equal_elem(0.0)
+            .float()
+            * 2.0
+            - 1.0;
         let t = if c == 1 { t } else { t.repeat_dim(1, c) };
         shown.push(ImageBatch::from_tensor(t).image(0));
     }
-    let batch = ImageBatch::from_tensor(x);
+    let batch = ImageBatch::from_tensor(m.to_images(x));
     let edits: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     shown.extend(edits.iter().cloned());
     let cols = shown.len();

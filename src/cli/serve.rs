@@ -52,6 +52,12 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     }
     let dev = inference_device();
     let m = model::load(a.model.as_deref(), &dev)?;
+    if m.config.superres.is_some() {
+        anyhow::bail!(
+            "{} is a super-resolution model; serve generates images (use `diffuse upscale`)",
+            m.source
+        );
+    }
     let cfg = ServeConfig {
         host: a.host,
         port: a.port,

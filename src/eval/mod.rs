@@ -7,6 +7,7 @@ pub mod classifier;
 pub mod inception;
 pub mod metrics;
 pub mod pickle;
+pub mod superres;
 
 use crate::data::{self, Dataset, Shape};
 use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
@@ -392,6 +393,7 @@ pub fn sample_images(
             cancel: None,
             text: None,
             negative: None,
+            image_cond: None,
         };
         let x: Tensor<4> = generate(
             &m.unet,
@@ -402,7 +404,12 @@ pub fn sample_images(
             &dev,
             &mut |_, _| {},
         );
-        let v: Vec<f32> = x.into_data().convert::<f32>().try_into_vec().expect("f32");
+        let v: Vec<f32> = m
+            .to_images(x)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32");
         if v.iter().any(|p| !p.is_finite()) {
             bail!(
                 "{} with {} steps produced NaN or infinite pixels; try another sampler or more steps",
@@ -418,7 +425,7 @@ pub fn sample_images(
 
 /// Brings generated images `[n, C, S, S]` to the extractor's input (resize, channels);
 /// Inception takes them as they are.
-fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extractor) -> Images {
+pub fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extractor) -> Images {
     let own = Shape {
         size: shape[1],
         channels: shape[0],
@@ -468,7 +475,7 @@ pub fn evaluate(
     let t0 = Instant::now();
     let (pixels, classes) = sample_images(m, spec, on_batch)?;
     let sample_seconds = t0.elapsed().as_secs_f64();
-    let gen_imgs = to_extractor(pixels, spec.n, m.config.image_shape(), ext);
+    let gen_imgs = to_extractor(pixels, spec.n, m.config.output_shape(), ext);
     // Class accuracy only where the model's classes are the classifier's.
     let same_classes =
         m.config.unet.num_classes.is_some() && m.config.unet.num_classes == ext.classes();

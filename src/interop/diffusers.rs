@@ -277,6 +277,7 @@ impl UNet2DConfig {
             mid_attention: self.add_attention,
             text_dim: None,
             cross_attention_resolutions: Vec::new(),
+            cond_channels: 0,
         };
         let sizes = cfg.level_sizes();
         cfg.attention_resolutions = attention_levels.iter().map(|&i| sizes[i]).collect();
@@ -635,6 +636,8 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         schedule: scheduler.schedule_config()?,
         prediction: scheduler.prediction()?,
         class_names: Vec::new(),
+        superres: None,
+        latent: None,
     };
     Ok(LoadedModel {
         config,
@@ -642,6 +645,7 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         scheduler,
         unet,
         source: what,
+        vae: None,
     })
 }
 
@@ -652,6 +656,12 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
         bail!("{} already exists; give a new folder", out.display());
     }
     let cfg = &model.config;
+    if cfg.unet.text_dim.is_some() || cfg.unet.cond_channels > 0 || cfg.latent.is_some() {
+        bail!(
+            "{}: only unconditioned and class-conditioned pixel models export to a diffusers DDPMPipeline (this one takes text, a low-resolution image or latents)",
+            model.source
+        );
+    }
     let beta_schedule = match cfg.schedule.beta_schedule {
         BetaSchedule::Linear => "linear",
         BetaSchedule::ScaledLinear => "scaled_linear",

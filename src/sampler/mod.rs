@@ -9,6 +9,7 @@ pub mod edit;
 pub mod euler;
 pub mod heun;
 pub mod sigmas;
+pub mod upscale;
 
 pub use config::{SamplerChoice, SamplerKind, SchedulerConfig};
 pub use ddim::{DdimOptions, DdimSampler, TimestepSpacing};
@@ -223,6 +224,9 @@ pub struct GenerateOptions {
     /// What guidance steers away from for a text model (a negative prompt per image); `None`:
     /// the null text.
     pub negative: Option<TextCond>,
+    /// Images concatenated to the model input as extra channels, one per image (a
+    /// super-resolution model's upsampled low-resolution input), on the model's device.
+    pub image_cond: Option<Tensor<4>>,
 }
 
 /// Runs the full reverse process from pure Gaussian noise. `num_classes` is the model's class
@@ -293,6 +297,21 @@ fn moved(t: Tensor<4>, device: &Device) -> Tensor<4> {
     }
 }
 
+/// `x` with the conditioning images appended as channels: `cond` repeated along the batch
+/// when `x` holds the images twice (guidance).
+fn with_image_cond(x: Tensor<4>, cond: Option<&Tensor<4>>) -> Tensor<4> {
+    let Some(c) = cond else {
+        return x;
+    };
+    let reps = x.dims()[0] / c.dims()[0];
+    let c = if reps > 1 {
+        Tensor::cat(vec![c.clone(); reps], 0)
+    } else {
+        c.clone()
+    };
+    Tensor::cat(vec![x, c], 1)
+}
+
 /// Runs the reverse process from a given starting sample `x` (pure noise for generation).
 pub fn denoise_from(
     model: &UNet,
@@ -344,6 +363,11 @@ pub(crate) fn denoise_positions(
         both.to_device(&model_device)
     });
     x = moved(x, &host);
+    let image_cond = opts
+        .image_cond
+        .as_ref()
+        .map(|c| moved(c.clone(), &model_device));
+    let ic = image_cond.as_ref();
     let timesteps = sampler.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
         if opts
@@ -356,7 +380,10 @@ pub(crate) fn denoise_positions(
         let input = sampler.scale_model_input(i, x.clone());
         let out = if let Some(tc) = &text {
             if opts.guidance != 1.0 {
-                let xx = moved(Tensor::cat(vec![input.clone(), input], 0), &model_device);
+                let xx = with_image_cond(
+                    moved(Tensor::cat(vec![input.clone(), input], 0), &model_device),
+                    ic,
+                );
                 let out = moved(
                     model.forward_cond(xx, &vec![t; 2 * n], Cond::Text(tc)),
                     &host,
@@ -365,7 +392,7 @@ pub(crate) fn denoise_positions(
                 let uncond = out.narrow(0, n, n);
                 uncond.clone() + (cond - uncond) * opts.guidance
             } else {
-                let input = moved(input, &model_device);
+                let input = with_image_cond(moved(input, &model_device), ic);
                 moved(
                     model.forward_cond(input, &vec![t; n], Cond::Text(tc)),
                     &host,
@@ -376,13 +403,16 @@ pub(crate) fn denoise_positions(
             let k = num_classes.expect("guided implies classes");
             let mut both = labels.clone();
             both.extend(std::iter::repeat_n(k, n));
-            let xx = moved(Tensor::cat(vec![input.clone(), input], 0), &model_device);
+            let xx = with_image_cond(
+                moved(Tensor::cat(vec![input.clone(), input], 0), &model_device),
+                ic,
+            );
             let out = moved(model.forward(xx, &vec![t; 2 * n], Some(&both)), &host);
             let cond = out.clone().narrow(0, 0, n);
             let uncond = out.narrow(0, n, n);
             uncond.clone() + (cond - uncond) * opts.guidance
         } else {
-            let input = moved(input, &model_device);
+            let input = with_image_cond(moved(input, &model_device), ic);
             moved(model.forward(input, &vec![t; n], labels.as_deref()), &host)
         };
         x = sampler.step(i, x, out, rng);

@@ -174,7 +174,7 @@ impl ModelInfo {
         };
         Self {
             id: id.to_string(),
-            image_size: cfg.unet.image_size,
+            image_size: cfg.output_shape()[1],
             channels: cfg.unet.in_channels,
             conditioning: if cfg.unet.num_classes.is_some() {
                 "class"

@@ -356,6 +356,7 @@ fn run(
         cancel: Some(cancel_all.clone()),
         text,
         negative: None,
+        image_cond: None,
     };
     let parts: Vec<(usize, u64)> = jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect();
     let mut noise = SeededNoise::new(&parts);
@@ -389,7 +390,7 @@ fn run(
         device,
         &mut on_step,
     );
-    let batch = ImageBatch::from_tensor(x);
+    let batch = ImageBatch::from_tensor(model.to_images(x));
     let seconds = t0.elapsed().as_secs_f64();
     let mut start = 0;
     let mut out = Vec::with_capacity(jobs.len());

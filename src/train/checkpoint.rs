@@ -25,7 +25,8 @@ pub struct Checkpoint {
     pub tensors: NamedTensors,
 }
 
-/// Writes `checkpoint.safetensors` and `model.safetensors` (EMA, f32) atomically.
+/// Writes `checkpoint.safetensors` and `model.safetensors` (EMA, f32) atomically; `extra`
+/// (a latent model's VAE, under `vae.`) goes into both.
 pub fn save(
     paths: &RunPaths,
     cfg: &RunConfig,
@@ -33,11 +34,13 @@ pub fn save(
     ema: &UNet,
     opt: &AdamW,
     step: usize,
+    extra: &NamedTensors,
 ) -> Result<()> {
     let mut t = NamedTensors::new();
     weights::collect(model, "model.", &mut t);
     weights::collect(ema, "ema.", &mut t);
     opt.export("opt.", &mut t);
+    t.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut meta = HashMap::new();
     meta.insert(RUN_KEY.to_string(), serde_json::to_string(cfg)?);
     meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(&cfg.model)?);
@@ -48,6 +51,7 @@ pub fn save(
 
     let mut e = NamedTensors::new();
     weights::collect(ema, "", &mut e);
+    e.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     let bytes = model::model_bytes(&cfg.model, &e, StoreDtype::F32)?;
     weights::write_atomic(&paths.model(), &bytes)
 }

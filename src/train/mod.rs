@@ -227,10 +227,14 @@ pub fn train(
     ds: Dataset,
     out: &Path,
     resume: Option<checkpoint::Checkpoint>,
+    vae: Option<&crate::vae::LoadedVae>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<usize> {
     cfg.train.validate()?;
     cfg.model.unet.validate()?;
+    if cfg.model.latent.is_some() != vae.is_some() {
+        bail!("a latent model trains with its VAE, and only a latent model does");
+    }
     let tc = &cfg.train;
     let paths = RunPaths::new(out);
     std::fs::create_dir_all(out)
@@ -307,6 +311,23 @@ pub fn train(
             (Some(bank), Some(enc.cond(&prompts)?))
         }
     };
+    // Latent models: every image encoded once to its posterior (means, then standard
+    // deviations); each step draws fresh latents from it.
+    let latents = match vae {
+        Some(v) => {
+            let t0 = Instant::now();
+            let l = encode_dataset(v, &ds, &idev)?;
+            eprintln!(
+                "encoded {} images to latents in {:.1} s",
+                ds.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            Some(l)
+        }
+        None => None,
+    };
+    let extra = vae_tensors(vae);
+    let preview_cond = preview_lowres(cfg, &ds);
     // Batches are built on a separate thread, two steps ahead of the training step.
     let ds = Arc::new(ds);
     let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(2);
@@ -353,10 +374,35 @@ pub fn train(
         });
         dev.seed(rng.next_u64());
 
-        let x0 = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &dev);
-        let noise = Tensor::<4>::from_data(TensorData::new(noise_v, batch.shape), &dev);
+        let shape = match &latents {
+            Some(l) => [b, l.shape[0], l.shape[1], l.shape[2]],
+            None => batch.shape,
+        };
+        let lowres = cfg.model.superres.as_ref().map(|sr| {
+            let [_, c, s, _] = batch.shape;
+            let v =
+                crate::conditioning::lowres::condition_from_high(&batch.images, b, c, s, sr.scale);
+            Tensor::<4>::from_data(TensorData::new(v, batch.shape), &dev)
+        });
+        let x0 = match &latents {
+            Some(l) => {
+                let eps = normal_vec(&mut rng, b * l.per);
+                Tensor::<4>::from_data(TensorData::new(l.draw(&batch.indices, &eps), shape), &dev)
+            }
+            None => Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &dev),
+        };
+        let noise_v = if latents.is_some() {
+            normal_vec(&mut rng, b * shape[1] * shape[2] * shape[3])
+        } else {
+            noise_v
+        };
+        let noise = Tensor::<4>::from_data(TensorData::new(noise_v, shape), &dev);
         let x_t = sched.q_sample(x0.clone(), noise.clone(), &t);
         let target = sched.target(cfg.model.prediction, x0, noise, &t);
+        let x_t = match lowres {
+            Some(c) => Tensor::cat(vec![x_t, c], 1),
+            None => x_t,
+        };
         let tf: Vec<f64> = t.iter().map(|&v| v as f64).collect();
         let out = match &text {
             Some(tc) => model.forward_cond(x_t, &tf, crate::unet::Cond::Text(tc)),
@@ -404,10 +450,15 @@ pub fn train(
             elapsed,
         });
         if done % tc.checkpoint_every == 0 || done == tc.steps {
-            checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done)?;
+            checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done, &extra)?;
         }
         if tc.sample_every > 0 && (done % tc.sample_every == 0 || done == tc.steps) {
-            preview(cfg, &sched, &ema_model, &paths, done, preview_text.clone())?;
+            let p = Preview {
+                text: preview_text.clone(),
+                lowres: preview_cond.clone(),
+                vae,
+            };
+            preview(cfg, &sched, &ema_model, &paths, done, p)?;
         }
     }
     let all = read_metrics(&paths.metrics(), tc.steps);
@@ -424,9 +475,10 @@ fn preview(
     ema: &UNet,
     paths: &RunPaths,
     step: usize,
-    text: Option<crate::unet::TextCond>,
+    p: Preview,
 ) -> Result<()> {
     let idev = inference_device();
+    let text = p.text;
     let (n, classes, cols) = match cfg.model.unet.num_classes {
         Some(k) => {
             let per = (16 / k).clamp(1, 4);
@@ -435,6 +487,16 @@ fn preview(
             (classes.len(), Some(classes), cols)
         }
         None => (text.as_ref().map_or(16, |t| t.null.len()), None, 4),
+    };
+    let (n, image_cond) = match &p.lowres {
+        Some((v, shape)) => (
+            shape[0],
+            Some(Tensor::<4>::from_data(
+                TensorData::new(v.clone(), *shape),
+                &idev,
+            )),
+        ),
+        None => (n, None),
     };
     // DPM-Solver++(2M) at 25 steps: close to full DDPM quality for a fraction of its cost.
     let choice = SamplerChoice {
@@ -454,6 +516,7 @@ fn preview(
         cancel: None,
         text,
         negative: None,
+        image_cond: image_cond.clone(),
     };
     let x = generate(
         ema,
@@ -464,11 +527,119 @@ fn preview(
         &idev,
         &mut |_, _| {},
     );
+    let x = match p.vae {
+        Some(v) => v.decode_scaled(x),
+        None => x,
+    };
+    // Super-resolution: the bicubic inputs above their outputs.
+    let x = match image_cond {
+        Some(c) => Tensor::cat(vec![c, x], 0),
+        None => x,
+    };
     let batch = ImageBatch::from_tensor(x);
     let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     let g = upscale(
         &grid(&imgs, cols),
-        display_factor(cfg.model.unet.image_size),
+        display_factor(cfg.model.output_shape()[1]),
     );
     save_png(&g, &paths.samples().join(format!("step-{step:06}.png")))
+}
+
+/// What preview grids need besides the model.
+struct Preview<'a> {
+    text: Option<crate::unet::TextCond>,
+    /// Super-resolution: the conditioning images of 8 training images and their shape.
+    lowres: Option<(Vec<f32>, [usize; 4])>,
+    vae: Option<&'a crate::vae::LoadedVae>,
+}
+
+/// Super-resolution previews: 8 training images, reduced and upsampled bicubically.
+fn preview_lowres(cfg: &RunConfig, ds: &Dataset) -> Option<(Vec<f32>, [usize; 4])> {
+    let sr = cfg.model.superres.as_ref()?;
+    let n = ds.len().min(8);
+    let (c, s) = (ds.channels, ds.size);
+    let mut high = Vec::with_capacity(n * ds.image_len());
+    for i in 0..n {
+        high.extend(
+            ds.image(i * ds.len() / n)
+                .iter()
+                .map(|&p| p as f32 / 127.5 - 1.0),
+        );
+    }
+    let v = crate::conditioning::lowres::condition_from_high(&high, n, c, s, sr.scale);
+    Some((v, [n, c, s, s]))
+}
+
+/// The VAE's tensors under [`crate::model::VAE_PREFIX`], for model files and checkpoints.
+fn vae_tensors(vae: Option<&crate::vae::LoadedVae>) -> crate::weights::NamedTensors {
+    vae.map(|v| {
+        v.tensors()
+            .into_iter()
+            .map(|(k, t)| (format!("{}{k}", crate::model::VAE_PREFIX), t))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A dataset's latent posteriors: per image, `per` means then `per` standard deviations.
+struct Latents {
+    shape: [usize; 3],
+    per: usize,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    scale: f32,
+    shift: f32,
+}
+
+impl Latents {
+    /// Scaled posterior samples `(mean + std * eps - shift) * scale` (Kingma & Welling 2014,
+    /// eq. 10) for the images `idx`, with `per` values of `eps ~ N(0, I)` per image.
+    fn draw(&self, idx: &[usize], eps: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(idx.len() * self.per);
+        for (k, &i) in idx.iter().enumerate() {
+            let m = &self.mean[i * self.per..(i + 1) * self.per];
+            let s = &self.std[i * self.per..(i + 1) * self.per];
+            let e = &eps[k * self.per..(k + 1) * self.per];
+            for j in 0..self.per {
+                out.push((m[j] + s[j] * e[j] - self.shift) * self.scale);
+            }
+        }
+        out
+    }
+}
+
+/// Encodes every image of `ds` once (batches of 64 on the inference device).
+fn encode_dataset(
+    v: &crate::vae::LoadedVae,
+    ds: &Dataset,
+    dev: &burn::tensor::Device,
+) -> Result<Latents> {
+    let shape = v.config.latent_shape(ds.size);
+    let per = shape.iter().product();
+    let (mut mean, mut std) = (Vec::new(), Vec::new());
+    for start in (0..ds.len()).step_by(64) {
+        let b = (ds.len() - start).min(64);
+        let mut imgs = Vec::with_capacity(b * ds.image_len());
+        for i in start..start + b {
+            imgs.extend(ds.image(i).iter().map(|&p| p as f32 / 127.5 - 1.0));
+        }
+        let x = Tensor::<4>::from_data(
+            TensorData::new(imgs, [b, ds.channels, ds.size, ds.size]),
+            dev,
+        );
+        let post = v.vae.encode(x);
+        let host = |t: Tensor<4>| -> Vec<f32> {
+            t.into_data().convert::<f32>().try_into_vec().expect("f32")
+        };
+        mean.extend(host(post.mean));
+        std.extend(host(post.logvar.mul_scalar(0.5).exp()));
+    }
+    Ok(Latents {
+        shape,
+        per,
+        mean,
+        std,
+        scale: v.config.scaling_factor as f32,
+        shift: v.config.shift_factor.unwrap_or(0.0) as f32,
+    })
 }

@@ -54,6 +54,10 @@ pub struct UNetConfig {
     /// residual block (and between the middle blocks when `mid_attention`); text models only.
     #[serde(default)]
     pub cross_attention_resolutions: Vec<usize>,
+    /// Extra input channels concatenated to the noisy image (SR3's upsampled low-resolution
+    /// image, Saharia et al. 2021, section 2); 0: none.
+    #[serde(default)]
+    pub cond_channels: usize,
 }
 
 fn default_norm_eps() -> f64 {
@@ -89,6 +93,7 @@ impl Default for UNetConfig {
             mid_attention: true,
             text_dim: None,
             cross_attention_resolutions: Vec::new(),
+            cond_channels: 0,
         }
     }
 }
@@ -136,11 +141,9 @@ impl UNetConfig {
                 self.image_size
             );
         }
-        if !(self.in_channels == 1 || self.in_channels == 3)
-            || self.out_channels != self.in_channels
-        {
+        if !(1..=16).contains(&self.in_channels) || self.out_channels != self.in_channels {
             bail!(
-                "channels must be 1 or 3, the same in and out (got in {} out {})",
+                "channels must be between 1 and 16, the same in and out (got in {} out {})",
                 self.in_channels,
                 self.out_channels
             );
@@ -164,6 +167,12 @@ impl UNetConfig {
             bail!(
                 "residual blocks per level must be between 1 and 16 (got {})",
                 self.num_res_blocks
+            );
+        }
+        if self.cond_channels > 16 {
+            bail!(
+                "cond channels must be at most 16 (got {})",
+                self.cond_channels
             );
         }
         if self.norm_groups == 0 {

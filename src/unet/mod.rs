@@ -147,7 +147,14 @@ impl UNet {
             class_embed: cfg
                 .num_classes
                 .map(|n| EmbeddingConfig::new(n + 1, temb).init(dev)),
-            stem: conv(cfg.in_channels, cfg.base_channels, 3, 1, false, dev),
+            stem: conv(
+                cfg.in_channels + cfg.cond_channels,
+                cfg.base_channels,
+                3,
+                1,
+                false,
+                dev,
+            ),
             down,
             mid1,
             mid_attn,

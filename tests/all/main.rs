@@ -10,6 +10,7 @@ mod parity;
 mod sampler;
 mod schedule;
 mod serve;
+mod superres;
 mod text;
 mod unet;
 mod vae;

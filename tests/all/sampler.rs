@@ -111,6 +111,7 @@ fn same_seed_same_bits_other_seed_other_images() {
             cancel: None,
             text: None,
             negative: None,
+            image_cond: None,
         };
         to_vec(generate(
             &m,
@@ -191,6 +192,7 @@ fn batched_requests_give_the_bits_of_solo_runs() {
             cancel: None,
             text: None,
             negative: None,
+            image_cond: None,
         };
         let x = generate_with(
             &m.unet,
@@ -317,6 +319,7 @@ fn edit_keeps_what_it_must_for_every_sampler() {
                 cancel: None,
                 text: None,
                 negative: None,
+                image_cond: None,
             };
             let e = EditOptions { strength, mask };
             to_vec(edit(

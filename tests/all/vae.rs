@@ -104,3 +104,239 @@ fn bad_vae_folders_say_what_is_wrong() {
     std::fs::write(d.join(WEIGHTS_FILE), b"junk").unwrap();
     assert!(err(d).contains("not a valid safetensors"), "{}", err(d));
 }
+
+#[test]
+fn vae_and_latent_diffusion_run_from_the_cli() {
+    use super::cli::{fails, ok};
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).display().to_string();
+    let folder = fixture("folder").display().to_string();
+    ok(&[
+        "train-vae",
+        "--data",
+        &folder,
+        "--image-size",
+        "16",
+        "--widths",
+        "8,16",
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--save-every",
+        "2",
+        "--out",
+        &t("vae"),
+    ]);
+    for f in [
+        "config.json",
+        WEIGHTS_FILE,
+        "recon.png",
+        "samples.png",
+        "metrics.jsonl",
+    ] {
+        assert!(tmp.path().join("vae").join(f).exists(), "{f}");
+    }
+    let v = vae::load(&tmp.path().join("vae"), &inference_device()).unwrap();
+    assert_eq!(v.config.latent_shape(16), [4, 8, 8]);
+    assert!(v.config.scaling_factor > 0.0 && v.config.scaling_factor.is_finite());
+    // encode -> decode: latents of the right shape, images of the VAE's size.
+    let img = fixture("folder/circle/a_grey.png").display().to_string();
+    let img2 = fixture("folder/square").join(
+        std::fs::read_dir(fixture("folder/square"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name(),
+    );
+    ok(&[
+        "vae",
+        "encode",
+        "--vae",
+        &t("vae"),
+        "--image",
+        &img,
+        &img2.display().to_string(),
+        "--out",
+        &t("z.safetensors"),
+    ]);
+    let (z, _) = read_safetensors(&tmp.path().join("z.safetensors")).unwrap();
+    assert_eq!(z["latent"].shape, vec![2, 4, 8, 8]);
+    ok(&[
+        "vae",
+        "decode",
+        "--vae",
+        &t("vae"),
+        "--latent",
+        &t("z.safetensors"),
+        "--out",
+        &t("dec.png"),
+        "--out-dir",
+        &t("dec"),
+    ]);
+    assert_eq!(
+        image::image_dimensions(t("dec/00001.png")).unwrap(),
+        (16, 16)
+    );
+    fails(
+        &["vae", "decode", "--vae", &t("vae"), "--latent", &img],
+        "not a valid safetensors",
+    );
+    fails(
+        &["vae", "encode", "--vae", &t("nope"), "--image", &img],
+        "does not exist",
+    );
+
+    // A latent model: trains on 4x8x8 latents, samples 16x16 images, edits.
+    ok(&[
+        "train",
+        "--data",
+        &folder,
+        "--latent",
+        &t("vae"),
+        "--image-size",
+        "16",
+        "--out",
+        &t("ldm"),
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--base-channels",
+        "8",
+        "--norm-groups",
+        "4",
+        "--res-blocks",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--sample-every",
+        "3",
+        "--warmup",
+        "1",
+    ]);
+    assert!(tmp.path().join("ldm/samples/step-000003.png").exists());
+    for dir in ["s1", "s2"] {
+        ok(&[
+            "sample",
+            "--model",
+            &t("ldm"),
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--out-dir",
+            &t(dir),
+        ]);
+    }
+    assert_eq!(
+        image::image_dimensions(t("s1/00000.png")).unwrap(),
+        (16, 16)
+    );
+    assert_eq!(
+        std::fs::read(t("s1/00001.png")).unwrap(),
+        std::fs::read(t("s2/00001.png")).unwrap()
+    );
+    ok(&[
+        "edit",
+        "--model",
+        &t("ldm"),
+        "--image",
+        &img,
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--out-dir",
+        &t("e"),
+    ]);
+    assert_eq!(image::image_dimensions(t("e/00000.png")).unwrap(), (16, 16));
+    // The VAE travels in the model file: the folder can go.
+    std::fs::remove_dir_all(tmp.path().join("vae")).unwrap();
+    ok(&[
+        "sample",
+        "--model",
+        &t("ldm"),
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        &t("x.png"),
+    ]);
+    // Bad input.
+    fails(
+        &[
+            "train",
+            "--data",
+            &folder,
+            "--latent",
+            &t("vae"),
+            "--out",
+            &t("bad"),
+        ],
+        "does not exist",
+    );
+    ok(&[
+        "train-vae",
+        "--data",
+        &folder,
+        "--image-size",
+        "16",
+        "--widths",
+        "8,16,16",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--out",
+        &t("vae3"),
+    ]);
+    fails(
+        &[
+            "train",
+            "--data",
+            &folder,
+            "--latent",
+            &t("vae3"),
+            "--image-size",
+            "18",
+            "--out",
+            &t("bad"),
+        ],
+        "not a multiple of the VAE's downscale 4",
+    );
+    fails(
+        &[
+            "train",
+            "--data",
+            &folder,
+            "--latent",
+            &t("vae3"),
+            "--channels",
+            "1",
+            "--out",
+            &t("bad"),
+        ],
+        "takes 3 channels",
+    );
+    fails(
+        &[
+            "train-vae",
+            "--data",
+            &folder,
+            "--image-size",
+            "18",
+            "--widths",
+            "8,16,16",
+            "--out",
+            &t("bad"),
+        ],
+        "must be a positive multiple of 4",
+    );
+    fails(
+        &["export", "--model", &t("ldm"), "--diffusers", &t("exp")],
+        "only unconditioned and class-conditioned pixel models",
+    );
+}

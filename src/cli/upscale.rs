@@ -1,0 +1,270 @@
+//! `diffuse upscale`: super-resolution of one image, or a comparison with bicubic upscaling on
+//! held-out data (PSNR, SSIM, FID).
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use diffuse::conditioning::lowres;
+use diffuse::data::{self, Shape};
+use diffuse::device::inference_device;
+use diffuse::eval::superres::{psnr, ssim};
+use diffuse::eval::{self, Images, MetricOptions, compare, to_extractor};
+use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
+use diffuse::model::{self, LoadedModel};
+use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, upscale::upscale as sr};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct UpscaleArgs {
+    /// A super-resolution model (`diffuse train --task superres`).
+    #[arg(long)]
+    model: String,
+    /// The small image. One of the model's low resolution is used as it is; a larger one is
+    /// first reduced (area average) to it, with a note; a smaller one is refused.
+    #[arg(long, required_unless_present = "eval")]
+    image: Option<PathBuf>,
+    /// Instead of --image: compare with bicubic upscaling on --n images of this data (at the
+    /// model's high resolution; reduced to make the inputs).
+    #[arg(long, conflicts_with = "image")]
+    eval: Option<String>,
+    /// The factor you expect; refused unless it is the model's.
+    #[arg(long)]
+    scale: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun.
+    #[arg(long, default_value = "euler-a")]
+    sampler: String,
+    /// Versions to make of --image (different noise each); images to evaluate with --eval.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output: the enlarged image (--n 1), or a grid of the versions; with --eval, a grid of
+    /// 8 inputs (nearest-neighbour), bicubic, the model and the originals.
+    #[arg(long, default_value = "upscaled.png")]
+    out: PathBuf,
+    /// --eval: features for FID: fashion-mnist (the shipped classifier), inception, or a
+    /// classifier file.
+    #[arg(long, default_value = "fashion-mnist")]
+    features: String,
+    /// --eval: also write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
+    let dev = inference_device();
+    let m = model::load(Some(&a.model), &dev)?;
+    let Some(scale) = m.config.superres.as_ref().map(|s| s.scale) else {
+        bail!(
+            "{} is not a super-resolution model (train one with `diffuse train --task superres --scale 2|4`)",
+            m.source
+        );
+    };
+    if let Some(k) = a.scale.filter(|&k| k != scale) {
+        bail!(
+            "--scale {k}: {} was trained to enlarge {scale}x, not {k}x",
+            m.source
+        );
+    }
+    if a.n == 0 || a.n > 10_000 {
+        bail!("--n must be between 1 and 10000 (got {})", a.n);
+    }
+    let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
+    let choice = SamplerChoice {
+        steps: a.steps,
+        ..Default::default()
+    };
+    m.scheduler.build(kind, &m.schedule, &choice)?;
+    let [c, big, _] = m.config.output_shape();
+    let small = big / scale;
+    let opts = GenerateOptions {
+        n: a.n,
+        classes: None,
+        guidance: 1.0,
+        seed: a.seed,
+        cancel: None,
+        text: None,
+        negative: None,
+        image_cond: None,
+    };
+    if let Some(spec) = &a.eval {
+        return eval_cmd(&a, &m, spec, kind, &choice, &opts);
+    }
+    let path = a
+        .image
+        .as_ref()
+        .expect("clap requires --image without --eval");
+    let (w, h) = image::image_dimensions(path)
+        .with_context(|| format!("{} is not a readable image", path.display()))?;
+    if (w as usize) < small || (h as usize) < small {
+        bail!(
+            "--image {} is {w}x{h}, smaller than the model's input of {small}x{small} ({scale}x to {big}x{big})",
+            path.display()
+        );
+    }
+    let low = if (w as usize, h as usize) == (small, small) {
+        load_image(path, small, c, &dev)?
+    } else {
+        // Centre-cropped to a square at a multiple of the input size, then area-reduced.
+        let side = (w.min(h) as usize / small) * small;
+        eprintln!(
+            "note: --image {} is {w}x{h}; reduced to the model's input of {small}x{small}",
+            path.display()
+        );
+        let x = load_image(path, side, c, &dev)?;
+        let v: Vec<f32> = x.into_data().convert::<f32>().try_into_vec().expect("f32");
+        let r = lowres::downsample_area(&v, 1, c, side, side / small);
+        Tensor::from_data(TensorData::new(r, [1, c, small, small]), &dev)
+    };
+    let low = low.repeat_dim(0, a.n);
+    let mut sampler = m.scheduler.build(kind, &m.schedule, &choice)?;
+    let x = sr(&m, low, sampler.as_mut(), &opts, &mut |_, _| {})?;
+    let batch = ImageBatch::from_tensor(x);
+    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
+    let out = if imgs.len() == 1 {
+        imgs[0].to_rgb8()
+    } else {
+        grid(&imgs, imgs.len().min(8))
+    };
+    save_png(&out, &a.out)?;
+    println!(
+        "wrote {} ({small}x{small} -> {big}x{big}, {} version(s))",
+        a.out.display(),
+        imgs.len()
+    );
+    Ok(())
+}
+
+/// Mean PSNR and SSIM of `got` against `want` (`n` images of `c x s x s`).
+fn quality(got: &[f32], want: &[f32], n: usize, c: usize, s: usize) -> (f64, f64) {
+    let per = c * s * s;
+    let (mut p, mut q) = (0.0, 0.0);
+    for i in 0..n {
+        let (a, b) = (&got[i * per..(i + 1) * per], &want[i * per..(i + 1) * per]);
+        p += psnr(a, b);
+        q += ssim(a, b, c, s);
+    }
+    (p / n as f64, q / n as f64)
+}
+
+fn eval_cmd(
+    a: &UpscaleArgs,
+    m: &LoadedModel,
+    spec: &str,
+    kind: SamplerKind,
+    choice: &SamplerChoice,
+    opts: &GenerateOptions,
+) -> Result<()> {
+    let dev = inference_device();
+    let scale = m.config.superres.as_ref().expect("checked").scale;
+    let [c, big, _] = m.config.output_shape();
+    let small = big / scale;
+    let ds = data::load(
+        spec,
+        Shape {
+            size: big,
+            channels: c,
+        },
+        false,
+    )?;
+    let n = a.n.min(ds.len());
+    if n < 2 {
+        bail!("--eval {spec}: need at least 2 images (got {})", ds.len());
+    }
+    // Evenly spaced images of the set.
+    let mut high = Vec::with_capacity(n * ds.image_len());
+    for i in 0..n {
+        high.extend(
+            ds.image(i * ds.len() / n)
+                .iter()
+                .map(|&p| p as f32 / 127.5 - 1.0),
+        );
+    }
+    let low = lowres::downsample_area(&high, n, c, big, scale);
+    let bicubic: Vec<f32> = lowres::condition(&low, n, c, small, scale)
+        .into_iter()
+        .map(|v| v.clamp(-1.0, 1.0))
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut model_out = Vec::with_capacity(high.len());
+    for start in (0..n).step_by(64) {
+        let b = (n - start).min(64);
+        let per = c * small * small;
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                low[start * per..(start + b) * per].to_vec(),
+                [b, c, small, small],
+            ),
+            &dev,
+        );
+        let mut sampler = m.scheduler.build(kind, &m.schedule, choice)?;
+        let o = GenerateOptions {
+            seed: opts.seed.wrapping_add(start as u64),
+            ..opts.clone()
+        };
+        let y = sr(m, x, sampler.as_mut(), &o, &mut |_, _| {})?;
+        let v: Vec<f32> = y.into_data().convert::<f32>().try_into_vec().expect("f32");
+        model_out.extend(v.into_iter().map(|p| p.clamp(-1.0, 1.0)));
+        eprint!("\r{} / {n} images", start + b);
+    }
+    eprintln!();
+    let seconds = t0.elapsed().as_secs_f64();
+    let (p_sr, s_sr) = quality(&model_out, &high, n, c, big);
+    let (p_bi, s_bi) = quality(&bicubic, &high, n, c, big);
+    let ext = eval::load_features(&a.features, &dev)?;
+    let shape = [c, big, big];
+    let set = |v: &[f32]| -> Images { to_extractor(v.to_vec(), n, shape, &ext) };
+    let real = set(&high);
+    let mo = MetricOptions::default();
+    let fid_sr = compare(&ext, &real, &set(&model_out), None, &mo, &dev)?.fid;
+    let fid_bi = compare(&ext, &real, &set(&bicubic), None, &mo, &dev)?.fid;
+    println!(
+        "{n} images of {spec}, {small}x{small} -> {big}x{big} ({scale}x), {} {} steps, {seconds:.1} s",
+        kind.name(),
+        choice.steps
+    );
+    println!("            PSNR (dB)  SSIM    FID ({})", ext.name());
+    println!("bicubic     {p_bi:9.2}  {s_bi:.4}  {fid_bi:.2}");
+    println!("diffusion   {p_sr:9.2}  {s_sr:.4}  {fid_sr:.2}");
+    if let Some(j) = &a.json {
+        let v = serde_json::json!({
+            "model": m.source, "data": spec, "n": n, "scale": scale,
+            "sampler": kind.name(), "steps": choice.steps, "seed": opts.seed, "seconds": seconds,
+            "features": ext.name(),
+            "bicubic": {"psnr": p_bi, "ssim": s_bi, "fid": fid_bi},
+            "diffusion": {"psnr": p_sr, "ssim": s_sr, "fid": fid_sr},
+        });
+        diffuse::weights::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    // Grid: inputs (nearest), bicubic, model, originals for the first 8.
+    let k = n.min(8);
+    let per_low = c * small * small;
+    let per = c * big * big;
+    let near: Vec<f32> = (0..k)
+        .flat_map(|i| {
+            let l = &low[i * per_low..(i + 1) * per_low];
+            (0..per).map(move |j| {
+                let (ch, y, x) = (j / (big * big), (j / big) % big, j % big);
+                l[ch * small * small + (y / scale) * small + x / scale]
+            })
+        })
+        .collect();
+    let rows = [
+        near,
+        bicubic[..k * per].to_vec(),
+        model_out[..k * per].to_vec(),
+        high[..k * per].to_vec(),
+    ];
+    let all: Vec<f32> = rows.concat();
+    let t = Tensor::<4>::from_data(TensorData::new(all, [4 * k, c, big, big]), &dev);
+    let b = ImageBatch::from_tensor(t);
+    let imgs: Vec<_> = (0..b.len()).map(|i| b.image(i)).collect();
+    save_png(&upscale(&grid(&imgs, k), display_factor(big)), &a.out)?;
+    println!(
+        "wrote {} (rows: input, bicubic, diffusion, original)",
+        a.out.display()
+    );
+    Ok(())
+}
