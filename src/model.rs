@@ -228,6 +228,13 @@ pub fn load(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
     }
     let file = if p.is_dir() {
         let f = model_file_in(p);
+        if !f.exists()
+            && let Some(bytes) = named_model(spec)
+        {
+            // A folder that is not a model (say, a dataset called `emoji`) does not hide the
+            // shipped model of that name.
+            return load_from_bytes(bytes, &format!("the shipped model '{spec}'"), device);
+        }
         if !f.exists() {
             bail!(
                 "{} holds neither model.safetensors (a diffuse run: train into it with `diffuse train --out {}`) nor model_index.json (a diffusers pipeline)",

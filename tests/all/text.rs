@@ -318,3 +318,90 @@ fn text_model_trains_and_samples_from_prompts() {
         "--negative-prompt is for text-conditioned models",
     );
 }
+
+/// Mean (R, G, B) over the pixels that are not near-white background, of every PNG in `dir`.
+fn ink_colour(dir: &std::path::Path) -> [f64; 3] {
+    let mut sum = [0f64; 3];
+    let mut n = 0f64;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let img = image::open(e.unwrap().path()).unwrap().to_rgb8();
+        for p in img.pixels() {
+            if p.0.iter().all(|&v| v > 225) {
+                continue;
+            }
+            for k in 0..3 {
+                sum[k] += p.0[k] as f64;
+            }
+            n += 1.0;
+        }
+    }
+    assert!(n > 0.0, "all background in {}", dir.display());
+    sum.map(|s| s / n)
+}
+
+/// The shipped emoji model (`--model emoji`) follows colour words in prompts, and without the
+/// text encoder it names the command that fetches it.
+#[test]
+fn shipped_emoji_model_follows_prompts() {
+    use super::cli::ok;
+    encoder_dir();
+    let d = tempfile::tempdir().unwrap();
+    let make = |prompt: &str, dir: &str| {
+        let out = d.path().join(dir);
+        ok(&[
+            "sample",
+            "--model",
+            "emoji",
+            "--prompt",
+            prompt,
+            "--n",
+            "6",
+            "--steps",
+            "25",
+            "--sampler",
+            "euler-a",
+            "--guidance",
+            "3",
+            "--seed",
+            "3",
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--out",
+            d.path().join(format!("{dir}.png")).to_str().unwrap(),
+        ]);
+        assert_eq!(
+            image::image_dimensions(out.join("00000.png")).unwrap(),
+            (32, 32)
+        );
+        ink_colour(&out)
+    };
+    let green = make("green apple", "green");
+    let blue = make("blue car", "blue");
+    assert!(
+        green[1] > blue[1] + 20.0,
+        "green apple {green:?} vs blue car {blue:?}"
+    );
+    assert!(
+        blue[2] > green[2] + 20.0,
+        "blue car {blue:?} vs green apple {green:?}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args([
+            "sample",
+            "--model",
+            "emoji",
+            "--prompt",
+            "red heart",
+            "--n",
+            "1",
+        ])
+        .env("DIFFUSE_CACHE", empty.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("run `diffuse fetch text-encoder`"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

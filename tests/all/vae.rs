@@ -265,6 +265,46 @@ fn vae_and_latent_diffusion_run_from_the_cli() {
         "--out",
         &t("x.png"),
     ]);
+    // A diffusers AutoencoderKL folder serves as the VAE as well (latents 4x4x4 here).
+    let theirs = fixture("vae/tiny-autoencoderkl").display().to_string();
+    ok(&[
+        "train",
+        "--data",
+        &folder,
+        "--latent",
+        &theirs,
+        "--image-size",
+        "16",
+        "--out",
+        &t("ldm2"),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--base-channels",
+        "8",
+        "--norm-groups",
+        "4",
+        "--res-blocks",
+        "1",
+        "--sample-every",
+        "0",
+    ]);
+    ok(&[
+        "sample",
+        "--model",
+        &t("ldm2"),
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--out-dir",
+        &t("s3"),
+    ]);
+    assert_eq!(
+        image::image_dimensions(t("s3/00000.png")).unwrap(),
+        (16, 16)
+    );
     // Bad input.
     fails(
         &[
