@@ -357,7 +357,7 @@ fn shipped_emoji_model_follows_prompts() {
             "--n",
             "6",
             "--steps",
-            "25",
+            "40",
             "--sampler",
             "euler-a",
             "--guidance",
@@ -375,15 +375,15 @@ fn shipped_emoji_model_follows_prompts() {
         );
         ink_colour(&out)
     };
-    let green = make("green apple", "green");
+    let red = make("red heart", "red");
     let blue = make("blue car", "blue");
     assert!(
-        green[1] > blue[1] + 20.0,
-        "green apple {green:?} vs blue car {blue:?}"
+        red[0] > blue[0] + 40.0,
+        "red heart {red:?} vs blue car {blue:?}"
     );
     assert!(
-        blue[2] > green[2] + 20.0,
-        "blue car {blue:?} vs green apple {green:?}"
+        blue[2] > red[2] + 40.0,
+        "blue car {blue:?} vs red heart {red:?}"
     );
 
     let empty = tempfile::tempdir().unwrap();
