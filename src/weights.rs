@@ -124,6 +124,22 @@ pub fn apply<M: Module>(module: M, source: &NamedTensors, prefix: &str) -> Resul
     Ok(m)
 }
 
+/// A 2-d tensor transposed: `[r, c]` to `[c, r]` (PyTorch's `Linear` weights are `[out, in]`,
+/// burn's `[in, out]`).
+pub fn transpose(t: &HostTensor) -> HostTensor {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let mut data = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            data[j * r + i] = t.data[i * c + j];
+        }
+    }
+    HostTensor {
+        shape: vec![c, r],
+        data,
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());

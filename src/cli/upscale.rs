@@ -173,15 +173,7 @@ fn eval_cmd(
     if n < 2 {
         bail!("--eval {spec}: need at least 2 images (got {})", ds.len());
     }
-    // Evenly spaced images of the set.
-    let mut high = Vec::with_capacity(n * ds.image_len());
-    for i in 0..n {
-        high.extend(
-            ds.image(i * ds.len() / n)
-                .iter()
-                .map(|&p| p as f32 / 127.5 - 1.0),
-        );
-    }
+    let high = ds.spread_f32(n);
     let low = lowres::downsample_area(&high, n, c, big, scale);
     let bicubic: Vec<f32> = lowres::condition(&low, n, c, small, scale)
         .into_iter()

@@ -62,6 +62,21 @@ impl Dataset {
         &self.pixels[i * l..(i + 1) * l]
     }
 
+    /// `n` images spread evenly over the set (indices `i * len / n`), as `[-1, 1]` floats,
+    /// NCHW: for previews and evaluations.
+    pub fn spread_f32(&self, n: usize) -> Vec<f32> {
+        let n = n.min(self.len());
+        let mut out = Vec::with_capacity(n * self.image_len());
+        for i in 0..n {
+            out.extend(
+                self.image(i * self.len() / n)
+                    .iter()
+                    .map(|&p| p as f32 / 127.5 - 1.0),
+            );
+        }
+        out
+    }
+
     /// Number of classes (0 when unlabelled).
     pub fn num_classes(&self) -> usize {
         self.class_names.len()

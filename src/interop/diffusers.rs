@@ -440,20 +440,6 @@ fn legacy_attention_name(name: &str) -> Option<String> {
     .map(|(new, old)| name.replace(new, old))
 }
 
-fn transpose(t: &HostTensor) -> HostTensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0f32; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            data[j * r + i] = t.data[i * c + j];
-        }
-    }
-    HostTensor {
-        shape: vec![c, r],
-        data,
-    }
-}
-
 /// diffusers tensors renamed (and re-laid out) for the diffuse U-Net `unet` (built from the
 /// converted config). Fails naming the first missing or mis-shaped tensor, or one the config
 /// does not account for.
@@ -475,7 +461,7 @@ pub fn tensors_from_diffusers(unet: &UNet, theirs: &NamedTensors) -> Result<Name
         };
         let t = match layout {
             Layout::Same => t.clone(),
-            Layout::Transposed if t.shape.len() == 2 => transpose(t),
+            Layout::Transposed if t.shape.len() == 2 => weights::transpose(t),
             Layout::ConvAsLinear if t.shape.len() == 2 => HostTensor {
                 shape: vec![t.shape[0], t.shape[1], 1, 1],
                 data: t.data.clone(),
@@ -516,7 +502,7 @@ pub fn tensors_to_diffusers(ours: &NamedTensors) -> Result<NamedTensors> {
             diffusers_name(name).ok_or_else(|| anyhow!("no diffusers name for tensor '{name}'"))?;
         let t = match layout {
             Layout::Same => t.clone(),
-            Layout::Transposed => transpose(t),
+            Layout::Transposed => weights::transpose(t),
             Layout::ConvAsLinear => HostTensor {
                 shape: t.shape[..2].to_vec(),
                 data: t.data.clone(),

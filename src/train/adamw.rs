@@ -46,6 +46,16 @@ pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The factor that clips gradients of global norm `norm` to at most `max` (0: no clipping):
+/// `min(1, max / norm)` (Pascanu et al. 2013, Algorithm 1).
+pub fn clip_scale(norm: f64, max: f64) -> f64 {
+    if max > 0.0 && norm > max {
+        max / norm
+    } else {
+        1.0
+    }
+}
+
 struct Step<'a> {
     opt: &'a mut AdamW,
     grads: &'a GradientsParams,

@@ -115,13 +115,19 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Learning rate at `step`: linear warm-up from 0, then constant (DDPM, appendix B).
+    /// Learning rate at `step` ([`warmup_lr`]).
     pub fn lr_at(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            self.lr * (step + 1) as f64 / self.warmup_steps as f64
-        } else {
-            self.lr
-        }
+        warmup_lr(self.lr, self.warmup_steps, step)
+    }
+}
+
+/// Learning rate at `step`: linear warm-up from 0 over `warmup` steps, then constant `lr`
+/// (DDPM, appendix B).
+pub fn warmup_lr(lr: f64, warmup: usize, step: usize) -> f64 {
+    if step < warmup {
+        lr * (step + 1) as f64 / warmup as f64
+    } else {
+        lr
     }
 }
 
@@ -422,11 +428,7 @@ pub fn train(
             bail!("training diverged at step {step} (loss {loss_v}); try a lower --lr");
         }
         let gnorm = adamw::grad_norm(&model, &grads);
-        let scale = if tc.grad_clip > 0.0 && gnorm > tc.grad_clip {
-            tc.grad_clip / gnorm
-        } else {
-            1.0
-        };
+        let scale = adamw::clip_scale(gnorm, tc.grad_clip);
         let lr = tc.lr_at(step);
         model = opt.step(model, &grads, lr, scale);
         ema_model = ema::update(ema_model, &model, ema::decay_at(tc.ema_decay, step as u64));
@@ -559,14 +561,7 @@ fn preview_lowres(cfg: &RunConfig, ds: &Dataset) -> Option<(Vec<f32>, [usize; 4]
     let sr = cfg.model.superres.as_ref()?;
     let n = ds.len().min(8);
     let (c, s) = (ds.channels, ds.size);
-    let mut high = Vec::with_capacity(n * ds.image_len());
-    for i in 0..n {
-        high.extend(
-            ds.image(i * ds.len() / n)
-                .iter()
-                .map(|&p| p as f32 / 127.5 - 1.0),
-        );
-    }
+    let high = ds.spread_f32(n);
     let v = crate::conditioning::lowres::condition_from_high(&high, n, c, s, sr.scale);
     Some((v, [n, c, s, s]))
 }

@@ -13,7 +13,7 @@ pub mod train;
 
 use crate::kernels;
 use crate::unet::blocks::{Downsample, Norm, Upsample, conv, group_norm};
-use crate::weights::{self, HostTensor, NamedTensors, StoreDtype};
+use crate::weights::{self, NamedTensors, StoreDtype};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -522,7 +522,7 @@ pub fn to_diffusers_names(ours: &NamedTensors) -> NamedTensors {
                 rename_leaf(name, "beta", "bias").unwrap_or_else(|| name.clone())
             });
             let t = if t.shape.len() == 2 {
-                transpose(t)
+                weights::transpose(t)
             } else {
                 t.clone()
             };
@@ -544,7 +544,7 @@ pub fn from_diffusers_names<M: Module>(module: &M, theirs: &NamedTensors) -> Res
             bail!("tensor '{key}' is missing");
         };
         let src = if t.shape.len() == 2 {
-            transpose(src)
+            weights::transpose(src)
         } else {
             src.clone()
         };
@@ -557,20 +557,6 @@ fn rename_leaf(name: &str, from: &str, to: &str) -> Option<String> {
     name.strip_suffix(from)
         .filter(|p| p.ends_with('.'))
         .map(|p| format!("{p}{to}"))
-}
-
-fn transpose(t: &HostTensor) -> HostTensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            data[j * r + i] = t.data[i * c + j];
-        }
-    }
-    HostTensor {
-        shape: vec![c, r],
-        data,
-    }
 }
 
 /// An autoencoder with its configuration.

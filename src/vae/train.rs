@@ -126,16 +126,8 @@ pub fn train(
             bail!("VAE training diverged at step {step} (loss {loss_v}); try a lower --lr");
         }
         let gnorm = adamw::grad_norm(&model, &grads);
-        let scale = if tc.grad_clip > 0.0 && gnorm > tc.grad_clip {
-            tc.grad_clip / gnorm
-        } else {
-            1.0
-        };
-        let lr = if step < tc.warmup_steps {
-            tc.lr * (step + 1) as f64 / tc.warmup_steps as f64
-        } else {
-            tc.lr
-        };
+        let scale = adamw::clip_scale(gnorm, tc.grad_clip);
+        let lr = crate::train::warmup_lr(tc.lr, tc.warmup_steps, step);
         model = opt.step(model, &grads, lr, scale);
         let done = step + 1;
         let line = VaeMetric {
@@ -220,14 +212,7 @@ pub fn measure_scale(vae: &Vae, ds: &Dataset, seed: u64, dev: &Device) -> f64 {
 fn previews(v: &LoadedVae, ds: &Dataset, seed: u64, out: &Path) -> Result<()> {
     let dev = inference_device();
     let n = ds.len().min(8);
-    let mut imgs = Vec::new();
-    for i in 0..n {
-        imgs.extend(
-            ds.image(i * ds.len() / n)
-                .iter()
-                .map(|&p| p as f32 / 127.5 - 1.0),
-        );
-    }
+    let imgs = ds.spread_f32(n);
     let x = Tensor::<4>::from_data(
         TensorData::new(imgs, [n, ds.channels, ds.size, ds.size]),
         &dev,

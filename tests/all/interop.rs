@@ -11,13 +11,13 @@ use diffuse::sampler::SamplerKind;
 use diffuse::weights::{self, HostTensor, NamedTensors, read_safetensors};
 use std::path::Path;
 
-fn tensor4(t: &HostTensor) -> Tensor<4> {
+pub fn tensor4(t: &HostTensor) -> Tensor<4> {
     let s: [usize; 4] = t.shape.clone().try_into().unwrap();
     Tensor::from_data(TensorData::new(t.data.clone(), s), &inference_device())
 }
 
 /// Largest absolute difference over the largest magnitude of `want`.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     got.iter()

@@ -3,28 +3,14 @@
 //! bad folders.
 
 use super::data::fixture;
-use burn::tensor::{Tensor, TensorData};
+use super::interop::{rel_err, tensor4};
+use burn::tensor::Tensor;
 use diffuse::device::inference_device;
 use diffuse::vae::{self, WEIGHTS_FILE};
-use diffuse::weights::{HostTensor, StoreDtype, read_safetensors};
-
-fn tensor4(t: &HostTensor) -> Tensor<4> {
-    let s: [usize; 4] = t.shape.clone().try_into().unwrap();
-    Tensor::from_data(TensorData::new(t.data.clone(), s), &inference_device())
-}
+use diffuse::weights::{StoreDtype, read_safetensors};
 
 fn values(t: Tensor<4>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec().unwrap()
-}
-
-/// Largest absolute difference over the largest magnitude of `want`.
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 #[test]
