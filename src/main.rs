@@ -767,23 +767,23 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
             bail!("--hflip is not available with --latent (latents are encoded once)")
         }
         Some(v) => {
-            let vae = diffuse::vae::load(v, &inference_device())?;
-            if vae.config.in_channels != channels {
+            let (_, config) = diffuse::vae::read_config(v)?;
+            if config.in_channels != channels {
                 bail!(
                     "--latent {}: the VAE takes {} channels but the data is read with {channels}",
                     v.display(),
-                    vae.config.in_channels
+                    config.in_channels
                 );
             }
-            if size % vae.config.downscale() != 0 {
+            if size % config.downscale() != 0 {
                 bail!(
                     "--latent {}: --image-size {size} is not a multiple of the VAE's downscale {}",
                     v.display(),
-                    vae.config.downscale()
+                    config.downscale()
                 );
             }
             Some(model::LatentConfig {
-                vae: vae.config,
+                vae: config,
                 image_size: size,
             })
         }

@@ -358,7 +358,12 @@ pub fn train(
         let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
         let b = tc.batch_size;
         let t: Vec<usize> = (0..b).map(|_| rng.gen_range(0..tsteps)).collect();
-        let noise_v = normal_vec(&mut rng, batch.images.len());
+        // Pixel noise here; a latent model draws its latents' noise below.
+        let noise_v = if latents.is_none() {
+            normal_vec(&mut rng, batch.images.len())
+        } else {
+            Vec::new()
+        };
         let labels: Option<Vec<usize>> = match (num_classes, &batch.labels) {
             (Some(k), Some(l)) => Some(
                 l.iter()
@@ -392,7 +397,7 @@ pub fn train(
         });
         let x0 = match &latents {
             Some(l) => {
-                let eps = normal_vec(&mut rng, b * l.per);
+                let eps = normal_vec(&mut rng, b * l.per());
                 Tensor::<4>::from_data(TensorData::new(l.draw(&batch.indices, &eps), shape), &dev)
             }
             None => Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &dev),
@@ -580,7 +585,6 @@ fn vae_tensors(vae: Option<&crate::vae::LoadedVae>) -> crate::weights::NamedTens
 /// A dataset's latent posteriors: per image, `per` means then `per` standard deviations.
 struct Latents {
     shape: [usize; 3],
-    per: usize,
     mean: Vec<f32>,
     std: Vec<f32>,
     scale: f32,
@@ -588,15 +592,20 @@ struct Latents {
 }
 
 impl Latents {
+    /// Values per latent.
+    fn per(&self) -> usize {
+        self.shape.iter().product()
+    }
+
     /// Scaled posterior samples `(mean + std * eps - shift) * scale` (Kingma & Welling 2014,
     /// eq. 10) for the images `idx`, with `per` values of `eps ~ N(0, I)` per image.
     fn draw(&self, idx: &[usize], eps: &[f32]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(idx.len() * self.per);
+        let mut out = Vec::with_capacity(idx.len() * self.per());
         for (k, &i) in idx.iter().enumerate() {
-            let m = &self.mean[i * self.per..(i + 1) * self.per];
-            let s = &self.std[i * self.per..(i + 1) * self.per];
-            let e = &eps[k * self.per..(k + 1) * self.per];
-            for j in 0..self.per {
+            let m = &self.mean[i * self.per()..(i + 1) * self.per()];
+            let s = &self.std[i * self.per()..(i + 1) * self.per()];
+            let e = &eps[k * self.per()..(k + 1) * self.per()];
+            for j in 0..self.per() {
                 out.push((m[j] + s[j] * e[j] - self.shift) * self.scale);
             }
         }
@@ -611,28 +620,15 @@ fn encode_dataset(
     dev: &burn::tensor::Device,
 ) -> Result<Latents> {
     let shape = v.config.latent_shape(ds.size);
-    let per = shape.iter().product();
     let (mut mean, mut std) = (Vec::new(), Vec::new());
-    for start in (0..ds.len()).step_by(64) {
-        let b = (ds.len() - start).min(64);
-        let mut imgs = Vec::with_capacity(b * ds.image_len());
-        for i in start..start + b {
-            imgs.extend(ds.image(i).iter().map(|&p| p as f32 / 127.5 - 1.0));
-        }
-        let x = Tensor::<4>::from_data(
-            TensorData::new(imgs, [b, ds.channels, ds.size, ds.size]),
-            dev,
-        );
-        let post = v.vae.encode(x);
-        let host = |t: Tensor<4>| -> Vec<f32> {
-            t.into_data().convert::<f32>().try_into_vec().expect("f32")
-        };
+    let host =
+        |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().expect("f32") };
+    crate::vae::encode_images(&v.vae, ds, ds.len(), dev, &mut |post| {
         mean.extend(host(post.mean));
         std.extend(host(post.logvar.mul_scalar(0.5).exp()));
-    }
+    });
     Ok(Latents {
         shape,
-        per,
         mean,
         std,
         scale: v.config.scaling_factor as f32,

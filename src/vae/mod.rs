@@ -11,6 +11,7 @@
 
 pub mod train;
 
+use crate::data::Dataset;
 use crate::kernels;
 use crate::unet::blocks::{Downsample, Norm, Upsample, conv, group_norm};
 use crate::weights::{self, NamedTensors, StoreDtype};
@@ -19,7 +20,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -518,9 +519,7 @@ impl Vae {
 pub fn to_diffusers_names(ours: &NamedTensors) -> NamedTensors {
     ours.iter()
         .map(|(name, t)| {
-            let name = rename_leaf(name, "gamma", "weight").unwrap_or_else(|| {
-                rename_leaf(name, "beta", "bias").unwrap_or_else(|| name.clone())
-            });
+            let name = diffusers_key(name);
             let t = if t.shape.len() == 2 {
                 weights::transpose(t)
             } else {
@@ -537,9 +536,7 @@ pub fn from_diffusers_names<M: Module>(module: &M, theirs: &NamedTensors) -> Res
     weights::collect(module, "", &mut ours);
     let mut out = NamedTensors::new();
     for (name, t) in &ours {
-        let key = rename_leaf(name, "gamma", "weight")
-            .or_else(|| rename_leaf(name, "beta", "bias"))
-            .unwrap_or_else(|| name.clone());
+        let key = diffusers_key(name);
         let Some(src) = theirs.get(&key) else {
             bail!("tensor '{key}' is missing");
         };
@@ -551,6 +548,14 @@ pub fn from_diffusers_names<M: Module>(module: &M, theirs: &NamedTensors) -> Res
         out.insert(name.clone(), src);
     }
     Ok(out)
+}
+
+/// A parameter path in diffusers' (PyTorch's) naming: GroupNorm `gamma`/`beta` become
+/// `weight`/`bias`.
+fn diffusers_key(name: &str) -> String {
+    rename_leaf(name, "gamma", "weight")
+        .or_else(|| rename_leaf(name, "beta", "bias"))
+        .unwrap_or_else(|| name.to_string())
 }
 
 fn rename_leaf(name: &str, from: &str, to: &str) -> Option<String> {
@@ -626,9 +631,9 @@ pub fn build(
     })
 }
 
-/// Reads a VAE folder: `config.json` and `diffusion_pytorch_model.safetensors`, as diffusers'
-/// `AutoencoderKL.save_pretrained` writes them (a pipeline folder's `vae/` also works).
-pub fn load(dir: &Path, dev: &Device) -> Result<LoadedVae> {
+/// The folder a VAE spec names (a pipeline folder's `vae/` when given the pipeline) and its
+/// validated `config.json`.
+pub fn read_config(dir: &Path) -> Result<(PathBuf, VaeConfig)> {
     let dir: PathBuf =
         if dir.join("vae").join(CONFIG_FILE).exists() && !dir.join(CONFIG_FILE).exists() {
             dir.join("vae")
@@ -651,12 +656,42 @@ pub fn load(dir: &Path, dev: &Device) -> Result<LoadedVae> {
     config
         .validate()
         .with_context(|| format!("{}", cfg_path.display()))?;
+    Ok((dir, config))
+}
+
+/// Reads a VAE folder: `config.json` and `diffusion_pytorch_model.safetensors`, as diffusers'
+/// `AutoencoderKL.save_pretrained` writes them (a pipeline folder's `vae/` also works).
+pub fn load(dir: &Path, dev: &Device) -> Result<LoadedVae> {
+    let (dir, config) = read_config(dir)?;
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes =
         std::fs::read(&wpath).with_context(|| format!("cannot read {}", wpath.display()))?;
     let what = wpath.display().to_string();
     let (tensors, _) = weights::from_safetensors(&bytes, &what)?;
     build(config, &tensors, "", &what, dev)
+}
+
+/// Visits the posteriors of the first `n` images of `ds`, encoded in batches of 64 on `dev`.
+pub fn encode_images(
+    vae: &Vae,
+    ds: &Dataset,
+    n: usize,
+    dev: &Device,
+    f: &mut dyn FnMut(Posterior),
+) {
+    let n = n.min(ds.len());
+    for start in (0..n).step_by(64) {
+        let b = (n - start).min(64);
+        let mut imgs = Vec::with_capacity(b * ds.image_len());
+        for i in start..start + b {
+            imgs.extend(ds.image(i).iter().map(|&p| p as f32 / 127.5 - 1.0));
+        }
+        let x = Tensor::<4>::from_data(
+            TensorData::new(imgs, [b, ds.channels, ds.size, ds.size]),
+            dev,
+        );
+        f(vae.encode(x));
+    }
 }
 
 /// Writes a VAE folder (config and weights, each atomically).

@@ -169,22 +169,11 @@ fn to_inference(model: &Vae, cfg: &VaeConfig, idev: &Device) -> Result<Vae> {
 /// 4.3.2: "rescale the latent ... by the component-wise variance" so that latents have about
 /// unit variance).
 pub fn measure_scale(vae: &Vae, ds: &Dataset, seed: u64, dev: &Device) -> f64 {
-    let n = ds.len().min(512);
     let mut sum = 0.0f64;
     let mut sq = 0.0f64;
     let mut count = 0usize;
     let mut rng = rng_for(seed, Stream::Sample, 7);
-    for start in (0..n).step_by(64) {
-        let b = (n - start).min(64);
-        let mut imgs = Vec::with_capacity(b * ds.image_len());
-        for i in start..start + b {
-            imgs.extend(ds.image(i).iter().map(|&v| v as f32 / 127.5 - 1.0));
-        }
-        let x = Tensor::<4>::from_data(
-            TensorData::new(imgs, [b, ds.channels, ds.size, ds.size]),
-            dev,
-        );
-        let post = vae.encode(x);
+    super::encode_images(vae, ds, 512, dev, &mut |post| {
         let d = post.mean.dims();
         let eps = Tensor::<4>::from_data(
             TensorData::new(normal_vec(&mut rng, d.iter().product()), d),
@@ -201,7 +190,7 @@ pub fn measure_scale(vae: &Vae, ds: &Dataset, seed: u64, dev: &Device) -> f64 {
             sq += (v as f64) * (v as f64);
             count += 1;
         }
-    }
+    });
     let mean = sum / count as f64;
     let var = (sq / count as f64 - mean * mean).max(1e-12);
     1.0 / var.sqrt()
