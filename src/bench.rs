@@ -121,6 +121,8 @@ impl ReferenceUNet {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub backend: String,
+    /// The convolutions' matrix products: "f32" or "bf16" (`kernels::MatmulMode`).
+    pub precision: String,
     pub params: usize,
     pub train_b16_img_per_s: f64,
     pub train_b64_img_per_s: f64,
@@ -217,6 +219,7 @@ pub fn run(warmup: usize, iters: usize, log: &mut dyn FnMut(&str)) -> BenchRepor
     }
     BenchReport {
         backend: crate::device::backend_name().to_string(),
+        precision: kernels::matmul_mode().name().to_string(),
         params,
         train_b16_img_per_s: train16,
         train_b64_img_per_s: train64,

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use diffuse::data::{self, Shape, fetch};
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
+use diffuse::kernels;
 use diffuse::model::{self, ModelConfig};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, denoise_from, generate};
@@ -33,6 +34,11 @@ mod cli {
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Arithmetic of the convolutions' matrix products: f32, or bf16 (products of bf16-rounded
+    /// operands summed in f32, on Intel AMX: faster, slightly different results). Default: bf16
+    /// where the processor has AMX, else f32; a resumed run keeps its own.
+    #[arg(long, global = true, value_name = "f32|bf16")]
+    precision: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -338,6 +344,18 @@ fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
 fn main() {
     diffuse::device::keep_freed_memory();
     let cli = Cli::parse();
+    let precision = match cli.precision.as_deref().map(kernels::MatmulMode::parse) {
+        None if std::env::var_os("DIFFUSE_MATMUL").is_some() => Ok(None),
+        // The default: bf16 products where the processor has AMX, f32 elsewhere.
+        None => kernels::set_matmul_mode(kernels::MatmulMode::fastest()).map(|()| None),
+        Some(Ok(mode)) => kernels::set_matmul_mode(mode).map(|()| Some(mode)),
+        Some(Err(e)) => Err(anyhow::anyhow!("--precision: {e}")),
+    };
+    let precision = precision.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    });
+    PRECISION.set(precision).ok();
     let result = match cli.cmd {
         Cmd::Sample(a) => sample(a),
         Cmd::Train(a) => train_cmd(*a),
@@ -365,6 +383,14 @@ fn main() {
         eprintln!("error: {msg}");
         std::process::exit(1);
     }
+}
+
+/// `--precision` as given (None: not given; the process then runs in the default mode,
+/// `kernels::matmul_mode()`).
+static PRECISION: std::sync::OnceLock<Option<kernels::MatmulMode>> = std::sync::OnceLock::new();
+
+fn precision_arg() -> Option<kernels::MatmulMode> {
+    PRECISION.get().copied().flatten()
 }
 
 fn bar(len: u64, template: &str) -> ProgressBar {
@@ -609,11 +635,14 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         }
         let ck = checkpoint::load(&ckpt_path)?;
         eprintln!(
-            "note: --resume continues with the settings saved in the checkpoint; only --steps and --data are read from the command line"
+            "note: --resume continues with the settings saved in the checkpoint; only --steps, --data and --precision are read from the command line"
         );
         let mut cfg = ck.run.clone();
         if let Some(s) = a.steps {
             cfg.train.steps = s;
+        }
+        if let Some(p) = precision_arg() {
+            cfg.train.precision = p;
         }
         if cfg.data != a.data {
             eprintln!(
@@ -861,6 +890,7 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
         sample_every: a.sample_every,
+        precision: precision_arg().unwrap_or_else(kernels::matmul_mode),
     };
     train.validate()?;
     Ok(RunConfig {
@@ -958,7 +988,10 @@ fn bench(warmup: usize, iters: usize, json: Option<&Path>) -> Result<()> {
         bail!("--iters must be at least 1");
     }
     let r = diffuse::bench::run(warmup, iters, &mut |l| eprintln!("{l}"));
-    println!("backend {} params {}", r.backend, r.params);
+    println!(
+        "backend {} precision {} params {}",
+        r.backend, r.precision, r.params
+    );
     println!("RESULT train B=16 {:.2} img/s", r.train_b16_img_per_s);
     println!("RESULT train B=64 {:.2} img/s", r.train_b64_img_per_s);
     println!("RESULT infer B=64 {:.2} img/s", r.infer_b64_img_per_s);

@@ -15,6 +15,8 @@
 //! These are the textbook identities of convolution as a matrix product (Chellapilla et al.,
 //! "High Performance Convolutional Neural Networks for Document Processing", 2006).
 
+pub use super::MatmulMode;
+use super::amx;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -177,20 +179,148 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
     }
 }
 
-/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, all given by (row, column)
-/// strides in elements.
+/// `col(x)` of one image made row by row, for the bf16 products, which pack it into tiles as
+/// it is made instead of storing it whole (see [`im2col`] for the layout).
+struct Im2col<'a> {
+    x: &'a [f32],
+    g: &'a ConvGeometry,
+}
+
+impl amx::Rows for Im2col<'_> {
+    fn row(&self, p: usize, j0: usize, out: &mut [f32]) {
+        let g = self.g;
+        let [oh, ow] = g.out_hw();
+        let [sh, sw] = g.stride;
+        let [ph, pw] = g.pad;
+        let (ci, ky, kx) = (p / (g.kh * g.kw), (p / g.kw) % g.kh, p % g.kw);
+        let plane = &self.x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        let (oy0, oy1) = valid_range(oh, g.h, ky, sh, ph);
+        let (ox0, ox1) = valid_range(ow, g.w, kx, sw, pw);
+        let j1 = j0 + out.len();
+        if [sh, sw] == [1, 1] && ow == g.w {
+            // The row is the image plane shifted by (ky - ph, kx - pw): one copy of the valid
+            // rows, then zeros where a column fell off the left or right edge.
+            let (a, b) = ((oy0 * ow).clamp(j0, j1), (oy1 * ow).clamp(j0, j1));
+            out[..a - j0].fill(0.0);
+            out[b - j0..].fill(0.0);
+            let shift = (ky * g.w + kx) as isize - (ph * g.w + pw) as isize;
+            // Where the shift runs off the plane's ends, the columns are outside the image.
+            let lo = (a as isize).max(-shift).min(b as isize) as usize;
+            let hi = ((plane.len() as isize - shift).min(b as isize) as usize).max(lo);
+            out[a - j0..lo - j0].fill(0.0);
+            out[hi - j0..b - j0].fill(0.0);
+            let from = (lo as isize + shift) as usize;
+            out[lo - j0..hi - j0].copy_from_slice(&plane[from..from + (hi - lo)]);
+            if ox0 > 0 || ox1 < ow {
+                for oy in a / ow..b.div_ceil(ow) {
+                    for ox in (0..ox0).chain(ox1..ow) {
+                        let j = oy * ow + ox;
+                        if (a..b).contains(&j) {
+                            out[j - j0] = 0.0;
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let mut filled = 0;
+        while filled < out.len() {
+            // One output row, or the part of it inside j0..j1.
+            let j = j0 + filled;
+            let (oy, ox_start) = (j / ow, j % ow);
+            let len = (ow - ox_start).min(out.len() - filled);
+            let ox_end = ox_start + len;
+            let dst = &mut out[filled..filled + len];
+            filled += len;
+            if oy < oy0 || oy >= oy1 {
+                dst.fill(0.0);
+                continue;
+            }
+            let src = &plane[(oy * sh + ky - ph) * g.w..][..g.w];
+            let (a, b) = (ox0.clamp(ox_start, ox_end), ox1.clamp(ox_start, ox_end));
+            dst[..a - ox_start].fill(0.0);
+            dst[b - ox_start..].fill(0.0);
+            for (d, ox) in dst[a - ox_start..b - ox_start].iter_mut().zip(a..b) {
+                *d = src[ox * sw + kx - pw];
+            }
+        }
+    }
+}
+
+/// The zero-padded copy of one image [C_in, H, W] that the bf16 products read `col(x)` from,
+/// for stride-1 geometries (`None` for others).
+fn padded(x: &[f32], g: &ConvGeometry) -> Option<amx::PaddedImage> {
+    if g.stride != [1, 1] {
+        return None;
+    }
+    let (hp, wp) = (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]);
+    let mut xp = vec![0.0f32; g.c_in * hp * wp];
+    for (plane, src) in xp.chunks_mut(hp * wp).zip(x.chunks(g.h * g.w)) {
+        for (y, row) in src.chunks(g.w).enumerate() {
+            let at = (y + g.pad[0]) * wp + g.pad[1];
+            plane[at..at + g.w].copy_from_slice(row);
+        }
+    }
+    Some(amx::PaddedImage {
+        xp,
+        hp,
+        wp,
+        kh: g.kh,
+        kw: g.kw,
+        ow: g.out_hw()[1],
+    })
+}
+
+/// A matrix operand: the values and the (row, column) strides of its elements.
+type Operand<'a> = (&'a [f32], isize, isize);
+
+/// The left operand of a convolution's matrix products, prepared once per call and shared by
+/// the products of every image: plain f32 for the f32 GEMM, or packed into bf16 tiles for AMX
+/// (see [`super::matmul_mode`]).
+enum Lhs<'a> {
+    F32 { a: Operand<'a>, m: usize, k: usize },
+    Amx(amx::PackedLhs),
+}
+
+impl<'a> Lhs<'a> {
+    fn new(mode: MatmulMode, m: usize, k: usize, a: Operand<'a>) -> Self {
+        match mode {
+            MatmulMode::F32 => Lhs::F32 { a, m, k },
+            MatmulMode::Bf16 => Lhs::Amx(amx::PackedLhs::new(m, k, a)),
+        }
+    }
+
+    /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, `dst` row-major.
+    fn product(&self, n: usize, dst: &mut [f32], rhs: Operand, accumulate: bool, par: bool) {
+        match self {
+            Lhs::F32 { a, m, k } => matmul(*m, n, *k, dst, *a, rhs, accumulate, par),
+            Lhs::Amx(packed) => {
+                let rhs = amx::Rhs::Strided(rhs.0, rhs.1, rhs.2);
+                amx::matmul(packed, n, rhs, dst, accumulate, par)
+            }
+        }
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` in f32 (the `gemm` crate), all
+/// given by (row, column) strides in elements.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
-    lhs: (&[f32], isize, isize),
-    rhs: (&[f32], isize, isize),
+    lhs: Operand,
+    rhs: Operand,
     accumulate: bool,
-    par: Parallelism,
+    par: bool,
 ) {
     debug_assert!(dst.len() >= m * n);
+    let par = if par {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
     // SAFETY: every index the product reads or writes lies inside the slices: the caller passes
     // strides that describe matrices of the stated sizes within them (checked in debug builds
     // by the callers' length assertions).
@@ -219,19 +349,22 @@ fn matmul(
     }
 }
 
-/// Parallelism inside one matrix product: the cores are spread over the images when there are
-/// enough of them, else over the product.
-fn inner_parallelism(batch: usize) -> Parallelism {
-    if batch >= rayon::current_num_threads() {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(0)
-    }
+/// Whether one matrix product spreads over the cores: only when there are too few images (or
+/// chunks of images) to spread instead.
+fn inner_parallelism(batch: usize) -> bool {
+    batch < rayon::current_num_threads()
 }
 
-/// Forward convolution: `y[b] = W · col(x[b]) + bias` for every image. Returns `y` [B, C_out,
+/// Forward convolution: `y[b] = W · col(x[b]) + bias` for every image, products in `mode`
+/// (a bf16 `mode` needs [`super::bf16_available`]). Returns `y` [B, C_out,
 /// OH, OW].
-pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+pub fn forward(
+    mode: MatmulMode,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
     let (k, n) = (g.k(), g.n());
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
     assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
@@ -241,6 +374,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     }
     let par = inner_parallelism(g.batch);
     let image = g.c_in * g.h * g.w;
+    let lhs = Lhs::new(mode, g.c_out, k, (w, k as isize, 1));
     y.par_chunks_mut(g.c_out * n)
         .enumerate()
         .for_each(|(b, yb)| {
@@ -251,23 +385,30 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
                 }
             }
             let product = |cols: &[f32], yb: &mut [f32]| {
-                let (w, cols) = ((w, k as isize, 1), (cols, n as isize, 1));
-                matmul(g.c_out, n, k, yb, w, cols, bias.is_some(), par);
+                lhs.product(n, yb, (cols, n as isize, 1), bias.is_some(), par);
             };
-            if g.is_pointwise() {
-                product(xb, yb);
-            } else {
-                with_scratch(k * n, |col| {
+            match &lhs {
+                Lhs::Amx(packed) if !g.is_pointwise() => {
+                    let plain = Im2col { x: xb, g };
+                    let img = padded(xb, g);
+                    let rhs = match &img {
+                        Some(img) => amx::Rhs::Padded(img),
+                        None => amx::Rhs::Rows(&plain),
+                    };
+                    amx::matmul(packed, n, rhs, yb, bias.is_some(), par);
+                }
+                _ if g.is_pointwise() => product(xb, yb),
+                _ => with_scratch(k * n, |col| {
                     im2col(xb, g, col);
                     product(col, yb);
-                });
+                }),
             }
         });
     y
 }
 
 /// Input gradient: `dx[b] = col⁻¹(Wᵀ · dy[b])`. Returns `dx` [B, C_in, H, W].
-pub fn backward_input(dy: &[f32], w: &[f32], g: &ConvGeometry) -> Vec<f32> {
+pub fn backward_input(mode: MatmulMode, dy: &[f32], w: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let (k, n) = (g.k(), g.n());
     assert_eq!(
         dy.len(),
@@ -275,19 +416,26 @@ pub fn backward_input(dy: &[f32], w: &[f32], g: &ConvGeometry) -> Vec<f32> {
         "conv2d output-gradient size"
     );
     let image = g.c_in * g.h * g.w;
+    if mode == MatmulMode::Bf16
+        && !g.is_pointwise()
+        && n > 0
+        && let Some((flipped, gt)) = as_forward(w, g)
+    {
+        return forward(mode, dy, &flipped, None, &gt);
+    }
     let mut dx = vec![0.0f32; g.batch * image];
     if n == 0 || g.batch == 0 {
         return dx;
     }
     let par = inner_parallelism(g.batch);
+    let wt = Lhs::new(mode, k, g.c_out, (w, 1, k as isize));
     dx.par_chunks_mut(image).enumerate().for_each(|(b, dxb)| {
-        let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
-        let wt = (w, 1, k as isize);
+        let dyb = (&dy[b * g.c_out * n..(b + 1) * g.c_out * n], n as isize, 1);
         if g.is_pointwise() {
-            matmul(k, n, g.c_out, dxb, wt, (dyb, n as isize, 1), false, par);
+            wt.product(n, dxb, dyb, false, par);
         } else {
             with_scratch(k * n, |col| {
-                matmul(k, n, g.c_out, col, wt, (dyb, n as isize, 1), false, par);
+                wt.product(n, col, dyb, false, par);
                 col2im(col, g, dxb);
             });
         }
@@ -295,9 +443,45 @@ pub fn backward_input(dy: &[f32], w: &[f32], g: &ConvGeometry) -> Vec<f32> {
     dx
 }
 
+/// The input gradient of a stride-1 convolution that keeps the image size, as a forward
+/// convolution of `dy`: `dx[ci, y, x] = Σ_co,ky,kx W[co, ci, ky, kx] · dy[co, y - ky + p_h,
+/// x - kx + p_w]`, i.e. the weight with input and output channels swapped and the kernel
+/// turned by 180°, padding `kh - 1 - p_h` (the transposed convolution of Dumoulin & Visin, "A
+/// guide to convolution arithmetic for deep learning", 2016, relationship 8). Returns the
+/// weight [C_in, C_out, kh, kw] and the geometry; `None` for other geometries.
+fn as_forward(w: &[f32], g: &ConvGeometry) -> Option<(Vec<f32>, ConvGeometry)> {
+    let [oh, ow] = g.out_hw();
+    if g.stride != [1, 1] || [oh, ow] != [g.h, g.w] || g.pad[0] >= g.kh || g.pad[1] >= g.kw {
+        return None;
+    }
+    let taps = g.kh * g.kw;
+    let mut flipped = vec![0.0f32; w.len()];
+    for co in 0..g.c_out {
+        for ci in 0..g.c_in {
+            let src = &w[(co * g.c_in + ci) * taps..][..taps];
+            let dst = &mut flipped[(ci * g.c_out + co) * taps..][..taps];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    let gt = ConvGeometry {
+        c_in: g.c_out,
+        c_out: g.c_in,
+        pad: [g.kh - 1 - g.pad[0], g.kw - 1 - g.pad[1]],
+        ..*g
+    };
+    Some((flipped, gt))
+}
+
 /// Weight and bias gradients: `dW = Σ_b dy[b] · col(x[b])ᵀ` [C_out, C_in, kh, kw] and
 /// `db = Σ_b,pixels dy` [C_out].
-pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
+pub fn backward_weight(
+    mode: MatmulMode,
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeometry,
+) -> (Vec<f32>, Vec<f32>) {
     let (k, n) = (g.k(), g.n());
     let image = g.c_in * g.h * g.w;
     assert_eq!(x.len(), g.batch * image, "conv2d input size");
@@ -313,6 +497,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     let per = IMAGES_PER_PARTIAL;
     let workers = g.batch.div_ceil(per).max(1);
     let par = inner_parallelism(workers);
+    let bf16 = mode == MatmulMode::Bf16;
     let partial: Vec<(Vec<f32>, Vec<f32>)> = (0..workers)
         .into_par_iter()
         .map(|wi| {
@@ -321,9 +506,27 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
             for b in wi * per..((wi + 1) * per).min(g.batch) {
                 let xb = &x[b * image..(b + 1) * image];
                 let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
+                for (d, row) in db.iter_mut().zip(dyb.chunks(n)) {
+                    *d += row.iter().sum::<f32>();
+                }
+                if bf16 {
+                    // dWᵀ [K, C_out] += col(x) · dyᵀ: the column matrix, the larger operand, is
+                    // packed row by row as it is made; dyᵀ is read down its columns.
+                    let col = if g.is_pointwise() {
+                        amx::PackedLhs::new(k, n, (xb, n as isize, 1))
+                    } else {
+                        match padded(xb, g) {
+                            Some(padded) => amx::PackedLhs::from_rows(k, n, &padded),
+                            None => amx::PackedLhs::from_rows(k, n, &Im2col { x: xb, g }),
+                        }
+                    };
+                    let dyt = amx::Rhs::Strided(dyb, 1, n as isize);
+                    amx::matmul(&col, g.c_out, dyt, &mut dw, true, par);
+                    continue;
+                }
+                let lhs = Lhs::new(mode, g.c_out, n, (dyb, n as isize, 1));
                 let product = |cols: &[f32], dw: &mut [f32]| {
-                    let (dyb, cols) = ((dyb, n as isize, 1), (cols, 1, n as isize));
-                    matmul(g.c_out, k, n, dw, dyb, cols, true, par);
+                    lhs.product(k, dw, (cols, 1, n as isize), true, par);
                 };
                 if g.is_pointwise() {
                     product(xb, &mut dw);
@@ -332,9 +535,6 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
                         im2col(xb, g, col);
                         product(col, &mut dw);
                     });
-                }
-                for (d, row) in db.iter_mut().zip(dyb.chunks(n)) {
-                    *d += row.iter().sum::<f32>();
                 }
             }
             (dw, db)
@@ -349,6 +549,15 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     if dw.is_empty() {
         dw = vec![0.0; g.c_out * k];
         db = vec![0.0; g.c_out];
+    } else if bf16 {
+        // dWᵀ [K, C_out] back to dW [C_out, K].
+        let mut t = vec![0.0f32; dw.len()];
+        for (p, row) in dw.chunks(g.c_out).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                t[o * k + p] = v;
+            }
+        }
+        dw = t;
     }
     (dw, db)
 }

@@ -30,15 +30,57 @@ impl NormGeometry {
     }
 }
 
+/// `1 / (1 + e^-u)` with [`exp`].
+#[inline(always)]
 fn sigmoid(u: f32) -> f32 {
-    1.0 / (1.0 + (-u).exp())
+    1.0 / (1.0 + exp(-u))
+}
+
+/// `e^x` in f32 without a library call, so that loops over it vectorise: `e^x = 2^k · e^r`
+/// with `k = round(x·log2 e)` and `r = x - k·ln 2` (ln 2 split in two parts for exactness),
+/// `e^r` by the degree-7 polynomial of Cephes' `expf` (S. Moshier, Cephes Math Library,
+/// `expf.c`; within 2 ulp on its range). Inputs are clamped to ±87.3, where `e^x` stays a
+/// normal f32.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 87.3);
+    let k = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - k * 0.693_359_4 - k * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// Lanes of the f64 sums: the sums are split over this many accumulators, element `i` going
+/// to lane `i % LANES`, and the lanes added in order at the end. The order is fixed, so the
+/// bits do not depend on the vector width, and the adds no longer wait on each other.
+const LANES: usize = 8;
+
+/// `Σ f(x_i)` over `x` in f64, in [`LANES`] lanes.
+#[inline(always)]
+fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Mean and `1 / sqrt(var + eps)` of one group, accumulated in f64.
+#[inline(always)]
 fn stats(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|v| *v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = sum_f64(x, |v| v as f64) / n;
+    let var = sum_f64(x, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
@@ -57,18 +99,22 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], g: &NormGeometry) -> Vec<
     y.par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
-        .for_each(|(i, (yg, xg))| {
-            let (mean, r) = stats(xg, g.eps);
-            let c0 = (i % g.groups) * per;
-            for (j, (yc, xc)) in yg.chunks_mut(g.pixels).zip(xg.chunks(g.pixels)).enumerate() {
-                let (scale, shift) = (gamma[c0 + j] * r, beta[c0 + j] - gamma[c0 + j] * r * mean);
-                for (o, v) in yc.iter_mut().zip(xc) {
-                    let u = v * scale + shift;
-                    *o = if g.silu { u * sigmoid(u) } else { u };
-                }
-            }
-        });
+        .for_each(|(i, (yg, xg))| forward_group(yg, xg, (i % g.groups) * per, gamma, beta, g));
     y
+}
+
+super::wide_fn! {
+    /// One (image, group) of [`forward`], its channels from `c0` on.
+    fn forward_group(yg: &mut [f32], xg: &[f32], c0: usize, gamma: &[f32], beta: &[f32], g: &NormGeometry) {
+        let (mean, r) = stats(xg, g.eps);
+        for (j, (yc, xc)) in yg.chunks_mut(g.pixels).zip(xg.chunks(g.pixels)).enumerate() {
+            let (scale, shift) = (gamma[c0 + j] * r, beta[c0 + j] - gamma[c0 + j] * r * mean);
+            for (o, v) in yc.iter_mut().zip(xc) {
+                let u = v * scale + shift;
+                *o = if g.silu { u * sigmoid(u) } else { u };
+            }
+        }
+    }
 }
 
 /// Backward: returns (dx [B, C, H·W], dγ [C], dβ [C]).
@@ -89,48 +135,9 @@ pub fn backward(
         .zip(partial.par_chunks_mut(per))
         .enumerate()
         .for_each(|(i, (dxg, pg))| {
-            let xg = &x[i * len..(i + 1) * len];
-            let dyg = &dy[i * len..(i + 1) * len];
-            let (mean, r) = stats(xg, g.eps);
+            let span = i * len..(i + 1) * len;
             let c0 = (i % g.groups) * per;
-            // First pass: du into dx's buffer, the channel sums, and the group means of
-            // gγ = du·γ and gγ·x̂.
-            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-            for j in 0..per {
-                let c = c0 + j;
-                let span = j * g.pixels..(j + 1) * g.pixels;
-                let (mut s_dux, mut s_du) = (0.0f64, 0.0f64);
-                for ((d, xv), dyv) in dxg[span.clone()]
-                    .iter_mut()
-                    .zip(&xg[span.clone()])
-                    .zip(&dyg[span])
-                {
-                    let xh = (xv - mean) * r;
-                    let du = if g.silu {
-                        let u = gamma[c] * xh + beta[c];
-                        let s = sigmoid(u);
-                        dyv * s * (1.0 + u * (1.0 - s))
-                    } else {
-                        *dyv
-                    };
-                    *d = du;
-                    s_dux += (du * xh) as f64;
-                    s_du += du as f64;
-                }
-                pg[j] = (s_dux, s_du);
-                sum_g += gamma[c] as f64 * s_du;
-                sum_gx += gamma[c] as f64 * s_dux;
-            }
-            let n = len as f64;
-            let (mg, mgx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
-            for j in 0..per {
-                let c = c0 + j;
-                let span = j * g.pixels..(j + 1) * g.pixels;
-                for (d, xv) in dxg[span.clone()].iter_mut().zip(&xg[span]) {
-                    let xh = (xv - mean) * r;
-                    *d = r * (*d * gamma[c] - mg - xh * mgx);
-                }
-            }
+            backward_group(dxg, pg, &x[span.clone()], &dy[span], c0, gamma, beta, g);
         });
     let mut dgamma = vec![0.0f64; g.channels];
     let mut dbeta = vec![0.0f64; g.channels];
@@ -143,4 +150,73 @@ pub fn backward(
         dgamma.into_iter().map(|v| v as f32).collect(),
         dbeta.into_iter().map(|v| v as f32).collect(),
     )
+}
+
+super::wide_fn! {
+    /// One (image, group) of [`backward`], its channels from `c0` on: `dx` into `dxg`, the
+    /// channels' sums of du·x̂ and du into `pg`.
+    fn backward_group(
+        dxg: &mut [f32],
+        pg: &mut [(f64, f64)],
+        xg: &[f32],
+        dyg: &[f32],
+        c0: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        g: &NormGeometry
+    ) {
+        let per = g.channels / g.groups;
+        let len = xg.len();
+        let (mean, r) = stats(xg, g.eps);
+        // First pass: du into dx's buffer, the channel sums, and the group means of
+        // gγ = du·γ and gγ·x̂.
+        let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+        for (j, pj) in pg.iter_mut().enumerate().take(per) {
+            let c = c0 + j;
+            let span = j * g.pixels..(j + 1) * g.pixels;
+            let du_of = |xv: f32, dyv: f32| {
+                let xh = (xv - mean) * r;
+                if g.silu {
+                    let u = gamma[c] * xh + beta[c];
+                    let s = sigmoid(u);
+                    dyv * s * (1.0 + u * (1.0 - s))
+                } else {
+                    dyv
+                }
+            };
+            let (d, xs, dys) = (&mut dxg[span.clone()], &xg[span.clone()], &dyg[span]);
+            for ((d, &xv), &dyv) in d.iter_mut().zip(xs).zip(dys) {
+                *d = du_of(xv, dyv);
+            }
+            // Σ du·x̂ and Σ du, in lanes as in `sum_f64`.
+            let (mut a_dux, mut a_du) = ([0.0f64; LANES], [0.0f64; LANES]);
+            let whole = d.len() / LANES * LANES;
+            for (dc, xc) in d[..whole].chunks_exact(LANES).zip(xs[..whole].chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    a_dux[l] += (dc[l] * ((xc[l] - mean) * r)) as f64;
+                    a_du[l] += dc[l] as f64;
+                }
+            }
+            let (mut t_dux, mut t_du) = (0.0f64, 0.0f64);
+            for (&du, &xv) in d[whole..].iter().zip(&xs[whole..]) {
+                t_dux += (du * ((xv - mean) * r)) as f64;
+                t_du += du as f64;
+            }
+            let s_dux = a_dux.iter().sum::<f64>() + t_dux;
+            let s_du = a_du.iter().sum::<f64>() + t_du;
+            *pj = (s_dux, s_du);
+            sum_g += gamma[c] as f64 * s_du;
+            sum_gx += gamma[c] as f64 * s_dux;
+        }
+        let n = len as f64;
+        let (mg, mgx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
+        for j in 0..per {
+            let c = c0 + j;
+            let span = j * g.pixels..(j + 1) * g.pixels;
+            for (d, xv) in dxg[span.clone()].iter_mut().zip(&xg[span]) {
+                let xh = (xv - mean) * r;
+                *d = r * (*d * gamma[c] - mg - xh * mgx);
+            }
+        }
+    }
 }

@@ -11,7 +11,10 @@
 //! runs small per-tile matrix products; on the benchmark U-Net its forward ran at a fifth of
 //! the machine's peak. Here a convolution is one im2col and one large matrix product per image
 //! with the images spread over the cores (see `docs/BENCHMARKS.md` for the measured effect).
+//! On processors with Intel AMX the products can run in bf16 on the AMX tiles ([`amx`],
+//! [`MatmulMode`]), reading the column matrix straight from the padded image.
 
+pub mod amx;
 pub mod conv2d;
 pub mod group_norm;
 
@@ -37,6 +40,137 @@ fn enabled(kernel: &str) -> bool {
         None => true,
         Some(list) => list.split(',').any(|k| k.trim() == kernel),
     }
+}
+
+/// Whether the processor has AVX-512 (F, BW, VL, DQ) and FMA, for which [`wide_fn!`] compiles
+/// a second copy of the kernels' loops (the crate itself targets baseline x86-64).
+pub fn wide_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WIDE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Defines a function twice, for baseline x86-64 and for AVX-512, and calls the AVX-512 copy
+/// where [`wide_simd`] says the processor has it. The two compute the same bits: Rust never
+/// contracts `a * b + c` into a fused multiply-add, nor reorders sums, so only the width of
+/// the vectors differs.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::kernels::wide_simd() {
+                    // SAFETY: the processor has these features (checked at run time).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use wide_fn;
+
+/// How the convolution kernels multiply matrices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulMode {
+    /// f32 fused multiply-adds (the `gemm` crate; AVX-512 or AVX2 as the processor allows).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products on AMX tiles summed in f32 ([`amx`]): mixed
+    /// precision, as PyTorch's autocast to bf16 does for convolutions.
+    Bf16,
+}
+
+impl MatmulMode {
+    /// The mode named `f32` or `bf16`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "f32" => Ok(MatmulMode::F32),
+            "bf16" => Ok(MatmulMode::Bf16),
+            other => Err(format!("unknown precision {other:?}: expected f32 or bf16")),
+        }
+    }
+
+    /// The fastest mode this processor runs: bf16 where it has AMX, else f32.
+    pub fn fastest() -> Self {
+        if bf16_available() {
+            MatmulMode::Bf16
+        } else {
+            MatmulMode::F32
+        }
+    }
+
+    /// The mode's name, as [`MatmulMode::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulMode::F32 => "f32",
+            MatmulMode::Bf16 => "bf16",
+        }
+    }
+}
+
+static MODE: std::sync::Mutex<Option<MatmulMode>> = std::sync::Mutex::new(None);
+
+/// The matrix-product mode of the convolution kernels: the one set by [`set_matmul_mode`],
+/// else `DIFFUSE_MATMUL` (`f32` or `bf16`), else `f32`. `bf16` on a processor without AMX
+/// falls back to `f32` (see [`bf16_available`]).
+pub fn matmul_mode() -> MatmulMode {
+    let mut mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    let chosen = *mode.get_or_insert_with(|| {
+        match std::env::var("DIFFUSE_MATMUL")
+            .ok()
+            .map(|v| MatmulMode::parse(&v))
+        {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                eprintln!("warning: DIFFUSE_MATMUL: {e}; using f32");
+                MatmulMode::F32
+            }
+            None => MatmulMode::F32,
+        }
+    });
+    match chosen {
+        MatmulMode::Bf16 if !amx::available() => MatmulMode::F32,
+        m => m,
+    }
+}
+
+/// Whether this processor and OS run the bf16 path (Intel AMX, see [`amx::available`]).
+pub fn bf16_available() -> bool {
+    amx::available()
+}
+
+/// Sets the matrix-product mode for the whole process (see [`matmul_mode`]). `bf16` on a
+/// processor without AMX is refused with an error naming what is missing.
+pub fn set_matmul_mode(mode: MatmulMode) -> anyhow::Result<()> {
+    if mode == MatmulMode::Bf16 && !bf16_available() {
+        anyhow::bail!(
+            "precision bf16 needs Intel AMX-BF16 (Xeon 4th generation or later, Linux 5.16 or later), which this machine lacks; use f32"
+        );
+    }
+    *MODE.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
+    Ok(())
 }
 
 type AdFlex = Autodiff<Flex, NoCheckpointing>;
@@ -88,10 +222,10 @@ fn symmetric_padding(
 /// `module.forward(x)` for a burn `Conv2d`, on the project's kernel where it applies (see
 /// [`try_conv2d`]); burn's own convolution otherwise.
 pub fn conv2d(module: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    if enabled("conv") {
-        if let Some(y) = try_conv2d(module, x.clone()) {
-            return y;
-        }
+    if enabled("conv")
+        && let Some(y) = try_conv2d(module, x.clone())
+    {
+        return y;
     }
     module.forward(x)
 }
@@ -138,11 +272,11 @@ impl Backward<Flex, 3> for Conv2dBackward {
         let (x, w, g) = ops.state;
         let dy_v: &[f32] = dy.storage();
         if let Some(node) = node_x {
-            let dx = conv2d::backward_input(dy_v, w.storage(), &g);
+            let dx = conv2d::backward_input(matmul_mode(), dy_v, w.storage(), &g);
             grads.register::<Flex>(node.id, flex_tensor(dx, &[g.batch, g.c_in, g.h, g.w]));
         }
         if node_w.is_some() || node_b.is_some() {
-            let (dw, db) = conv2d::backward_weight(x.storage(), dy_v, &g);
+            let (dw, db) = conv2d::backward_weight(matmul_mode(), x.storage(), dy_v, &g);
             if let Some(node) = node_w {
                 grads.register::<Flex>(node.id, flex_tensor(dw, &[g.c_out, g.c_in, g.kh, g.kw]));
             }
@@ -171,6 +305,7 @@ fn conv2d_with(
             None => None,
         };
         let y = conv2d::forward(
+            matmul_mode(),
             xv.storage(),
             wv.storage(),
             bv.as_ref().map(|b| b.storage::<f32>()),
@@ -216,10 +351,10 @@ fn conv2d_with(
 /// `module.forward(x)` for a burn `GroupNorm`, followed by SiLU when `silu` is set, fused on the
 /// project's kernel where it applies (see [`try_group_norm`]); burn's own ops otherwise.
 pub fn group_norm(module: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
-    if enabled("norm") {
-        if let Some(y) = try_group_norm(module, x.clone(), silu) {
-            return y;
-        }
+    if enabled("norm")
+        && let Some(y) = try_group_norm(module, x.clone(), silu)
+    {
+        return y;
     }
     let y = module.forward(x);
     if silu {

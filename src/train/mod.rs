@@ -57,6 +57,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Save a sample grid every N steps and at the end (0: never).
     pub sample_every: usize,
+    /// Arithmetic of the convolutions' matrix products: f32, or bf16 products summed in f32
+    /// on Intel AMX (`kernels::MatmulMode`). Older runs, which lack it, trained in f32.
+    #[serde(default)]
+    pub precision: crate::kernels::MatmulMode,
 }
 
 impl Default for TrainConfig {
@@ -76,6 +80,7 @@ impl Default for TrainConfig {
             seed: 0,
             checkpoint_every: 250,
             sample_every: 500,
+            precision: crate::kernels::MatmulMode::F32,
         }
     }
 }
@@ -242,6 +247,8 @@ pub fn train(
         bail!("a latent model trains with its VAE, and only a latent model does");
     }
     let tc = &cfg.train;
+    crate::kernels::set_matmul_mode(tc.precision)
+        .with_context(|| format!("{}: the run's precision", out.display()))?;
     let paths = RunPaths::new(out);
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;

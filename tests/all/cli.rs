@@ -636,3 +636,45 @@ fn edit_and_inpaint_from_the_command_line() {
         "--steps must be between",
     );
 }
+
+/// `--precision`: recorded in the run's config (the default: bf16 where the processor has
+/// AMX), kept on resume unless given again, and bad values refused with one line.
+#[test]
+fn precision_is_recorded_and_kept_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let precision_of = |run: &Path| -> String {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
+                .unwrap();
+        cfg["train"]["precision"].as_str().unwrap().to_string()
+    };
+    let default = match std::env::var("DIFFUSE_MATMUL") {
+        Ok(v) if v == "bf16" && diffuse::kernels::bf16_available() => "bf16",
+        Ok(_) => "f32",
+        Err(_) if diffuse::kernels::bf16_available() => "bf16",
+        Err(_) => "f32",
+    };
+    let run = tmp.path().join("default");
+    ok(&tiny_train_args(data, run.to_str().unwrap(), "2"));
+    assert_eq!(precision_of(&run), default);
+
+    let run = tmp.path().join("f32");
+    let runs = run.to_str().unwrap();
+    let mut args = tiny_train_args(data, runs, "4");
+    args.extend(["--precision", "f32"]);
+    ok(&args);
+    assert_eq!(precision_of(&run), "f32");
+    // Resumed without --precision: the run's own precision.
+    ok(&[
+        "train", "--resume", "--data", data, "--out", runs, "--steps", "6",
+    ]);
+    assert_eq!(precision_of(&run), "f32");
+    assert_eq!(metric_steps(&run), (1..=6).collect::<Vec<_>>());
+
+    fails(&["sample", "--precision", "fp8"], "--precision");
+    if !diffuse::kernels::bf16_available() {
+        fails(&["sample", "--precision", "bf16"], "AMX");
+    }
+}

@@ -72,8 +72,11 @@ fn ddim_matches(model: &str, fixture_file: &Path, noise_key: &str, sample_key: &
     std::fs::write(&noise, bytes).unwrap();
     let out = tmp.path().join("out.safetensors");
     let png = tmp.path().join("grid.png");
+    // An f32 parity test: bf16 products (the default on AMX processors) are another question.
     ok(&[
         "sample",
+        "--precision",
+        "f32",
         "--model",
         model,
         "--sampler",

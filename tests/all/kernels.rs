@@ -6,7 +6,8 @@ use burn::nn::conv::Conv2dConfig;
 use burn::tensor::{Device, Tensor};
 use diffuse::device::{inference_device, training_device};
 use diffuse::kernels;
-use diffuse::kernels::conv2d::{self, ConvGeometry};
+use diffuse::kernels::amx;
+use diffuse::kernels::conv2d::{self, ConvGeometry, MatmulMode};
 use diffuse::kernels::group_norm::{self, NormGeometry};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 
@@ -229,7 +230,7 @@ fn conv2d_forward_matches_the_direct_sum() {
         let x = conv_values(g.batch * g.c_in * g.h * g.w, 1);
         let w = conv_values(g.c_out * g.k(), 2);
         let bias = conv_values(g.c_out, 3);
-        let got = conv2d::forward(&x, &w, Some(&bias), &g);
+        let got = conv2d::forward(MatmulMode::F32, &x, &w, Some(&bias), &g);
         let want = direct(&x, &w, &bias, &g);
         assert!(max_rel_slice(&got, &want) < 1e-5, "{g:?}");
     }
@@ -243,13 +244,13 @@ fn conv2d_gradients_are_adjoints_of_the_forward_map() {
         let x = conv_values(g.batch * g.c_in * g.h * g.w, 4);
         let w = conv_values(g.c_out * g.k(), 5);
         let dy = conv_values(g.batch * g.c_out * g.n(), 6);
-        let y = conv2d::forward(&x, &w, None, &g);
+        let y = conv2d::forward(MatmulMode::F32, &x, &w, None, &g);
         let dot = |a: &[f32], b: &[f32]| -> f64 {
             a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum()
         };
         let lhs = dot(&dy, &y);
-        let dx = conv2d::backward_input(&dy, &w, &g);
-        let (dw, db) = conv2d::backward_weight(&x, &dy, &g);
+        let dx = conv2d::backward_input(MatmulMode::F32, &dy, &w, &g);
+        let (dw, db) = conv2d::backward_weight(MatmulMode::F32, &x, &dy, &g);
         let tol = 1e-4 * lhs.abs().max(1.0);
         assert!((dot(&dx, &x) - lhs).abs() < tol, "input gradient {g:?}");
         assert!((dot(&dw, &w) - lhs).abs() < tol, "weight gradient {g:?}");
@@ -309,4 +310,128 @@ fn group_norm_backward_matches_finite_differences() {
         check(&dg, 1);
         check(&db, 2);
     }
+}
+
+// The bf16 (AMX) path: with its operands rounded to bf16 first, the f32 path computes the
+// same products, so the two must agree to f32 summation error, far tighter than the bf16
+// rounding itself (about 4e-3 relative).
+
+fn to_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| amx::f32_of(amx::bf16(x))).collect()
+}
+
+#[test]
+fn bf16_rounding_is_to_nearest_even() {
+    assert_eq!(amx::bf16(1.0), 0x3f80);
+    assert_eq!(amx::bf16(-2.0), 0xc000);
+    // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even neighbour, 1.
+    assert_eq!(amx::bf16(1.0 + 1.0 / 256.0), 0x3f80);
+    // 1 + 3·2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: ties go up to the even one.
+    assert_eq!(amx::bf16(1.0 + 3.0 / 256.0), 0x3f82);
+    assert_eq!(amx::f32_of(amx::bf16(0.1)), 0.100097656);
+    assert!(amx::f32_of(amx::bf16(f32::NAN)).is_nan());
+}
+
+#[test]
+fn bf16_convolution_equals_f32_on_rounded_operands() {
+    if !kernels::bf16_available() {
+        eprintln!("skipped: this processor has no AMX-BF16");
+        return;
+    }
+    let mut cases = geometries();
+    // Many blocks, panels and chunks along k (K = 2304 exceeds one chunk at 200 rows).
+    cases.push(ConvGeometry {
+        batch: 2,
+        c_in: 256,
+        h: 5,
+        w: 7,
+        c_out: 200,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        pad: [1, 1],
+    });
+    // Rows of 20 pixels: some 16-column tiles lie inside one image row, others span two.
+    cases.push(ConvGeometry {
+        batch: 2,
+        c_in: 6,
+        h: 9,
+        w: 20,
+        c_out: 33,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        pad: [1, 1],
+    });
+    cases.push(ConvGeometry {
+        batch: 1,
+        c_in: 40,
+        h: 12,
+        w: 12,
+        c_out: 70,
+        kh: 1,
+        kw: 1,
+        stride: [1, 1],
+        pad: [0, 0],
+    });
+    for g in cases {
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 7);
+        let w = conv_values(g.c_out * g.k(), 8);
+        let bias = conv_values(g.c_out, 9);
+        let dy = conv_values(g.batch * g.c_out * g.n(), 10);
+        let (xr, wr, dyr) = (to_bf16(&x), to_bf16(&w), to_bf16(&dy));
+
+        let got = conv2d::forward(MatmulMode::Bf16, &x, &w, Some(&bias), &g);
+        let want = direct(&xr, &wr, &bias, &g);
+        assert!(max_rel_slice(&got, &want) < 1e-5, "forward {g:?}");
+        // And the rounding matters: against unrounded operands the error is bf16-sized.
+        let exact = direct(&x, &w, &bias, &g);
+        let err = max_rel_slice(&got, &exact);
+        assert!(err > 1e-5 && err < 2e-2, "forward vs f32 {err} {g:?}");
+
+        let dx = conv2d::backward_input(MatmulMode::Bf16, &dy, &w, &g);
+        let dx_want = conv2d::backward_input(MatmulMode::F32, &dyr, &wr, &g);
+        assert!(max_rel_slice(&dx, &dx_want) < 1e-5, "input gradient {g:?}");
+
+        let (dw, db) = conv2d::backward_weight(MatmulMode::Bf16, &x, &dy, &g);
+        let (dw_want, _) = conv2d::backward_weight(MatmulMode::F32, &xr, &dyr, &g);
+        let (_, db_want) = conv2d::backward_weight(MatmulMode::F32, &x, &dy, &g);
+        assert!(max_rel_slice(&dw, &dw_want) < 1e-5, "weight gradient {g:?}");
+        assert_eq!(db, db_want, "bias gradient {g:?}");
+    }
+}
+
+/// Same inputs, same bits, whatever the number of threads spreading the work.
+#[test]
+fn bf16_convolution_is_deterministic() {
+    if !kernels::bf16_available() {
+        eprintln!("skipped: this processor has no AMX-BF16");
+        return;
+    }
+    let g = ConvGeometry {
+        batch: 1,
+        c_in: 32,
+        h: 16,
+        w: 16,
+        c_out: 48,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        pad: [1, 1],
+    };
+    let x = conv_values(g.batch * g.c_in * g.h * g.w, 11);
+    let w = conv_values(g.c_out * g.k(), 12);
+    let run = || conv2d::forward(MatmulMode::Bf16, &x, &w, None, &g);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
+    let three = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap()
+        .install(run);
+    assert_eq!(one, three);
+    assert_eq!(run(), run());
 }

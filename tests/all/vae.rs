@@ -234,6 +234,8 @@ fn vae_and_latent_diffusion_run_from_the_cli() {
         "0.5",
         "--steps",
         "4",
+        "--out",
+        &t("e.png"),
         "--out-dir",
         &t("e"),
     ]);
