@@ -73,7 +73,7 @@ fn self_test() -> bool {
     .into_iter()
     .all(|rhs| {
         let mut c = vec![1.0f32; m * n];
-        matmul(&packed, n, rhs, &mut c, true, false);
+        matmul(&packed, n, rhs, &mut c, Write::Add, false);
         (0..m).all(|i| (0..n).all(|j| c[i * n + j] == want(i, j)))
     })
 }
@@ -267,19 +267,39 @@ fn pack_chunk(
     }
 }
 
-/// `dst[m×n] = (accumulate ? dst : 0) + A · B` with `A` packed and `B[k×n]` given by strides
+/// How [`matmul`] writes its result `C` into `dst`.
+#[derive(Clone, Copy)]
+pub enum Write<'a> {
+    /// `dst = C`.
+    Set,
+    /// `dst += C`.
+    Add,
+    /// `dst[i, j] = C[i, j] + bias[i]` (a convolution's bias, added on the way out).
+    SetWithBias(&'a [f32]),
+}
+
+/// `dst[m×n] = C = A · B` (or as `write` says) with `A` packed and `B[k×n]` given by strides
 /// (element `(p, j)` at `src[p·rs + j·cs]`) or made row by row; `dst` is row-major with row
 /// length `n`.
 /// `parallel` gives each of rayon's threads its own range of columns.
-pub fn matmul(a: &PackedLhs, n: usize, b: Rhs, dst: &mut [f32], accumulate: bool, parallel: bool) {
+pub fn matmul(a: &PackedLhs, n: usize, b: Rhs, dst: &mut [f32], write: Write, parallel: bool) {
     let (m, k) = (a.m, a.k);
     assert!(dst.len() >= m * n, "AMX product: destination too small");
     if m == 0 || n == 0 {
         return;
     }
+    if let Write::SetWithBias(bias) = write {
+        assert!(bias.len() >= m, "AMX product: bias too short");
+    }
     if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
+        match write {
+            Write::Set => dst[..m * n].fill(0.0),
+            Write::Add => {}
+            Write::SetWithBias(bias) => {
+                for (row, &b) in dst.chunks_mut(n).zip(bias) {
+                    row.fill(b);
+                }
+            }
         }
         return;
     }
@@ -294,7 +314,7 @@ pub fn matmul(a: &PackedLhs, n: usize, b: Rhs, dst: &mut [f32], accumulate: bool
     let run = |g: usize| {
         let range = (g * per).min(panels)..((g + 1) * per).min(panels);
         if !range.is_empty() {
-            columns(a, n, b, range, out, accumulate);
+            columns(a, n, b, range, out, write);
         }
     };
     if groups > 1 {
@@ -315,7 +335,7 @@ fn columns(
     b: Rhs,
     range: std::ops::Range<usize>,
     out: SharedDst,
-    accumulate: bool,
+    write: Write,
 ) {
     let (m, k) = (a.m, a.k);
     let blocks = m.div_ceil(BLOCK);
@@ -365,7 +385,7 @@ fn columns(
                     // `matmul`); column ranges of different threads are disjoint.
                     let row = unsafe { std::slice::from_raw_parts_mut(out.at(i * n + jp), cols) };
                     let c = &acc[(pi * blocks + i / BLOCK) * BLOCK * BLOCK + (i % BLOCK) * BLOCK..];
-                    imp::write_row(row, &c[..cols], accumulate);
+                    imp::write_row(row, &c[..cols], write, i);
                 }
             }
         }
@@ -454,17 +474,20 @@ mod imp {
 
     /// `dst = src` or `dst += src`, in AVX-512 (the crate itself is built for baseline
     /// x86-64, whose 4-wide loop took a third of the time of the products it wrote).
-    pub fn write_row(dst: &mut [f32], src: &[f32], accumulate: bool) {
+    pub fn write_row(dst: &mut [f32], src: &[f32], write: super::Write, row: usize) {
         #[target_feature(enable = "avx512f")]
-        fn go(dst: &mut [f32], src: &[f32], accumulate: bool) {
-            if accumulate {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            } else {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s);
+        fn go(dst: &mut [f32], src: &[f32], write: super::Write, row: usize) {
+            match write {
+                super::Write::Add => dst.iter_mut().zip(src).for_each(|(d, s)| *d += s),
+                super::Write::Set => dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s),
+                super::Write::SetWithBias(bias) => {
+                    let b = bias[row];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s + b)
+                }
             }
         }
         // SAFETY: AMX (checked before any product) implies AVX-512.
-        unsafe { go(dst, src, accumulate) }
+        unsafe { go(dst, src, write, row) }
     }
 
     /// Packs rows `p0..p1`, columns `j0..j0 + cols` of a padded image's column matrix,
@@ -731,7 +754,7 @@ mod imp {
     pub fn pack_rows(_: &[f32], _: usize, _: &Layout, _: &mut [u32]) {
         unreachable!("AMX is never reported available on this platform")
     }
-    pub fn write_row(_: &mut [f32], _: &[f32], _: bool) {
+    pub fn write_row(_: &mut [f32], _: &[f32], _: super::Write, _: usize) {
         unreachable!("AMX is never reported available on this platform")
     }
     pub fn pack_padded(

@@ -296,7 +296,12 @@ impl<'a> Lhs<'a> {
             Lhs::F32 { a, m, k } => matmul(*m, n, *k, dst, *a, rhs, accumulate, par),
             Lhs::Amx(packed) => {
                 let rhs = amx::Rhs::Strided(rhs.0, rhs.1, rhs.2);
-                amx::matmul(packed, n, rhs, dst, accumulate, par)
+                let write = if accumulate {
+                    amx::Write::Add
+                } else {
+                    amx::Write::Set
+                };
+                amx::matmul(packed, n, rhs, dst, write, par)
             }
         }
     }
@@ -379,6 +384,19 @@ pub fn forward(
         .enumerate()
         .for_each(|(b, yb)| {
             let xb = &x[b * image..(b + 1) * image];
+            if let Lhs::Amx(packed) = &lhs {
+                // The bias is added as the product is written out.
+                let write = bias.map_or(amx::Write::Set, amx::Write::SetWithBias);
+                let plain = Im2col { x: xb, g };
+                let img = padded(xb, g);
+                let rhs = match &img {
+                    _ if g.is_pointwise() => amx::Rhs::Strided(xb, n as isize, 1),
+                    Some(img) => amx::Rhs::Padded(img),
+                    None => amx::Rhs::Rows(&plain),
+                };
+                amx::matmul(packed, n, rhs, yb, write, par);
+                return;
+            }
             if let Some(bias) = bias {
                 for (row, &bv) in yb.chunks_mut(n).zip(bias) {
                     row.fill(bv);
@@ -388,15 +406,6 @@ pub fn forward(
                 lhs.product(n, yb, (cols, n as isize, 1), bias.is_some(), par);
             };
             match &lhs {
-                Lhs::Amx(packed) if !g.is_pointwise() => {
-                    let plain = Im2col { x: xb, g };
-                    let img = padded(xb, g);
-                    let rhs = match &img {
-                        Some(img) => amx::Rhs::Padded(img),
-                        None => amx::Rhs::Rows(&plain),
-                    };
-                    amx::matmul(packed, n, rhs, yb, bias.is_some(), par);
-                }
                 _ if g.is_pointwise() => product(xb, yb),
                 _ => with_scratch(k * n, |col| {
                     im2col(xb, g, col);
@@ -521,7 +530,7 @@ pub fn backward_weight(
                         }
                     };
                     let dyt = amx::Rhs::Strided(dyb, 1, n as isize);
-                    amx::matmul(&col, g.c_out, dyt, &mut dw, true, par);
+                    amx::matmul(&col, g.c_out, dyt, &mut dw, amx::Write::Add, par);
                     continue;
                 }
                 let lhs = Lhs::new(mode, g.c_out, n, (dyb, n as isize, 1));
