@@ -78,19 +78,11 @@ fn self_test() -> bool {
     })
 }
 
-/// A matrix whose rows are made on demand, e.g. the column matrix of a convolution, which is
-/// then never stored whole.
-pub trait Rows: Sync {
-    /// Writes row `p`, columns `j0..j0 + out.len()`, into `out`.
-    fn row(&self, p: usize, j0: usize, out: &mut [f32]);
-}
-
-/// The right operand of [`matmul`]: values with (row, column) strides, rows made on demand,
-/// or the column matrix of a stride-1 convolution read straight from the padded image.
+/// The right operand of [`matmul`]: values with (row, column) strides, or the column matrix
+/// of a stride-1 convolution read straight from the padded image.
 #[derive(Clone, Copy)]
 pub enum Rhs<'a> {
     Strided(&'a [f32], isize, isize),
-    Rows(&'a dyn Rows),
     Padded(&'a PaddedImage),
 }
 
@@ -133,12 +125,6 @@ impl PaddedImage {
     }
 }
 
-impl Rows for PaddedImage {
-    fn row(&self, p: usize, j0: usize, out: &mut [f32]) {
-        self.read(self.base(p), j0, out);
-    }
-}
-
 /// The left operand of a product, packed into bf16 tiles once and reusable for any number of
 /// right operands (e.g. a convolution's weights for every image of a batch).
 pub struct PackedLhs {
@@ -171,8 +157,9 @@ impl PackedLhs {
         PackedLhs { m, k, steps, data }
     }
 
-    /// Packs `A[m×k]` made row by row by `rows`.
-    pub fn from_rows(m: usize, k: usize, rows: &dyn Rows) -> Self {
+    /// Packs the column matrix of a padded image (`m` rows, `k` output pixels) as `A`, row by
+    /// row, without storing it whole.
+    pub fn from_padded(m: usize, k: usize, img: &PaddedImage) -> Self {
         let steps = k.div_ceil(KSTEP);
         let mut data = vec![0u16; m.div_ceil(BLOCK) * steps * BLOCK_STEP];
         data.par_chunks_mut(steps * BLOCK_STEP)
@@ -181,7 +168,7 @@ impl PackedLhs {
                 let count = BLOCK.min(m - blk * BLOCK);
                 let mut buf = vec![0.0f32; count * k];
                 for (r, row) in buf.chunks_mut(k.max(1)).enumerate() {
-                    rows.row(blk * BLOCK + r, 0, row);
+                    img.read(img.base(blk * BLOCK + r), 0, row);
                 }
                 imp::pack_lhs_block(&buf, k, count, k, out);
             });
@@ -236,20 +223,6 @@ fn pack_chunk(
         Rhs::Strided(src, rs, cs) => (src, rs, cs),
         Rhs::Padded(img) => {
             imp::pack_padded(img, (p0, p1), j0, &layout, out);
-            return;
-        }
-        Rhs::Rows(made) => {
-            let mut pair = vec![0.0f32; 2 * cols];
-            for q in 0..rows.div_ceil(2) {
-                let (r0, r1) = pair.split_at_mut(cols);
-                made.row(p0 + 2 * q, j0, r0);
-                if p0 + 2 * q + 1 < p1 {
-                    made.row(p0 + 2 * q + 1, j0, r1);
-                } else {
-                    r1.fill(0.0);
-                }
-                imp::pack_pair(r0, r1, q, &layout, out);
-            }
             return;
         }
     };
@@ -555,12 +528,6 @@ mod imp {
         unsafe { go(img, (p0, p1), j0, l, out) }
     }
 
-    /// Packs pair row `q` of a chunk (its rows `2q`, `2q + 1`: `r0`, `r1`, `cols` long).
-    pub fn pack_pair(r0: &[f32], r1: &[f32], q: usize, l: &Layout, out: &mut [u32]) {
-        // SAFETY: AMX (checked before any packing) implies AVX-512 BF16.
-        unsafe { pair_at(r0, r1, q, l, out) }
-    }
-
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     fn pair_at(r0: &[f32], r1: &[f32], q: usize, l: &Layout, out: &mut [u32]) {
@@ -764,9 +731,6 @@ mod imp {
         _: &Layout,
         _: &mut [u32],
     ) {
-        unreachable!("AMX is never reported available on this platform")
-    }
-    pub fn pack_pair(_: &[f32], _: &[f32], _: usize, _: &Layout, _: &mut [u32]) {
         unreachable!("AMX is never reported available on this platform")
     }
     pub fn pack_cols(_: &[f32], _: usize, _: &Layout, _: &mut [u32]) {

@@ -179,74 +179,6 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
     }
 }
 
-/// `col(x)` of one image made row by row, for the bf16 products, which pack it into tiles as
-/// it is made instead of storing it whole (see [`im2col`] for the layout).
-struct Im2col<'a> {
-    x: &'a [f32],
-    g: &'a ConvGeometry,
-}
-
-impl amx::Rows for Im2col<'_> {
-    fn row(&self, p: usize, j0: usize, out: &mut [f32]) {
-        let g = self.g;
-        let [oh, ow] = g.out_hw();
-        let [sh, sw] = g.stride;
-        let [ph, pw] = g.pad;
-        let (ci, ky, kx) = (p / (g.kh * g.kw), (p / g.kw) % g.kh, p % g.kw);
-        let plane = &self.x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        let (oy0, oy1) = valid_range(oh, g.h, ky, sh, ph);
-        let (ox0, ox1) = valid_range(ow, g.w, kx, sw, pw);
-        let j1 = j0 + out.len();
-        if [sh, sw] == [1, 1] && ow == g.w {
-            // The row is the image plane shifted by (ky - ph, kx - pw): one copy of the valid
-            // rows, then zeros where a column fell off the left or right edge.
-            let (a, b) = ((oy0 * ow).clamp(j0, j1), (oy1 * ow).clamp(j0, j1));
-            out[..a - j0].fill(0.0);
-            out[b - j0..].fill(0.0);
-            let shift = (ky * g.w + kx) as isize - (ph * g.w + pw) as isize;
-            // Where the shift runs off the plane's ends, the columns are outside the image.
-            let lo = (a as isize).max(-shift).min(b as isize) as usize;
-            let hi = ((plane.len() as isize - shift).min(b as isize) as usize).max(lo);
-            out[a - j0..lo - j0].fill(0.0);
-            out[hi - j0..b - j0].fill(0.0);
-            let from = (lo as isize + shift) as usize;
-            out[lo - j0..hi - j0].copy_from_slice(&plane[from..from + (hi - lo)]);
-            if ox0 > 0 || ox1 < ow {
-                for oy in a / ow..b.div_ceil(ow) {
-                    for ox in (0..ox0).chain(ox1..ow) {
-                        let j = oy * ow + ox;
-                        if (a..b).contains(&j) {
-                            out[j - j0] = 0.0;
-                        }
-                    }
-                }
-            }
-            return;
-        }
-        let mut filled = 0;
-        while filled < out.len() {
-            // One output row, or the part of it inside j0..j1.
-            let j = j0 + filled;
-            let (oy, ox_start) = (j / ow, j % ow);
-            let len = (ow - ox_start).min(out.len() - filled);
-            let ox_end = ox_start + len;
-            let dst = &mut out[filled..filled + len];
-            filled += len;
-            if oy < oy0 || oy >= oy1 {
-                dst.fill(0.0);
-                continue;
-            }
-            let src = &plane[(oy * sh + ky - ph) * g.w..][..g.w];
-            let (a, b) = (ox0.clamp(ox_start, ox_end), ox1.clamp(ox_start, ox_end));
-            dst[..a - ox_start].fill(0.0);
-            dst[b - ox_start..].fill(0.0);
-            for (d, ox) in dst[a - ox_start..b - ox_start].iter_mut().zip(a..b) {
-                *d = src[ox * sw + kx - pw];
-            }
-        }
-    }
-}
-
 /// The zero-padded copy of one image [C_in, H, W] that the bf16 products read `col(x)` from,
 /// for stride-1 geometries (`None` for others).
 fn padded(x: &[f32], g: &ConvGeometry) -> Option<amx::PaddedImage> {
@@ -387,14 +319,19 @@ pub fn forward(
             if let Lhs::Amx(packed) = &lhs {
                 // The bias is added as the product is written out.
                 let write = bias.map_or(amx::Write::Set, amx::Write::SetWithBias);
-                let plain = Im2col { x: xb, g };
-                let img = padded(xb, g);
-                let rhs = match &img {
-                    _ if g.is_pointwise() => amx::Rhs::Strided(xb, n as isize, 1),
-                    Some(img) => amx::Rhs::Padded(img),
-                    None => amx::Rhs::Rows(&plain),
-                };
-                amx::matmul(packed, n, rhs, yb, write, par);
+                match padded(xb, g) {
+                    _ if g.is_pointwise() => {
+                        let rhs = amx::Rhs::Strided(xb, n as isize, 1);
+                        amx::matmul(packed, n, rhs, yb, write, par)
+                    }
+                    Some(img) => amx::matmul(packed, n, amx::Rhs::Padded(&img), yb, write, par),
+                    // Strided convolutions: the column matrix, stored.
+                    None => with_scratch(k * n, |col| {
+                        im2col(xb, g, col);
+                        let rhs = amx::Rhs::Strided(col, n as isize, 1);
+                        amx::matmul(packed, n, rhs, yb, write, par)
+                    }),
+                }
                 return;
             }
             if let Some(bias) = bias {
@@ -405,12 +342,13 @@ pub fn forward(
             let product = |cols: &[f32], yb: &mut [f32]| {
                 lhs.product(n, yb, (cols, n as isize, 1), bias.is_some(), par);
             };
-            match &lhs {
-                _ if g.is_pointwise() => product(xb, yb),
-                _ => with_scratch(k * n, |col| {
+            if g.is_pointwise() {
+                product(xb, yb);
+            } else {
+                with_scratch(k * n, |col| {
                     im2col(xb, g, col);
                     product(col, yb);
-                }),
+                });
             }
         });
     y
@@ -525,8 +463,11 @@ pub fn backward_weight(
                         amx::PackedLhs::new(k, n, (xb, n as isize, 1))
                     } else {
                         match padded(xb, g) {
-                            Some(padded) => amx::PackedLhs::from_rows(k, n, &padded),
-                            None => amx::PackedLhs::from_rows(k, n, &Im2col { x: xb, g }),
+                            Some(padded) => amx::PackedLhs::from_padded(k, n, &padded),
+                            None => with_scratch(k * n, |col| {
+                                im2col(xb, g, col);
+                                amx::PackedLhs::new(k, n, (col, n as isize, 1))
+                            }),
                         }
                     };
                     let dyt = amx::Rhs::Strided(dyb, 1, n as isize);

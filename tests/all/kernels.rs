@@ -195,8 +195,19 @@ fn conv_values(n: usize, seed: u32) -> Vec<f32> {
     test_values(n, seed, 1.0)
 }
 
-fn geometries() -> Vec<ConvGeometry> {
-    let g = |batch, c_in, h, w, c_out, k, s, p| ConvGeometry {
+/// A square-kernel geometry with equal strides and padding.
+#[allow(clippy::too_many_arguments)]
+fn geom(
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+) -> ConvGeometry {
+    ConvGeometry {
         batch,
         c_in,
         h,
@@ -206,7 +217,11 @@ fn geometries() -> Vec<ConvGeometry> {
         kw: k,
         stride: [s, s],
         pad: [p, p],
-    };
+    }
+}
+
+fn geometries() -> Vec<ConvGeometry> {
+    let g = geom;
     vec![
         g(3, 4, 7, 6, 5, 3, 1, 1),
         g(2, 3, 8, 8, 4, 3, 2, 1),
@@ -340,40 +355,10 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
     }
     let mut cases = geometries();
     // Many blocks, panels and chunks along k (K = 2304 exceeds one chunk at 200 rows).
-    cases.push(ConvGeometry {
-        batch: 2,
-        c_in: 256,
-        h: 5,
-        w: 7,
-        c_out: 200,
-        kh: 3,
-        kw: 3,
-        stride: [1, 1],
-        pad: [1, 1],
-    });
+    cases.push(geom(2, 256, 5, 7, 200, 3, 1, 1));
     // Rows of 20 pixels: some 16-column tiles lie inside one image row, others span two.
-    cases.push(ConvGeometry {
-        batch: 2,
-        c_in: 6,
-        h: 9,
-        w: 20,
-        c_out: 33,
-        kh: 3,
-        kw: 3,
-        stride: [1, 1],
-        pad: [1, 1],
-    });
-    cases.push(ConvGeometry {
-        batch: 1,
-        c_in: 40,
-        h: 12,
-        w: 12,
-        c_out: 70,
-        kh: 1,
-        kw: 1,
-        stride: [1, 1],
-        pad: [0, 0],
-    });
+    cases.push(geom(2, 6, 9, 20, 33, 3, 1, 1));
+    cases.push(geom(1, 40, 12, 12, 70, 1, 1, 0));
     for g in cases {
         let x = conv_values(g.batch * g.c_in * g.h * g.w, 7);
         let w = conv_values(g.c_out * g.k(), 8);
@@ -408,17 +393,7 @@ fn bf16_convolution_is_deterministic() {
         eprintln!("skipped: this processor has no AMX-BF16");
         return;
     }
-    let g = ConvGeometry {
-        batch: 1,
-        c_in: 32,
-        h: 16,
-        w: 16,
-        c_out: 48,
-        kh: 3,
-        kw: 3,
-        stride: [1, 1],
-        pad: [1, 1],
-    };
+    let g = geom(1, 32, 16, 16, 48, 3, 1, 1);
     let x = conv_values(g.batch * g.c_in * g.h * g.w, 11);
     let w = conv_values(g.c_out * g.k(), 12);
     let run = || conv2d::forward(MatmulMode::Bf16, &x, &w, None, &g);
