@@ -16,7 +16,7 @@
 //! "High Performance Convolutional Neural Networks for Document Processing", 2006).
 
 pub use super::MatmulMode;
-use super::amx;
+use super::{amx, winograd};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -28,10 +28,21 @@ thread_local! {
 }
 
 /// Runs `f` on a scratch buffer of `len` floats (contents unspecified: callers overwrite
-/// every element before reading it). A thread re-entering while its buffer is in use (rayon
-/// may run another task on it inside a parallel GEMM) gets a fresh one.
+/// every element before reading it).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+    scratch(&SCRATCH, len, f)
+}
+
+/// Runs `f` on the first `len` floats of the thread's buffer `key`, grown (and zero-filled)
+/// only when too short; its contents are whatever the last user left. A thread re-entering
+/// while its buffer is in use (rayon may run another task on it inside a parallel section)
+/// gets a fresh one.
+pub(super) fn scratch<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
                 buf.resize(len, 0.0);
@@ -242,7 +253,7 @@ impl<'a> Lhs<'a> {
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]` in f32 (the `gemm` crate), all
 /// given by (row, column) strides in elements.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -305,6 +316,9 @@ pub fn forward(
     let (k, n) = (g.k(), g.n());
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
     assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
+    if mode == MatmulMode::F32 && use_winograd(g) {
+        return winograd::forward(x, w, bias, g);
+    }
     let mut y = vec![0.0f32; g.batch * g.c_out * n];
     if n == 0 || g.batch == 0 {
         return y;
@@ -363,8 +377,13 @@ pub fn backward_input(mode: MatmulMode, dy: &[f32], w: &[f32], g: &ConvGeometry)
         "conv2d output-gradient size"
     );
     let image = g.c_in * g.h * g.w;
-    if mode == MatmulMode::Bf16
-        && !g.is_pointwise()
+    // In bf16 the flipped forward convolution skips the column matrix; in f32 it takes
+    // Winograd's path where that applies.
+    let via_forward = match mode {
+        MatmulMode::Bf16 => !g.is_pointwise(),
+        MatmulMode::F32 => use_winograd(g),
+    };
+    if via_forward
         && n > 0
         && let Some((flipped, gt)) = as_forward(w, g)
     {
@@ -421,6 +440,66 @@ fn as_forward(w: &[f32], g: &ConvGeometry) -> Option<(Vec<f32>, ConvGeometry)> {
     Some((flipped, gt))
 }
 
+/// Images per partial sum of the weight and bias gradients.
+const IMAGES_PER_PARTIAL: usize = 4;
+
+/// The bias gradient `db[co] = Σ_b,pixels dy[b, co]` of `dy` [B, C_out, n]: per chunk of
+/// [`IMAGES_PER_PARTIAL`] images, then the chunks in order, so the bits depend on the batch
+/// alone (and not on which algorithm computed the weight gradient).
+pub(super) fn bias_grad(dy: &[f32], batch: usize, c_out: usize, n: usize) -> Vec<f32> {
+    let chunks = batch.div_ceil(IMAGES_PER_PARTIAL);
+    let partial: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            let mut part = vec![0.0f32; c_out];
+            for b in chunk * IMAGES_PER_PARTIAL..((chunk + 1) * IMAGES_PER_PARTIAL).min(batch) {
+                let dyb = &dy[b * c_out * n..(b + 1) * c_out * n];
+                for (d, row) in part.iter_mut().zip(dyb.chunks(n.max(1))) {
+                    *d += lane_sum(row);
+                }
+            }
+            part
+        })
+        .collect();
+    let mut db = vec![0.0f32; c_out];
+    for part in partial {
+        db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    db
+}
+
+super::wide_fn! {
+    /// `Σ row` in [`SUM_LANES`] lanes (element `i` to lane `i % SUM_LANES`, lanes added in
+    /// order, then the tail): a fixed order, so the same bits on every machine, that
+    /// vectorises where a plain left-to-right sum cannot.
+    fn lane_sum_into(row: &[f32], out: &mut f32) {
+        let mut lanes = [0.0f32; SUM_LANES];
+        let chunks = row.chunks_exact(SUM_LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for l in 0..SUM_LANES {
+                lanes[l] += c[l];
+            }
+        }
+        *out = lanes.iter().sum::<f32>() + tail;
+    }
+}
+
+/// Lanes of [`lane_sum_into`]: one AVX-512 register of f32.
+const SUM_LANES: usize = 16;
+
+fn lane_sum(row: &[f32]) -> f32 {
+    let mut s = 0.0;
+    lane_sum_into(row, &mut s);
+    s
+}
+
+/// Whether an f32 convolution takes Winograd's F(2×2, 3×3) ([`winograd`]): 3×3 at stride 1,
+/// unless `DIFFUSE_KERNELS` leaves `winograd` out.
+fn use_winograd(g: &ConvGeometry) -> bool {
+    winograd::applies(g) && super::enabled("winograd")
+}
+
 /// Weight and bias gradients: `dW = Σ_b dy[b] · col(x[b])ᵀ` [C_out, C_in, kh, kw] and
 /// `db = Σ_b,pixels dy` [C_out].
 pub fn backward_weight(
@@ -437,25 +516,23 @@ pub fn backward_weight(
         g.batch * g.c_out * n,
         "conv2d output-gradient size"
     );
+    if mode == MatmulMode::F32 && use_winograd(g) {
+        return winograd::backward_weight(x, dy, g);
+    }
     // One accumulator per chunk of IMAGES_PER_PARTIAL images, summed in chunk order at the
     // end: the chunking depends on the batch alone (not on the number of cores), so the sums
     // are the same bits on every machine.
-    const IMAGES_PER_PARTIAL: usize = 4;
     let per = IMAGES_PER_PARTIAL;
     let workers = g.batch.div_ceil(per).max(1);
     let par = inner_parallelism(workers);
     let bf16 = mode == MatmulMode::Bf16;
-    let partial: Vec<(Vec<f32>, Vec<f32>)> = (0..workers)
+    let partial: Vec<Vec<f32>> = (0..workers)
         .into_par_iter()
         .map(|wi| {
             let mut dw = vec![0.0f32; g.c_out * k];
-            let mut db = vec![0.0f32; g.c_out];
             for b in wi * per..((wi + 1) * per).min(g.batch) {
                 let xb = &x[b * image..(b + 1) * image];
                 let dyb = &dy[b * g.c_out * n..(b + 1) * g.c_out * n];
-                for (d, row) in db.iter_mut().zip(dyb.chunks(n)) {
-                    *d += row.iter().sum::<f32>();
-                }
                 if bf16 {
                     // dWᵀ [K, C_out] += col(x) · dyᵀ: the column matrix, the larger operand, is
                     // packed row by row as it is made; dyᵀ is read down its columns.
@@ -487,18 +564,17 @@ pub fn backward_weight(
                     });
                 }
             }
-            (dw, db)
+            dw
         })
         .collect();
+    let db = bias_grad(dy, g.batch, g.c_out, n);
     let mut iter = partial.into_iter();
-    let (mut dw, mut db) = iter.next().unwrap_or_default();
-    for (pw, pb) in iter {
+    let mut dw = iter.next().unwrap_or_default();
+    for pw in iter {
         dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
     }
     if dw.is_empty() {
         dw = vec![0.0; g.c_out * k];
-        db = vec![0.0; g.c_out];
     } else if bf16 {
         // dWᵀ [K, C_out] back to dW [C_out, K].
         let mut t = vec![0.0f32; dw.len()];

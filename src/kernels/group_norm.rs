@@ -73,9 +73,15 @@ fn stats(x: &[f32], eps: f64) -> (f32, f32) {
         t1 += v as f64;
         t2 += v as f64 * v as f64;
     }
-    for c in chunks {
+    // Two loops, one per sum: each keeps its lanes in one vector register, where one loop
+    // computing both had them paired lane by lane in scalar code.
+    for c in chunks.clone() {
         for l in 0..LANES {
             s1[l] += c[l] as f64;
+        }
+    }
+    for c in chunks {
+        for l in 0..LANES {
             s2[l] += c[l] as f64 * c[l] as f64;
         }
     }
@@ -192,9 +198,14 @@ super::wide_fn! {
             // Σ du·x̂ and Σ du, in lanes as in `stats`.
             let (mut a_dux, mut a_du) = ([0.0f64; LANES], [0.0f64; LANES]);
             let whole = d.len() / LANES * LANES;
+            // One loop per sum, as in `stats`.
             for (dc, xc) in d[..whole].chunks_exact(LANES).zip(xs[..whole].chunks_exact(LANES)) {
                 for l in 0..LANES {
                     a_dux[l] += (dc[l] * ((xc[l] - mean) * r)) as f64;
+                }
+            }
+            for dc in d[..whole].chunks_exact(LANES) {
+                for l in 0..LANES {
                     a_du[l] += dc[l] as f64;
                 }
             }

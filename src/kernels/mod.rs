@@ -17,6 +17,7 @@
 pub mod amx;
 pub mod conv2d;
 pub mod group_norm;
+pub mod winograd;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, PaddingConfig2d};

@@ -9,6 +9,7 @@ use diffuse::kernels;
 use diffuse::kernels::amx;
 use diffuse::kernels::conv2d::{self, ConvGeometry, MatmulMode};
 use diffuse::kernels::group_norm::{self, NormGeometry};
+use diffuse::kernels::winograd;
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 
 fn max_rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -271,6 +272,118 @@ fn conv2d_gradients_are_adjoints_of_the_forward_map() {
         assert!((dot(&dw, &w) - lhs).abs() < tol, "weight gradient {g:?}");
         let total: f64 = dy.iter().map(|v| *v as f64).sum();
         assert!((db.iter().map(|v| *v as f64).sum::<f64>() - total).abs() < 1e-3);
+    }
+}
+
+// Winograd's F(2x2, 3x3) against the direct sums, in f64.
+
+/// Direct gradients of the convolution without bias: dx[b,ci,iy,ix] = Σ dy[b,co,oy,ox]·w[co,ci,ky,kx]
+/// and dw[co,ci,ky,kx] = Σ dy[b,co,oy,ox]·x[b,ci,iy,ix], over iy = oy·s + ky - p, ix likewise.
+fn direct_grads(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
+    let [oh, ow] = g.out_hw();
+    let mut dx = vec![0.0f64; x.len()];
+    let mut dw = vec![0.0f64; w.len()];
+    for b in 0..g.batch {
+        for co in 0..g.c_out {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let d = dy[((b * g.c_out + co) * oh + oy) * ow + ox] as f64;
+                    for ci in 0..g.c_in {
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let iy = (oy * g.stride[0] + ky) as isize - g.pad[0] as isize;
+                                let ix = (ox * g.stride[1] + kx) as isize - g.pad[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                    continue;
+                                }
+                                let xi =
+                                    ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                let wi = ((co * g.c_in + ci) * g.kh + ky) * g.kw + kx;
+                                dx[xi] += d * w[wi] as f64;
+                                dw[wi] += d * x[xi] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (f(dx), f(dw))
+}
+
+/// 3x3 stride-1 geometries: odd and even sizes, paddings 0-2, one image per group (33x34:
+/// more than 256 tiles) and many (6x6: 9 tiles), a last group that is not full (40 images of
+/// 9 tiles: groups of 29), several partial sums of the weight gradient, channels past 16.
+fn winograd_geometries() -> Vec<ConvGeometry> {
+    let g = geom;
+    vec![
+        g(5, 3, 33, 34, 4, 3, 1, 1),
+        g(20, 2, 7, 5, 3, 3, 1, 1),
+        g(40, 2, 6, 6, 3, 3, 1, 1),
+        g(3, 4, 9, 8, 5, 3, 1, 0),
+        g(2, 3, 5, 6, 4, 3, 1, 2),
+        g(2, 19, 10, 10, 21, 3, 1, 1),
+        g(1, 2, 1, 1, 2, 3, 1, 1),
+    ]
+}
+
+#[test]
+fn winograd_convolution_matches_the_direct_sums() {
+    for g in winograd_geometries() {
+        assert!(winograd::applies(&g));
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 21);
+        let w = conv_values(g.c_out * g.k(), 22);
+        let bias = conv_values(g.c_out, 23);
+        let dy = conv_values(g.batch * g.c_out * g.n(), 24);
+        let y = winograd::forward(&x, &w, Some(&bias), &g);
+        assert!(
+            max_rel_slice(&y, &direct(&x, &w, &bias, &g)) < 1e-5,
+            "forward {g:?}"
+        );
+        let (dx_want, dw_want) = direct_grads(&x, &w, &dy, &g);
+        let (dw, db) = winograd::backward_weight(&x, &dy, &g);
+        assert!(max_rel_slice(&dw, &dw_want) < 1e-5, "weight gradient {g:?}");
+        let n = g.n();
+        let db_want: Vec<f32> = (0..g.c_out)
+            .map(|co| {
+                let planes = (0..g.batch).map(|b| &dy[(b * g.c_out + co) * n..][..n]);
+                planes.flatten().map(|v| *v as f64).sum::<f64>() as f32
+            })
+            .collect();
+        assert!(max_rel_slice(&db, &db_want) < 1e-5, "bias gradient {g:?}");
+        // The f32 input gradient takes the forward path with the kernel turned where the
+        // convolution keeps the image size, and the column matrix otherwise.
+        let dx = conv2d::backward_input(MatmulMode::F32, &dy, &w, &g);
+        assert!(max_rel_slice(&dx, &dx_want) < 1e-5, "input gradient {g:?}");
+    }
+}
+
+/// Same bits on 1 and 3 threads: groups spread over the cores, or each group's steps when
+/// there are fewer groups than cores.
+#[test]
+fn winograd_convolution_is_deterministic() {
+    for g in [
+        geom(5, 3, 33, 34, 4, 3, 1, 1),
+        geom(40, 2, 6, 6, 3, 3, 1, 1),
+    ] {
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 25);
+        let w = conv_values(g.c_out * g.k(), 26);
+        let dy = conv_values(g.batch * g.c_out * g.n(), 27);
+        let run = || {
+            (
+                winograd::forward(&x, &w, None, &g),
+                winograd::backward_weight(&x, &dy, &g),
+            )
+        };
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(run)
+        };
+        assert_eq!(on(1), on(3), "{g:?}");
     }
 }
 

@@ -1,0 +1,487 @@
+//! 3×3 stride-1 convolutions in f32 by Winograd's minimal filtering F(2×2, 3×3): 16
+//! multiplications per 2×2 output tile and channel pair instead of 36, so the matrix products
+//! shrink 2.25 times (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+//! CVPR 2016, section 4).
+//!
+//! Per output tile of 2×2 pixels, with `d` the 4×4 input patch it reads (padding included) and
+//! `g` one 3×3 kernel, the tile is `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` (Lavin & Gray, eq. 8) with
+//!
+//! ```text
+//! Bᵀ = [1  0 -1  0]    G = [1    0    0 ]    Aᵀ = [1 1  1  0]
+//!      [0  1  1  0]        [1/2  1/2  1/2]         [0 1 -1 -1]
+//!      [0 -1  1  0]        [1/2 -1/2  1/2]
+//!      [0  1  0 -1]        [0    0    1 ]
+//! ```
+//!
+//! Summed over input channels, each of the 16 positions ξ of the 4×4 transformed tile is one
+//! matrix product: `M_ξ[co, tile] = Σ_ci U_ξ[co, ci] · V_ξ[ci, tile]`, with `U = G g Gᵀ` (the
+//! weights) and `V = Bᵀ d B` (the input), and the tiles of many images side by side.
+//!
+//! The weight gradient follows from the same bilinear form: `y = Aᵀ[(G g) ⊙ (Bᵀ d)]` gives
+//! `∂L/∂g = Gᵀ [(A dy) ⊙ (Bᵀ d)]` in one dimension, so in two
+//! `dW = Gᵀ [Σ_tiles (A dy Aᵀ) ⊙ (Bᵀ d B)] G`: again 16 products, now summing over tiles.
+//! The input gradient of a convolution that keeps the image size is a forward convolution of
+//! `dy` with the kernel turned by 180° (see `conv2d::as_forward`), so it takes the forward
+//! path.
+//!
+//! The transforms add and halve only, and F(2×2, 3×3) is the most accurate of the Winograd
+//! family: the results stay within a few f32 roundings of the direct sum (the tests hold them
+//! to 1e-5 of the largest output).
+
+use super::conv2d::{ConvGeometry, bias_grad, matmul, scratch};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Positions of a transformed 4×4 tile.
+const XI: usize = 16;
+
+/// Tiles per matrix product: images are grouped until their tiles reach this many columns,
+/// enough for the products to run near the cores' peak while a group's transformed input and
+/// products stay near the level-2 cache.
+const TARGET_TILES: usize = 256;
+
+/// Whether F(2×2, 3×3) computes this convolution: a 3×3 kernel at stride 1 (any padding).
+pub fn applies(g: &ConvGeometry) -> bool {
+    g.kh == 3 && g.kw == 3 && g.stride == [1, 1] && g.is_valid()
+}
+
+/// How the output of one image is cut into 2×2 tiles.
+#[derive(Clone, Copy, Debug)]
+struct Tiling {
+    oh: usize,
+    ow: usize,
+    /// Tile rows and columns: `ceil(OH/2)`, `ceil(OW/2)`.
+    th: usize,
+    tw: usize,
+    /// Rows of the padded image the tiles read: `2·th + 2`.
+    hp: usize,
+}
+
+impl Tiling {
+    fn new(g: &ConvGeometry) -> Self {
+        let [oh, ow] = g.out_hw();
+        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        Tiling {
+            oh,
+            ow,
+            th,
+            tw,
+            hp: 2 * th + 2,
+        }
+    }
+
+    /// Tiles per image.
+    fn tiles(&self) -> usize {
+        self.th * self.tw
+    }
+
+    /// Floats of staging space the transforms of one plane need.
+    fn staging(&self) -> usize {
+        (self.hp * 4 + 4) * (self.tw + 1)
+    }
+
+    /// Images per group: enough for [`TARGET_TILES`] columns.
+    fn per_group(&self, batch: usize) -> usize {
+        TARGET_TILES.div_ceil(self.tiles()).clamp(1, batch.max(1))
+    }
+}
+
+/// `U_ξ[co, ci] = (G g Gᵀ)_ξ` for every kernel `g = w[co, ci]`, laid out [16][C_out][C_in].
+fn transform_weights(w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+    let mut u = vec![0.0f32; XI * c_out * c_in];
+    let plane = c_out * c_in;
+    for (pair, g) in w.chunks_exact(9).enumerate() {
+        // G g: rows 0..4 of three columns.
+        let mut gg = [[0.0f32; 3]; 4];
+        for c in 0..3 {
+            let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
+            gg[0][c] = a;
+            gg[1][c] = 0.5 * (a + b + d);
+            gg[2][c] = 0.5 * (a - b + d);
+            gg[3][c] = d;
+        }
+        // (G g) Gᵀ.
+        for (i, row) in gg.iter().enumerate() {
+            let [a, b, d] = *row;
+            let t = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+            for (j, v) in t.into_iter().enumerate() {
+                u[(i * 4 + j) * plane + pair] = v;
+            }
+        }
+    }
+    u
+}
+
+thread_local! {
+    /// A group's transformed operands and products (see [`scratch`]).
+    static GROUP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One plane's staging rows inside the transforms.
+    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Splits one padded image row into its even and odd columns: column `c = x + pad` of the
+/// padded row goes to `even[c / 2]` or `odd[c / 2]`. Both must start zeroed.
+#[inline(always)]
+fn deinterleave(row: &[f32], pad: usize, even: &mut [f32], odd: &mut [f32]) {
+    let off = pad / 2;
+    let (first, second) = if pad.is_multiple_of(2) {
+        (&mut *even, &mut *odd)
+    } else {
+        (&mut *odd, &mut *even)
+    };
+    // With an odd pad, the odd element of each pair lands one slot further on.
+    let shift = pad % 2;
+    let pairs = row.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        first[off + row.len() / 2] = *last;
+    }
+    let slots = first[off..]
+        .iter_mut()
+        .zip(second[off + shift..].iter_mut());
+    for ((a, b), pair) in slots.zip(pairs) {
+        *a = pair[0];
+        *b = pair[1];
+    }
+}
+
+super::wide_fn! {
+    /// `V = Bᵀ d B` for every tile of one image plane `x` [H, W] (padding `pad`), written to
+    /// `out[ξ·stride + base + tile]` for the 16 positions ξ, tiles in row-major order; `rows`
+    /// is staging space of at least `(hp·4 + 2)·(tw + 1)` floats.
+    fn transform_input(
+        x: &[f32],
+        w: usize,
+        pad: [usize; 2],
+        tl: Tiling,
+        out: &mut [f32],
+        stride: usize,
+        base: usize,
+        rows: &mut [f32],
+    ) {
+        let (hp, tw) = (tl.hp, tl.tw);
+        let cols = tw + 1;
+        let h = x.len() / w;
+        let (eo, hrow) = rows.split_at_mut(2 * cols);
+        let (even, odd) = eo.split_at_mut(cols);
+        // Rows times B, per padded row r: with the row split into even and odd columns, the
+        // four columns of tile t are even[t], odd[t], even[t + 1], odd[t + 1], so
+        // h_j[t] = (d B)[j] is [d0 - d2, d1 + d2, d2 - d1, d1 - d3].
+        for r in 0..hp {
+            even.fill(0.0);
+            odd.fill(0.0);
+            if r >= pad[0] && r - pad[0] < h {
+                let y = r - pad[0];
+                deinterleave(&x[y * w..(y + 1) * w], pad[1], even, odd);
+            }
+            let dst = &mut hrow[r * 4 * tw..(r + 1) * 4 * tw];
+            let (h0, rest) = dst.split_at_mut(tw);
+            let (h1, rest) = rest.split_at_mut(tw);
+            let (h2, h3) = rest.split_at_mut(tw);
+            let (e0, e1, o0, o1) = (&even[..tw], &even[1..], &odd[..tw], &odd[1..]);
+            for t in 0..tw {
+                h0[t] = e0[t] - e1[t];
+                h1[t] = o0[t] + e1[t];
+                h2[t] = e1[t] - o0[t];
+                h3[t] = o0[t] - o1[t];
+            }
+        }
+        // Bᵀ times the rows, for each row of tiles ty: rows 2ty..2ty + 4 give
+        // V[i][j] = [r0 - r2, r1 + r2, r2 - r1, r1 - r3][i] of h_j.
+        let mut dst: Vec<&mut [f32]> = out.chunks_exact_mut(stride).take(XI).collect();
+        // Row ξ = 4i + j of the output is q_i[j].
+        let (q0, rest) = dst.split_at_mut(4);
+        let (q1, rest) = rest.split_at_mut(4);
+        let (q2, q3) = rest.split_at_mut(4);
+        // Column j of every tile row first: four output rows are written at a time, each from
+        // start to end.
+        for j in 0..4 {
+            for ty in 0..tl.th {
+                let at = base + ty * tw;
+                let row = |i: usize| &hrow[((2 * ty + i) * 4 + j) * tw..][..tw];
+                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                let (v0, v1) = (&mut q0[j][at..at + tw], &mut q1[j][at..at + tw]);
+                let (v2, v3) = (&mut q2[j][at..at + tw], &mut q3[j][at..at + tw]);
+                for t in 0..tw {
+                    v0[t] = r0[t] - r2[t];
+                    v1[t] = r1[t] + r2[t];
+                    v2[t] = r2[t] - r1[t];
+                    v3[t] = r1[t] - r3[t];
+                }
+            }
+        }
+    }
+}
+
+super::wide_fn! {
+    /// `A dy Aᵀ` for every 2×2 tile of one output-gradient plane `dy` [OH, OW] (zero past its
+    /// edges), written like [`transform_input`]'s output; `rows` is staging space of at least
+    /// `4·(tw + 1)` floats.
+    fn transform_output_grad(
+        dy: &[f32],
+        tl: Tiling,
+        out: &mut [f32],
+        stride: usize,
+        base: usize,
+        rows: &mut [f32],
+    ) {
+        let (tw, cols) = (tl.tw, tl.tw + 1);
+        let mut dst: Vec<&mut [f32]> = out.chunks_exact_mut(stride).take(XI).collect();
+        for ty in 0..tl.th {
+            let at = base + ty * tw;
+            // The tile row's two image rows, split into even and odd columns.
+            rows[..4 * cols].fill(0.0);
+            let (top, bottom) = rows[..4 * cols].split_at_mut(2 * cols);
+            for (y, half) in [(2 * ty, top), (2 * ty + 1, bottom)] {
+                if y < tl.oh {
+                    let (e, o) = half.split_at_mut(cols);
+                    deinterleave(&dy[y * tl.ow..(y + 1) * tl.ow], 0, e, o);
+                }
+            }
+            let (e0, o0) = (&rows[..tw], &rows[cols..cols + tw]);
+            let (e1, o1) = (&rows[2 * cols..2 * cols + tw], &rows[3 * cols..3 * cols + tw]);
+            // A·[c0, c1] = [c0, c0 + c1, c0 - c1, -c1], down the rows and then along them.
+            for (i, quad) in dst.chunks_exact_mut(4).enumerate() {
+                let [v0, v1, v2, v3] = quad else {
+                    unreachable!("rows come in fours");
+                };
+                let (v0, v1) = (&mut v0[at..at + tw], &mut v1[at..at + tw]);
+                let (v2, v3) = (&mut v2[at..at + tw], &mut v3[at..at + tw]);
+                for t in 0..tw {
+                    let (c0, c1) = match i {
+                        0 => (e0[t], o0[t]),
+                        1 => (e0[t] + e1[t], o0[t] + o1[t]),
+                        2 => (e0[t] - e1[t], o0[t] - o1[t]),
+                        _ => (-e1[t], -o1[t]),
+                    };
+                    v0[t] = c0;
+                    v1[t] = c0 + c1;
+                    v2[t] = c0 - c1;
+                    v3[t] = -c1;
+                }
+            }
+        }
+    }
+}
+
+super::wide_fn! {
+    /// `Y = Aᵀ M A` (+ bias) for every tile of one output plane `y` [OH, OW], reading the
+    /// products at `m[ξ·stride + base + tile]`; `rows` is staging space of at least `12·tw`
+    /// floats.
+    fn transform_product(
+        m: &[f32],
+        stride: usize,
+        base: usize,
+        tl: Tiling,
+        bias: f32,
+        y: &mut [f32],
+        rows: &mut [f32],
+    ) {
+        let (tw, ow) = (tl.tw, tl.ow);
+        let (ab, out) = rows[..12 * tw].split_at_mut(8 * tw);
+        let (top, bottom) = out.split_at_mut(2 * tw);
+        for ty in 0..tl.th {
+            let at = base + ty * tw;
+            let mx = |xi: usize| &m[xi * stride + at..][..tw];
+            // Aᵀ down the columns: a_j = m0j + m1j + m2j and b_j = m1j - m2j - m3j.
+            for (j, (a, b)) in ab.chunks_exact_mut(2 * tw).map(|c| c.split_at_mut(tw)).enumerate() {
+                let (m0, m1, m2, m3) = (mx(j), mx(4 + j), mx(8 + j), mx(12 + j));
+                for t in 0..tw {
+                    a[t] = m0[t] + m1[t] + m2[t];
+                    b[t] = m1[t] - m2[t] - m3[t];
+                }
+            }
+            // Then along the rows: [c0 + c1 + c2, c1 - c2 - c3] of c = a (top) and b (bottom).
+            for (half, dst) in [(0, &mut *top), (tw, &mut *bottom)] {
+                let col = |j: usize| &ab[2 * tw * j + half..][..tw];
+                let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
+                let src = c0.iter().zip(c1).zip(c2.iter().zip(c3));
+                for (pair, ((c0, c1), (c2, c3))) in dst.chunks_exact_mut(2).zip(src) {
+                    pair[0] = c0 + c1 + c2 + bias;
+                    pair[1] = c1 - c2 - c3 + bias;
+                }
+            }
+            y[2 * ty * ow..(2 * ty + 1) * ow].copy_from_slice(&top[..ow]);
+            if 2 * ty + 1 < tl.oh {
+                y[(2 * ty + 1) * ow..(2 * ty + 2) * ow].copy_from_slice(&bottom[..ow]);
+            }
+        }
+    }
+}
+
+/// Splits `buf` into consecutive pieces of `len` and runs `f(index, piece)` on each, on the
+/// cores when `par`.
+fn each_chunk(buf: &mut [f32], len: usize, par: bool, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if par {
+        buf.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        buf.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Forward convolution `y = conv(x, w) + bias` for a geometry where [`applies`] holds.
+/// Returns `y` [B, C_out, OH, OW]; the same bits whatever the number of threads.
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+    assert!(
+        applies(g),
+        "Winograd F(2x2,3x3) needs a 3x3 stride-1 convolution"
+    );
+    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
+    assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
+    let tl = Tiling::new(g);
+    let out_plane = tl.oh * tl.ow;
+    let mut y = vec![0.0f32; g.batch * g.c_out * out_plane];
+    if g.batch == 0 || out_plane == 0 {
+        return y;
+    }
+    let u = transform_weights(w, g.c_out, g.c_in);
+    let per = tl.per_group(g.batch);
+    let groups = g.batch.div_ceil(per);
+    let in_plane = g.h * g.w;
+    // Groups spread over the cores; with fewer groups than cores, each group's steps do.
+    let inner = groups < rayon::current_num_threads();
+    let run = |gi: usize, yg: &mut [f32]| {
+        let b0 = gi * per;
+        let nb = yg.len() / (g.c_out * out_plane);
+        let n = nb * tl.tiles();
+        scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
+            // V [C_in][16][n]: one channel's transformed tiles together, so that channels can
+            // be written in parallel; M [16][C_out][n]: one product each.
+            let (v, m) = buf.split_at_mut(g.c_in * XI * n);
+            each_chunk(v, XI * n, inner, |ci, vc| {
+                scratch(&ROWS, tl.staging(), |rows| {
+                    for b in 0..nb {
+                        let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
+                        transform_input(plane, g.w, g.pad, tl, vc, n, b * tl.tiles(), rows);
+                    }
+                })
+            });
+            // M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n].
+            let v = &*v;
+            each_chunk(m, g.c_out * n, inner, |xi, mx| {
+                let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
+                let rhs = (&v[xi * n..], (XI * n) as isize, 1);
+                matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
+            });
+            let m = &*m;
+            each_chunk(yg, out_plane, inner, |p, yp| {
+                let (b, co) = (p / g.c_out, p % g.c_out);
+                let bv = bias.map_or(0.0, |bias| bias[co]);
+                let at = co * n + b * tl.tiles();
+                scratch(&ROWS, tl.staging(), |rows| {
+                    transform_product(m, g.c_out * n, at, tl, bv, yp, rows)
+                });
+            });
+        });
+    };
+    let group_len = per * g.c_out * out_plane;
+    if inner {
+        y.chunks_mut(group_len)
+            .enumerate()
+            .for_each(|(gi, yg)| run(gi, yg));
+    } else {
+        y.par_chunks_mut(group_len)
+            .enumerate()
+            .for_each(|(gi, yg)| run(gi, yg));
+    }
+    y
+}
+
+/// Weight and bias gradients `dW` [C_out, C_in, 3, 3] and `db` [C_out] for a geometry where
+/// [`applies`] holds. The sums run over groups of images in a fixed order that depends on the
+/// batch alone, so the bits do not depend on the number of threads.
+pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        applies(g),
+        "Winograd F(2x2,3x3) needs a 3x3 stride-1 convolution"
+    );
+    let tl = Tiling::new(g);
+    let (in_plane, out_plane) = (g.h * g.w, tl.oh * tl.ow);
+    assert_eq!(x.len(), g.batch * g.c_in * in_plane, "conv2d input size");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.c_out * out_plane,
+        "conv2d output-gradient size"
+    );
+    let db = bias_grad(dy, g.batch, g.c_out, out_plane);
+    let pairs = g.c_out * g.c_in;
+    if g.batch == 0 || out_plane == 0 {
+        return (vec![0.0; pairs * 9], db);
+    }
+    let per = tl.per_group(g.batch);
+    let groups = g.batch.div_ceil(per);
+    // Partial sums over runs of consecutive groups, added in order at the end: the split
+    // depends on the batch alone.
+    const PARTIALS: usize = 4;
+    let parts = groups.min(PARTIALS);
+    let groups_per_part = groups.div_ceil(parts);
+    let inner = parts < rayon::current_num_threads();
+    let part = |pi: usize| -> Vec<f32> {
+        // M_ξ [C_out][C_in] += D_ξ [C_out][n] · X_ξ [C_in][n]ᵀ.
+        let mut acc = vec![0.0f32; XI * pairs];
+        let first = pi * groups_per_part;
+        for gi in first..(first + groups_per_part).min(groups) {
+            let b0 = gi * per;
+            let nb = per.min(g.batch - b0);
+            let n = nb * tl.tiles();
+            scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
+                // X [C_in][16][n] and D [C_out][16][n], laid out as V in `forward`.
+                let (xt, dt) = buf.split_at_mut(g.c_in * XI * n);
+                each_chunk(xt, XI * n, inner, |ci, vc| {
+                    scratch(&ROWS, tl.staging(), |rows| {
+                        for b in 0..nb {
+                            let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
+                            transform_input(plane, g.w, g.pad, tl, vc, n, b * tl.tiles(), rows);
+                        }
+                    })
+                });
+                each_chunk(dt, XI * n, inner, |co, dc| {
+                    scratch(&ROWS, tl.staging(), |rows| {
+                        for b in 0..nb {
+                            let plane = &dy[((b0 + b) * g.c_out + co) * out_plane..][..out_plane];
+                            transform_output_grad(plane, tl, dc, n, b * tl.tiles(), rows);
+                        }
+                    })
+                });
+                let (xt, dt) = (&*xt, &*dt);
+                each_chunk(&mut acc, pairs, inner, |xi, mx| {
+                    let lhs = (&dt[xi * n..], (XI * n) as isize, 1);
+                    let rhs = (&xt[xi * n..], 1, (XI * n) as isize);
+                    matmul(g.c_out, g.c_in, n, mx, lhs, rhs, true, false);
+                });
+            });
+        }
+        acc
+    };
+    let partial: Vec<Vec<f32>> = if inner {
+        (0..parts).map(part).collect()
+    } else {
+        (0..parts).into_par_iter().map(part).collect()
+    };
+    let mut iter = partial.into_iter();
+    let mut acc = iter.next().unwrap_or_default();
+    for p in iter {
+        acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    // dW = Gᵀ M G per kernel: Gᵀ·[m0, m1, m2, m3] = [m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3].
+    let gt = |m: [f32; 4]| -> [f32; 3] {
+        let (s, d) = (0.5 * (m[1] + m[2]), 0.5 * (m[1] - m[2]));
+        [m[0] + s, d, s + m[3]]
+    };
+    let mut dw = vec![0.0f32; pairs * 9];
+    each_chunk(&mut dw, 9, false, |pair, k| {
+        let at = |xi: usize| acc[xi * pairs + pair];
+        let mut rows = [[0.0f32; 4]; 3];
+        for j in 0..4 {
+            let c = gt([at(j), at(4 + j), at(8 + j), at(12 + j)]);
+            for (row, v) in rows.iter_mut().zip(c) {
+                row[j] = v;
+            }
+        }
+        for (i, row) in rows.iter().enumerate() {
+            k[i * 3..i * 3 + 3].copy_from_slice(&gt(*row));
+        }
+    });
+    (dw, db)
+}
