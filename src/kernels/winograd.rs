@@ -75,9 +75,16 @@ impl Tiling {
         self.th * self.tw
     }
 
-    /// Floats of staging space the transforms of one plane need.
+    /// Tiles per row rounded up to whole vectors of [`LANES`].
+    fn lane_width(&self) -> usize {
+        self.tw.div_ceil(LANES) * LANES
+    }
+
+    /// Floats of staging space the transforms of one plane need (the input transform's is
+    /// the largest).
     fn staging(&self) -> usize {
-        (self.hp * 4 + 4) * (self.tw + 1)
+        let twp = self.lane_width();
+        self.hp * (2 * (twp + LANES) + 4 * twp)
     }
 
     /// Images per group: enough for [`TARGET_TILES`] columns.
@@ -144,10 +151,25 @@ fn deinterleave(row: &[f32], pad: usize, even: &mut [f32], odd: &mut [f32]) {
     }
 }
 
+/// Lanes of the input transform's vectors: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+/// `a[at..at + LANES]` as an array.
+#[inline(always)]
+fn lanes(a: &[f32], at: usize) -> &[f32; LANES] {
+    a[at..at + LANES].try_into().expect("LANES elements")
+}
+
 super::wide_fn! {
     /// `V = Bᵀ d B` for every tile of one image plane `x` [H, W] (padding `pad`), written to
     /// `out[ξ·stride + base + tile]` for the 16 positions ξ, tiles in row-major order; `rows`
-    /// is staging space of at least `(hp·4 + 2)·(tw + 1)` floats.
+    /// is staging space of at least [`Tiling::staging`] floats.
+    ///
+    /// Tile rows are computed [`LANES`] tiles at a time and stored whole, so a store may run
+    /// up to `LANES - 1` floats past the tile row it belongs to. Rows and images are written
+    /// in ascending order, so what runs over is overwritten by the next tile row or image;
+    /// after the last one it lands in the `LANES` floats of padding that each output row
+    /// must have past `base + tiles` (`stride >= n + LANES`).
     fn transform_input(
         x: &[f32],
         w: usize,
@@ -158,31 +180,43 @@ super::wide_fn! {
         base: usize,
         rows: &mut [f32],
     ) {
-        let (hp, tw) = (tl.hp, tl.tw);
-        let cols = tw + 1;
+        let (hp, tw, twp) = (tl.hp, tl.tw, tl.lane_width());
+        let cols = twp + LANES;
         let h = x.len() / w;
-        let (eo, hrow) = rows.split_at_mut(2 * cols);
-        let (even, odd) = eo.split_at_mut(cols);
+        let (eo, hrow) = rows.split_at_mut(2 * hp * cols);
+        let (even, odd) = eo.split_at_mut(hp * cols);
         // Rows times B, per padded row r: with the row split into even and odd columns, the
         // four columns of tile t are even[t], odd[t], even[t + 1], odd[t + 1], so
-        // h_j[t] = (d B)[j] is [d0 - d2, d1 + d2, d2 - d1, d1 - d3].
+        // h_j[t] = (d B)[j] is [d0 - d2, d1 + d2, d2 - d1, d1 - d3]. Rows are `twp` long.
+        // All rows are split before any is read back, so that the reads (one float off the
+        // stores) do not wait on stores still in flight.
+        even.fill(0.0);
+        odd.fill(0.0);
+        for (y, row) in x.chunks_exact(w).enumerate().take(h) {
+            let r = y + pad[0];
+            let (e, o) = (&mut even[r * cols..(r + 1) * cols], &mut odd[r * cols..(r + 1) * cols]);
+            deinterleave(row, pad[1], e, o);
+        }
         for r in 0..hp {
-            even.fill(0.0);
-            odd.fill(0.0);
-            if r >= pad[0] && r - pad[0] < h {
-                let y = r - pad[0];
-                deinterleave(&x[y * w..(y + 1) * w], pad[1], even, odd);
-            }
-            let dst = &mut hrow[r * 4 * tw..(r + 1) * 4 * tw];
-            let (h0, rest) = dst.split_at_mut(tw);
-            let (h1, rest) = rest.split_at_mut(tw);
-            let (h2, h3) = rest.split_at_mut(tw);
-            let (e0, e1, o0, o1) = (&even[..tw], &even[1..], &odd[..tw], &odd[1..]);
-            for t in 0..tw {
-                h0[t] = e0[t] - e1[t];
-                h1[t] = o0[t] + e1[t];
-                h2[t] = e1[t] - o0[t];
-                h3[t] = o0[t] - o1[t];
+            let (even, odd) = (&even[r * cols..(r + 1) * cols], &odd[r * cols..(r + 1) * cols]);
+            let dst = &mut hrow[r * 4 * twp..(r + 1) * 4 * twp];
+            let (h0, rest) = dst.split_at_mut(twp);
+            let (h1, rest) = rest.split_at_mut(twp);
+            let (h2, h3) = rest.split_at_mut(twp);
+            for c in (0..twp).step_by(LANES) {
+                let (e0, e1) = (lanes(even, c), lanes(even, c + 1));
+                let (o0, o1) = (lanes(odd, c), lanes(odd, c + 1));
+                let mut v = [[0.0f32; LANES]; 4];
+                for l in 0..LANES {
+                    v[0][l] = e0[l] - e1[l];
+                    v[1][l] = o0[l] + e1[l];
+                    v[2][l] = e1[l] - o0[l];
+                    v[3][l] = o0[l] - o1[l];
+                }
+                h0[c..c + LANES].copy_from_slice(&v[0]);
+                h1[c..c + LANES].copy_from_slice(&v[1]);
+                h2[c..c + LANES].copy_from_slice(&v[2]);
+                h3[c..c + LANES].copy_from_slice(&v[3]);
             }
         }
         // Bᵀ times the rows, for each row of tiles ty: rows 2ty..2ty + 4 give
@@ -196,16 +230,21 @@ super::wide_fn! {
         // start to end.
         for j in 0..4 {
             for ty in 0..tl.th {
-                let at = base + ty * tw;
-                let row = |i: usize| &hrow[((2 * ty + i) * 4 + j) * tw..][..tw];
-                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-                let (v0, v1) = (&mut q0[j][at..at + tw], &mut q1[j][at..at + tw]);
-                let (v2, v3) = (&mut q2[j][at..at + tw], &mut q3[j][at..at + tw]);
-                for t in 0..tw {
-                    v0[t] = r0[t] - r2[t];
-                    v1[t] = r1[t] + r2[t];
-                    v2[t] = r2[t] - r1[t];
-                    v3[t] = r1[t] - r3[t];
+                for c in (0..tw).step_by(LANES) {
+                    let row = |i: usize| lanes(hrow, ((2 * ty + i) * 4 + j) * twp + c);
+                    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                    let at = base + ty * tw + c;
+                    let mut v = [[0.0f32; LANES]; 4];
+                    for l in 0..LANES {
+                        v[0][l] = r0[l] - r2[l];
+                        v[1][l] = r1[l] + r2[l];
+                        v[2][l] = r2[l] - r1[l];
+                        v[3][l] = r1[l] - r3[l];
+                    }
+                    q0[j][at..at + LANES].copy_from_slice(&v[0]);
+                    q1[j][at..at + LANES].copy_from_slice(&v[1]);
+                    q2[j][at..at + LANES].copy_from_slice(&v[2]);
+                    q3[j][at..at + LANES].copy_from_slice(&v[3]);
                 }
             }
         }
@@ -345,15 +384,17 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
         let b0 = gi * per;
         let nb = yg.len() / (g.c_out * out_plane);
         let n = nb * tl.tiles();
-        scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
-            // V [C_in][16][n]: one channel's transformed tiles together, so that channels can
+        // Rows of V are padded by LANES (see `transform_input`).
+        let nv = n + LANES;
+        scratch(&GROUP, g.c_in * XI * nv + g.c_out * XI * n, |buf| {
+            // V [C_in][16][nv]: one channel's transformed tiles together, so that channels can
             // be written in parallel; M [16][C_out][n]: one product each.
-            let (v, m) = buf.split_at_mut(g.c_in * XI * n);
-            each_chunk(v, XI * n, inner, |ci, vc| {
+            let (v, m) = buf.split_at_mut(g.c_in * XI * nv);
+            each_chunk(v, XI * nv, inner, |ci, vc| {
                 scratch(&ROWS, tl.staging(), |rows| {
                     for b in 0..nb {
                         let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
-                        transform_input(plane, g.w, g.pad, tl, vc, n, b * tl.tiles(), rows);
+                        transform_input(plane, g.w, g.pad, tl, vc, nv, b * tl.tiles(), rows);
                     }
                 })
             });
@@ -361,7 +402,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
             let v = &*v;
             each_chunk(m, g.c_out * n, inner, |xi, mx| {
                 let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
-                let rhs = (&v[xi * n..], (XI * n) as isize, 1);
+                let rhs = (&v[xi * nv..], (XI * nv) as isize, 1);
                 matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
             });
             let m = &*m;
@@ -425,14 +466,15 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
             let b0 = gi * per;
             let nb = per.min(g.batch - b0);
             let n = nb * tl.tiles();
-            scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
-                // X [C_in][16][n] and D [C_out][16][n], laid out as V in `forward`.
-                let (xt, dt) = buf.split_at_mut(g.c_in * XI * n);
-                each_chunk(xt, XI * n, inner, |ci, vc| {
+            let nv = n + LANES;
+            scratch(&GROUP, g.c_in * XI * nv + g.c_out * XI * n, |buf| {
+                // X [C_in][16][nv] and D [C_out][16][n], laid out as V in `forward`.
+                let (xt, dt) = buf.split_at_mut(g.c_in * XI * nv);
+                each_chunk(xt, XI * nv, inner, |ci, vc| {
                     scratch(&ROWS, tl.staging(), |rows| {
                         for b in 0..nb {
                             let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
-                            transform_input(plane, g.w, g.pad, tl, vc, n, b * tl.tiles(), rows);
+                            transform_input(plane, g.w, g.pad, tl, vc, nv, b * tl.tiles(), rows);
                         }
                     })
                 });
@@ -447,7 +489,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
                 let (xt, dt) = (&*xt, &*dt);
                 each_chunk(&mut acc, pairs, inner, |xi, mx| {
                     let lhs = (&dt[xi * n..], (XI * n) as isize, 1);
-                    let rhs = (&xt[xi * n..], 1, (XI * n) as isize);
+                    let rhs = (&xt[xi * nv..], 1, (XI * nv) as isize);
                     matmul(g.c_out, g.c_in, n, mx, lhs, rhs, true, false);
                 });
             });
