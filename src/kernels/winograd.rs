@@ -359,6 +359,29 @@ fn each_chunk(buf: &mut [f32], len: usize, par: bool, f: impl Fn(usize, &mut [f3
     }
 }
 
+/// [`transform_input`] of every channel of the images `b0..` of `x` whose transformed tiles
+/// fill `v` [C_in][16][nv], with `nv = n + LANES` for the `n` tiles of those images.
+fn transform_inputs(
+    x: &[f32],
+    g: &ConvGeometry,
+    tl: Tiling,
+    b0: usize,
+    v: &mut [f32],
+    inner: bool,
+) {
+    let nv = v.len() / (g.c_in * XI);
+    let nb = (nv - LANES) / tl.tiles();
+    let in_plane = g.h * g.w;
+    each_chunk(v, XI * nv, inner, |ci, vc| {
+        scratch(&ROWS, tl.staging(), |rows| {
+            for b in 0..nb {
+                let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
+                transform_input(plane, g.w, g.pad, tl, vc, nv, b * tl.tiles(), rows);
+            }
+        })
+    });
+}
+
 /// Forward convolution `y = conv(x, w) + bias` for a geometry where [`applies`] holds.
 /// Returns `y` [B, C_out, OH, OW]; the same bits whatever the number of threads.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
@@ -377,7 +400,6 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     let u = transform_weights(w, g.c_out, g.c_in);
     let per = tl.per_group(g.batch);
     let groups = g.batch.div_ceil(per);
-    let in_plane = g.h * g.w;
     // Groups spread over the cores; with fewer groups than cores, each group's steps do.
     let inner = groups < rayon::current_num_threads();
     let run = |gi: usize, yg: &mut [f32]| {
@@ -390,14 +412,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
             // V [C_in][16][nv]: one channel's transformed tiles together, so that channels can
             // be written in parallel; M [16][C_out][n]: one product each.
             let (v, m) = buf.split_at_mut(g.c_in * XI * nv);
-            each_chunk(v, XI * nv, inner, |ci, vc| {
-                scratch(&ROWS, tl.staging(), |rows| {
-                    for b in 0..nb {
-                        let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
-                        transform_input(plane, g.w, g.pad, tl, vc, nv, b * tl.tiles(), rows);
-                    }
-                })
-            });
+            transform_inputs(x, g, tl, b0, v, inner);
             // M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n].
             let v = &*v;
             each_chunk(m, g.c_out * n, inner, |xi, mx| {
@@ -470,14 +485,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
             scratch(&GROUP, g.c_in * XI * nv + g.c_out * XI * n, |buf| {
                 // X [C_in][16][nv] and D [C_out][16][n], laid out as V in `forward`.
                 let (xt, dt) = buf.split_at_mut(g.c_in * XI * nv);
-                each_chunk(xt, XI * nv, inner, |ci, vc| {
-                    scratch(&ROWS, tl.staging(), |rows| {
-                        for b in 0..nb {
-                            let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
-                            transform_input(plane, g.w, g.pad, tl, vc, nv, b * tl.tiles(), rows);
-                        }
-                    })
-                });
+                transform_inputs(x, g, tl, b0, xt, inner);
                 each_chunk(dt, XI * n, inner, |co, dc| {
                     scratch(&ROWS, tl.staging(), |rows| {
                         for b in 0..nb {

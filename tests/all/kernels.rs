@@ -160,15 +160,15 @@ fn test_values(n: usize, seed: u32, amp: f32) -> Vec<f32> {
 
 // The convolution kernel against closed forms.
 
-/// Direct definition: y[b,co,oy,ox] = bias[co] + Σ w[co,ci,ky,kx]·x[b,ci,oy·s+ky-p,ox·s+kx-p].
-fn direct(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry) -> Vec<f32> {
+/// Calls `f(xi, wi, yi)` for every product `x[xi]·w[wi]` that the convolution adds into
+/// `y[yi]`: y[b,co,oy,ox] takes w[co,ci,ky,kx]·x[b,ci,oy·s+ky-p,ox·s+kx-p] (zero outside).
+fn for_each_tap(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize)) {
     let [oh, ow] = g.out_hw();
-    let mut y = vec![0.0f64; g.batch * g.c_out * oh * ow];
     for b in 0..g.batch {
         for co in 0..g.c_out {
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let mut s = bias[co] as f64;
+                    let yi = ((b * g.c_out + co) * oh + oy) * ow + ox;
                     for ci in 0..g.c_in {
                         for ky in 0..g.kh {
                             for kx in 0..g.kw {
@@ -180,16 +180,28 @@ fn direct(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry) -> Vec<f32> {
                                 let xi =
                                     ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
                                 let wi = ((co * g.c_in + ci) * g.kh + ky) * g.kw + kx;
-                                s += x[xi] as f64 * w[wi] as f64;
+                                f(xi, wi, yi);
                             }
                         }
                     }
-                    y[((b * g.c_out + co) * oh + oy) * ow + ox] = s;
                 }
             }
         }
     }
-    y.into_iter().map(|v| v as f32).collect()
+}
+
+fn to_f32(v: Vec<f64>) -> Vec<f32> {
+    v.into_iter().map(|v| v as f32).collect()
+}
+
+/// Direct definition in f64: y[b,co,oy,ox] = bias[co] + Σ w[co,ci,ky,kx]·x[b,ci,oy·s+ky-p,ox·s+kx-p].
+fn direct(x: &[f32], w: &[f32], bias: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let n = g.n();
+    let mut y: Vec<f64> = (0..g.batch * g.c_out * n)
+        .map(|i| bias[i / n % g.c_out] as f64)
+        .collect();
+    for_each_tap(g, |xi, wi, yi| y[yi] += x[xi] as f64 * w[wi] as f64);
+    to_f32(y)
 }
 
 fn conv_values(n: usize, seed: u32) -> Vec<f32> {
@@ -280,36 +292,13 @@ fn conv2d_gradients_are_adjoints_of_the_forward_map() {
 /// Direct gradients of the convolution without bias: dx[b,ci,iy,ix] = Σ dy[b,co,oy,ox]·w[co,ci,ky,kx]
 /// and dw[co,ci,ky,kx] = Σ dy[b,co,oy,ox]·x[b,ci,iy,ix], over iy = oy·s + ky - p, ix likewise.
 fn direct_grads(x: &[f32], w: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
-    let [oh, ow] = g.out_hw();
     let mut dx = vec![0.0f64; x.len()];
     let mut dw = vec![0.0f64; w.len()];
-    for b in 0..g.batch {
-        for co in 0..g.c_out {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let d = dy[((b * g.c_out + co) * oh + oy) * ow + ox] as f64;
-                    for ci in 0..g.c_in {
-                        for ky in 0..g.kh {
-                            for kx in 0..g.kw {
-                                let iy = (oy * g.stride[0] + ky) as isize - g.pad[0] as isize;
-                                let ix = (ox * g.stride[1] + kx) as isize - g.pad[1] as isize;
-                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                                    continue;
-                                }
-                                let xi =
-                                    ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
-                                let wi = ((co * g.c_in + ci) * g.kh + ky) * g.kw + kx;
-                                dx[xi] += d * w[wi] as f64;
-                                dw[wi] += d * x[xi] as f64;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-    (f(dx), f(dw))
+    for_each_tap(g, |xi, wi, yi| {
+        dx[xi] += dy[yi] as f64 * w[wi] as f64;
+        dw[wi] += dy[yi] as f64 * x[xi] as f64;
+    });
+    (to_f32(dx), to_f32(dw))
 }
 
 /// 3x3 stride-1 geometries: odd and even sizes, paddings 0-2, one image per group (33x34:
