@@ -83,15 +83,15 @@ fn self_test() -> bool {
 #[derive(Clone, Copy)]
 pub enum Rhs<'a> {
     Strided(&'a [f32], isize, isize),
-    Padded(&'a PaddedImage),
+    Padded(&'a PaddedImage<'a>),
 }
 
 /// One image, zero-padded, as the column matrix `col(x)` of a stride-1 convolution: row
 /// `(ci, ky, kx)` at output pixel `(oy, ox)` is `xp[ci, oy + ky, ox + kx]` (see
 /// `conv2d::im2col` for the layout), so each output row's part of a row is contiguous.
-pub struct PaddedImage {
+pub struct PaddedImage<'a> {
     /// `[C_in, hp, wp]`.
-    pub xp: Vec<f32>,
+    pub xp: &'a [f32],
     pub hp: usize,
     pub wp: usize,
     pub kh: usize,
@@ -100,7 +100,7 @@ pub struct PaddedImage {
     pub ow: usize,
 }
 
-impl PaddedImage {
+impl PaddedImage<'_> {
     /// Where row `p` of the column matrix starts in `xp` (at output pixel 0).
     pub(crate) fn base(&self, p: usize) -> usize {
         let (ci, ky, kx) = (

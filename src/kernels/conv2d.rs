@@ -190,27 +190,42 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
     }
 }
 
-/// The zero-padded copy of one image [C_in, H, W] that the bf16 products read `col(x)` from,
-/// for stride-1 geometries (`None` for others).
-fn padded(x: &[f32], g: &ConvGeometry) -> Option<amx::PaddedImage> {
+thread_local! {
+    /// Per-thread buffer of [`with_padded`].
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the zero-padded copy of one image [C_in, H, W] that the bf16 products read
+/// `col(x)` from, for stride-1 geometries (`None` for others). The copy lives in a per-thread
+/// buffer: only its border is zeroed, the rest is overwritten by the image.
+fn with_padded<R>(
+    x: &[f32],
+    g: &ConvGeometry,
+    f: impl FnOnce(Option<&amx::PaddedImage>) -> R,
+) -> R {
     if g.stride != [1, 1] {
-        return None;
+        return f(None);
     }
     let (hp, wp) = (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]);
-    let mut xp = vec![0.0f32; g.c_in * hp * wp];
-    for (plane, src) in xp.chunks_mut(hp * wp).zip(x.chunks(g.h * g.w)) {
-        for (y, row) in src.chunks(g.w).enumerate() {
-            let at = (y + g.pad[0]) * wp + g.pad[1];
-            plane[at..at + g.w].copy_from_slice(row);
+    let [ph, pw] = g.pad;
+    scratch(&PADDED, g.c_in * hp * wp, |xp| {
+        for (plane, src) in xp.chunks_mut(hp * wp).zip(x.chunks(g.h * g.w)) {
+            plane[..ph * wp].fill(0.0);
+            plane[(ph + g.h) * wp..].fill(0.0);
+            for (row, src) in plane[ph * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
+                row[..pw].fill(0.0);
+                row[pw..pw + g.w].copy_from_slice(src);
+                row[pw + g.w..].fill(0.0);
+            }
         }
-    }
-    Some(amx::PaddedImage {
-        xp,
-        hp,
-        wp,
-        kh: g.kh,
-        kw: g.kw,
-        ow: g.out_hw()[1],
+        f(Some(&amx::PaddedImage {
+            xp,
+            hp,
+            wp,
+            kh: g.kh,
+            kw: g.kw,
+            ow: g.out_hw()[1],
+        }))
     })
 }
 
@@ -333,19 +348,19 @@ pub fn forward(
             if let Lhs::Amx(packed) = &lhs {
                 // The bias is added as the product is written out.
                 let write = bias.map_or(amx::Write::Set, amx::Write::SetWithBias);
-                match padded(xb, g) {
-                    _ if g.is_pointwise() => {
-                        let rhs = amx::Rhs::Strided(xb, n as isize, 1);
-                        amx::matmul(packed, n, rhs, yb, write, par)
-                    }
-                    Some(img) => amx::matmul(packed, n, amx::Rhs::Padded(&img), yb, write, par),
+                if g.is_pointwise() {
+                    let rhs = amx::Rhs::Strided(xb, n as isize, 1);
+                    return amx::matmul(packed, n, rhs, yb, write, par);
+                }
+                with_padded(xb, g, |img| match img {
+                    Some(img) => amx::matmul(packed, n, amx::Rhs::Padded(img), yb, write, par),
                     // Strided convolutions: the column matrix, stored.
                     None => with_scratch(k * n, |col| {
                         im2col(xb, g, col);
                         let rhs = amx::Rhs::Strided(col, n as isize, 1);
                         amx::matmul(packed, n, rhs, yb, write, par)
                     }),
-                }
+                });
                 return;
             }
             if let Some(bias) = bias {
@@ -539,13 +554,13 @@ pub fn backward_weight(
                     let col = if g.is_pointwise() {
                         amx::PackedLhs::new(k, n, (xb, n as isize, 1))
                     } else {
-                        match padded(xb, g) {
-                            Some(padded) => amx::PackedLhs::from_padded(k, n, &padded),
+                        with_padded(xb, g, |img| match img {
+                            Some(img) => amx::PackedLhs::from_padded(k, n, img),
                             None => with_scratch(k * n, |col| {
                                 im2col(xb, g, col);
                                 amx::PackedLhs::new(k, n, (col, n as isize, 1))
                             }),
-                        }
+                        })
                     };
                     let dyt = amx::Rhs::Strided(dyb, 1, n as isize);
                     amx::matmul(&col, g.c_out, dyt, &mut dw, amx::Write::Add, par);
