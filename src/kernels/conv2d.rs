@@ -476,11 +476,19 @@ pub(super) fn bias_grad(dy: &[f32], batch: usize, c_out: usize, n: usize) -> Vec
             part
         })
         .collect();
-    let mut db = vec![0.0f32; c_out];
-    for part in partial {
-        db.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    sum_partials(partial, c_out)
+}
+
+/// The element-wise sum of `partial` sums of `len` floats, added in order (the first as it
+/// is): a fixed order, so the bits do not depend on which thread made which part. Zeros when
+/// there are none.
+pub(super) fn sum_partials(partial: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut iter = partial.into_iter();
+    let mut sum = iter.next().unwrap_or_else(|| vec![0.0; len]);
+    for part in iter {
+        sum.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
-    db
+    sum
 }
 
 super::wide_fn! {
@@ -583,22 +591,14 @@ pub fn backward_weight(
         })
         .collect();
     let db = bias_grad(dy, g.batch, g.c_out, n);
-    let mut iter = partial.into_iter();
-    let mut dw = iter.next().unwrap_or_default();
-    for pw in iter {
-        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-    }
-    if dw.is_empty() {
-        dw = vec![0.0; g.c_out * k];
-    } else if bf16 {
+    let mut dw = sum_partials(partial, g.c_out * k);
+    if bf16 {
         // dWᵀ [K, C_out] back to dW [C_out, K].
-        let mut t = vec![0.0f32; dw.len()];
-        for (p, row) in dw.chunks(g.c_out).enumerate() {
-            for (o, &v) in row.iter().enumerate() {
-                t[o * k + p] = v;
-            }
-        }
-        dw = t;
+        let t = crate::weights::HostTensor {
+            shape: vec![k, g.c_out],
+            data: dw,
+        };
+        dw = crate::weights::transpose(&t).data;
     }
     (dw, db)
 }

@@ -28,7 +28,7 @@
 //! family: the results stay within a few f32 roundings of the direct sum (the tests hold them
 //! to 1e-5 of the largest output).
 
-use super::conv2d::{ConvGeometry, bias_grad, matmul, scratch};
+use super::conv2d::{ConvGeometry, bias_grad, matmul, scratch, sum_partials};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -470,8 +470,8 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     // Partial sums over runs of consecutive groups, added in order at the end: the split
     // depends on the batch alone.
     const PARTIALS: usize = 4;
-    let parts = groups.min(PARTIALS);
-    let groups_per_part = groups.div_ceil(parts);
+    let groups_per_part = groups.div_ceil(PARTIALS);
+    let parts = groups.div_ceil(groups_per_part);
     let inner = parts < rayon::current_num_threads();
     let part = |pi: usize| -> Vec<f32> {
         // M_ξ [C_out][C_in] += D_ξ [C_out][n] · X_ξ [C_in][n]ᵀ.
@@ -509,11 +509,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     } else {
         (0..parts).into_par_iter().map(part).collect()
     };
-    let mut iter = partial.into_iter();
-    let mut acc = iter.next().unwrap_or_default();
-    for p in iter {
-        acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
+    let acc = sum_partials(partial, XI * pairs);
     // dW = Gᵀ M G per kernel: Gᵀ·[m0, m1, m2, m3] = [m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3].
     let gt = |m: [f32; 4]| -> [f32; 3] {
         let (s, d) = (0.5 * (m[1] + m[2]), 0.5 * (m[1] - m[2]));
