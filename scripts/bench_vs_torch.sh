@@ -10,7 +10,8 @@
 # measure one change against another in the same session, e.g.
 #   VARIANTS='DIFFUSE_KERNELS=burn DIFFUSE_KEEP_FREED=0|DIFFUSE_KERNELS=burn|DIFFUSE_KERNELS=conv|default'
 # (DIFFUSE_KERNELS=burn: burn's own convolution and group norm; DIFFUSE_KEEP_FREED=0: glibc's
-# default malloc tuning; default: everything as shipped).
+# default malloc tuning; default: everything as shipped). BIN=path in a variant runs another
+# build of diffuse, e.g. the previous commit's, copied aside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF=${1:-../shared/bench/reference_unet_torch.py}
@@ -29,7 +30,8 @@ for r in $(seq 1 "$ROUNDS"); do
     [ "$v" = default ] && v=
     echo "== round $r: diffuse ${VARS[$i]}" >&2
     env $v /usr/bin/time -f 'maxrss_kb %M' -o "$out/a${r}_$i.rss" \
-      target/release/diffuse bench --warmup "$WARMUP" --iters "$ITERS" > "$out/a${r}_$i.txt" 2>/dev/null
+      bash -c 'exec "${BIN:-target/release/diffuse}" bench --warmup "$0" --iters "$1"' "$WARMUP" "$ITERS" \
+      > "$out/a${r}_$i.txt" 2>/dev/null
   done
   echo "== round $r: pytorch" >&2
   /usr/bin/time -f 'maxrss_kb %M' -o "$out/b$r.rss" python3 "$REF" > "$out/b$r.txt" 2>/dev/null

@@ -16,7 +16,7 @@
 //! "High Performance Convolutional Neural Networks for Document Processing", 2006).
 
 pub use super::MatmulMode;
-use super::{amx, winograd};
+use super::{amx, winograd, winograd43};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -332,55 +332,57 @@ pub fn forward(
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
     assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
     if mode == MatmulMode::F32 && use_winograd(g) {
-        return winograd::forward(x, w, bias, g);
+        return if super::enabled("f43") {
+            winograd43::forward(x, w, bias, g)
+        } else {
+            winograd::forward(x, w, bias, g)
+        };
     }
-    let mut y = vec![0.0f32; g.batch * g.c_out * n];
     if n == 0 || g.batch == 0 {
-        return y;
+        return vec![0.0; g.batch * g.c_out * n];
     }
     let par = inner_parallelism(g.batch);
     let image = g.c_in * g.h * g.w;
     let lhs = Lhs::new(mode, g.c_out, k, (w, k as isize, 1));
-    y.par_chunks_mut(g.c_out * n)
-        .enumerate()
-        .for_each(|(b, yb)| {
-            let xb = &x[b * image..(b + 1) * image];
-            if let Lhs::Amx(packed) = &lhs {
-                // The bias is added as the product is written out.
-                let write = bias.map_or(amx::Write::Set, amx::Write::SetWithBias);
-                if g.is_pointwise() {
-                    let rhs = amx::Rhs::Strided(xb, n as isize, 1);
-                    return amx::matmul(packed, n, rhs, yb, write, par);
-                }
-                with_padded(xb, g, |img| match img {
-                    Some(img) => amx::matmul(packed, n, amx::Rhs::Padded(img), yb, write, par),
-                    // Strided convolutions: the column matrix, stored.
-                    None => with_scratch(k * n, |col| {
-                        im2col(xb, g, col);
-                        let rhs = amx::Rhs::Strided(col, n as isize, 1);
-                        amx::matmul(packed, n, rhs, yb, write, par)
-                    }),
-                });
-                return;
-            }
-            if let Some(bias) = bias {
-                for (row, &bv) in yb.chunks_mut(n).zip(bias) {
-                    row.fill(bv);
-                }
-            }
-            let product = |cols: &[f32], yb: &mut [f32]| {
-                lhs.product(n, yb, (cols, n as isize, 1), bias.is_some(), par);
-            };
+    let len = g.batch * g.c_out * n;
+    super::fresh_output(len, g.c_out * n, true, |b, yb| {
+        let xb = &x[b * image..(b + 1) * image];
+        if let Lhs::Amx(packed) = &lhs {
+            // The bias is added as the product is written out.
+            let write = bias.map_or(amx::Write::Set, amx::Write::SetWithBias);
             if g.is_pointwise() {
-                product(xb, yb);
-            } else {
-                with_scratch(k * n, |col| {
-                    im2col(xb, g, col);
-                    product(col, yb);
-                });
+                let rhs = amx::Rhs::Strided(xb, n as isize, 1);
+                return amx::matmul(packed, n, rhs, yb, write, par);
             }
-        });
-    y
+            with_padded(xb, g, |img| match img {
+                Some(img) => amx::matmul(packed, n, amx::Rhs::Padded(img), yb, write, par),
+                // Strided convolutions: the column matrix, stored.
+                None => with_scratch(k * n, |col| {
+                    im2col(xb, g, col);
+                    let rhs = amx::Rhs::Strided(col, n as isize, 1);
+                    amx::matmul(packed, n, rhs, yb, write, par)
+                }),
+            });
+            return;
+        }
+        if let Some(bias) = bias {
+            for (row, &bv) in yb.chunks_mut(n).zip(bias) {
+                row.fill(bv);
+            }
+        }
+        let product = |cols: &[f32], yb: &mut [f32]| {
+            lhs.product(n, yb, (cols, n as isize, 1), bias.is_some(), par);
+        };
+        if g.is_pointwise() {
+            product(xb, yb);
+        } else {
+            with_scratch(k * n, |col| {
+                im2col(xb, g, col);
+                product(col, yb);
+            });
+        }
+    })
+    .0
 }
 
 /// Input gradient: `dx[b] = col⁻¹(Wᵀ · dy[b])`. Returns `dx` [B, C_in, H, W].
@@ -404,13 +406,12 @@ pub fn backward_input(mode: MatmulMode, dy: &[f32], w: &[f32], g: &ConvGeometry)
     {
         return forward(mode, dy, &flipped, None, &gt);
     }
-    let mut dx = vec![0.0f32; g.batch * image];
     if n == 0 || g.batch == 0 {
-        return dx;
+        return vec![0.0; g.batch * image];
     }
     let par = inner_parallelism(g.batch);
     let wt = Lhs::new(mode, k, g.c_out, (w, 1, k as isize));
-    dx.par_chunks_mut(image).enumerate().for_each(|(b, dxb)| {
+    super::fresh_output(g.batch * image, image, true, |b, dxb| {
         let dyb = (&dy[b * g.c_out * n..(b + 1) * g.c_out * n], n as isize, 1);
         if g.is_pointwise() {
             wt.product(n, dxb, dyb, false, par);
@@ -420,8 +421,8 @@ pub fn backward_input(mode: MatmulMode, dy: &[f32], w: &[f32], g: &ConvGeometry)
                 col2im(col, g, dxb);
             });
         }
-    });
-    dx
+    })
+    .0
 }
 
 /// The input gradient of a stride-1 convolution that keeps the image size, as a forward

@@ -11,8 +11,6 @@
 //! `dγ_c = Σ_b,pixels du·x̂`, `dβ_c = Σ_b,pixels du`; with `g = du·γ_c`,
 //! `dx = r·(g - mean(g) - x̂·mean(g·x̂))`, the means over the group.
 
-use rayon::prelude::*;
-
 /// Shape of one group normalisation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NormGeometry {
@@ -40,7 +38,9 @@ fn sigmoid(u: f32) -> f32 {
 /// with `k = round(x·log2 e)` and `r = x - k·ln 2` (ln 2 split in two parts for exactness),
 /// `e^r` by the degree-7 polynomial of Cephes' `expf` (S. Moshier, Cephes Math Library,
 /// `expf.c`; within 2 ulp on its range). Inputs are clamped to ±87.3, where `e^x` stays a
-/// normal f32.
+/// normal f32. `2^k` is built from the bits of `k + 1.5·2²³ + 127`, whose low mantissa bits
+/// hold `k + 127` (the biased exponent), shifted into the exponent field: unlike `k as i32`,
+/// which saturates and maps NaN to 0 lane by lane, this stays in vector registers.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 87.3);
@@ -53,13 +53,14 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
     let y = p * (r * r) + r + 1.0;
-    y * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    y * f32::from_bits((k + (12_582_912.0 + 127.0)).to_bits() << 23)
 }
 
 /// Lanes of the f64 sums: the sums are split over this many accumulators, element `i` going
 /// to lane `i % LANES`, and the lanes added in order at the end. The order is fixed, so the
-/// bits do not depend on the vector width, and the adds no longer wait on each other.
-const LANES: usize = 8;
+/// bits do not depend on the vector width. 32 lanes are four AVX-512 registers of f64, so four
+/// chains of adds run at once instead of one waiting on each add's latency.
+const LANES: usize = 32;
 
 /// Mean and `1 / sqrt(var + eps)` of one group in one pass: `Σx` and `Σx²` in f64 (in
 /// [`LANES`] lanes), `var = Σx²/n - mean²`. In f64 the cancellation costs nothing that
@@ -102,12 +103,11 @@ pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], g: &NormGeometry) -> Vec<
     assert_eq!(beta.len(), g.channels, "group norm beta size");
     let len = g.group_len();
     let per = g.channels / g.groups;
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(len)
-        .zip(x.par_chunks(len))
-        .enumerate()
-        .for_each(|(i, (yg, xg))| forward_group(yg, xg, (i % g.groups) * per, gamma, beta, g));
-    y
+    super::fresh_output(x.len(), len, true, |i, yg| {
+        let xg = &x[i * len..(i + 1) * len];
+        forward_group(yg, xg, (i % g.groups) * per, gamma, beta, g)
+    })
+    .0
 }
 
 super::wide_fn! {
@@ -135,20 +135,26 @@ pub fn backward(
     assert_eq!(dy.len(), x.len(), "group norm output-gradient size");
     let len = g.group_len();
     let per = g.channels / g.groups;
-    let mut dx = vec![0.0f32; x.len()];
     // Per (image, channel) sums of du·x̂ and du, reduced over images afterwards in a fixed order.
-    let mut partial = vec![(0.0f64, 0.0f64); g.batch * g.channels];
-    dx.par_chunks_mut(len)
-        .zip(partial.par_chunks_mut(per))
-        .enumerate()
-        .for_each(|(i, (dxg, pg))| {
-            let span = i * len..(i + 1) * len;
-            let c0 = (i % g.groups) * per;
-            backward_group(dxg, pg, &x[span.clone()], &dy[span], c0, gamma, beta, g);
-        });
+    let (dx, partial) = super::fresh_output(x.len(), len, true, |i, dxg| {
+        let span = i * len..(i + 1) * len;
+        let c0 = (i % g.groups) * per;
+        let mut pg = vec![(0.0f64, 0.0f64); per];
+        backward_group(
+            dxg,
+            &mut pg,
+            &x[span.clone()],
+            &dy[span],
+            c0,
+            gamma,
+            beta,
+            g,
+        );
+        pg
+    });
     let mut dgamma = vec![0.0f64; g.channels];
     let mut dbeta = vec![0.0f64; g.channels];
-    for (i, (s_dux, s_du)) in partial.into_iter().enumerate() {
+    for (i, (s_dux, s_du)) in partial.into_iter().flatten().enumerate() {
         dgamma[i % g.channels] += s_dux;
         dbeta[i % g.channels] += s_du;
     }

@@ -12,7 +12,9 @@
 //! the machine's peak. Here a convolution is one im2col and one large matrix product per image
 //! with the images spread over the cores (see `docs/BENCHMARKS.md` for the measured effect).
 //! In f32, 3x3 stride-1 convolutions (nearly all of a U-Net's arithmetic) take Winograd's
-//! F(2x2, 3x3) instead ([`winograd`]): 2.25 times fewer multiplications. On processors with
+//! minimal filtering instead: F(4x4, 3x3) for the forward pass and the input gradient
+//! ([`winograd43`], 4 times fewer multiplications) and F(2x2, 3x3) for the weight gradient
+//! ([`winograd`], 2.25 times fewer). On processors with
 //! Intel AMX the products can run in bf16 on the AMX tiles ([`amx`], [`MatmulMode`]), reading
 //! the column matrix straight from the padded image.
 
@@ -20,6 +22,7 @@ pub mod amx;
 pub mod conv2d;
 pub mod group_norm;
 pub mod winograd;
+pub mod winograd43;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, PaddingConfig2d};
@@ -36,14 +39,61 @@ use group_norm::NormGeometry;
 
 /// Which of the project's kernels may be used: all by default. `DIFFUSE_KERNELS` narrows it
 /// for the whole process: `burn` (none: burn's own ops throughout), or a comma list of `conv`,
-/// `winograd` (f32 3x3 convolutions by [`winograd`] rather than im2col; needs `conv`) and
-/// `norm`. The benchmark uses it to measure each kernel's effect.
+/// `winograd` (f32 3x3 convolutions by [`winograd`]'s F(2x2, 3x3) rather than im2col; needs
+/// `conv`), `f43` (their forward passes, and so their input gradients, by [`winograd43`]'s
+/// F(4x4, 3x3); needs `winograd`) and `norm`. The benchmark uses it to measure each kernel's
+/// effect.
 fn enabled(kernel: &str) -> bool {
     static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     match CHOICE.get_or_init(|| std::env::var("DIFFUSE_KERNELS").ok()) {
         None => true,
         Some(list) => list.split(',').any(|k| k.trim() == kernel),
     }
+}
+
+/// A fresh output of `len` floats, made in pieces of `chunk` (the last may be shorter): each
+/// piece is zeroed and handed to `f(index, piece)` by the thread that fills it, on the cores
+/// when `par`; returns the output and what `f` returned for each piece, in order.
+///
+/// Replaces `vec![0.0; len]` followed by a parallel fill: that zero-fill ran on one core while
+/// the other waited, and went through memory (up to a tenth of a forward pass); here each
+/// piece is zeroed in the filling thread's cache just before it is written.
+pub(crate) fn fresh_output<R: Send>(
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [f32]) -> R + Sync + Send,
+) -> (Vec<f32>, Vec<R>) {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let fill = |i: usize, piece: &mut [MaybeUninit<f32>]| {
+        piece.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element of `piece` was initialised just above, and `MaybeUninit<f32>`
+        // has the layout of `f32`.
+        let piece = unsafe { &mut *(piece as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        f(i, piece)
+    };
+    let spare = &mut out.spare_capacity_mut()[..len];
+    let results = if len == 0 {
+        Vec::new()
+    } else if par {
+        spare
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .map(|(i, p)| fill(i, p))
+            .collect()
+    } else {
+        spare
+            .chunks_mut(chunk.max(1))
+            .enumerate()
+            .map(|(i, p)| fill(i, p))
+            .collect()
+    };
+    // SAFETY: the pieces cover the first `len` elements of the capacity, and each was
+    // initialised by `fill`.
+    unsafe { out.set_len(len) };
+    (out, results)
 }
 
 /// Whether the processor has AVX-512 (F, BW, VL, DQ) and FMA, for which [`wide_fn!`] compiles
@@ -99,7 +149,8 @@ pub(crate) use wide_fn;
 #[serde(rename_all = "lowercase")]
 pub enum MatmulMode {
     /// f32 fused multiply-adds (the `gemm` crate; AVX-512 or AVX2 as the processor allows);
-    /// 3x3 stride-1 convolutions by Winograd's F(2x2, 3x3) ([`winograd`]).
+    /// 3x3 stride-1 convolutions by Winograd's minimal filtering ([`winograd43`] forward,
+    /// [`winograd`] weight gradient).
     #[default]
     F32,
     /// Operands rounded to bf16, products on AMX tiles summed in f32 ([`amx`]): mixed

@@ -127,9 +127,20 @@ thread_local! {
 }
 
 /// Splits one padded image row into its even and odd columns: column `c = x + pad` of the
-/// padded row goes to `even[c / 2]` or `odd[c / 2]`. Both must start zeroed.
+/// padded row goes to `even[c / 2]` or `odd[c / 2]`, and the padding's columns are zero.
 #[inline(always)]
 fn deinterleave(row: &[f32], pad: usize, even: &mut [f32], odd: &mut [f32]) {
+    // Even columns of the data are c = pad..pad + w rounded up to even, odd ones likewise.
+    let w = row.len();
+    let (e_data, o_data) = ((pad + 1) / 2..(pad + w + 1) / 2, pad / 2..(pad + w) / 2);
+    even[..e_data.start].fill(0.0);
+    odd[..o_data.start].fill(0.0);
+    if let Some(tail) = even.get_mut(e_data.end..) {
+        tail.fill(0.0);
+    }
+    if let Some(tail) = odd.get_mut(o_data.end..) {
+        tail.fill(0.0);
+    }
     let off = pad / 2;
     let (first, second) = if pad.is_multiple_of(2) {
         (&mut *even, &mut *odd)
@@ -189,13 +200,18 @@ super::wide_fn! {
         // four columns of tile t are even[t], odd[t], even[t + 1], odd[t + 1], so
         // h_j[t] = (d B)[j] is [d0 - d2, d1 + d2, d2 - d1, d1 - d3]. Rows are `twp` long.
         // All rows are split before any is read back, so that the reads (one float off the
-        // stores) do not wait on stores still in flight.
-        even.fill(0.0);
-        odd.fill(0.0);
-        for (y, row) in x.chunks_exact(w).enumerate().take(h) {
-            let r = y + pad[0];
-            let (e, o) = (&mut even[r * cols..(r + 1) * cols], &mut odd[r * cols..(r + 1) * cols]);
-            deinterleave(row, pad[1], e, o);
+        // stores) do not wait on stores still in flight. Only the first `tw + 1` floats of a
+        // row feed real tiles; what lies past them (left by earlier calls) only reaches the
+        // lanes of tiles past `tw`, whose stores are overwritten.
+        for r in 0..hp {
+            let (e, o) = (&mut even[r * cols..][..=tw], &mut odd[r * cols..][..=tw]);
+            match r.checked_sub(pad[0]).filter(|&y| y < h) {
+                Some(y) => deinterleave(&x[y * w..(y + 1) * w], pad[1], e, o),
+                None => {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                }
+            }
         }
         for r in 0..hp {
             let (even, odd) = (&even[r * cols..(r + 1) * cols], &odd[r * cols..(r + 1) * cols]);
@@ -349,7 +365,12 @@ super::wide_fn! {
 
 /// Splits `buf` into consecutive pieces of `len` and runs `f(index, piece)` on each, on the
 /// cores when `par`.
-fn each_chunk(buf: &mut [f32], len: usize, par: bool, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(super) fn each_chunk(
+    buf: &mut [f32],
+    len: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
     if par {
         buf.par_chunks_mut(len)
             .enumerate()
@@ -393,9 +414,8 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
     let tl = Tiling::new(g);
     let out_plane = tl.oh * tl.ow;
-    let mut y = vec![0.0f32; g.batch * g.c_out * out_plane];
     if g.batch == 0 || out_plane == 0 {
-        return y;
+        return vec![0.0; g.batch * g.c_out * out_plane];
     }
     let u = transform_weights(w, g.c_out, g.c_in);
     let per = tl.per_group(g.batch);
@@ -432,16 +452,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
         });
     };
     let group_len = per * g.c_out * out_plane;
-    if inner {
-        y.chunks_mut(group_len)
-            .enumerate()
-            .for_each(|(gi, yg)| run(gi, yg));
-    } else {
-        y.par_chunks_mut(group_len)
-            .enumerate()
-            .for_each(|(gi, yg)| run(gi, yg));
-    }
-    y
+    super::fresh_output(g.batch * g.c_out * out_plane, group_len, !inner, run).0
 }
 
 /// Weight and bias gradients `dW` [C_out, C_in, 3, 3] and `db` [C_out] for a geometry where

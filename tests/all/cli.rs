@@ -12,7 +12,16 @@ pub fn diffuse(args: &[&str]) -> Output {
 }
 
 pub fn ok(args: &[&str]) -> String {
-    let o = diffuse(args);
+    ok_with_env(&[], args)
+}
+
+/// [`ok`] with extra environment variables for the process.
+pub fn ok_with_env(env: &[(&str, &str)], args: &[&str]) -> String {
+    let o = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run diffuse");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "diffuse {args:?} failed: {err}");
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -9,7 +9,7 @@ use diffuse::kernels;
 use diffuse::kernels::amx;
 use diffuse::kernels::conv2d::{self, ConvGeometry, MatmulMode};
 use diffuse::kernels::group_norm::{self, NormGeometry};
-use diffuse::kernels::winograd;
+use diffuse::kernels::{winograd, winograd43};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 
 fn max_rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -287,7 +287,7 @@ fn conv2d_gradients_are_adjoints_of_the_forward_map() {
     }
 }
 
-// Winograd's F(2x2, 3x3) against the direct sums, in f64.
+// Winograd's F(2x2, 3x3) and F(4x4, 3x3) against the direct sums, in f64.
 
 /// Direct gradients of the convolution without bias: dx[b,ci,iy,ix] = Σ dy[b,co,oy,ox]·w[co,ci,ky,kx]
 /// and dw[co,ci,ky,kx] = Σ dy[b,co,oy,ox]·x[b,ci,iy,ix], over iy = oy·s + ky - p, ix likewise.
@@ -325,10 +325,13 @@ fn winograd_convolution_matches_the_direct_sums() {
         let w = conv_values(g.c_out * g.k(), 22);
         let bias = conv_values(g.c_out, 23);
         let dy = conv_values(g.batch * g.c_out * g.n(), 24);
+        let want = direct(&x, &w, &bias, &g);
         let y = winograd::forward(&x, &w, Some(&bias), &g);
+        assert!(max_rel_slice(&y, &want) < 1e-5, "forward {g:?}");
+        let y43 = winograd43::forward(&x, &w, Some(&bias), &g);
         assert!(
-            max_rel_slice(&y, &direct(&x, &w, &bias, &g)) < 1e-5,
-            "forward {g:?}"
+            max_rel_slice(&y43, &want) < 1e-5,
+            "F(4x4,3x3) forward {g:?}"
         );
         let (dx_want, dw_want) = direct_grads(&x, &w, &dy, &g);
         let (dw, db) = winograd::backward_weight(&x, &dy, &g);
@@ -363,6 +366,7 @@ fn winograd_convolution_is_deterministic() {
             (
                 winograd::forward(&x, &w, None, &g),
                 winograd::backward_weight(&x, &dy, &g),
+                winograd43::forward(&x, &w, None, &g),
             )
         };
         let on = |threads: usize| {
