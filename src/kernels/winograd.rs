@@ -132,7 +132,10 @@ thread_local! {
 fn deinterleave(row: &[f32], pad: usize, even: &mut [f32], odd: &mut [f32]) {
     // Even columns of the data are c = pad..pad + w rounded up to even, odd ones likewise.
     let w = row.len();
-    let (e_data, o_data) = ((pad + 1) / 2..(pad + w + 1) / 2, pad / 2..(pad + w) / 2);
+    let (e_data, o_data) = (
+        pad.div_ceil(2)..(pad + w).div_ceil(2),
+        pad / 2..(pad + w) / 2,
+    );
     even[..e_data.start].fill(0.0);
     odd[..o_data.start].fill(0.0);
     if let Some(tail) = even.get_mut(e_data.end..) {
