@@ -25,6 +25,23 @@ pub fn training_device() -> Device {
     inference_device().autodiff()
 }
 
+/// Refuses training where the backend is known to train wrongly: on burn 0.22.1's Vulkan
+/// backend the first loss of a fresh model came out 0.300 where Flex gives 1.054 from the same
+/// data and noise (H100, 2026-11-26; README, GPU), so a run would silently learn the wrong
+/// thing. `DIFFUSE_VULKAN_TRAIN=1` runs it anyway, to investigate.
+pub fn check_training_backend() -> anyhow::Result<()> {
+    if cfg!(feature = "vulkan")
+        && !cfg!(feature = "cuda")
+        && std::env::var("DIFFUSE_VULKAN_TRAIN").as_deref() != Ok("1")
+    {
+        anyhow::bail!(
+            "training on the Vulkan backend gives wrong losses with burn 0.22.1 (see README, GPU): \
+             train with the default CPU build, or set DIFFUSE_VULKAN_TRAIN=1 to run it anyway"
+        );
+    }
+    Ok(())
+}
+
 /// A short name of the active backend, for logs and benchmark reports.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {

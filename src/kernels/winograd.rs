@@ -45,33 +45,34 @@ pub fn applies(g: &ConvGeometry) -> bool {
     g.kh == 3 && g.kw == 3 && g.stride == [1, 1] && g.is_valid()
 }
 
-/// How the output of one image is cut into 2×2 tiles.
+/// How the output of one image is cut into square tiles of `m`×`m` pixels (2 here, 4 in
+/// [`super::winograd43`]).
 #[derive(Clone, Copy, Debug)]
-struct Tiling {
-    oh: usize,
-    ow: usize,
-    /// Tile rows and columns: `ceil(OH/2)`, `ceil(OW/2)`.
-    th: usize,
-    tw: usize,
-    /// Rows of the padded image the tiles read: `2·th + 2`.
-    hp: usize,
+pub(super) struct Tiling {
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    /// Tile rows and columns: `ceil(OH/m)`, `ceil(OW/m)`.
+    pub(super) th: usize,
+    pub(super) tw: usize,
+    /// Rows of the padded image the tiles read: `m·th + 2`.
+    pub(super) hp: usize,
 }
 
 impl Tiling {
-    fn new(g: &ConvGeometry) -> Self {
+    pub(super) fn new(g: &ConvGeometry, m: usize) -> Self {
         let [oh, ow] = g.out_hw();
-        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let (th, tw) = (oh.div_ceil(m), ow.div_ceil(m));
         Tiling {
             oh,
             ow,
             th,
             tw,
-            hp: 2 * th + 2,
+            hp: m * th + 2,
         }
     }
 
     /// Tiles per image.
-    fn tiles(&self) -> usize {
+    pub(super) fn tiles(&self) -> usize {
         self.th * self.tw
     }
 
@@ -80,16 +81,16 @@ impl Tiling {
         self.tw.div_ceil(LANES) * LANES
     }
 
-    /// Floats of staging space the transforms of one plane need (the input transform's is
-    /// the largest).
+    /// Floats of staging space the F(2×2, 3×3) transforms of one plane need (the input
+    /// transform's is the largest).
     fn staging(&self) -> usize {
         let twp = self.lane_width();
         self.hp * (2 * (twp + LANES) + 4 * twp)
     }
 
-    /// Images per group: enough for [`TARGET_TILES`] columns.
-    fn per_group(&self, batch: usize) -> usize {
-        TARGET_TILES.div_ceil(self.tiles()).clamp(1, batch.max(1))
+    /// Images per group: enough for `target` tiles, at most the batch.
+    pub(super) fn per_group(&self, batch: usize, target: usize) -> usize {
+        target.div_ceil(self.tiles()).clamp(1, batch.max(1))
     }
 }
 
@@ -406,22 +407,45 @@ fn transform_inputs(
     });
 }
 
+/// The products of a forward pass, one per transformed position ξ:
+/// `M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n]`, with `u` laid out [ξ][C_out][C_in],
+/// `v` [C_in][ξ][nv] (each position's `n` tiles in a row of `nv ≥ n` floats) and `m`
+/// [ξ][C_out][n]; the positions run on the cores when `inner`.
+pub(super) fn position_products(
+    u: &[f32],
+    v: &[f32],
+    nv: usize,
+    m: &mut [f32],
+    g: &ConvGeometry,
+    inner: bool,
+) {
+    let positions = u.len() / (g.c_out * g.c_in);
+    let n = m.len() / (positions * g.c_out);
+    each_chunk(m, g.c_out * n, inner, |xi, mx| {
+        let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
+        let rhs = (&v[xi * nv..], (positions * nv) as isize, 1);
+        matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
+    });
+}
+
+/// Checks a forward convolution's operands against its geometry (3×3, stride 1).
+pub(super) fn check_forward(x: &[f32], w: &[f32], g: &ConvGeometry) {
+    assert!(applies(g), "Winograd needs a 3x3 stride-1 convolution");
+    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
+    assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
+}
+
 /// Forward convolution `y = conv(x, w) + bias` for a geometry where [`applies`] holds.
 /// Returns `y` [B, C_out, OH, OW]; the same bits whatever the number of threads.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
-    assert!(
-        applies(g),
-        "Winograd F(2x2,3x3) needs a 3x3 stride-1 convolution"
-    );
-    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
-    assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
-    let tl = Tiling::new(g);
+    check_forward(x, w, g);
+    let tl = Tiling::new(g, 2);
     let out_plane = tl.oh * tl.ow;
     if g.batch == 0 || out_plane == 0 {
         return vec![0.0; g.batch * g.c_out * out_plane];
     }
     let u = transform_weights(w, g.c_out, g.c_in);
-    let per = tl.per_group(g.batch);
+    let per = tl.per_group(g.batch, TARGET_TILES);
     let groups = g.batch.div_ceil(per);
     // Groups spread over the cores; with fewer groups than cores, each group's steps do.
     let inner = groups < rayon::current_num_threads();
@@ -437,12 +461,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
             let (v, m) = buf.split_at_mut(g.c_in * XI * nv);
             transform_inputs(x, g, tl, b0, v, inner);
             // M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n].
-            let v = &*v;
-            each_chunk(m, g.c_out * n, inner, |xi, mx| {
-                let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
-                let rhs = (&v[xi * nv..], (XI * nv) as isize, 1);
-                matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
-            });
+            position_products(&u, v, nv, m, g, inner);
             let m = &*m;
             each_chunk(yg, out_plane, inner, |p, yp| {
                 let (b, co) = (p / g.c_out, p % g.c_out);
@@ -466,7 +485,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
         applies(g),
         "Winograd F(2x2,3x3) needs a 3x3 stride-1 convolution"
     );
-    let tl = Tiling::new(g);
+    let tl = Tiling::new(g, 2);
     let (in_plane, out_plane) = (g.h * g.w, tl.oh * tl.ow);
     assert_eq!(x.len(), g.batch * g.c_in * in_plane, "conv2d input size");
     assert_eq!(
@@ -479,7 +498,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     if g.batch == 0 || out_plane == 0 {
         return (vec![0.0; pairs * 9], db);
     }
-    let per = tl.per_group(g.batch);
+    let per = tl.per_group(g.batch, TARGET_TILES);
     let groups = g.batch.div_ceil(per);
     // Partial sums over runs of consecutive groups, added in order at the end: the split
     // depends on the batch alone.

@@ -28,8 +28,8 @@
 //! project holds its kernels to. Only the forward pass (and through it the input gradient)
 //! takes this path; the weight gradient keeps F(2×2, 3×3).
 
-use super::conv2d::{ConvGeometry, matmul, scratch};
-use super::winograd::each_chunk;
+use super::conv2d::{ConvGeometry, scratch};
+use super::winograd::{Tiling, check_forward, each_chunk, position_products};
 use std::cell::RefCell;
 
 /// Positions of a transformed 6×6 tile.
@@ -41,44 +41,9 @@ const XI: usize = 36;
 /// and 90 images/s.
 const TARGET_TILES: usize = 64;
 
-/// How the output of one image is cut into 4×4 tiles.
-#[derive(Clone, Copy, Debug)]
-struct Tiling {
-    oh: usize,
-    ow: usize,
-    /// Tile rows and columns: `ceil(OH/4)`, `ceil(OW/4)`.
-    th: usize,
-    tw: usize,
-}
-
-impl Tiling {
-    fn new(g: &ConvGeometry) -> Self {
-        let [oh, ow] = g.out_hw();
-        Tiling {
-            oh,
-            ow,
-            th: oh.div_ceil(4),
-            tw: ow.div_ceil(4),
-        }
-    }
-
-    fn tiles(&self) -> usize {
-        self.th * self.tw
-    }
-
-    /// Rows of the padded image the tiles read: `4·th + 2`.
-    fn hp(&self) -> usize {
-        4 * self.th + 2
-    }
-
-    /// Floats of one padded row, in whole quads and one more: `4·tw + 4`.
-    fn row_len(&self) -> usize {
-        4 * self.tw + 4
-    }
-
-    fn per_group(&self, batch: usize) -> usize {
-        TARGET_TILES.div_ceil(self.tiles()).clamp(1, batch.max(1))
-    }
+/// Floats of one padded row of the input transform, in whole quads and one more.
+fn row_len(tl: &Tiling) -> usize {
+    4 * tl.tw + 4
 }
 
 /// `U_ξ[co, ci] = (G g Gᵀ)[i][j]` for every kernel `g = w[co, ci]`, at `ξ = 6j + i` (see
@@ -206,7 +171,7 @@ super::wide_fn! {
     /// `d B` for every padded row of one image plane `x` [H, W] (padding `pad`), stored in
     /// `h[(6k + j)·n + base + tile]` for column j of the transformed row and patch row k of
     /// the tile it feeds (`n` floats per row of `h`); `row` is staging for one padded row
-    /// ([`Tiling::row_len`] floats).
+    /// ([`row_len`] floats).
     fn transform_rows(
         x: &[f32],
         w: usize,
@@ -218,7 +183,7 @@ super::wide_fn! {
         row: &mut [f32],
     ) {
         let (tw, rows) = (tl.tw, x.len() / w);
-        for r in 0..tl.hp() {
+        for r in 0..tl.hp {
             // Patch row k of tile row ty is padded row 4·ty + k: rows 4·ty and 4·ty + 1 are
             // also rows 4 and 5 of tile row ty - 1.
             let (k0, ty0) = (r % 4, r / 4);
@@ -345,19 +310,14 @@ super::wide_fn! {
 /// ([`super::winograd::applies`]). Returns `y` [B, C_out, OH, OW]; the same bits whatever the
 /// number of threads.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
-    assert!(
-        super::winograd::applies(g),
-        "Winograd F(4x4,3x3) needs a 3x3 stride-1 convolution"
-    );
-    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
-    assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
-    let tl = Tiling::new(g);
+    check_forward(x, w, g);
+    let tl = Tiling::new(g, 4);
     let out_plane = tl.oh * tl.ow;
     if g.batch == 0 || out_plane == 0 {
         return vec![0.0; g.batch * g.c_out * out_plane];
     }
     let u = transform_weights(w, g.c_out, g.c_in);
-    let per = tl.per_group(g.batch);
+    let per = tl.per_group(g.batch, TARGET_TILES);
     let groups = g.batch.div_ceil(per);
     let inner = groups < rayon::current_num_threads();
     let in_plane = g.h * g.w;
@@ -373,7 +333,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
                 let (v, rest) = buf.split_at_mut(g.c_in * XI * n);
                 let (m, o) = rest.split_at_mut(g.c_out * XI * n);
                 each_chunk(v, XI * n, inner, |ci, vc| {
-                    scratch(&ROWS, XI * n + tl.row_len(), |rows| {
+                    scratch(&ROWS, XI * n + row_len(&tl), |rows| {
                         let (h, row) = rows.split_at_mut(XI * n);
                         for b in 0..nb {
                             let plane = &x[((b0 + b) * g.c_in + ci) * in_plane..][..in_plane];
@@ -382,12 +342,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
                         transform_columns(h, n, vc);
                     })
                 });
-                let v = &*v;
-                each_chunk(m, g.c_out * n, inner, |xi, mx| {
-                    let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
-                    let rhs = (&v[xi * n..], (XI * n) as isize, 1);
-                    matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
-                });
+                position_products(&u, v, n, m, g, inner);
                 let m = &*m;
                 each_chunk(o, 16 * n, inner, |co, oc| {
                     let bv = bias.map_or(0.0, |bias| bias[co]);

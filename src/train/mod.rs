@@ -243,6 +243,7 @@ pub fn train(
 ) -> Result<usize> {
     cfg.train.validate()?;
     cfg.model.unet.validate()?;
+    crate::device::check_training_backend()?;
     if cfg.model.latent.is_some() != vae.is_some() {
         bail!("a latent model trains with its VAE, and only a latent model does");
     }

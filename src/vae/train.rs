@@ -81,6 +81,7 @@ pub fn train(
 ) -> Result<LoadedVae> {
     tc.validate()?;
     cfg.validate()?;
+    crate::device::check_training_backend()?;
     if ds.channels != cfg.in_channels || ds.size != cfg.sample_size {
         bail!(
             "the data is {}x{}x{} but the VAE is configured for {}x{}x{}",
