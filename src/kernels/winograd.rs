@@ -441,17 +441,8 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     check_forward(x, w, g);
     let tl = Tiling::new(g, 2);
     let out_plane = tl.oh * tl.ow;
-    if g.batch == 0 || out_plane == 0 {
-        return vec![0.0; g.batch * g.c_out * out_plane];
-    }
     let u = transform_weights(w, g.c_out, g.c_in);
-    let per = tl.per_group(g.batch, TARGET_TILES);
-    let groups = g.batch.div_ceil(per);
-    // Groups spread over the cores; with fewer groups than cores, each group's steps do.
-    let inner = groups < rayon::current_num_threads();
-    let run = |gi: usize, yg: &mut [f32]| {
-        let b0 = gi * per;
-        let nb = yg.len() / (g.c_out * out_plane);
+    by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
         let n = nb * tl.tiles();
         // Rows of V are padded by LANES (see `transform_input`).
         let nv = n + LANES;
@@ -472,9 +463,27 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
                 });
             });
         });
-    };
-    let group_len = per * g.c_out * out_plane;
-    super::fresh_output(g.batch * g.c_out * out_plane, group_len, !inner, run).0
+    })
+}
+
+/// The output `y` [B, C_out, OH, OW] of a forward pass made group by group: images are grouped
+/// until their tiles reach `target`, and `run(b0, nb, inner, yg)` fills the output `yg` of the
+/// `nb` images from `b0` on. Groups spread over the cores; with fewer groups than cores, each
+/// group's steps do (`inner`).
+pub(super) fn by_groups(
+    g: &ConvGeometry,
+    tl: Tiling,
+    target: usize,
+    run: impl Fn(usize, usize, bool, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let image = g.c_out * tl.oh * tl.ow;
+    if g.batch == 0 || image == 0 {
+        return vec![0.0; g.batch * image];
+    }
+    let per = tl.per_group(g.batch, target);
+    let inner = g.batch.div_ceil(per) < rayon::current_num_threads();
+    let fill = |gi: usize, yg: &mut [f32]| run(gi * per, yg.len() / image, inner, yg);
+    super::fresh_output(g.batch * image, per * image, !inner, fill).0
 }
 
 /// Weight and bias gradients `dW` [C_out, C_in, 3, 3] and `db` [C_out] for a geometry where

@@ -29,7 +29,7 @@
 //! takes this path; the weight gradient keeps F(2×2, 3×3).
 
 use super::conv2d::{ConvGeometry, scratch};
-use super::winograd::{Tiling, check_forward, each_chunk, position_products};
+use super::winograd::{Tiling, by_groups, check_forward, each_chunk, position_products};
 use std::cell::RefCell;
 
 /// Positions of a transformed 6×6 tile.
@@ -313,17 +313,9 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     check_forward(x, w, g);
     let tl = Tiling::new(g, 4);
     let out_plane = tl.oh * tl.ow;
-    if g.batch == 0 || out_plane == 0 {
-        return vec![0.0; g.batch * g.c_out * out_plane];
-    }
     let u = transform_weights(w, g.c_out, g.c_in);
-    let per = tl.per_group(g.batch, TARGET_TILES);
-    let groups = g.batch.div_ceil(per);
-    let inner = groups < rayon::current_num_threads();
     let in_plane = g.h * g.w;
-    let run = |gi: usize, yg: &mut [f32]| {
-        let b0 = gi * per;
-        let nb = yg.len() / (g.c_out * out_plane);
+    by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
         let n = nb * tl.tiles();
         scratch(
             &GROUP,
@@ -357,7 +349,5 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
                 });
             },
         );
-    };
-    let group_len = per * g.c_out * out_plane;
-    super::fresh_output(g.batch * g.c_out * out_plane, group_len, !inner, run).0
+    })
 }
