@@ -541,7 +541,11 @@ pub fn backward_weight(
         "conv2d output-gradient size"
     );
     if mode == MatmulMode::F32 && use_winograd(g) {
-        return winograd::backward_weight(x, dy, g);
+        return if super::enabled("f43w") {
+            winograd43::backward_weight(x, dy, g)
+        } else {
+            winograd::backward_weight(x, dy, g)
+        };
     }
     // One accumulator per chunk of IMAGES_PER_PARTIAL images, summed in chunk order at the
     // end: the chunking depends on the batch alone (not on the number of cores), so the sums

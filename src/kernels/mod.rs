@@ -12,9 +12,9 @@
 //! the machine's peak. Here a convolution is one im2col and one large matrix product per image
 //! with the images spread over the cores (see `docs/BENCHMARKS.md` for the measured effect).
 //! In f32, 3x3 stride-1 convolutions (nearly all of a U-Net's arithmetic) take Winograd's
-//! minimal filtering instead: F(4x4, 3x3) for the forward pass and the input gradient
-//! ([`winograd43`], 4 times fewer multiplications) and F(2x2, 3x3) for the weight gradient
-//! ([`winograd`], 2.25 times fewer). On processors with
+//! minimal filtering instead: F(4x4, 3x3) ([`winograd43`], 4 times fewer multiplications)
+//! for the forward pass, the input gradient and the weight gradient, with F(2x2, 3x3)
+//! ([`winograd`], 2.25 times fewer) kept for comparison. On processors with
 //! Intel AMX the products can run in bf16 on the AMX tiles ([`amx`], [`MatmulMode`]), reading
 //! the column matrix straight from the padded image.
 
@@ -41,7 +41,8 @@ use group_norm::NormGeometry;
 /// for the whole process: `burn` (none: burn's own ops throughout), or a comma list of `conv`,
 /// `winograd` (f32 3x3 convolutions by [`winograd`]'s F(2x2, 3x3) rather than im2col; needs
 /// `conv`), `f43` (their forward passes, and so their input gradients, by [`winograd43`]'s
-/// F(4x4, 3x3); needs `winograd`) and `norm`. The benchmark uses it to measure each kernel's
+/// F(4x4, 3x3); needs `winograd`), `f43w` (their weight gradients by F(4x4, 3x3); needs
+/// `winograd`) and `norm`. The benchmark uses it to measure each kernel's
 /// effect.
 fn enabled(kernel: &str) -> bool {
     static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -149,8 +150,7 @@ pub(crate) use wide_fn;
 #[serde(rename_all = "lowercase")]
 pub enum MatmulMode {
     /// f32 fused multiply-adds (the `gemm` crate; AVX-512 or AVX2 as the processor allows);
-    /// 3x3 stride-1 convolutions by Winograd's minimal filtering ([`winograd43`] forward,
-    /// [`winograd`] weight gradient).
+    /// 3x3 stride-1 convolutions by Winograd's minimal filtering ([`winograd43`]).
     #[default]
     F32,
     /// Operands rounded to bf16, products on AMX tiles summed in f32 ([`amx`]): mixed

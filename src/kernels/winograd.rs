@@ -490,11 +490,51 @@ pub(super) fn by_groups(
 /// [`applies`] holds. The sums run over groups of images in a fixed order that depends on the
 /// batch alone, so the bits do not depend on the number of threads.
 pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
-    assert!(
-        applies(g),
-        "Winograd F(2x2,3x3) needs a 3x3 stride-1 convolution"
-    );
     let tl = Tiling::new(g, 2);
+    let sums = |b0: usize, nb: usize, xt: &mut [f32], dt: &mut [f32], inner: bool| {
+        let (n, out_plane) = (nb * tl.tiles(), tl.oh * tl.ow);
+        transform_inputs(x, g, tl, b0, xt, inner);
+        each_chunk(dt, XI * n, inner, |co, dc| {
+            scratch(&ROWS, tl.staging(), |rows| {
+                for b in 0..nb {
+                    let plane = &dy[((b0 + b) * g.c_out + co) * out_plane..][..out_plane];
+                    transform_output_grad(plane, tl, dc, n, b * tl.tiles(), rows);
+                }
+            })
+        });
+    };
+    // dW = Gᵀ M G per kernel: Gᵀ·[m0, m1, m2, m3] = [m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3].
+    let gt = |m: [f32; 4]| -> [f32; 3] {
+        let (s, d) = (0.5 * (m[1] + m[2]), 0.5 * (m[1] - m[2]));
+        [m[0] + s, d, s + m[3]]
+    };
+    // Row i and column j of a tile at ξ = 4i + j (see `transform_input`).
+    let pos = |i: usize, j: usize| 4 * i + j;
+    weight_grad::<4, XI>(x, dy, g, tl, (TARGET_TILES, 4), LANES, sums, pos, gt)
+}
+
+/// The weight and bias gradients of a Winograd convolution with `A×A` transformed tiles
+/// (`P = A·A` positions): `dW = Gᵀ [Σ_tiles D ⊙ X] G` per kernel, with `X` the transformed
+/// input tiles and `D` the transformed output-gradient tiles. Images are grouped until their
+/// tiles reach `target` (`target.0`), and the groups summed in at most `target.1` runs of
+/// consecutive groups; `transform(b0, nb, xt, dt, inner)` fills a group's X [C_in][P][nx]
+/// (rows of `nx = n + x_pad` floats for the group's `n` tiles) and D [C_out][P][n], with
+/// row i and column j of a tile at position `pos(i, j)`; `gt` is `Gᵀ` applied to one column.
+/// The runs run on the cores and are added in order at the end: the split depends on the
+/// batch alone, so the bits do not depend on the number of threads.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn weight_grad<const A: usize, const P: usize>(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeometry,
+    tl: Tiling,
+    (target, partials): (usize, usize),
+    x_pad: usize,
+    transform: impl Fn(usize, usize, &mut [f32], &mut [f32], bool) + Sync + Send,
+    pos: impl Fn(usize, usize) -> usize + Sync,
+    gt: impl Fn([f32; A]) -> [f32; 3] + Sync + Send,
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(applies(g), "Winograd needs a 3x3 stride-1 convolution");
     let (in_plane, out_plane) = (g.h * g.w, tl.oh * tl.ow);
     assert_eq!(x.len(), g.batch * g.c_in * in_plane, "conv2d input size");
     assert_eq!(
@@ -507,39 +547,27 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     if g.batch == 0 || out_plane == 0 {
         return (vec![0.0; pairs * 9], db);
     }
-    let per = tl.per_group(g.batch, TARGET_TILES);
+    let per = tl.per_group(g.batch, target);
     let groups = g.batch.div_ceil(per);
-    // Partial sums over runs of consecutive groups, added in order at the end: the split
-    // depends on the batch alone.
-    const PARTIALS: usize = 4;
-    let groups_per_part = groups.div_ceil(PARTIALS);
+    let groups_per_part = groups.div_ceil(partials);
     let parts = groups.div_ceil(groups_per_part);
     let inner = parts < rayon::current_num_threads();
     let part = |pi: usize| -> Vec<f32> {
-        // M_ξ [C_out][C_in] += D_ξ [C_out][n] · X_ξ [C_in][n]ᵀ.
-        let mut acc = vec![0.0f32; XI * pairs];
+        // S_ξ [C_out][C_in] += D_ξ [C_out][n] · X_ξ [C_in][n]ᵀ.
+        let mut acc = vec![0.0f32; P * pairs];
         let first = pi * groups_per_part;
         for gi in first..(first + groups_per_part).min(groups) {
             let b0 = gi * per;
             let nb = per.min(g.batch - b0);
             let n = nb * tl.tiles();
-            let nv = n + LANES;
-            scratch(&GROUP, g.c_in * XI * nv + g.c_out * XI * n, |buf| {
-                // X [C_in][16][nv] and D [C_out][16][n], laid out as V in `forward`.
-                let (xt, dt) = buf.split_at_mut(g.c_in * XI * nv);
-                transform_inputs(x, g, tl, b0, xt, inner);
-                each_chunk(dt, XI * n, inner, |co, dc| {
-                    scratch(&ROWS, tl.staging(), |rows| {
-                        for b in 0..nb {
-                            let plane = &dy[((b0 + b) * g.c_out + co) * out_plane..][..out_plane];
-                            transform_output_grad(plane, tl, dc, n, b * tl.tiles(), rows);
-                        }
-                    })
-                });
+            let nx = n + x_pad;
+            scratch(&GROUP, g.c_in * P * nx + g.c_out * P * n, |buf| {
+                let (xt, dt) = buf.split_at_mut(g.c_in * P * nx);
+                transform(b0, nb, xt, dt, inner);
                 let (xt, dt) = (&*xt, &*dt);
                 each_chunk(&mut acc, pairs, inner, |xi, mx| {
-                    let lhs = (&dt[xi * n..], (XI * n) as isize, 1);
-                    let rhs = (&xt[xi * nv..], 1, (XI * nv) as isize);
+                    let lhs = (&dt[xi * n..], (P * n) as isize, 1);
+                    let rhs = (&xt[xi * nx..], 1, (P * nx) as isize);
                     matmul(g.c_out, g.c_in, n, mx, lhs, rhs, true, false);
                 });
             });
@@ -551,18 +579,14 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Ve
     } else {
         (0..parts).into_par_iter().map(part).collect()
     };
-    let acc = sum_partials(partial, XI * pairs);
-    // dW = Gᵀ M G per kernel: Gᵀ·[m0, m1, m2, m3] = [m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3].
-    let gt = |m: [f32; 4]| -> [f32; 3] {
-        let (s, d) = (0.5 * (m[1] + m[2]), 0.5 * (m[1] - m[2]));
-        [m[0] + s, d, s + m[3]]
-    };
+    let acc = sum_partials(partial, P * pairs);
     let mut dw = vec![0.0f32; pairs * 9];
     each_chunk(&mut dw, 9, false, |pair, k| {
         let at = |xi: usize| acc[xi * pairs + pair];
-        let mut rows = [[0.0f32; 4]; 3];
-        for j in 0..4 {
-            let c = gt([at(j), at(4 + j), at(8 + j), at(12 + j)]);
+        // Gᵀ down each column j, then along the three rows.
+        let mut rows = [[0.0f32; A]; 3];
+        for j in 0..A {
+            let c = gt(std::array::from_fn(|i| at(pos(i, j))));
             for (row, v) in rows.iter_mut().zip(c) {
                 row[j] = v;
             }

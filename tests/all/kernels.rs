@@ -336,6 +336,12 @@ fn winograd_convolution_matches_the_direct_sums() {
         let (dx_want, dw_want) = direct_grads(&x, &w, &dy, &g);
         let (dw, db) = winograd::backward_weight(&x, &dy, &g);
         assert!(max_rel_slice(&dw, &dw_want) < 1e-5, "weight gradient {g:?}");
+        let (dw43, db43) = winograd43::backward_weight(&x, &dy, &g);
+        assert!(
+            max_rel_slice(&dw43, &dw_want) < 1e-5,
+            "F(4x4,3x3) weight gradient {g:?}"
+        );
+        assert_eq!(db43, db, "F(4x4,3x3) bias gradient {g:?}");
         let n = g.n();
         let db_want: Vec<f32> = (0..g.c_out)
             .map(|co| {
@@ -367,6 +373,7 @@ fn winograd_convolution_is_deterministic() {
                 winograd::forward(&x, &w, None, &g),
                 winograd::backward_weight(&x, &dy, &g),
                 winograd43::forward(&x, &w, None, &g),
+                winograd43::backward_weight(&x, &dy, &g),
             )
         };
         let on = |threads: usize| {
