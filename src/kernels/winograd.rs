@@ -28,7 +28,7 @@
 //! family: the results stay within a few f32 roundings of the direct sum (the tests hold them
 //! to 1e-5 of the largest output).
 
-use super::conv2d::{ConvGeometry, bias_grad, matmul, scratch, sum_partials};
+use super::conv2d::{ConvGeometry, bias_grad, matmul, scratch};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -125,6 +125,8 @@ thread_local! {
     static GROUP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// One plane's staging rows inside the transforms.
     static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The weight gradient's per-position sums, one set per run of groups.
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Splits one padded image row into its even and odd columns: column `c = x + pad` of the
@@ -552,48 +554,78 @@ pub(super) fn weight_grad<const A: usize, const P: usize>(
     let groups_per_part = groups.div_ceil(partials);
     let parts = groups.div_ceil(groups_per_part);
     let inner = parts < rayon::current_num_threads();
-    let part = |pi: usize| -> Vec<f32> {
-        // S_ξ [C_out][C_in] += D_ξ [C_out][n] · X_ξ [C_in][n]ᵀ.
-        let mut acc = vec![0.0f32; P * pairs];
-        let first = pi * groups_per_part;
-        for gi in first..(first + groups_per_part).min(groups) {
-            let b0 = gi * per;
-            let nb = per.min(g.batch - b0);
-            let n = nb * tl.tiles();
-            let nx = n + x_pad;
-            scratch(&GROUP, g.c_in * P * nx + g.c_out * P * n, |buf| {
-                let (xt, dt) = buf.split_at_mut(g.c_in * P * nx);
-                transform(b0, nb, xt, dt, inner);
-                let (xt, dt) = (&*xt, &*dt);
-                each_chunk(&mut acc, pairs, inner, |xi, mx| {
-                    let lhs = (&dt[xi * n..], (P * n) as isize, 1);
-                    let rhs = (&xt[xi * nx..], 1, (P * nx) as isize);
-                    matmul(g.c_out, g.c_in, n, mx, lhs, rhs, true, false);
+    let len = P * pairs;
+    // One accumulator S [P][C_out][C_in] per run, in scratch space kept from call to call:
+    // each run's first group writes its products instead of adding them, so the space needs
+    // no zeroing.
+    let dw = scratch(&ACC, parts * len, |accs| {
+        let run = |pi: usize, acc: &mut [f32]| {
+            let first = pi * groups_per_part;
+            for (k, gi) in (first..(first + groups_per_part).min(groups)).enumerate() {
+                let b0 = gi * per;
+                let nb = per.min(g.batch - b0);
+                let n = nb * tl.tiles();
+                let nx = n + x_pad;
+                scratch(&GROUP, g.c_in * P * nx + g.c_out * P * n, |buf| {
+                    let (xt, dt) = buf.split_at_mut(g.c_in * P * nx);
+                    transform(b0, nb, xt, dt, inner);
+                    let (xt, dt) = (&*xt, &*dt);
+                    // S_ξ [C_out][C_in] (+)= D_ξ [C_out][n] · X_ξ [C_in][n]ᵀ.
+                    each_chunk(acc, pairs, inner, |xi, mx| {
+                        let lhs = (&dt[xi * n..], (P * n) as isize, 1);
+                        let rhs = (&xt[xi * nx..], 1, (P * nx) as isize);
+                        matmul(g.c_out, g.c_in, n, mx, lhs, rhs, k > 0, false);
+                    });
                 });
-            });
-        }
-        acc
-    };
-    let partial: Vec<Vec<f32>> = if inner {
-        (0..parts).map(part).collect()
-    } else {
-        (0..parts).into_par_iter().map(part).collect()
-    };
-    let acc = sum_partials(partial, P * pairs);
-    let mut dw = vec![0.0f32; pairs * 9];
-    each_chunk(&mut dw, 9, false, |pair, k| {
-        let at = |xi: usize| acc[xi * pairs + pair];
-        // Gᵀ down each column j, then along the three rows.
-        let mut rows = [[0.0f32; A]; 3];
-        for j in 0..A {
-            let c = gt(std::array::from_fn(|i| at(pos(i, j))));
-            for (row, v) in rows.iter_mut().zip(c) {
-                row[j] = v;
             }
+        };
+        let accs = &mut accs[..parts * len];
+        if inner {
+            accs.chunks_mut(len)
+                .enumerate()
+                .for_each(|(pi, a)| run(pi, a));
+        } else {
+            accs.par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(pi, a)| run(pi, a));
         }
-        for (i, row) in rows.iter().enumerate() {
-            k[i * 3..i * 3 + 3].copy_from_slice(&gt(*row));
-        }
+        let accs = &*accs;
+        // dW = Gᵀ (Σ_runs S) G per kernel, the runs added in order, for blocks of kernels
+        // side by side (vectors run over the kernels of a block).
+        const BLOCK: usize = 64;
+        let mut dw = vec![0.0f32; pairs * 9];
+        dw.par_chunks_mut(9 * BLOCK)
+            .enumerate()
+            .for_each(|(blk, out)| {
+                let (p0, nl) = (blk * BLOCK, out.len() / 9);
+                let mut s = [[0.0f32; BLOCK]; P];
+                for (xi, sx) in s.iter_mut().enumerate() {
+                    let sx = &mut sx[..nl];
+                    sx.copy_from_slice(&accs[xi * pairs + p0..][..nl]);
+                    for r in 1..parts {
+                        let src = &accs[r * len + xi * pairs + p0..][..nl];
+                        sx.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+                    }
+                }
+                // Gᵀ down each column j: c[a][j] for the block's kernels.
+                let mut c = [[[0.0f32; BLOCK]; A]; 3];
+                for j in 0..A {
+                    for l in 0..BLOCK {
+                        let v = gt(std::array::from_fn(|i| s[pos(i, j)][l]));
+                        for a in 0..3 {
+                            c[a][j][l] = v[a];
+                        }
+                    }
+                }
+                // Then along the three rows.
+                for (a, ca) in c.iter().enumerate() {
+                    for (l, k) in out.chunks_exact_mut(9).enumerate() {
+                        let v = gt(std::array::from_fn(|j| ca[j][l]));
+                        k[3 * a..3 * a + 3].copy_from_slice(&v);
+                    }
+                }
+            });
+        dw
     });
     (dw, db)
 }

@@ -272,7 +272,7 @@ pub fn train(
     if let Some(ck) = resume {
         model = crate::weights::apply(model, &ck.tensors, "model.")?;
         ema_model = crate::weights::apply(ema_model, &ck.tensors, "ema.")?;
-        opt.import("opt.", ck.adam_t, &ck.tensors, &idev)?;
+        opt.import("opt.", ck.adam_t, &ck.tensors)?;
         start = ck.step;
     }
     // Metrics: keep what the checkpoint covers, drop steps that will be redone.
