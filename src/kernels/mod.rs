@@ -154,7 +154,8 @@ pub enum MatmulMode {
     #[default]
     F32,
     /// Operands rounded to bf16, products on AMX tiles summed in f32 ([`amx`]): mixed
-    /// precision, as PyTorch's autocast to bf16 does for convolutions.
+    /// precision, as PyTorch's autocast to bf16 does for convolutions. The weight gradients of
+    /// most 3x3 stride-1 convolutions stay f32 ([`conv2d::weight_grad_in_f32`]).
     Bf16,
 }
 

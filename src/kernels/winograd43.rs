@@ -48,28 +48,25 @@ const XI: usize = 36;
 const TARGET_TILES: usize = 64;
 
 /// `U_ξ[co, ci] = (G g Gᵀ)[i][j]` for every kernel `g = w[co, ci]`, at `ξ = 6j + i` (see
-/// [`transform_columns`]), laid out [36][C_out][C_in]. The taps are first laid out
-/// [9][C_out·C_in] so that the transform vectorises over kernels; the six columns j run on the
-/// cores, each writing its six positions.
-fn transform_weights(w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    let plane = c_out * c_in;
-    let mut taps = vec![0.0f32; 9 * plane];
+/// [`transform_plane`]), laid out [36][C_out][C_in]. The taps are first laid out
+/// [9][C_out·C_in] in `taps` so that the transform vectorises over kernels; the six columns j
+/// run on the cores, each writing its six positions. Both buffers are overwritten whole.
+fn transform_weights(w: &[f32], plane: usize, taps: &mut [f32], u: &mut [f32]) {
     for (pair, g) in w.chunks_exact(9).enumerate() {
         for (ab, &v) in g.iter().enumerate() {
             taps[ab * plane + pair] = v;
         }
     }
-    let mut u = vec![0.0f32; XI * plane];
-    each_chunk(&mut u, 6 * plane, true, |j, uj| {
+    let taps = &*taps;
+    each_chunk(u, 6 * plane, true, |j, uj| {
         // Row j of G: G[j][c] = (G e_c)[j].
         let gj = std::array::from_fn(|c| {
             let mut e = [0.0f32; 3];
             e[c] = 1.0;
             g_times(e)[j]
         });
-        transform_weight_column(&taps, gj, uj);
+        transform_weight_column(taps, gj, uj);
     });
-    u
 }
 
 /// `G v` for the three values `v` of one kernel column (or `v Gᵀ` of one row).
@@ -142,6 +139,8 @@ fn at(m: [f32; 6]) -> [f32; 4] {
 }
 
 thread_local! {
+    /// The transformed weights of a forward pass, and their taps regrouped.
+    static WEIGHTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A group's transformed operands and products.
     static GROUP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// One channel's rows transformed along the row, for a whole group of images.
@@ -397,24 +396,30 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     check_forward(x, w, g);
     let tl = Tiling::new(g, 4);
     let out_plane = tl.oh * tl.ow;
-    let u = transform_weights(w, g.c_out, g.c_in);
-    by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
-        let n = nb * tl.tiles();
-        scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
-            // V [C_in][36][n], M [36][C_out][n].
-            let (v, m) = buf.split_at_mut(g.c_in * XI * n);
-            transform_inputs(x, g, tl, (b0, nb), v, inner);
-            position_products(&u, v, n, m, g, inner);
-            let m = &*m;
-            each_chunk(yg, out_plane, inner, |p, yp| {
-                let (b, co) = (p / g.c_out, p % g.c_out);
-                let bv = bias.map_or(0.0, |bias| bias[co]);
-                scratch(&ROWS, stage_len(&tl), |stage| {
-                    let at = co * n + b * tl.tiles();
-                    product_plane(&m[at..], g.c_out * n, tl, bv, yp, stage)
+    // The transformed weights, in scratch space kept from call to call (overwritten whole).
+    let plane = g.c_out * g.c_in;
+    scratch(&WEIGHTS, (9 + XI) * plane, |wbuf| {
+        let (taps, u) = wbuf.split_at_mut(9 * plane);
+        transform_weights(w, plane, taps, u);
+        let u = &*u;
+        by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
+            let n = nb * tl.tiles();
+            scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
+                // V [C_in][36][n], M [36][C_out][n].
+                let (v, m) = buf.split_at_mut(g.c_in * XI * n);
+                transform_inputs(x, g, tl, (b0, nb), v, inner);
+                position_products(u, v, n, m, g, inner);
+                let m = &*m;
+                each_chunk(yg, out_plane, inner, |p, yp| {
+                    let (b, co) = (p / g.c_out, p % g.c_out);
+                    let bv = bias.map_or(0.0, |bias| bias[co]);
+                    scratch(&ROWS, stage_len(&tl), |stage| {
+                        let at = co * n + b * tl.tiles();
+                        product_plane(&m[at..], g.c_out * n, tl, bv, yp, stage)
+                    });
                 });
             });
-        });
+        })
     })
 }
 
