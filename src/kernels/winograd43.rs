@@ -91,18 +91,13 @@ super::wide_fn! {
         let t = |ab: usize| &taps[ab * len..(ab + 1) * len];
         let (t0, t1, t2, t3, t4, t5, t6, t7, t8) =
             (t(0), t(1), t(2), t(3), t(4), t(5), t(6), t(7), t(8));
-        let [o0, o1, o2, o3, o4, o5] = six_rows(u, len, 0, len);
+        let mut o = six_rows(u, len, 0, len);
         for p in 0..len {
             let h0 = t0[p] * gj[0] + t1[p] * gj[1] + t2[p] * gj[2];
             let h1 = t3[p] * gj[0] + t4[p] * gj[1] + t5[p] * gj[2];
             let h2 = t6[p] * gj[0] + t7[p] * gj[1] + t8[p] * gj[2];
             let v = g_times([h0, h1, h2]);
-            o0[p] = v[0];
-            o1[p] = v[1];
-            o2[p] = v[2];
-            o3[p] = v[3];
-            o4[p] = v[4];
-            o5[p] = v[5];
+            put(&mut o, p, v);
         }
     }
 }
@@ -147,15 +142,14 @@ thread_local! {
     static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The six rows `rows[6·k .. 6·k + 6]` of `n` floats of `buf`, from `from` on in each.
+/// `len` floats from `from` on in each of six rows of `buf` that start `stride` floats apart.
 #[inline(always)]
-fn six_rows(buf: &mut [f32], n: usize, from: usize, len: usize) -> [&mut [f32]; 6] {
-    let (r0, rest) = buf.split_at_mut(n);
-    let (r1, rest) = rest.split_at_mut(n);
-    let (r2, rest) = rest.split_at_mut(n);
-    let (r3, rest) = rest.split_at_mut(n);
-    let (r4, rest) = rest.split_at_mut(n);
-    let r5 = &mut rest[..n];
+fn six_rows(buf: &mut [f32], stride: usize, from: usize, len: usize) -> [&mut [f32]; 6] {
+    let (r0, rest) = buf.split_at_mut(stride);
+    let (r1, rest) = rest.split_at_mut(stride);
+    let (r2, rest) = rest.split_at_mut(stride);
+    let (r3, rest) = rest.split_at_mut(stride);
+    let (r4, r5) = rest.split_at_mut(stride);
     let span = from..from + len;
     [
         &mut r0[span.clone()],
@@ -165,43 +159,67 @@ fn six_rows(buf: &mut [f32], n: usize, from: usize, len: usize) -> [&mut [f32]; 
         &mut r4[span.clone()],
         &mut r5[span],
     ]
+}
+
+/// `rows[r][c] = v[r]` for the six rows.
+#[inline(always)]
+fn put(rows: &mut [&mut [f32]; 6], c: usize, v: [f32; 6]) {
+    for (row, v) in rows.iter_mut().zip(v) {
+        row[c] = v;
+    }
 }
 
 /// `len` floats from `from` on in each of the six rows `i, i + 6, …, i + 30` of `buf` (rows
 /// of `n` floats): position `ξ = 6j + i` for j = 0..6.
 #[inline(always)]
 fn column_rows(buf: &mut [f32], n: usize, i: usize, from: usize, len: usize) -> [&mut [f32]; 6] {
-    let (r0, rest) = buf[i * n..].split_at_mut(6 * n);
-    let (r1, rest) = rest.split_at_mut(6 * n);
-    let (r2, rest) = rest.split_at_mut(6 * n);
-    let (r3, rest) = rest.split_at_mut(6 * n);
-    let (r4, r5) = rest.split_at_mut(6 * n);
-    let span = from..from + len;
-    [
-        &mut r0[span.clone()],
-        &mut r1[span.clone()],
-        &mut r2[span.clone()],
-        &mut r3[span.clone()],
-        &mut r4[span.clone()],
-        &mut r5[span],
-    ]
+    six_rows(&mut buf[i * n..], 6 * n, from, len)
 }
 
-/// `Bᵀ` down `L` columns from `at` on of the six rows `src`, to the six rows `dst`: through
-/// fixed-size arrays, so that the compiler makes whole vectors of them.
+/// `dst[r][c] = f(src[0][c], …, src[I - 1][c])[r]` for the columns `c` in `0..cols` (`dst` may
+/// have fewer than `O` rows: the results past them are dropped). The columns go 16, then 4,
+/// then 1 at a time through fixed-size arrays, so that the compiler makes whole vectors.
 #[inline(always)]
-fn bt_lanes<const L: usize>(src: &[&[f32]; 6], at: usize, dst: &mut [&mut [f32]; 6]) {
-    let s: [&[f32; L]; 6] =
-        std::array::from_fn(|k| src[k][at..at + L].try_into().expect("L columns"));
-    let mut o = [[0.0f32; L]; 6];
+fn map_columns<const I: usize, const O: usize>(
+    src: &[&[f32]; I],
+    cols: usize,
+    dst: &mut [&mut [f32]],
+    f: impl Fn([f32; I]) -> [f32; O] + Copy,
+) {
+    let mut at = 0;
+    while at + 16 <= cols {
+        map_lanes::<16, I, O>(src, at, dst, f);
+        at += 16;
+    }
+    while at + 4 <= cols {
+        map_lanes::<4, I, O>(src, at, dst, f);
+        at += 4;
+    }
+    while at < cols {
+        map_lanes::<1, I, O>(src, at, dst, f);
+        at += 1;
+    }
+}
+
+/// [`map_columns`] for the `L` columns from `from` on.
+#[inline(always)]
+fn map_lanes<const L: usize, const I: usize, const O: usize>(
+    src: &[&[f32]; I],
+    from: usize,
+    dst: &mut [&mut [f32]],
+    f: impl Fn([f32; I]) -> [f32; O],
+) {
+    let s: [&[f32; L]; I] =
+        std::array::from_fn(|k| src[k][from..from + L].try_into().expect("L columns"));
+    let mut o = [[0.0f32; L]; O];
     for l in 0..L {
-        let v = bt([s[0][l], s[1][l], s[2][l], s[3][l], s[4][l], s[5][l]]);
-        for i in 0..6 {
-            o[i][l] = v[i];
+        let v = f(std::array::from_fn(|k| s[k][l]));
+        for r in 0..O {
+            o[r][l] = v[r];
         }
     }
-    for i in 0..6 {
-        dst[i][at..at + L].copy_from_slice(&o[i]);
+    for (row, o) in dst.iter_mut().zip(&o) {
+        row[from..from + L].copy_from_slice(o);
     }
 }
 
@@ -247,16 +265,7 @@ super::wide_fn! {
         let (e, ext) = rest.split_at_mut(6 * len + 4);
         for ty in 0..th {
             let src: [&[f32]; 6] = std::array::from_fn(|k| &padded[(4 * ty + k) * pw..][..pw]);
-            let mut d = six_rows(e, len, ty * cols, cols);
-            let mut at = 0;
-            while at + 16 <= cols {
-                bt_lanes::<16>(&src, at, &mut d);
-                at += 16;
-            }
-            while at < cols {
-                bt_lanes::<4>(&src, at, &mut d);
-                at += 4;
-            }
+            map_columns(&src, cols, &mut six_rows(e, len, ty * cols, cols), bt);
             // The two padded columns past `cols`, for the row's last tile.
             for extra in 0..2 {
                 let o = bt(src.map(|row| row[cols + extra]));
@@ -268,30 +277,18 @@ super::wide_fn! {
         let (e, ext) = (&*e, &*ext);
         for i in 0..6 {
             let quads = e[i * len..][..len + 4].as_chunks::<4>().0;
-            let [o0, o1, o2, o3, o4, o5] = column_rows(v, n, i, base, tiles);
             // Every slice cut to `tiles` first, so that the loop needs no bounds checks and
             // vectorises.
+            let mut o = column_rows(v, n, i, base, tiles).map(|r| &mut r[..tiles]);
             let (a, b) = (&quads[..tiles], &quads[1..=tiles]);
-            let [o0, o1, o2, o3, o4, o5] = [o0, o1, o2, o3, o4, o5].map(|o| &mut o[..tiles]);
             for c in 0..tiles {
-                let o = bt([a[c][0], a[c][1], a[c][2], a[c][3], b[c][0], b[c][1]]);
-                o0[c] = o[0];
-                o1[c] = o[1];
-                o2[c] = o[2];
-                o3[c] = o[3];
-                o4[c] = o[4];
-                o5[c] = o[5];
+                let d = bt([a[c][0], a[c][1], a[c][2], a[c][3], b[c][0], b[c][1]]);
+                put(&mut o, c, d);
             }
             for ty in 0..th {
                 let c = ty * tw + tw - 1;
                 let (a, b) = (quads[c], &ext[(6 * ty + i) * 2..][..2]);
-                let o = bt([a[0], a[1], a[2], a[3], b[0], b[1]]);
-                o0[c] = o[0];
-                o1[c] = o[1];
-                o2[c] = o[2];
-                o3[c] = o[3];
-                o4[c] = o[4];
-                o5[c] = o[5];
+                put(&mut o, c, bt([a[0], a[1], a[2], a[3], b[0], b[1]]));
             }
         }
     }
@@ -301,25 +298,6 @@ super::wide_fn! {
 /// most).
 fn stage_len(tl: &Tiling) -> usize {
     tl.hp * (4 * tl.tw + 4) + 6 * tl.th * 4 * tl.tw + 4 + 12 * tl.th
-}
-
-/// `Aᵀ` down `L` columns from `from` on of the six rows `src`, plus `bias`, to the four rows
-/// `dst` (those that exist: an output plane's last tile row may be cut); fixed-size arrays,
-/// as in [`bt_lanes`].
-#[inline(always)]
-fn at_lanes<const L: usize>(src: &[&[f32]; 6], from: usize, bias: f32, dst: &mut [&mut [f32]]) {
-    let s: [&[f32; L]; 6] =
-        std::array::from_fn(|k| src[k][from..from + L].try_into().expect("L columns"));
-    let mut o = [[0.0f32; L]; 4];
-    for l in 0..L {
-        let v = at([s[0][l], s[1][l], s[2][l], s[3][l], s[4][l], s[5][l]]);
-        for r in 0..4 {
-            o[r][l] = v[r] + bias;
-        }
-    }
-    for (row, o) in dst.iter_mut().zip(&o) {
-        row[from..from + L].copy_from_slice(o);
-    }
 }
 
 super::wide_fn! {
@@ -343,25 +321,10 @@ super::wide_fn! {
             }
         }
         let e = &stage[..6 * len];
-        // Whole vectors up to the last that fits the output width, then single columns.
-        let wide = ow / 16 * 16;
-        let quads = (ow - wide) / 4 * 4;
         for (ty, rows) in y.chunks_mut(4 * ow).enumerate() {
             let src: [&[f32]; 6] = std::array::from_fn(|i| &e[i * len + ty * cols..][..cols]);
             let mut dst: Vec<&mut [f32]> = rows.chunks_exact_mut(ow).collect();
-            let mut at = 0;
-            while at < wide {
-                at_lanes::<16>(&src, at, bias, &mut dst);
-                at += 16;
-            }
-            while at < wide + quads {
-                at_lanes::<4>(&src, at, bias, &mut dst);
-                at += 4;
-            }
-            while at < ow {
-                at_lanes::<1>(&src, at, bias, &mut dst);
-                at += 1;
-            }
+            map_columns(&src, ow, &mut dst, |m| at(m).map(|v| v + bias));
         }
     }
 }
@@ -444,24 +407,6 @@ fn gt_times([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 3] {
     ]
 }
 
-/// `A` down `L` columns from `at` on of the four rows `src`, to the six rows `dst`;
-/// fixed-size arrays, as in [`bt_lanes`].
-#[inline(always)]
-fn a_lanes<const L: usize>(src: &[&[f32]; 4], at: usize, dst: &mut [&mut [f32]; 6]) {
-    let s: [&[f32; L]; 4] =
-        std::array::from_fn(|k| src[k][at..at + L].try_into().expect("L columns"));
-    let mut o = [[0.0f32; L]; 6];
-    for l in 0..L {
-        let v = a_times([s[0][l], s[1][l], s[2][l], s[3][l]]);
-        for i in 0..6 {
-            o[i][l] = v[i];
-        }
-    }
-    for i in 0..6 {
-        dst[i][at..at + L].copy_from_slice(&o[i]);
-    }
-}
-
 super::wide_fn! {
     /// `D = A dy Aᵀ` for every 4×4 tile of one output-gradient plane `dy` [OH, OW] (zero past
     /// its edges), written to `d[(6j + i)·n + base + tile]`; `stage` is staging space of
@@ -490,30 +435,14 @@ super::wide_fn! {
         };
         for ty in 0..th {
             let src: [&[f32]; 4] = std::array::from_fn(|l| &plane[(4 * ty + l) * cols..][..cols]);
-            let mut dst = six_rows(e, len, ty * cols, cols);
-            let mut at = 0;
-            while at + 16 <= cols {
-                a_lanes::<16>(&src, at, &mut dst);
-                at += 16;
-            }
-            while at < cols {
-                a_lanes::<4>(&src, at, &mut dst);
-                at += 4;
-            }
+            map_columns(&src, cols, &mut six_rows(e, len, ty * cols, cols), a_times);
         }
         for i in 0..6 {
             let quads = e[i * len..][..len].as_chunks::<4>().0;
-            let [o0, o1, o2, o3, o4, o5] = column_rows(d, n, i, base, tiles);
             let q = &quads[..tiles];
-            let [o0, o1, o2, o3, o4, o5] = [o0, o1, o2, o3, o4, o5].map(|o| &mut o[..tiles]);
+            let mut o = column_rows(d, n, i, base, tiles).map(|r| &mut r[..tiles]);
             for c in 0..tiles {
-                let v = a_times(q[c]);
-                o0[c] = v[0];
-                o1[c] = v[1];
-                o2[c] = v[2];
-                o3[c] = v[3];
-                o4[c] = v[4];
-                o5[c] = v[5];
+                put(&mut o, c, a_times(q[c]));
             }
         }
     }
