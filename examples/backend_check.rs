@@ -60,8 +60,8 @@ fn main() -> Result<()> {
     let (gpu, cpu) = (inference_device(), Device::flex());
     println!("backend {} against flex", diffuse::device::backend_name());
     // The embedded model, loaded once per device.
-    let loaded_g = model::load(None, &gpu)?;
-    let loaded_c = model::load(None, &cpu)?;
+    let loaded_g = diffuse::pipeline::load_model(None, &gpu)?;
+    let loaded_c = diffuse::pipeline::load_model(None, &cpu)?;
     let (mg, mc) = (&loaded_g.unet, &loaded_c.unet);
     let x = |d: &Device| input([4, 1, 28, 28], 1, d);
     let t = [999.0, 500.0, 250.0, 3.0];

@@ -89,7 +89,7 @@ fn main() {
     std::fs::write(folder.join("square/empty.png"), b"").unwrap();
     std::fs::write(folder.join("square/notes.txt"), b"not an image, ignored\n").unwrap();
 
-    let cache = fetch::cache_dir().unwrap();
+    let cache = diffuse::fetch::cache_dir().unwrap();
     let fm = cache.join("fashion-mnist");
     if fm.exists() {
         let out = root.join("idx");

@@ -13,9 +13,9 @@ use anyhow::Result;
 use diffuse::data;
 use diffuse::device::inference_device;
 use diffuse::eval::{self, SampleSpec, compare, evaluate, real_subset};
-use diffuse::model;
+use diffuse::pipeline::{Pipeline, Request};
 use diffuse::plot::{PALETTE, Series, save_line_chart};
-use diffuse::sampler::{SamplerChoice, SamplerKind};
+use diffuse::sampler::SamplerKind;
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -35,7 +35,7 @@ fn main() -> Result<()> {
     let guidance: f32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1.0);
 
     let dev = inference_device();
-    let m = model::load(None, &dev)?;
+    let pipe = Pipeline::load(None, &dev)?;
     let ext = eval::load_features("fashion-mnist", &dev)?;
     let dir = data::resolve("fashion-mnist")?;
     let test = eval::load_images(
@@ -96,18 +96,16 @@ fn main() -> Result<()> {
         if have(&results, kind.name(), k) || have(&others(), kind.name(), k) {
             continue;
         }
+        let mut request = Request::new(n, kind);
+        request.steps = Some(k);
+        request.guidance = guidance;
         let spec = SampleSpec {
-            kind,
-            choice: SamplerChoice {
-                steps: k,
-                ..SamplerChoice::default()
-            },
+            request,
             n,
             batch: 250,
-            guidance,
             seed: 0,
         };
-        let out = evaluate(&m, &test, &ext, &spec, &mut |_| {})?;
+        let out = evaluate(&pipe, &test, &ext, &spec, &mut |_| {})?;
         println!(
             "{:8} {:5} steps: FID {:.3}  KID {:.4}  P {:.3} R {:.3}  acc {:.3}  ({:.0} s)",
             kind.name(),

@@ -5,15 +5,18 @@
 //! diffusers pipeline folders are read and written by [`interop`].
 //! Same seed, same options, same build: the same bits out.
 
+pub mod assets;
 pub mod bench;
 pub mod conditioning;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fetch;
 pub mod imageio;
 pub mod interop;
 pub mod kernels;
 pub mod model;
+pub mod pipeline;
 pub mod plot;
 pub mod rng;
 pub mod sampler;

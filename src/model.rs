@@ -86,24 +86,18 @@ impl ModelConfig {
         }
     }
 
-    /// Side of the low-resolution input of a super-resolution model.
-    pub fn lowres_size(&self) -> Option<usize> {
-        self.superres
-            .as_ref()
-            .map(|s| self.output_shape()[1] / s.scale)
-    }
-
-    /// Resolves `--class`: an index, or a class name (case-insensitive).
-    pub fn class_index(&self, spec: &str) -> Result<usize> {
+    /// Resolves a class option (`flag` names it in errors): an index, or a class name
+    /// (case-insensitive; `-`, `_`, spaces and `/` ignored).
+    pub fn class_index(&self, spec: &str, flag: &str) -> Result<usize> {
         let Some(k) = self.unet.num_classes else {
-            bail!("--class was given, but this model is not class-conditioned");
+            bail!("{flag} was given, but this model is not class-conditioned");
         };
         if let Ok(i) = spec.parse::<usize>() {
             if i < k {
                 return Ok(i);
             }
             bail!(
-                "--class {i} is out of range: this model has classes 0..{}",
+                "{flag} {i} is out of range: this model has classes 0..{}",
                 k - 1
             );
         }
@@ -113,7 +107,7 @@ impl ModelConfig {
             .position(|n| norm(n) == norm(spec) || n.to_lowercase() == spec.to_lowercase())
             .ok_or_else(|| {
                 anyhow!(
-                    "--class '{spec}' is not a class of this model (classes: {})",
+                    "{flag} '{spec}' is not a class of this model (classes: {})",
                     self.class_names.join(", ")
                 )
             })
@@ -136,6 +130,15 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// A sampler of `kind` over this model's own noise schedule and sampler settings.
+    pub fn sampler(
+        &self,
+        kind: crate::sampler::SamplerKind,
+        choice: &crate::sampler::SamplerChoice,
+    ) -> Result<Box<dyn crate::sampler::Sampler>> {
+        self.scheduler.build(kind, &self.schedule, choice)
+    }
+
     /// What the sampler produced to images in `[-1, 1]`: decoded by the VAE for a latent
     /// model, as it is otherwise.
     pub fn to_images(&self, x: Tensor<4>) -> Tensor<4> {
@@ -213,47 +216,4 @@ pub fn build(
 /// The model file inside a run folder.
 pub fn model_file_in(run: &Path) -> PathBuf {
     run.join("model.safetensors")
-}
-
-/// Loads `--model`: `None` for the embedded Fashion-MNIST model, a run folder, a diffusers
-/// pipeline folder, a `.safetensors` file, or the name of a shipped model (`emoji`,
-/// `fashion-mnist`) when no such path exists.
-pub fn load(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
-    let Some(spec) = spec else {
-        return load_from_bytes(EMBEDDED_MODEL, "the embedded model", device);
-    };
-    let p = Path::new(spec);
-    if p.is_dir() && crate::interop::diffusers::is_pipeline(p) {
-        return crate::interop::diffusers::load_pipeline(p, device);
-    }
-    let file = if p.is_dir() {
-        let f = model_file_in(p);
-        if !f.exists()
-            && let Some(bytes) = named_model(spec)
-        {
-            // A folder that is not a model (say, a dataset called `emoji`) does not hide the
-            // shipped model of that name.
-            return load_from_bytes(bytes, &format!("the shipped model '{spec}'"), device);
-        }
-        if !f.exists() {
-            bail!(
-                "{} holds neither model.safetensors (a diffuse run: train into it with `diffuse train --out {}`) nor model_index.json (a diffusers pipeline)",
-                p.display(),
-                p.display()
-            );
-        }
-        f
-    } else if p.exists() {
-        p.to_path_buf()
-    } else if let Some(bytes) = named_model(spec) {
-        return load_from_bytes(bytes, &format!("the shipped model '{spec}'"), device);
-    } else {
-        let names: Vec<&str> = NAMED_MODELS.iter().map(|(n, _)| *n).collect();
-        bail!(
-            "model '{spec}' is neither a file or folder nor a shipped model ({})",
-            names.join(", ")
-        );
-    };
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    load_from_bytes(&bytes, &file.display().to_string(), device)
 }

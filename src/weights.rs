@@ -19,7 +19,7 @@ pub struct HostTensor {
 pub type NamedTensors = BTreeMap<String, HostTensor>;
 
 /// Storage precision of a safetensors file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreDtype {
     F32,
     F16,

@@ -1,13 +1,17 @@
 //! `diffuse edit`: SDEdit and inpainting from the command line.
 
+use super::{SamplerArgs, write_image_dir};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use clap::Args;
+use diffuse::conditioning::text::TextEncoder;
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
-use diffuse::model;
-use diffuse::sampler::edit::{EditOptions, edit, start_position};
-use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind};
+use diffuse::pipeline::{
+    CondFlags, Conditioning, FlagNames, Pipeline, Resolved, SamplerDefaults, Seeds, Start,
+    load_model,
+};
+use diffuse::sampler::edit::{EditOptions, start_position};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -36,12 +40,8 @@ pub struct EditArgs {
     /// Classifier-free guidance weight (1 = none).
     #[arg(long, default_value_t = 2.0)]
     guidance: f32,
-    /// Sampling steps over the whole range; an edit runs the last `strength` of them.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun.
-    #[arg(long, default_value = "euler-a")]
-    sampler: String,
+    #[command(flatten)]
+    sampler: SamplerArgs,
     /// Edited versions to make (different noise each).
     #[arg(long, default_value_t = 1)]
     n: usize,
@@ -69,8 +69,8 @@ fn note_resize(path: &Path, size: usize, what: &str) -> Result<()> {
 
 pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let dev = inference_device();
-    let m = model::load(a.model.as_deref(), &dev)?;
-    let cfg = &m.config;
+    let m = load_model(a.model.as_deref(), &dev)?;
+    let cfg = m.config.clone();
     if cfg.superres.is_some() {
         bail!(
             "{} is a super-resolution model; use `diffuse upscale`",
@@ -86,35 +86,29 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     if a.n == 0 || a.n > 1000 {
         bail!("--n must be between 1 and 1000 (got {})", a.n);
     }
-    if !(a.guidance.is_finite() && a.guidance >= 0.0) {
-        bail!(
-            "--guidance must be a non-negative number (got {})",
-            a.guidance
-        );
-    }
-    let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
-    let choice = SamplerChoice {
-        steps: a.steps,
-        ..Default::default()
+    let mut req = a.sampler.request(a.n, SamplerDefaults::EDIT);
+    let flags = CondFlags {
+        class: a.class.as_deref(),
+        prompt: a.prompt.as_deref(),
+        negative: None,
     };
-    let mut sampler = m.scheduler.build(kind, &m.schedule, &choice)?;
-    let text_model = cfg.unet.text_dim.is_some();
-    if text_model && a.class.is_some() {
-        bail!("--class was given, but this model is text-conditioned: use --prompt");
-    }
-    let class = match (&a.class, &a.prompt) {
-        (Some(_), Some(_)) => bail!("give --class or --prompt, not both"),
-        (None, Some(_)) if text_model => None,
-        (Some(c), None) => Some(cfg.class_index(c)?),
-        (None, Some(p)) if p.trim().is_empty() => None,
-        (None, Some(p)) => match cfg.unet.num_classes {
-            Some(_) => Some(cfg.class_index(p.trim()).map_err(|e| {
-                anyhow::anyhow!("{}", e.to_string().replace("--class", "--prompt"))
-            })?),
-            None => bail!("--prompt was given, but this model is unconditioned"),
+    req.conditioning = match flags.resolve(&cfg, FlagNames::CLI)? {
+        Resolved::Class(c) => Conditioning::Classes(vec![c; a.n]),
+        Resolved::Prompt { prompt, .. } => Conditioning::Prompts {
+            prompts: vec![(prompt, a.n)],
+            negative: None,
         },
-        (None, None) => None,
+        Resolved::Nothing => Conditioning::None,
     };
+    req.guidance = a.guidance;
+    req.seeds = Seeds::One(a.seed);
+    let text_encoder = match cfg.unet.text_dim {
+        Some(_) => Some(TextEncoder::load_default(&dev)?),
+        None => None,
+    };
+    let pipe = Pipeline::new(m, text_encoder, dev.clone());
+    // Option errors (steps, sampler settings) before the images are read.
+    let sampler = pipe.sampler(&req)?;
     // A latent model edits the image's latents (the mask is reduced to the latent size).
     let [c, size, _] = cfg.output_shape();
     let latent_size = cfg.image_shape()[1];
@@ -138,30 +132,6 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         }
     };
     let x0 = x0.repeat_dim(0, a.n);
-    let text = if text_model {
-        let enc = diffuse::conditioning::text::TextEncoder::load_default(&dev)?;
-        let p = a.prompt.clone().unwrap_or_default();
-        let (cond, cut) = enc.cond_repeated(&[(p.as_str(), a.n)])?;
-        if cut[0] {
-            eprintln!(
-                "note: --prompt is longer than the encoder's {} tokens; the rest is ignored",
-                enc.max_len
-            );
-        }
-        Some(cond)
-    } else {
-        None
-    };
-    let opts = GenerateOptions {
-        n: a.n,
-        classes: class.map(|k| vec![k; a.n]),
-        guidance: a.guidance,
-        seed: a.seed,
-        cancel: None,
-        text,
-        negative: None,
-        image_cond: None,
-    };
     let start = start_position(sampler.as_ref(), strength);
     let runs = sampler.timesteps().len() - start;
     eprintln!(
@@ -173,19 +143,22 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
             .get(start)
             .map_or("-".into(), |t| format!("{t}"))
     );
-    let opts_edit = EditOptions {
-        strength,
-        mask: mask.clone(),
+    req.start = Start::Edit {
+        images: x0.clone(),
+        options: EditOptions {
+            strength,
+            mask: mask.clone(),
+        },
     };
-    let x = edit(
-        &m.unet,
-        cfg.unet.num_classes,
-        m.from_images(x0.clone()),
-        sampler.as_mut(),
-        &opts,
-        &opts_edit,
-        &mut |_, _| {},
-    );
+    let out = pipe.run(&req, &mut |_| {})?;
+    if out.prompt_truncated.first() == Some(&true) {
+        if let Some(enc) = &pipe.text_encoder {
+            eprintln!(
+                "note: --prompt is longer than the encoder's {} tokens; the rest is ignored",
+                enc.max_len
+            );
+        }
+    }
     let mut shown = vec![ImageBatch::from_tensor(x0.narrow(0, 0, 1)).image(0)];
     if let Some(p) = &a.mask {
         let t: Tensor<4> = load_image(p, size, 1, &dev)?
@@ -196,7 +169,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         let t = if c == 1 { t } else { t.repeat_dim(1, c) };
         shown.push(ImageBatch::from_tensor(t).image(0));
     }
-    let batch = ImageBatch::from_tensor(m.to_images(x));
+    let batch = out.pixels();
     let edits: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     shown.extend(edits.iter().cloned());
     let cols = shown.len();
@@ -208,11 +181,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         a.n
     );
     if let Some(dir) = &a.out_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        for (i, img) in edits.iter().enumerate() {
-            save_png(&img.to_rgb8(), &dir.join(format!("{i:05}.png")))?;
-        }
-        println!("wrote {} images to {}", a.n, dir.display());
+        write_image_dir(dir, &edits)?;
     }
     Ok(())
 }

@@ -1,22 +1,15 @@
 //! `diffuse train-classifier`, `diffuse fid` and `diffuse eval`.
 
-use anyhow::{Context, Result, bail};
+use super::bar;
+use anyhow::{Result, bail};
 use clap::Args;
 use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::eval::classifier::{self, ClassifierTraining};
 use diffuse::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
-use diffuse::model;
-use diffuse::sampler::{SamplerChoice, SamplerKind};
-use indicatif::{ProgressBar, ProgressStyle};
+use diffuse::pipeline::{Pipeline, SamplerDefaults};
 use std::path::PathBuf;
 use std::time::Instant;
-
-fn bar(len: u64, template: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(ProgressStyle::with_template(template).expect("valid template"));
-    pb
-}
 
 #[derive(Args)]
 pub struct TrainClassifierArgs {
@@ -179,18 +172,11 @@ pub struct EvalArgs {
     /// Real images used (an evenly strided subset of the data).
     #[arg(long, default_value_t = 10000)]
     n_real: usize,
-    /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun.
-    #[arg(long, default_value = "dpmpp-2m")]
-    sampler: String,
-    /// Sampling steps.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
+    #[command(flatten)]
+    sampler: super::SamplerArgs,
     /// Classifier-free guidance weight.
     #[arg(long, default_value_t = 1.0)]
     guidance: f32,
-    /// Karras noise levels (dpmpp-2m, euler, heun).
-    #[arg(long)]
-    karras: bool,
     /// Images generated at once.
     #[arg(long, default_value_t = 250)]
     batch: usize,
@@ -219,40 +205,41 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         );
     }
     let dev = inference_device();
-    let m = model::load(a.model.as_deref(), &dev)?;
+    let pipe = Pipeline::load(a.model.as_deref(), &dev)?;
+    let m = &pipe.model;
     let data_spec = match (&a.data, &a.model) {
         (Some(d), _) => d.clone(),
         (None, None) => "fashion-mnist".into(),
         (None, Some(_)) => bail!("--data is needed: the real images to compare the samples with"),
     };
     let ext = eval::load_features(&a.features, &dev)?;
-    let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
-    let choice = SamplerChoice {
-        steps: a.steps,
-        karras: a.karras.then_some(true),
-        ..SamplerChoice::default()
-    };
-    m.scheduler.build(kind, &m.schedule, &choice)?; // option errors before any work
+    let mut request = a.sampler.request(a.n, SamplerDefaults::EVAL);
+    request.guidance = a.guidance;
+    pipe.sampler(&request)?; // option errors before any work
+    let (kind, steps) = (
+        request.sampler,
+        request
+            .steps
+            .unwrap_or_else(|| pipe.default_steps(request.sampler)),
+    );
     let t0 = Instant::now();
     let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
     let pb = bar(a.n as u64, "{bar:40} {pos}/{len} images  ETA {eta}");
     let spec = SampleSpec {
-        kind,
-        choice,
+        request,
         n: a.n,
         batch: a.batch,
-        guidance: a.guidance,
         seed: a.seed,
     };
-    let out = evaluate(&m, &real, &ext, &spec, &mut |b| pb.inc(b as u64))?;
+    let out = evaluate(&pipe, &real, &ext, &spec, &mut |b| pb.inc(b as u64))?;
     pb.finish_and_clear();
     let total = t0.elapsed().as_secs_f64();
     let extra = serde_json::json!({
         "model": m.source,
         "data": data_spec,
         "sampler": kind.name(),
-        "steps": a.steps,
-        "evaluations": kind.evaluations(a.steps),
+        "steps": steps,
+        "evaluations": kind.evaluations(steps),
         "guidance": a.guidance,
         "seed": a.seed,
         "sample_seconds": out.sample_seconds,
@@ -261,7 +248,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     println!(
         "{} {} steps, guidance {}: {} images in {:.1} s",
         kind.name(),
-        a.steps,
+        steps,
         a.guidance,
         a.n,
         out.sample_seconds

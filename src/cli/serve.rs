@@ -2,8 +2,9 @@
 
 use anyhow::{Result, bail};
 use clap::Args;
+use diffuse::conditioning::text::TextEncoder;
 use diffuse::device::inference_device;
-use diffuse::model;
+use diffuse::pipeline::{Pipeline, load_model};
 use diffuse::serve::{self, ServeConfig, load};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,13 +52,17 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         );
     }
     let dev = inference_device();
-    let m = model::load(a.model.as_deref(), &dev)?;
+    let m = load_model(a.model.as_deref(), &dev)?;
     if m.config.superres.is_some() {
         anyhow::bail!(
             "{} is a super-resolution model; serve generates images (use `diffuse upscale`)",
             m.source
         );
     }
+    let text_encoder = match m.config.unet.text_dim {
+        Some(_) => Some(TextEncoder::load_default(&dev)?),
+        None => None,
+    };
     let cfg = ServeConfig {
         host: a.host,
         port: a.port,
@@ -67,7 +72,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         timeout: Duration::from_secs(a.timeout),
         ..Default::default()
     };
-    serve::serve(m, dev, cfg)
+    serve::serve(Pipeline::new(m, text_encoder, dev), cfg)
 }
 
 #[derive(Args)]

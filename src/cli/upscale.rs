@@ -10,8 +10,7 @@ use diffuse::device::inference_device;
 use diffuse::eval::superres::{psnr, ssim};
 use diffuse::eval::{self, Images, MetricOptions, compare, to_extractor};
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
-use diffuse::model::{self, LoadedModel};
-use diffuse::sampler::{GenerateOptions, SamplerChoice, SamplerKind, upscale::upscale as sr};
+use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -30,11 +29,8 @@ pub struct UpscaleArgs {
     /// The factor you expect; refused unless it is the model's.
     #[arg(long)]
     scale: Option<usize>,
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun.
-    #[arg(long, default_value = "euler-a")]
-    sampler: String,
+    #[command(flatten)]
+    sampler: super::SamplerArgs,
     /// Versions to make of --image (different noise each); images to evaluate with --eval.
     #[arg(long, default_value_t = 1)]
     n: usize,
@@ -55,7 +51,8 @@ pub struct UpscaleArgs {
 
 pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     let dev = inference_device();
-    let m = model::load(Some(&a.model), &dev)?;
+    let pipe = Pipeline::load(Some(&a.model), &dev)?;
+    let m = &pipe.model;
     let Some(scale) = m.config.superres.as_ref().map(|s| s.scale) else {
         bail!(
             "{} is not a super-resolution model (train one with `diffuse train --task superres --scale 2|4`)",
@@ -71,26 +68,14 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     if a.n == 0 || a.n > 10_000 {
         bail!("--n must be between 1 and 10000 (got {})", a.n);
     }
-    let kind: SamplerKind = a.sampler.parse().context("--sampler")?;
-    let choice = SamplerChoice {
-        steps: a.steps,
-        ..Default::default()
-    };
-    m.scheduler.build(kind, &m.schedule, &choice)?;
+    let mut req = a.sampler.request(a.n, SamplerDefaults::EDIT);
+    req.guidance = 1.0;
+    req.seeds = Seeds::One(a.seed);
+    pipe.sampler(&req)?; // option errors before any work
     let [c, big, _] = m.config.output_shape();
     let small = big / scale;
-    let opts = GenerateOptions {
-        n: a.n,
-        classes: None,
-        guidance: 1.0,
-        seed: a.seed,
-        cancel: None,
-        text: None,
-        negative: None,
-        image_cond: None,
-    };
     if let Some(spec) = &a.eval {
-        return eval_cmd(&a, &m, spec, kind, &choice, &opts);
+        return eval_cmd(&a, &pipe, spec, req);
     }
     let path = a
         .image
@@ -118,10 +103,8 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
         let r = lowres::downsample_area(&v, 1, c, side, side / small);
         Tensor::from_data(TensorData::new(r, [1, c, small, small]), &dev)
     };
-    let low = low.repeat_dim(0, a.n);
-    let mut sampler = m.scheduler.build(kind, &m.schedule, &choice)?;
-    let x = sr(&m, low, sampler.as_mut(), &opts, &mut |_, _| {})?;
-    let batch = ImageBatch::from_tensor(x);
+    req.low_res = Some(low.repeat_dim(0, a.n));
+    let batch = pipe.run(&req, &mut |_| {})?.pixels();
     let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     let out = if imgs.len() == 1 {
         imgs[0].to_rgb8()
@@ -149,15 +132,11 @@ fn quality(got: &[f32], want: &[f32], n: usize, c: usize, s: usize) -> (f64, f64
     (p / n as f64, q / n as f64)
 }
 
-fn eval_cmd(
-    a: &UpscaleArgs,
-    m: &LoadedModel,
-    spec: &str,
-    kind: SamplerKind,
-    choice: &SamplerChoice,
-    opts: &GenerateOptions,
-) -> Result<()> {
+fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Result<()> {
     let dev = inference_device();
+    let m = &pipe.model;
+    let seed = a.seed;
+    let steps = req.steps.unwrap_or_else(|| pipe.default_steps(req.sampler));
     let scale = m.config.superres.as_ref().expect("checked").scale;
     let [c, big, _] = m.config.output_shape();
     let small = big / scale;
@@ -191,12 +170,13 @@ fn eval_cmd(
             ),
             &dev,
         );
-        let mut sampler = m.scheduler.build(kind, &m.schedule, choice)?;
-        let o = GenerateOptions {
-            seed: opts.seed.wrapping_add(start as u64),
-            ..opts.clone()
+        let r = Request {
+            n: b,
+            seeds: Seeds::One(seed.wrapping_add(start as u64)),
+            low_res: Some(x),
+            ..req.clone()
         };
-        let y = sr(m, x, sampler.as_mut(), &o, &mut |_, _| {})?;
+        let y = pipe.run(&r, &mut |_| {})?.images;
         let v: Vec<f32> = y.into_data().convert::<f32>().try_into_vec().expect("f32");
         model_out.extend(v.into_iter().map(|p| p.clamp(-1.0, 1.0)));
         eprint!("\r{} / {n} images", start + b);
@@ -214,8 +194,8 @@ fn eval_cmd(
     let fid_bi = compare(&ext, &real, &set(&bicubic), None, &mo, &dev)?.fid;
     println!(
         "{n} images of {spec}, {small}x{small} -> {big}x{big} ({scale}x), {} {} steps, {seconds:.1} s",
-        kind.name(),
-        choice.steps
+        req.sampler.name(),
+        steps
     );
     println!("            PSNR (dB)  SSIM    FID ({})", ext.name());
     println!("bicubic     {p_bi:9.2}  {s_bi:.4}  {fid_bi:.2}");
@@ -223,7 +203,7 @@ fn eval_cmd(
     if let Some(j) = &a.json {
         let v = serde_json::json!({
             "model": m.source, "data": spec, "n": n, "scale": scale,
-            "sampler": kind.name(), "steps": choice.steps, "seed": opts.seed, "seconds": seconds,
+            "sampler": req.sampler.name(), "steps": steps, "seed": seed, "seconds": seconds,
             "features": ext.name(),
             "bicubic": {"psnr": p_bi, "ssim": s_bi, "fid": fid_bi},
             "diffusion": {"psnr": p_sr, "ssim": s_sr, "fid": fid_sr},

@@ -6,7 +6,8 @@ use clap::{Args, Subcommand};
 use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
-use diffuse::vae::{self, VaeConfig, train::VaeTrainConfig};
+use diffuse::train::vae::VaeTrainConfig;
+use diffuse::vae::{self, VaeConfig};
 use diffuse::weights::{self, HostTensor, NamedTensors, StoreDtype};
 use std::path::PathBuf;
 
@@ -133,11 +134,11 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         a.steps,
         a.out.display()
     );
-    let pb = crate::bar(
+    let pb = super::bar(
         a.steps as u64,
         "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
     );
-    let v = vae::train::train(&cfg, &tc, ds, &a.out, &mut |s, l| {
+    let v = diffuse::train::vae::train(&cfg, &tc, ds, &a.out, &mut |s, l| {
         pb.set_position(s as u64);
         pb.set_message(format!("{l:.4}"));
     })?;

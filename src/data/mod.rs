@@ -111,11 +111,10 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p.to_path_buf());
     }
-    let not_data = [fetch::Named::Inception, fetch::Named::TextEncoder];
-    if let Some(ds) = fetch::Named::from_name(spec).filter(|d| !not_data.contains(d)) {
-        let dir = fetch::cache_dir()?.join(ds.name());
+    if let Some(ds) = fetch::Dataset::from_name(spec) {
+        let dir = crate::fetch::cache_dir()?.join(ds.name());
         if dir.exists() {
-            if ds == fetch::Named::Digits {
+            if ds == fetch::Dataset::Digits {
                 return Ok(dir.join("digits.csv.gz"));
             }
             return Ok(dir);

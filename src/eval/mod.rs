@@ -10,10 +10,9 @@ pub mod pickle;
 pub mod superres;
 
 use crate::data::{self, Dataset, Shape};
-use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, generate};
+use crate::pipeline::{Conditioning, Pipeline, Request, Seeds};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
-use burn::tensor::Tensor;
 use classifier::{LoadedClassifier, dataset_pixels};
 use inception::InceptionV3;
 use metrics::{FeatureStats, frechet_distance, kid, precision_recall};
@@ -153,7 +152,7 @@ fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, V
         h,
     );
     h = fnv1a(imgs.pixels.iter().flat_map(|v| v.to_le_bytes()), h);
-    let path = data::fetch::cache_dir()
+    let path = crate::fetch::cache_dir()
         .ok()
         .map(|d| d.join("eval").join(format!("{h:016x}.safetensors")));
     if let Some(p) = &path
@@ -350,71 +349,60 @@ pub struct EvalOutcome {
 /// How the images to judge are sampled.
 #[derive(Clone, Debug)]
 pub struct SampleSpec {
-    pub kind: SamplerKind,
-    pub choice: SamplerChoice,
+    /// Sampler, steps, options and guidance (its `n`, conditioning and seeds are set per
+    /// batch).
+    pub request: Request,
     pub n: usize,
     /// Images generated at once.
     pub batch: usize,
-    pub guidance: f32,
     /// Batch `i` uses seed `seed + i`.
     pub seed: u64,
 }
 
-/// Generates `n` images from a loaded model with the given sampler, in batches, classes spread
-/// evenly for a conditioned model. Returns the images in `[-1, 1]` and the classes asked for.
+/// Generates `n` images with the given sampler, in batches, classes spread evenly for a
+/// class-conditioned model. Returns the images in `[-1, 1]` and the classes asked for.
 pub fn sample_images(
-    m: &crate::model::LoadedModel,
+    pipe: &Pipeline,
     spec: &SampleSpec,
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<(Vec<f32>, Option<Vec<usize>>)> {
     let SampleSpec {
-        kind,
-        ref choice,
+        ref request,
         n,
         batch,
-        guidance,
         seed,
     } = *spec;
     if batch == 0 {
         bail!("the sampling batch must be at least 1");
     }
-    let dev = crate::device::inference_device();
-    let k = m.config.unet.num_classes;
+    let k = pipe.model.config.unet.num_classes;
     let classes: Option<Vec<usize>> = k.map(|k| (0..n).map(|i| i % k).collect());
+    let steps = request
+        .steps
+        .unwrap_or_else(|| pipe.default_steps(request.sampler));
     let mut pixels = Vec::new();
     for (bi, start) in (0..n).step_by(batch).enumerate() {
         let b = (n - start).min(batch);
-        let mut sampler = m.scheduler.build(kind, &m.schedule, choice)?;
-        let opts = GenerateOptions {
+        let req = Request {
             n: b,
-            classes: classes.as_ref().map(|c| c[start..start + b].to_vec()),
-            guidance,
-            seed: seed.wrapping_add(bi as u64),
-            cancel: None,
-            text: None,
-            negative: None,
-            image_cond: None,
+            conditioning: match &classes {
+                Some(c) => Conditioning::Classes(c[start..start + b].to_vec()),
+                None => Conditioning::None,
+            },
+            seeds: Seeds::One(seed.wrapping_add(bi as u64)),
+            ..request.clone()
         };
-        let x: Tensor<4> = generate(
-            &m.unet,
-            k,
-            m.config.image_shape(),
-            sampler.as_mut(),
-            &opts,
-            &dev,
-            &mut |_, _| {},
-        );
-        let v: Vec<f32> = m
-            .to_images(x)
+        let v: Vec<f32> = pipe
+            .run(&req, &mut |_| {})?
+            .images
             .into_data()
             .convert::<f32>()
             .try_into_vec()
             .expect("f32");
         if v.iter().any(|p| !p.is_finite()) {
             bail!(
-                "{} with {} steps produced NaN or infinite pixels; try another sampler or more steps",
-                kind.name(),
-                choice.steps
+                "{} with {steps} steps produced NaN or infinite pixels; try another sampler or more steps",
+                request.sampler.name(),
             );
         }
         pixels.extend(v.iter().map(|p| p.clamp(-1.0, 1.0)));
@@ -465,7 +453,7 @@ pub fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extract
 
 /// Samples from a model and compares with real data.
 pub fn evaluate(
-    m: &crate::model::LoadedModel,
+    pipe: &Pipeline,
     real: &Images,
     ext: &Extractor,
     spec: &SampleSpec,
@@ -473,7 +461,8 @@ pub fn evaluate(
 ) -> Result<EvalOutcome> {
     let dev = crate::device::inference_device();
     let t0 = Instant::now();
-    let (pixels, classes) = sample_images(m, spec, on_batch)?;
+    let m = &pipe.model;
+    let (pixels, classes) = sample_images(pipe, spec, on_batch)?;
     let sample_seconds = t0.elapsed().as_secs_f64();
     let gen_imgs = to_extractor(pixels, spec.n, m.config.output_shape(), ext);
     // Class accuracy only where the model's classes are the classifier's.

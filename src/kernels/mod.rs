@@ -146,7 +146,17 @@ macro_rules! wide_fn {
 pub(crate) use wide_fn;
 
 /// How the convolution kernels multiply matrices.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulMode {
     /// f32 fused multiply-adds (the `gemm` crate; AVX-512 or AVX2 as the processor allows);

@@ -6,19 +6,19 @@
 //! DDPM and DDIM but to `linspace` for Euler, Heun and DPM-Solver. Unknown keys are ignored,
 //! as diffusers ignores them; a known key with a value outside its range is an error naming it.
 
-use super::ddim::{DdimOptions, DdimSampler, TimestepSpacing};
+use super::ddim::{DdimOptions, DdimSampler};
 use super::ddpm::{DdpmOptions, DdpmSampler, VarianceType};
 use super::dpm_solver::{DpmSolverOptions, DpmSolverSampler};
 use super::euler::{EulerOptions, EulerSampler};
 use super::heun::{HeunOptions, HeunSampler};
 use super::{Sampler, X0Clamp};
-use crate::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
+use crate::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig, TimestepSpacing};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// The reverse-process method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum SamplerKind {
     /// Ancestral DDPM (Ho et al. 2020, Algorithm 2).
@@ -26,10 +26,12 @@ pub enum SamplerKind {
     /// DDIM (Song et al. 2021), deterministic at `eta = 0`.
     Ddim,
     /// DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2).
+    #[value(name = "dpmpp-2m", aliases = ["dpm++2m", "dpmpp_2m", "dpm-solver++"])]
     DpmPp2m,
     /// Euler in sigma space (Karras et al. 2022, Algorithm 1 without the second-order step).
     Euler,
     /// Euler with fresh noise after each step (k-diffusion's `sample_euler_ancestral`).
+    #[value(name = "euler-a", aliases = ["euler_a", "euler-ancestral"])]
     EulerAncestral,
     /// Heun in sigma space (Karras et al. 2022, Algorithm 1).
     Heun,
@@ -57,6 +59,15 @@ impl SamplerKind {
         }
     }
 
+    /// Sampling steps when none are asked for, as diffusers' pipelines run them: DDPM over
+    /// all `t` steps, the others 50 (at most `t`).
+    pub fn default_steps(self, t: usize) -> usize {
+        match self {
+            Self::Ddpm => t,
+            _ => t.min(50),
+        }
+    }
+
     /// Model evaluations for `steps` steps (Heun evaluates twice per step but the last).
     pub fn evaluations(self, steps: usize) -> usize {
         match self {
@@ -66,22 +77,25 @@ impl SamplerKind {
     }
 }
 
+/// The names and aliases of [`clap::ValueEnum`], case-insensitive; the error lists the names.
 impl std::str::FromStr for SamplerKind {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let s = s.to_ascii_lowercase();
-        Ok(match s.as_str() {
-            "ddpm" => Self::Ddpm,
-            "ddim" => Self::Ddim,
-            "dpmpp-2m" | "dpm++2m" | "dpmpp_2m" | "dpm-solver++" => Self::DpmPp2m,
-            "euler" => Self::Euler,
-            "euler-a" | "euler_a" | "euler-ancestral" => Self::EulerAncestral,
-            "heun" => Self::Heun,
-            other => bail!(
-                "unknown sampler '{other}' (expected ddpm, ddim, dpmpp-2m, euler, euler-a or heun)"
-            ),
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            anyhow::anyhow!(
+                "unknown sampler '{}' (expected {})",
+                s.to_ascii_lowercase(),
+                names.join(", ")
+            )
         })
     }
+}
+
+/// `--sampler` on the command line: [`SamplerKind`]'s own parser, so a bad name gets its
+/// message (the names are listed in the option's help).
+pub fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 /// The settings of diffusers' `scheduler_config.json`. `None` means "absent": the default of

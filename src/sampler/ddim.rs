@@ -3,66 +3,9 @@
 //! `DDIMScheduler` (`timestep_spacing`, `steps_offset`, `set_alpha_to_one`, `clip_sample`).
 
 use super::{NoiseSource, Sampler, X0Clamp};
-use crate::schedule::{NoiseSchedule, Prediction};
+use crate::schedule::{NoiseSchedule, Prediction, TimestepSpacing, spaced_timesteps};
 use anyhow::{Result, bail};
 use burn::tensor::Tensor;
-use serde::{Deserialize, Serialize};
-
-/// How `K` inference timesteps are chosen among `T` (Lin et al. 2024, "Common Diffusion Noise
-/// Schedules and Sample Steps are Flawed", table 2; names as in diffusers).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TimestepSpacing {
-    /// `t_i = i * floor(T/K) + steps_offset`, descending (DDIM's original choice).
-    Leading,
-    /// `t_i = round(T - i * T/K) - 1`: always starts at `T - 1`.
-    Trailing,
-    /// `round(linspace(0, T-1, K))`, descending.
-    Linspace,
-}
-
-impl std::str::FromStr for TimestepSpacing {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "leading" => Self::Leading,
-            "trailing" => Self::Trailing,
-            "linspace" => Self::Linspace,
-            other => {
-                bail!("unknown timestep spacing '{other}' (expected leading, trailing or linspace)")
-            }
-        })
-    }
-}
-
-/// `K` timesteps out of `T`, descending, as diffusers' `set_timesteps` computes them (numpy's
-/// rounding: halves to even).
-pub fn spaced_timesteps(t: usize, k: usize, spacing: TimestepSpacing, offset: usize) -> Vec<usize> {
-    match spacing {
-        TimestepSpacing::Leading => {
-            let ratio = t / k;
-            (0..k).rev().map(|i| i * ratio + offset).collect()
-        }
-        TimestepSpacing::Trailing => {
-            let ratio = t as f64 / k as f64;
-            (0..k)
-                .map(|i| {
-                    ((t as f64 - i as f64 * ratio).round_ties_even() as usize).saturating_sub(1)
-                })
-                .collect()
-        }
-        TimestepSpacing::Linspace => (0..k)
-            .rev()
-            .map(|i| {
-                if k == 1 {
-                    0
-                } else {
-                    (i as f64 * ((t - 1) as f64 / (k - 1) as f64)).round_ties_even() as usize
-                }
-            })
-            .collect(),
-    }
-}
 
 /// Options of the DDIM sampler.
 #[derive(Clone, Debug, PartialEq)]

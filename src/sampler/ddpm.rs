@@ -2,20 +2,22 @@
 //! subset of them (Nichol & Dhariwal 2021, "Improved DDPM", section 4), as diffusers'
 //! `DDPMScheduler` runs it.
 
-use super::ddim::{TimestepSpacing, spaced_timesteps};
 use super::{NoiseSource, Sampler, X0Clamp};
 use crate::schedule::{NoiseSchedule, Prediction};
+use crate::schedule::{TimestepSpacing, spaced_timesteps};
 use anyhow::{Result, bail};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// Variance of the reverse step `p(x_{t-1} | x_t)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum VarianceType {
     /// `sigma_t^2 = beta_tilde_t`, the posterior variance (DDPM, section 3.2; lower bound).
+    #[value(aliases = ["fixed_small", "small"])]
     FixedSmall,
     /// `sigma_t^2 = beta_t` (DDPM, section 3.2; upper bound).
+    #[value(aliases = ["fixed_large", "large"])]
     FixedLarge,
 }
 

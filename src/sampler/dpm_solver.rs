@@ -7,9 +7,9 @@
 //! The state is `x_t` itself. With `sigma = sqrt((1 - ab) / ab)`: `alpha_t = 1 / sqrt(sigma^2 + 1)`,
 //! `sigma_t = sigma alpha_t`, and half-log-SNR `lambda = ln(alpha_t / sigma_t) = -ln(sigma)`.
 
-use super::ddim::TimestepSpacing;
 use super::sigmas::{TrainSigmas, as_f32, karras_sigmas};
 use super::{NoiseSource, Sampler, X0Clamp};
+use crate::schedule::TimestepSpacing;
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::Result;
 use burn::tensor::Tensor;
@@ -59,7 +59,7 @@ pub fn dpm_timesteps(t: usize, k: usize, spacing: TimestepSpacing, offset: usize
             let ratio = t / (k + 1);
             (1..=k).rev().map(|i| i * ratio + offset).collect()
         }
-        TimestepSpacing::Trailing => super::ddim::spaced_timesteps(t, k, spacing, offset),
+        TimestepSpacing::Trailing => crate::schedule::spaced_timesteps(t, k, spacing, offset),
     }
 }
 
@@ -136,11 +136,7 @@ impl DpmSolverSampler {
     /// `x0_hat` from the model output at noise level `sigma` (DPM-Solver++, section 4).
     fn x0(&self, x: Tensor<4>, out: Tensor<4>, sigma: f64) -> Tensor<4> {
         let (a, s, _) = alpha_sigma_lambda(sigma);
-        let x0 = match self.prediction {
-            Prediction::Epsilon => (x - out * (s as f32)) / (a as f32),
-            Prediction::X0 => out,
-            Prediction::V => x * (a as f32) - out * (s as f32),
-        };
+        let x0 = crate::schedule::prediction::x0(self.prediction, x, out, a as f32, s as f32);
         self.opts.clamp.apply(x0)
     }
 }
@@ -181,14 +177,14 @@ impl Sampler for DpmSolverSampler {
             // lambda' = inf: the step lands on x0_hat.
             return x0;
         }
-        let n = self.timesteps.len();
-        let last_low = i + 1 == n && self.opts.lower_order_final && n < 15;
+        // The last step ends at sigma 0 and returned above, so `lower_order_final` (a
+        // first-order last step) needs no case of its own.
         let (_, st, l) = alpha_sigma_lambda(s);
         let (a_n, st_n, l_n) = alpha_sigma_lambda(s_next);
         let h = l_n - l;
         let em1 = (-h).exp() - 1.0;
         let d = match prev {
-            Some(x0_prev) if i > 0 && !last_low => {
+            Some(x0_prev) if i > 0 => {
                 let (_, _, l_p) = alpha_sigma_lambda(self.sigmas[i - 1]);
                 let r = (l - l_p) / h;
                 let c = 0.5 / r;

@@ -5,9 +5,10 @@
 //! The state is `x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps`, `sigma_t = sqrt((1 - ab) / ab)`;
 //! the denoiser sees `x / sqrt(sigma^2 + 1) = x_t`.
 
-use super::ddim::TimestepSpacing;
 use super::sigmas::{self, TrainSigmas, as_f32, karras_sigmas};
 use super::{NoiseSource, Sampler};
+use crate::schedule::TimestepSpacing;
+use crate::schedule::prediction::x0_in_sigma_space;
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::Result;
 use burn::tensor::Tensor;
@@ -67,7 +68,7 @@ pub fn euler_timesteps(t: usize, k: usize, spacing: TimestepSpacing, offset: usi
             };
             (0..k).rev().map(|i| at(i) as f32 as f64).collect()
         }
-        other => super::ddim::spaced_timesteps(t, k, other, offset)
+        other => crate::schedule::spaced_timesteps(t, k, other, offset)
             .into_iter()
             .map(|v| v as f64)
             .collect(),
@@ -167,7 +168,7 @@ impl Sampler for EulerSampler {
         noise: &mut dyn NoiseSource,
     ) -> Tensor<4> {
         let (s, s_next) = (self.sigmas[i], self.sigmas[i + 1]);
-        let x0 = sigmas::x0_from_output(self.prediction, x.clone(), model_out, s);
+        let x0 = x0_in_sigma_space(self.prediction, x.clone(), model_out, s);
         let d = (x.clone() - x0) / (s as f32);
         if self.opts.ancestral {
             let up = (s_next * s_next * (s * s - s_next * s_next) / (s * s))

@@ -5,10 +5,11 @@
 //! Euler step and remember it; odd positions correct it with the average of both slopes. The
 //! last step (to sigma 0) is a plain Euler step.
 
-use super::ddim::TimestepSpacing;
 use super::euler::{Spacing, sigma_steps};
 use super::sigmas::{self, as_f32};
 use super::{NoiseSource, Sampler, X0Clamp};
+use crate::schedule::TimestepSpacing;
+use crate::schedule::prediction::x0_in_sigma_space;
 use crate::schedule::{NoiseSchedule, Prediction};
 use anyhow::Result;
 use burn::tensor::Tensor;
@@ -92,7 +93,7 @@ impl HeunSampler {
 
     /// `x0_hat` at noise level `sigma`, clamped as configured.
     fn x0(&self, x: Tensor<4>, out: Tensor<4>, sigma: f64) -> Tensor<4> {
-        let x0 = sigmas::x0_from_output(self.prediction, x, out, sigma);
+        let x0 = x0_in_sigma_space(self.prediction, x, out, sigma);
         self.opts.clamp.apply(x0)
     }
 }

@@ -9,10 +9,9 @@ pub mod edit;
 pub mod euler;
 pub mod heun;
 pub mod sigmas;
-pub mod upscale;
 
 pub use config::{SamplerChoice, SamplerKind, SchedulerConfig};
-pub use ddim::{DdimOptions, DdimSampler, TimestepSpacing};
+pub use ddim::{DdimOptions, DdimSampler};
 pub use ddpm::{DdpmSampler, VarianceType};
 pub use dpm_solver::{DpmSolverOptions, DpmSolverSampler};
 pub use euler::{EulerOptions, EulerSampler};

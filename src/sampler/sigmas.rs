@@ -3,8 +3,8 @@
 //! `x_t / sqrt(ab) = x0 + sigma eps` has `sigma_t = sqrt((1 - ab_t) / ab_t)` (Karras et al. 2022,
 //! "Elucidating the Design Space of Diffusion-Based Generative Models", EDM, table 1, "VP").
 
-use super::ddim::TimestepSpacing;
-use crate::schedule::{NoiseSchedule, Prediction};
+use crate::schedule::NoiseSchedule;
+use crate::schedule::TimestepSpacing;
 use burn::tensor::Tensor;
 
 /// `sigma_t` for every training timestep, with its logarithm for interpolation.
@@ -98,23 +98,4 @@ pub fn init_noise_sigma(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
 /// What the denoiser sees of a sigma-space state: `x / sqrt(sigma^2 + 1) = x_t`.
 pub fn model_input(x: Tensor<4>, sigma: f64) -> Tensor<4> {
     x / ((sigma * sigma + 1.0).sqrt() as f32)
-}
-
-/// `x0_hat` from the model output for a sigma-space state `x = x0 + sigma eps` shown to the
-/// model at noise level `sigma` (EDM, table 1, VP preconditioning undone): epsilon
-/// `x - sigma out`; v `-sigma / sqrt(sigma^2 + 1) out + x / (sigma^2 + 1)`; x0 `out`.
-pub fn x0_from_output(
-    prediction: Prediction,
-    x: Tensor<4>,
-    out: Tensor<4>,
-    sigma: f64,
-) -> Tensor<4> {
-    match prediction {
-        Prediction::Epsilon => x - out * (sigma as f32),
-        Prediction::X0 => out,
-        Prediction::V => {
-            let c = sigma * sigma + 1.0;
-            out * ((-sigma / c.sqrt()) as f32) + x / (c as f32)
-        }
-    }
 }

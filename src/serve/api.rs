@@ -3,6 +3,7 @@
 
 use super::jobs::JobSpec;
 use crate::model::ModelConfig;
+use crate::pipeline::{CondFlags, FlagNames, Resolved, SamplerDefaults};
 use crate::sampler::SamplerKind;
 use serde::{Deserialize, Serialize};
 
@@ -61,9 +62,6 @@ pub fn validate(
     limits: &Limits,
     default_seed: u64,
 ) -> Result<JobSpec, String> {
-    if model.unet.text_dim.is_some() && req.class.is_some() {
-        return Err("this model is text-conditioned: give a prompt, not a class".into());
-    }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > limits.max_n as u64 {
         return Err(format!(
@@ -73,14 +71,13 @@ pub fn validate(
     }
     let n = n as usize;
     let sampler: SamplerKind = match &req.sampler {
-        None => SamplerKind::EulerAncestral,
+        None => SamplerDefaults::SERVE.sampler,
         Some(s) => s.parse().map_err(|e| format!("sampler: {e}"))?,
     };
     let max_steps = limits.max_steps.min(schedule_len);
     let steps = match req.steps {
         Some(s) => s,
-        None if sampler == SamplerKind::Ddpm => max_steps as u64,
-        None => 50.min(max_steps) as u64,
+        None => sampler.default_steps(max_steps) as u64,
     };
     if steps == 0 || steps > max_steps as u64 {
         return Err(format!(
@@ -97,47 +94,29 @@ pub fn validate(
     if !(eta.is_finite() && (0.0..=1.0).contains(&eta)) {
         return Err(format!("eta must be between 0 and 1 (got {eta})"));
     }
-    let class = match (&req.class, &req.prompt) {
-        (Some(_), Some(_)) => return Err("give either class or prompt, not both".into()),
-        (Some(c), None) => Some(c.clone()),
-        (None, Some(p)) => {
-            if p.len() > MAX_PROMPT_BYTES {
-                return Err(format!(
-                    "prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
-                    p.len()
-                ));
-            }
-            if p.trim().is_empty() || model.unet.text_dim.is_some() {
-                None
-            } else if model.unet.num_classes.is_some() {
-                Some(ClassSpec::Name(p.trim().to_string()))
-            } else {
-                return Err(
-                    "this model is unconditioned: it takes no prompt (leave prompt out)".into(),
-                );
-            }
-        }
-        (None, None) => None,
+    if let Some(p) = req.prompt.as_ref().filter(|p| p.len() > MAX_PROMPT_BYTES) {
+        return Err(format!(
+            "prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+            p.len()
+        ));
+    }
+    let class = req.class.as_ref().map(|c| match c {
+        ClassSpec::Index(i) => i.to_string(),
+        ClassSpec::Name(s) => s.clone(),
+    });
+    let prompt = req.prompt.as_deref().map(str::trim);
+    let flags = CondFlags {
+        class: class.as_deref(),
+        prompt,
+        negative: None,
     };
-    let classes = match class {
-        None => None,
-        Some(c) => {
-            let spec = match c {
-                ClassSpec::Index(i) => i.to_string(),
-                ClassSpec::Name(s) => s,
-            };
-            let idx = model.class_index(&spec).map_err(|e| {
-                e.to_string()
-                    .replace("--class was given", "class was given")
-                    .replace("--class ", "class ")
-            })?;
-            Some(vec![idx; n])
-        }
-    };
-    let prompt = match (&req.prompt, model.unet.text_dim) {
-        (Some(p), Some(_)) => p.trim().to_string(),
-        (None, Some(_)) => String::new(),
-        _ => String::new(),
+    let (classes, prompt) = match flags
+        .resolve(model, FlagNames::JSON)
+        .map_err(|e| e.to_string())?
+    {
+        Resolved::Class(c) => (Some(vec![c; n]), String::new()),
+        Resolved::Prompt { prompt, .. } => (None, prompt),
+        Resolved::Nothing => (None, String::new()),
     };
     Ok(JobSpec {
         n,

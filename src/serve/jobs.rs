@@ -5,11 +5,9 @@
 //! sampling loop checks it before every step), a channel for progress events (dropped when
 //! full: progress is advisory) and a one-shot channel for its result.
 
-use crate::conditioning::text::TextEncoder;
-use crate::imageio::{ImageBatch, png_bytes};
-use crate::model::LoadedModel;
-use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, SeededNoise, generate_with};
-use burn::tensor::Device;
+use crate::imageio::png_bytes;
+use crate::pipeline::{Conditioning, Pipeline, Request, Seeds};
+use crate::sampler::{SamplerChoice, SamplerKind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -135,21 +133,15 @@ pub struct QueueFull {
 }
 
 impl Queue {
-    /// Starts the worker thread that owns `model` (and, for a text model, the text encoder)
-    /// on `device` and returns the queue that feeds it, holding at most `capacity` waiting
-    /// jobs.
-    pub fn start(
-        model: LoadedModel,
-        encoder: Option<TextEncoder>,
-        device: Device,
-        capacity: usize,
-    ) -> Self {
+    /// Starts the worker thread that owns the pipeline and returns the queue that feeds it,
+    /// holding at most `capacity` waiting jobs.
+    pub fn start(pipeline: Pipeline, capacity: usize) -> Self {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("diffuse-worker".into())
-            .spawn(move || worker(model, encoder, device, rx, s))
+            .spawn(move || worker(pipeline, rx, s))
             .expect("cannot start the generation thread");
         Self {
             tx: Mutex::new(Some(tx)),
@@ -215,13 +207,7 @@ fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
         && a.classes.is_some() == b.classes.is_some()
 }
 
-fn worker(
-    model: LoadedModel,
-    encoder: Option<TextEncoder>,
-    device: Device,
-    rx: Receiver<Job>,
-    stats: Arc<Stats>,
-) {
+fn worker(pipeline: Pipeline, rx: Receiver<Job>, stats: Arc<Stats>) {
     // A job taken off the channel that could not join the last batch starts the next one.
     let mut next: Option<Job> = None;
     loop {
@@ -261,7 +247,7 @@ fn worker(
             continue;
         }
         stats.running.fetch_add(live.len(), Ordering::Relaxed);
-        let outcomes = run(&model, encoder.as_ref(), &device, &live, &stats);
+        let outcomes = run(&pipeline, &live, &stats);
         stats.running.fetch_sub(live.len(), Ordering::Relaxed);
         for (j, o) in live.into_iter().zip(outcomes) {
             finish(j, o, &stats);
@@ -286,119 +272,85 @@ fn finish(job: Job, outcome: Result<JobOutput, JobError>, stats: &Stats) {
 }
 
 /// Runs compatible jobs as one batch; one outcome per job, in order.
-fn run(
-    model: &LoadedModel,
-    encoder: Option<&TextEncoder>,
-    device: &Device,
-    jobs: &[Job],
-    stats: &Stats,
-) -> Vec<Result<JobOutput, JobError>> {
+fn run(pipe: &Pipeline, jobs: &[Job], stats: &Stats) -> Vec<Result<JobOutput, JobError>> {
     let t0 = Instant::now();
     let spec = &jobs[0].spec;
-    let choice = SamplerChoice {
-        steps: spec.steps,
+    let n: usize = jobs.iter().map(|j| j.spec.n).sum();
+    let fail = |e: anyhow::Error| {
+        let e = JobError::Failed(format!("{e:#}"));
+        jobs.iter().map(|_| Err(e.clone())).collect()
+    };
+    let cancel_all = Arc::new(AtomicBool::new(false));
+    let mut req = Request::new(n, spec.sampler);
+    req.steps = Some(spec.steps);
+    req.options = SamplerChoice {
         eta: spec.eta,
         ..Default::default()
     };
-    let mut sampler = match model
-        .scheduler
-        .build(spec.sampler, &model.schedule, &choice)
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let e = JobError::Failed(format!("{e:#}"));
-            return jobs.iter().map(|_| Err(e.clone())).collect();
+    req.guidance = spec.guidance;
+    req.seeds = Seeds::Parts(jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect());
+    req.cancel = Some(cancel_all.clone());
+    req.conditioning = if pipe.model.config.unet.text_dim.is_some() {
+        Conditioning::Prompts {
+            prompts: jobs
+                .iter()
+                .map(|j| (j.spec.prompt.clone(), j.spec.n))
+                .collect(),
+            negative: None,
         }
+    } else if spec.classes.is_some() {
+        Conditioning::Classes(
+            jobs.iter()
+                .flat_map(|j| j.spec.classes.clone().unwrap_or_default())
+                .collect(),
+        )
+    } else {
+        Conditioning::None
     };
-    let total = sampler.timesteps().len();
+    // Option errors before the jobs are told they started.
+    if let Err(e) = pipe.sampler(&req) {
+        return fail(e);
+    }
     for j in jobs {
         let _ = j.progress.try_send(Progress::Started);
     }
-    let n: usize = jobs.iter().map(|j| j.spec.n).sum();
-    let classes = spec.classes.as_ref().map(|_| {
-        jobs.iter()
-            .flat_map(|j| j.spec.classes.clone().unwrap_or_default())
-            .collect::<Vec<_>>()
-    });
-    let cancel_all = Arc::new(AtomicBool::new(false));
-    let mut truncated = vec![false; jobs.len()];
-    let text = match &model.config.unet.text_dim {
-        None => None,
-        Some(_) => {
-            let prompts: Vec<(&str, usize)> = jobs
-                .iter()
-                .map(|j| (j.spec.prompt.as_str(), j.spec.n))
-                .collect();
-            let enc = match encoder {
-                Some(e) => e,
-                None => {
-                    let e = JobError::Failed("the text encoder is not loaded".into());
-                    return jobs.iter().map(|_| Err(e.clone())).collect();
-                }
-            };
-            match enc.cond_repeated(&prompts) {
-                Ok((t, cut)) => {
-                    truncated = cut;
-                    Some(t)
-                }
-                Err(e) => {
-                    let e = JobError::Failed(format!("{e:#}"));
-                    return jobs.iter().map(|_| Err(e.clone())).collect();
-                }
-            }
-        }
-    };
-    let opts = GenerateOptions {
-        n,
-        classes,
-        guidance: spec.guidance,
-        seed: spec.seed,
-        cancel: Some(cancel_all.clone()),
-        text,
-        negative: None,
-        image_cond: None,
-    };
-    let parts: Vec<(usize, u64)> = jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect();
-    let mut noise = SeededNoise::new(&parts);
     let gone = |j: &Job| {
         // Out of time, cancelled, or a client that stopped reading its stream.
         Instant::now() >= j.deadline
             || j.cancel.load(Ordering::Relaxed)
             || (j.progress.is_closed() && j.done.is_closed())
     };
-    let mut on_step = |i: usize, _: &burn::tensor::Tensor<4>| {
+    let mut on_step = |s: &crate::pipeline::Step| {
         let mut all_gone = true;
         for j in jobs {
             if gone(j) {
                 j.cancel.store(true, Ordering::Relaxed);
             } else {
                 all_gone = false;
-                let _ = j.progress.try_send(Progress::Step { step: i + 1, total });
+                let _ = j.progress.try_send(Progress::Step {
+                    step: s.index + 1,
+                    total: s.total,
+                });
             }
         }
         if all_gone {
             cancel_all.store(true, Ordering::Relaxed);
         }
     };
-    let x = generate_with(
-        &model.unet,
-        model.config.unet.num_classes,
-        model.config.image_shape(),
-        sampler.as_mut(),
-        &opts,
-        &mut noise,
-        device,
-        &mut on_step,
-    );
-    let batch = ImageBatch::from_tensor(model.to_images(x));
+    let out = match pipe.run(&req, &mut on_step) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let truncated = out.prompt_truncated.clone();
+    let batch = out.pixels();
     let seconds = t0.elapsed().as_secs_f64();
     let mut start = 0;
-    let mut out = Vec::with_capacity(jobs.len());
+    let mut outcomes = Vec::with_capacity(jobs.len());
     for (k, j) in jobs.iter().enumerate() {
         let range = start..start + j.spec.n;
         start = range.end;
         if gone(j) {
-            out.push(Err(JobError::Cancelled));
+            outcomes.push(Err(JobError::Cancelled));
             continue;
         }
         let pngs: Result<Vec<Vec<u8>>, JobError> = range
@@ -407,12 +359,12 @@ fn run(
                     .map_err(|e| JobError::Failed(format!("cannot encode PNG: {e}")))
             })
             .collect();
-        out.push(pngs.map(|pngs| JobOutput {
+        outcomes.push(pngs.map(|pngs| JobOutput {
             pngs,
             seconds,
-            prompt_truncated: truncated[k],
+            prompt_truncated: truncated.get(k).copied().unwrap_or(false),
         }));
     }
     stats.record(seconds);
-    out
+    outcomes
 }

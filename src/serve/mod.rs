@@ -15,7 +15,7 @@ pub mod api;
 pub mod jobs;
 pub mod load;
 
-use crate::model::LoadedModel;
+use crate::pipeline::Pipeline;
 use api::{ErrorBody, GenerateRequest, GenerateResponse, Limits, ModelInfo};
 use axum::Router;
 use axum::body::Bytes;
@@ -74,18 +74,14 @@ pub struct AppState {
 const PAGE: &str = include_str!("page.html");
 
 /// Builds the router for a loaded model, starting its worker thread.
-pub fn app(
-    model: LoadedModel,
-    encoder: Option<crate::conditioning::text::TextEncoder>,
-    device: burn::tensor::Device,
-    cfg: &ServeConfig,
-) -> Router {
+pub fn app(pipeline: Pipeline, cfg: &ServeConfig) -> Router {
     let limits = Limits {
         max_n: cfg.max_n,
         max_steps: cfg.max_steps,
         max_body_bytes: cfg.max_body_bytes,
         timeout_s: cfg.timeout.as_secs(),
     };
+    let model = &pipeline.model;
     let timesteps = model.schedule.len();
     let info = ModelInfo::new(&model.source, &model.config, timesteps, limits.clone());
     let config = model.config.clone();
@@ -94,7 +90,7 @@ pub fn app(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let state = Arc::new(AppState {
-        queue: Queue::start(model, encoder, device, cfg.queue),
+        queue: Queue::start(pipeline, cfg.queue),
         info,
         config,
         timeout: cfg.timeout,
@@ -113,11 +109,7 @@ pub fn app(
 }
 
 /// Binds, prints the address (`listening on http://HOST:PORT`) and serves until Ctrl-C.
-pub fn serve(
-    model: LoadedModel,
-    device: burn::tensor::Device,
-    cfg: ServeConfig,
-) -> anyhow::Result<()> {
+pub fn serve(pipeline: Pipeline, cfg: ServeConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -128,13 +120,7 @@ pub fn serve(
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local: SocketAddr = listener.local_addr()?;
-        let encoder = match model.config.unet.text_dim {
-            Some(_) => Some(crate::conditioning::text::TextEncoder::load_default(
-                &device,
-            )?),
-            None => None,
-        };
-        let router = app(model, encoder, device, &cfg);
+        let router = app(pipeline, &cfg);
         println!("listening on http://{local}");
         if !local.ip().is_loopback() {
             eprintln!(

@@ -4,21 +4,23 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod ema;
+pub mod objective;
+mod preview;
+
+use preview::{Preview, preview, preview_lowres};
+pub mod vae;
 
 use crate::data::{self, Dataset, HostBatch};
 use crate::device::{inference_device, training_device};
-use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use crate::model::ModelConfig;
-use crate::rng::{Stream, normal_vec, rng_for};
-use crate::sampler::{GenerateOptions, SamplerChoice, SamplerKind, SchedulerConfig, generate};
-use crate::schedule::{NoiseSchedule, Prediction};
+use crate::schedule::NoiseSchedule;
 use crate::unet::UNet;
 use adamw::AdamW;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, TensorData};
-use rand::{Rng, RngCore};
+use burn::tensor::Tensor;
+use objective::{Latents, Objective};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,16 @@ pub enum LossWeighting {
     /// Min-SNR-gamma (Hang et al. 2023, eq. 7): the x0-space weight `min(SNR, gamma)`,
     /// divided by `SNR` for epsilon and by `SNR + 1` for v prediction.
     MinSnr { gamma: f64 },
+}
+
+impl LossWeighting {
+    /// Min-SNR's `gamma`; 0 for uniform weighting (as `--min-snr` takes it).
+    pub fn gamma(self) -> f64 {
+        match self {
+            Self::Uniform => 0.0,
+            Self::MinSnr { gamma } => gamma,
+        }
+    }
 }
 
 /// Optimisation hyperparameters, saved in every run folder and checkpoint.
@@ -196,31 +208,6 @@ impl RunPaths {
     }
 }
 
-/// Per-item loss weights for the batch's timesteps.
-fn loss_weights(
-    w: LossWeighting,
-    p: Prediction,
-    sched: &NoiseSchedule,
-    t: &[usize],
-) -> Option<Vec<f32>> {
-    match w {
-        LossWeighting::Uniform => None,
-        LossWeighting::MinSnr { gamma } => Some(
-            t.iter()
-                .map(|&ti| {
-                    let snr = sched.snr(ti);
-                    let x0w = snr.min(gamma);
-                    (match p {
-                        Prediction::Epsilon => x0w / snr,
-                        Prediction::V => x0w / (snr + 1.0),
-                        Prediction::X0 => x0w,
-                    }) as f32
-                })
-                .collect(),
-        ),
-    }
-}
-
 /// Reads a run's metrics, keeping only lines up to `max_step`.
 pub fn read_metrics(path: &Path, max_step: usize) -> Vec<MetricLine> {
     std::fs::read_to_string(path)
@@ -261,8 +248,6 @@ pub fn train(
     let dev = training_device();
     let idev = inference_device();
     let sched = NoiseSchedule::new(&cfg.model.schedule)?;
-    let tsteps = sched.len();
-    let num_classes = cfg.model.unet.num_classes;
 
     dev.seed(tc.seed);
     let mut model = UNet::new(&cfg.model.unet, &dev)?;
@@ -341,6 +326,12 @@ pub fn train(
         None => None,
     };
     let extra = vae_tensors(vae);
+    let objective = Objective {
+        cfg,
+        schedule: &sched,
+        latents: latents.as_ref(),
+        captions: bank.as_ref(),
+    };
     let preview_cond = preview_lowres(cfg, &ds);
     // Batches are built on a separate thread, two steps ahead of the training step.
     let ds = Arc::new(ds);
@@ -363,78 +354,14 @@ pub fn train(
     let t0 = Instant::now();
     for step in start..tc.steps {
         let batch = rx.recv().context("the data loader stopped")?;
-        let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
-        let b = tc.batch_size;
-        let t: Vec<usize> = (0..b).map(|_| rng.gen_range(0..tsteps)).collect();
-        // Pixel noise here; a latent model draws its latents' noise below.
-        let noise_v = if latents.is_none() {
-            normal_vec(&mut rng, batch.images.len())
-        } else {
-            Vec::new()
-        };
-        let labels: Option<Vec<usize>> = match (num_classes, &batch.labels) {
-            (Some(k), Some(l)) => Some(
-                l.iter()
-                    .map(|&c| if rng.gen_bool(tc.label_dropout) { k } else { c })
-                    .collect(),
-            ),
-            (Some(k), None) => Some(vec![k; b]),
-            _ => None,
-        };
-        // Text: one of each image's captions, or the null text with the dropout probability.
-        let text = bank.as_ref().map(|bank| {
-            let picks: Vec<(usize, usize)> = batch
-                .indices
-                .iter()
-                .map(|&i| (i, rng.gen_range(0..bank.alternatives(i))))
-                .collect();
-            let null: Vec<bool> = (0..b).map(|_| rng.gen_bool(tc.label_dropout)).collect();
-            bank.batch(&picks, null, &dev)
-        });
-        dev.seed(rng.next_u64());
-
-        let shape = match &latents {
-            Some(l) => [b, l.shape[0], l.shape[1], l.shape[2]],
-            None => batch.shape,
-        };
-        let lowres = cfg.model.superres.as_ref().map(|sr| {
-            let [_, c, s, _] = batch.shape;
-            let v =
-                crate::conditioning::lowres::condition_from_high(&batch.images, b, c, s, sr.scale);
-            Tensor::<4>::from_data(TensorData::new(v, batch.shape), &dev)
-        });
-        let x0 = match &latents {
-            Some(l) => {
-                let eps = normal_vec(&mut rng, b * l.per());
-                Tensor::<4>::from_data(TensorData::new(l.draw(&batch.indices, &eps), shape), &dev)
+        let ex = objective.example(batch, step, &dev);
+        let out = match &ex.text {
+            Some(tc) => {
+                model.forward_cond(ex.x_t.clone(), &ex.t_model, crate::unet::Cond::Text(tc))
             }
-            None => Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &dev),
+            None => model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref()),
         };
-        let noise_v = if latents.is_some() {
-            normal_vec(&mut rng, b * shape[1] * shape[2] * shape[3])
-        } else {
-            noise_v
-        };
-        let noise = Tensor::<4>::from_data(TensorData::new(noise_v, shape), &dev);
-        let x_t = sched.q_sample(x0.clone(), noise.clone(), &t);
-        let target = sched.target(cfg.model.prediction, x0, noise, &t);
-        let x_t = match lowres {
-            Some(c) => Tensor::cat(vec![x_t, c], 1),
-            None => x_t,
-        };
-        let tf: Vec<f64> = t.iter().map(|&v| v as f64).collect();
-        let out = match &text {
-            Some(tc) => model.forward_cond(x_t, &tf, crate::unet::Cond::Text(tc)),
-            None => model.forward(x_t, &tf, labels.as_deref()),
-        };
-        let sq = (out - target).square();
-        let loss = match loss_weights(tc.loss_weighting, cfg.model.prediction, &sched, &t) {
-            None => sq.mean(),
-            Some(w) => {
-                let w = Tensor::<4>::from_data(TensorData::new(w, [b, 1, 1, 1]), &dev);
-                (sq * w).mean()
-            }
-        };
+        let loss = objective.loss(out, &ex, &dev);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let loss_v: f64 = loss.into_scalar::<f32>() as f64;
         if !loss_v.is_finite() {
@@ -482,103 +409,6 @@ pub fn train(
     Ok(tc.steps)
 }
 
-/// Saves a grid of EMA samples (one per class for conditioned models, else 16) made with 30
-/// Euler-ancestral steps to `samples/step-NNNNNN.png`.
-fn preview(
-    cfg: &RunConfig,
-    sched: &NoiseSchedule,
-    ema: &UNet,
-    paths: &RunPaths,
-    step: usize,
-    p: Preview,
-) -> Result<()> {
-    let idev = inference_device();
-    let text = p.text;
-    let (n, classes, cols) = match cfg.model.unet.num_classes {
-        Some(k) => {
-            let per = (16 / k).clamp(1, 4);
-            let classes: Vec<usize> = (0..k).flat_map(|c| std::iter::repeat_n(c, per)).collect();
-            let cols = if per == 1 { k } else { per };
-            (classes.len(), Some(classes), cols)
-        }
-        None => (text.as_ref().map_or(16, |t| t.null.len()), None, 4),
-    };
-    let (n, image_cond) = match &p.lowres {
-        Some((v, shape)) => (
-            shape[0],
-            Some(Tensor::<4>::from_data(
-                TensorData::new(v.clone(), *shape),
-                &idev,
-            )),
-        ),
-        None => (n, None),
-    };
-    // Euler ancestral at 30 steps: robust early in training, when DPM-Solver++'s multistep
-    // update can amplify a poor first prediction (seen as pure-noise tiles in early grids).
-    let choice = SamplerChoice {
-        steps: sched.len().min(30),
-        ..SamplerChoice::default()
-    };
-    let mut sampler = SchedulerConfig::for_model(&cfg.model.schedule, cfg.model.prediction).build(
-        SamplerKind::EulerAncestral,
-        sched,
-        &choice,
-    )?;
-    let opts = GenerateOptions {
-        n,
-        classes,
-        guidance: 1.0,
-        seed: cfg.train.seed,
-        cancel: None,
-        text,
-        negative: None,
-        image_cond: image_cond.clone(),
-    };
-    let x = generate(
-        ema,
-        cfg.model.unet.num_classes,
-        cfg.model.image_shape(),
-        sampler.as_mut(),
-        &opts,
-        &idev,
-        &mut |_, _| {},
-    );
-    let x = match p.vae {
-        Some(v) => v.decode_scaled(x),
-        None => x,
-    };
-    // Super-resolution: the bicubic inputs above their outputs.
-    let x = match image_cond {
-        Some(c) => Tensor::cat(vec![c, x], 0),
-        None => x,
-    };
-    let batch = ImageBatch::from_tensor(x);
-    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
-    let g = upscale(
-        &grid(&imgs, cols),
-        display_factor(cfg.model.output_shape()[1]),
-    );
-    save_png(&g, &paths.samples().join(format!("step-{step:06}.png")))
-}
-
-/// What preview grids need besides the model.
-struct Preview<'a> {
-    text: Option<crate::unet::TextCond>,
-    /// Super-resolution: the conditioning images of 8 training images and their shape.
-    lowres: Option<(Vec<f32>, [usize; 4])>,
-    vae: Option<&'a crate::vae::LoadedVae>,
-}
-
-/// Super-resolution previews: 8 training images, reduced and upsampled bicubically.
-fn preview_lowres(cfg: &RunConfig, ds: &Dataset) -> Option<(Vec<f32>, [usize; 4])> {
-    let sr = cfg.model.superres.as_ref()?;
-    let n = ds.len().min(8);
-    let (c, s) = (ds.channels, ds.size);
-    let high = ds.spread_f32(n);
-    let v = crate::conditioning::lowres::condition_from_high(&high, n, c, s, sr.scale);
-    Some((v, [n, c, s, s]))
-}
-
 /// The VAE's tensors under [`crate::model::VAE_PREFIX`], for model files and checkpoints.
 fn vae_tensors(vae: Option<&crate::vae::LoadedVae>) -> crate::weights::NamedTensors {
     vae.map(|v| {
@@ -588,37 +418,6 @@ fn vae_tensors(vae: Option<&crate::vae::LoadedVae>) -> crate::weights::NamedTens
             .collect()
     })
     .unwrap_or_default()
-}
-
-/// A dataset's latent posteriors: per image, `per` means then `per` standard deviations.
-struct Latents {
-    shape: [usize; 3],
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    scale: f32,
-    shift: f32,
-}
-
-impl Latents {
-    /// Values per latent.
-    fn per(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Scaled posterior samples `(mean + std * eps - shift) * scale` (Kingma & Welling 2014,
-    /// eq. 10) for the images `idx`, with `per` values of `eps ~ N(0, I)` per image.
-    fn draw(&self, idx: &[usize], eps: &[f32]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(idx.len() * self.per());
-        for (k, &i) in idx.iter().enumerate() {
-            let m = &self.mean[i * self.per()..(i + 1) * self.per()];
-            let s = &self.std[i * self.per()..(i + 1) * self.per()];
-            let e = &eps[k * self.per()..(k + 1) * self.per()];
-            for j in 0..self.per() {
-                out.push((m[j] + s[j] * e[j] - self.shift) * self.scale);
-            }
-        }
-        out
-    }
 }
 
 /// Encodes every image of `ds` once (batches of 64 on the inference device).

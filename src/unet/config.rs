@@ -99,6 +99,36 @@ impl Default for UNetConfig {
 }
 
 impl UNetConfig {
+    /// The small-model recipe `diffuse train` starts from (it trained the embedded
+    /// Fashion-MNIST model on a CPU): 32 base channels, two residual blocks per level, no
+    /// dropout, 8 normalisation groups, channel multipliers by image size
+    /// ([`Self::default_channel_mult`]), self-attention at the lowest resolution.
+    pub fn recipe(image_size: usize) -> Self {
+        let channel_mult = Self::default_channel_mult(image_size);
+        let mut c = Self {
+            image_size,
+            base_channels: 32,
+            channel_mult,
+            num_res_blocks: 2,
+            dropout: 0.0,
+            norm_groups: 8,
+            ..Self::default()
+        };
+        c.attention_resolutions = c.level_sizes().last().copied().into_iter().collect();
+        c
+    }
+
+    /// Channel multipliers per level for an image side: two levels up to 16, three up to 32,
+    /// four up to 64, five above.
+    pub fn default_channel_mult(size: usize) -> Vec<usize> {
+        match size {
+            0..=16 => vec![1, 2],
+            17..=32 => vec![1, 2, 2],
+            33..=64 => vec![1, 2, 2, 2],
+            _ => vec![1, 1, 2, 2, 4],
+        }
+    }
+
     /// Feature-map side length at each level, following stride-2 convolutions: with padding
     /// 1, `s_{i+1} = ceil(s_i / 2)`; with bottom/right padding only, `floor(s_i / 2)`.
     pub fn level_sizes(&self) -> Vec<usize> {

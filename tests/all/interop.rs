@@ -6,7 +6,7 @@ use super::data::fixture;
 use burn::tensor::{Tensor, TensorData};
 use diffuse::device::inference_device;
 use diffuse::interop::diffusers::load_pipeline;
-use diffuse::model::{self, LoadedModel};
+use diffuse::model::LoadedModel;
 use diffuse::sampler::SamplerKind;
 use diffuse::weights::{self, HostTensor, NamedTensors, read_safetensors};
 use std::path::Path;
@@ -149,12 +149,12 @@ fn every_sampler_runs_on_a_pipeline() {
 fn exported_models_are_what_diffusers_loads_and_runs() {
     let dev = inference_device();
     // What diffusers computed from the exported folders (see the fixture script).
-    let embedded = model::load(None, &dev).unwrap();
+    let embedded = diffuse::pipeline::load_model(None, &dev).unwrap();
     let (io, _) = read_safetensors(&fixture("diffusers/export_fashion_io.safetensors")).unwrap();
     let e = forward_error(&embedded, &io);
     assert!(e < 1e-4, "embedded model vs diffusers: {e}");
     let tiny = fixture("diffusers/tiny-uncond.safetensors");
-    let m = model::load(tiny.to_str(), &dev).unwrap();
+    let m = diffuse::pipeline::load_model(tiny.to_str(), &dev).unwrap();
     let f = fixture("diffusers/export_uncond_io.safetensors");
     let (io, _) = read_safetensors(&f).unwrap();
     let e = forward_error(&m, &io);

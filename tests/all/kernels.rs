@@ -461,11 +461,12 @@ fn bf16_rounding_is_to_nearest_even() {
 }
 
 #[test]
+#[cfg_attr(not(has_amx), ignore = "skipped: this processor has no AMX-BF16")]
 fn bf16_convolution_equals_f32_on_rounded_operands() {
-    if !kernels::bf16_available() {
-        eprintln!("skipped: this processor has no AMX-BF16");
-        return;
-    }
+    assert!(
+        kernels::bf16_available(),
+        "the processor lists AMX-BF16 but the bf16 path is not available"
+    );
     let mut cases = geometries();
     // Many blocks, panels and chunks along k (K = 2304 exceeds one chunk at 200 rows).
     cases.push(geom(2, 256, 5, 7, 200, 3, 1, 1));
@@ -506,11 +507,12 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
 
 /// Same inputs, same bits, whatever the number of threads spreading the work.
 #[test]
+#[cfg_attr(not(has_amx), ignore = "skipped: this processor has no AMX-BF16")]
 fn bf16_convolution_is_deterministic() {
-    if !kernels::bf16_available() {
-        eprintln!("skipped: this processor has no AMX-BF16");
-        return;
-    }
+    assert!(
+        kernels::bf16_available(),
+        "the processor lists AMX-BF16 but the bf16 path is not available"
+    );
     let g = geom(1, 32, 16, 16, 48, 3, 1, 1);
     let x = conv_values(g.batch * g.c_in * g.h * g.w, 11);
     let w = conv_values(g.c_out * g.k(), 12);

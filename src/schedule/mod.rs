@@ -5,22 +5,30 @@
 //! ("Denoising Diffusion Probabilistic Models", DDPM): `beta_t`, `alpha_t = 1 - beta_t`,
 //! `alpha_bar_t = prod_{s<=t} alpha_s`. Timesteps are 0-based: `t = 0..T-1`.
 
+pub mod prediction;
+pub mod spacing;
+
+pub use prediction::Prediction;
+pub use spacing::{TimestepSpacing, spaced_timesteps};
+
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// How `beta_t` grows over the `T` steps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BetaSchedule {
     /// `beta_t` evenly spaced from `beta_start` to `beta_end` (DDPM, section 4: 1e-4 to 0.02).
     Linear,
     /// `beta_t = (linspace(sqrt(beta_start), sqrt(beta_end), T))^2`, the latent-diffusion
     /// schedule (Rombach et al. 2022; diffusers' `scaled_linear`).
+    #[value(alias = "scaled_linear")]
     ScaledLinear,
     /// `alpha_bar(t) = f(t)/f(0)`, `f(t) = cos^2(((t/T) + s)/(1 + s) * pi/2)`, `s = 0.008`;
     /// `beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999)` (Nichol & Dhariwal 2021,
     /// "Improved DDPM", eq. 17).
+    #[value(alias = "squaredcos_cap_v2")]
     Cosine,
     /// `alpha_bar(t)` follows a scaled sigmoid from `sigmoid(-3)` to `sigmoid(3)` with
     /// temperature 1, normalised to start at 1, betas clipped at 0.999 (Chen 2023, "On the
@@ -39,31 +47,6 @@ impl std::str::FromStr for BetaSchedule {
             other => bail!(
                 "unknown schedule '{other}' (expected linear, scaled-linear, cosine or sigmoid)"
             ),
-        })
-    }
-}
-
-/// What the denoiser is trained to output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Prediction {
-    /// The noise `eps` that was added (DDPM, eq. 14; the default).
-    Epsilon,
-    /// The velocity `v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0` (Salimans & Ho 2022,
-    /// "Progressive Distillation", section 4).
-    V,
-    /// The clean image `x0` itself.
-    X0,
-}
-
-impl std::str::FromStr for Prediction {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "epsilon" | "eps" => Self::Epsilon,
-            "v" | "v-prediction" | "v_prediction" => Self::V,
-            "x0" | "sample" => Self::X0,
-            other => bail!("unknown objective '{other}' (expected epsilon, v or x0)"),
         })
     }
 }
@@ -247,7 +230,7 @@ impl NoiseSchedule {
         x0 * a + noise * s
     }
 
-    /// The training target for a given objective (DDPM eq. 14; v from Salimans & Ho 2022).
+    /// The training target for a given objective at timesteps `t` ([`prediction::target`]).
     pub fn target(
         &self,
         prediction: Prediction,
@@ -255,21 +238,14 @@ impl NoiseSchedule {
         noise: Tensor<4>,
         t: &[usize],
     ) -> Tensor<4> {
-        match prediction {
-            Prediction::Epsilon => noise,
-            Prediction::X0 => x0,
-            Prediction::V => {
-                let device = x0.device();
-                let a = self.per_item(t, |ab| ab.sqrt(), &device);
-                let s = self.per_item(t, |ab| (1.0 - ab).sqrt(), &device);
-                noise * a - x0 * s
-            }
+        if prediction != Prediction::V {
+            return prediction::target(prediction, x0, noise, 1.0f32, 0.0f32);
         }
+        let (a, s) = self.coefficients(t, &x0.device());
+        prediction::target(prediction, x0, noise, a, s)
     }
 
-    /// Converts a model output at timesteps `t` into the pair `(x0_hat, eps_hat)`, using
-    /// `x_t = sqrt(ab) x0 + sqrt(1-ab) eps` and, for v, `x0 = sqrt(ab) x_t - sqrt(1-ab) v`,
-    /// `eps = sqrt(1-ab) x_t + sqrt(ab) v` (Salimans & Ho 2022, section 4).
+    /// A model output at timesteps `t` as the pair `(x0_hat, eps_hat)` ([`prediction::split`]).
     pub fn split_prediction(
         &self,
         prediction: Prediction,
@@ -277,24 +253,16 @@ impl NoiseSchedule {
         out: Tensor<4>,
         t: &[usize],
     ) -> (Tensor<4>, Tensor<4>) {
-        let device = x_t.device();
-        let a = self.per_item(t, |ab| ab.sqrt(), &device);
-        let s = self.per_item(t, |ab| (1.0 - ab).sqrt(), &device);
-        match prediction {
-            Prediction::Epsilon => {
-                let x0 = (x_t - out.clone() * s) / a;
-                (x0, out)
-            }
-            Prediction::X0 => {
-                let eps = (x_t - out.clone() * a) / s;
-                (out, eps)
-            }
-            Prediction::V => {
-                let x0 = x_t.clone() * a.clone() - out.clone() * s.clone();
-                let eps = x_t * s + out * a;
-                (x0, eps)
-            }
-        }
+        let (a, s) = self.coefficients(t, &x_t.device());
+        prediction::split(prediction, x_t, out, a, s)
+    }
+
+    /// `(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t))` per item, as `[B,1,1,1]` tensors.
+    fn coefficients(&self, t: &[usize], device: &Device) -> (Tensor<4>, Tensor<4>) {
+        (
+            self.per_item(t, |ab| ab.sqrt(), device),
+            self.per_item(t, |ab| (1.0 - ab).sqrt(), device),
+        )
     }
 
     /// A `[B,1,1,1]` tensor holding `f(alpha_bar_{t_i})` for each item.

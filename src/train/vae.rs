@@ -2,12 +2,12 @@
 //! (Rombach et al. 2022, appendix G, without the perceptual and adversarial terms), AdamW with
 //! warm-up and clipping; afterwards the latent scaling factor is measured on the data.
 
-use super::{LoadedVae, Vae, VaeConfig};
+use super::adamw::{self, AdamW};
 use crate::data::{self, Dataset};
 use crate::device::{inference_device, training_device};
 use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use crate::rng::{Stream, normal_vec, rng_for};
-use crate::train::adamw::{self, AdamW};
+use crate::vae::{LoadedVae, Vae, VaeConfig};
 use crate::weights::{self, StoreDtype};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
@@ -128,7 +128,7 @@ pub fn train(
         }
         let gnorm = adamw::grad_norm(&model, &grads);
         let scale = adamw::clip_scale(gnorm, tc.grad_clip);
-        let lr = crate::train::warmup_lr(tc.lr, tc.warmup_steps, step);
+        let lr = super::warmup_lr(tc.lr, tc.warmup_steps, step);
         model = opt.step(model, &grads, lr, scale);
         let done = step + 1;
         let line = VaeMetric {
@@ -149,7 +149,7 @@ pub fn train(
                 vae: valid,
                 source: out.display().to_string(),
             };
-            super::save(&v, out, StoreDtype::F32)?;
+            crate::vae::save(&v, out, StoreDtype::F32)?;
             if done == tc.steps {
                 previews(&v, &ds, tc.seed, out)?;
                 return Ok(v);
@@ -174,7 +174,7 @@ pub fn measure_scale(vae: &Vae, ds: &Dataset, seed: u64, dev: &Device) -> f64 {
     let mut sq = 0.0f64;
     let mut count = 0usize;
     let mut rng = rng_for(seed, Stream::Sample, 7);
-    super::encode_images(vae, ds, 512, dev, &mut |post| {
+    crate::vae::encode_images(vae, ds, 512, dev, &mut |post| {
         let d = post.mean.dims();
         let eps = Tensor::<4>::from_data(
             TensorData::new(normal_vec(&mut rng, d.iter().product()), d),

@@ -1,0 +1,256 @@
+//! The `diffuse` commands, one file each, over the library: each parses its options, calls the
+//! library ([`diffuse::pipeline`] for generation, [`diffuse::train`] for training) and writes
+//! files. What is shared by several commands lives here: the sampler options, the progress
+//! bar, list parsing, where images are written.
+
+pub mod bench;
+pub mod convert;
+pub mod edit;
+pub mod eval;
+pub mod export;
+pub mod fetch;
+pub mod noise;
+pub mod sample;
+pub mod serve;
+pub mod train;
+pub mod upscale;
+pub mod vae;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use diffuse::imageio::save_png;
+use diffuse::kernels::MatmulMode;
+use diffuse::pipeline::{Request, SamplerDefaults};
+use diffuse::sampler::{SamplerChoice, SamplerKind, VarianceType};
+use diffuse::schedule::TimestepSpacing;
+use diffuse::weights::StoreDtype;
+use image::DynamicImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "diffuse",
+    version,
+    about = "Denoising diffusion models: train on images, generate new ones"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Arithmetic of the convolutions' matrix products: f32, or bf16 (products of bf16-rounded
+    /// operands summed in f32, on Intel AMX: faster, slightly different results). Default: bf16
+    /// where the processor has AMX, else f32; a resumed run keeps its own.
+    #[arg(long, global = true, value_enum)]
+    precision: Option<MatmulMode>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate images from a model (the embedded Fashion-MNIST model by default).
+    Sample(Box<sample::SampleArgs>),
+    /// Train a model on an image folder, IDX files or a fetched dataset.
+    Train(Box<train::TrainArgs>),
+    /// Draw the forward-diffusion strip of one image: x_t at several timesteps.
+    Noise(noise::NoiseArgs),
+    /// Fetch a named dataset into the cache: fashion-mnist, mnist, digits, emoji; or the inception
+    /// (FID) or text-encoder (MiniLM) weights.
+    Fetch {
+        /// Dataset name.
+        name: String,
+    },
+    /// Time the benchmark U-Net (shared/bench/MODEL.md) built from diffuse's blocks.
+    Bench {
+        /// Untimed warm-up steps per measurement.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed steps per measurement (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Train a small CNN classifier, the feature extractor for FID on small grey data.
+    TrainClassifier(eval::TrainClassifierArgs),
+    /// FID, KID, precision and recall between two image sets.
+    Fid(eval::FidArgs),
+    /// Sample from a model and measure FID, KID, precision/recall and class accuracy.
+    Eval(eval::EvalArgs),
+    /// Write a model as a diffusers pipeline folder (DDPMPipeline with a UNet2DModel).
+    Export {
+        /// Run folder or model file (default: the embedded model).
+        #[arg(long)]
+        model: Option<String>,
+        /// New folder for the pipeline.
+        #[arg(long)]
+        diffusers: PathBuf,
+    },
+    /// Edit an image: SDEdit (--strength) or inpainting (--mask), steered by class.
+    Edit(Box<edit::EditArgs>),
+    /// Enlarge an image with a super-resolution model, or compare one with bicubic upscaling.
+    Upscale(Box<upscale::UpscaleArgs>),
+    /// Train a variational autoencoder (diffusers AutoencoderKL layout) for latent diffusion.
+    TrainVae(Box<vae::TrainVaeArgs>),
+    /// Encode images to latents or decode latents to images with a VAE.
+    Vae {
+        #[command(subcommand)]
+        cmd: vae::VaeCmd,
+    },
+    /// Serve an HTTP API and a web page for generating images (loopback by default).
+    Serve(serve::ServeArgs),
+    /// Load-test a running `diffuse serve` on loopback: good and bad requests, hang-ups.
+    Loadtest(serve::LoadTestArgs),
+    /// Rewrite a model file, e.g. in half precision for shipping.
+    Convert {
+        /// Run folder or model file.
+        #[arg(long)]
+        model: String,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage precision.
+        #[arg(long, value_enum, default_value_t = StoreDtype::F16)]
+        dtype: StoreDtype,
+    },
+}
+
+pub fn main() {
+    diffuse::device::keep_freed_memory();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // Help and version go to stdout with status 0; a bad option is one error line, status 1.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(1);
+        }
+    };
+    let result = set_precision(cli.precision).and_then(|()| match cli.cmd {
+        Cmd::Sample(a) => sample::run(*a),
+        Cmd::Train(a) => train::run(*a),
+        Cmd::Noise(a) => noise::run(a),
+        Cmd::Fetch { name } => fetch::run(&name),
+        Cmd::Convert { model, out, dtype } => convert::run(&model, &out, dtype),
+        Cmd::TrainClassifier(a) => eval::train_classifier(a),
+        Cmd::Fid(a) => eval::fid(a),
+        Cmd::Eval(a) => eval::eval_cmd(a),
+        Cmd::Export { model, diffusers } => export::run(model.as_deref(), &diffusers),
+        Cmd::Edit(a) => edit::edit_cmd(*a),
+        Cmd::Upscale(a) => upscale::upscale_cmd(*a),
+        Cmd::TrainVae(a) => vae::train_vae_cmd(*a),
+        Cmd::Vae { cmd } => vae::vae_cmd(cmd),
+        Cmd::Serve(a) => serve::serve_cmd(a),
+        Cmd::Loadtest(a) => serve::loadtest_cmd(a),
+        Cmd::Bench {
+            warmup,
+            iters,
+            json,
+        } => bench::run(warmup, iters, json.as_deref()),
+    });
+    if let Err(e) = result {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+/// The sampler options every generating command takes.
+#[derive(Args, Clone, Debug)]
+pub struct SamplerArgs {
+    /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun (default: ddpm for sample;
+    /// euler-a for edit and upscale; dpmpp-2m for eval).
+    #[arg(long, value_parser = diffuse::sampler::config::parse_sampler)]
+    pub sampler: Option<SamplerKind>,
+    /// Sampling steps (default: all T for ddpm and 50 for the others in sample; 50 in edit and
+    /// upscale, where an edit runs the last `strength` of them; 20 in eval).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// DDIM noise weight: 0 deterministic, 1 DDPM-like.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Timestep spacing (default: the model's scheduler config; trailing for diffuse models).
+    #[arg(long, value_enum)]
+    pub spacing: Option<TimestepSpacing>,
+    /// DDPM reverse-process variance (default: the model's).
+    #[arg(long, value_enum)]
+    pub variance: Option<VarianceType>,
+    /// Karras noise levels (EDM, eq. 5) for dpmpp-2m, euler and heun.
+    #[arg(long)]
+    pub karras: bool,
+}
+
+impl SamplerArgs {
+    /// A request for `n` images with these options over a command's defaults.
+    pub fn request(&self, n: usize, defaults: SamplerDefaults) -> Request {
+        let mut r = Request::new(n, self.sampler.unwrap_or(defaults.sampler));
+        r.steps = self.steps.or(defaults.steps);
+        r.options = SamplerChoice {
+            steps: 0,
+            eta: self.eta,
+            spacing: self.spacing,
+            variance: self.variance,
+            karras: self.karras.then_some(true),
+        };
+        r
+    }
+}
+
+/// A progress bar of `len` items drawn with `template` (indicatif's syntax).
+pub fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// The progress bar of a sampling run, one tick per step.
+pub fn steps_bar() -> ProgressBar {
+    bar(0, "{bar:40} {pos}/{len} steps  {per_sec}  ETA {eta}")
+}
+
+/// A comma-separated list of non-negative integers; `what` names the option in errors.
+pub fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .with_context(|| format!("{what}: '{p}' is not a non-negative integer"))
+        })
+        .collect()
+}
+
+/// Writes each image to `dir` as `00000.png`, `00001.png`, ... and says so.
+pub fn write_image_dir(dir: &Path, images: &[DynamicImage]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (i, img) in images.iter().enumerate() {
+        save_png(&img.to_rgb8(), &dir.join(format!("{i:05}.png")))?;
+    }
+    println!("wrote {} images to {}", images.len(), dir.display());
+    Ok(())
+}
+
+/// `--precision` as given (None: not given; the process then runs in the default mode,
+/// `kernels::matmul_mode()`).
+static PRECISION: std::sync::OnceLock<Option<MatmulMode>> = std::sync::OnceLock::new();
+
+/// Sets the process's matrix-product mode from `--precision` (default: bf16 where the
+/// processor has AMX, f32 elsewhere; `DIFFUSE_MATMUL` when set) and remembers what was given.
+pub fn set_precision(given: Option<MatmulMode>) -> Result<()> {
+    match given {
+        None if std::env::var_os("DIFFUSE_MATMUL").is_some() => {}
+        None => diffuse::kernels::set_matmul_mode(MatmulMode::fastest())?,
+        Some(mode) => diffuse::kernels::set_matmul_mode(mode)
+            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
+    }
+    PRECISION.set(given).ok();
+    Ok(())
+}
+
+/// `--precision` as given on the command line.
+pub fn precision_arg() -> Option<MatmulMode> {
+    PRECISION.get().copied().flatten()
+}

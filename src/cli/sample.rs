@@ -1,0 +1,242 @@
+//! `diffuse sample`: images from a model, as a grid, one file each, a trajectory strip and
+//! the model-space tensor.
+
+use super::{SamplerArgs, steps_bar, write_image_dir};
+use anyhow::{Result, bail};
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use diffuse::conditioning::text::TextEncoder;
+use diffuse::device::inference_device;
+use diffuse::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
+use diffuse::pipeline::{
+    CondFlags, Conditioning, FlagNames, Pipeline, Resolved, SamplerDefaults, Seeds, Start,
+    load_model,
+};
+use diffuse::weights::{self, NamedTensors, StoreDtype};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Run folder or model .safetensors file (default: the embedded Fashion-MNIST model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Number of images (default: 16, or 4 per class for a class-conditioned model without --class).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Class index or name, for class-conditioned models (default: rows of every class).
+    #[arg(long)]
+    class: Option<String>,
+    /// The prompt, for text-conditioned models (empty: unconditional); for a class-conditioned
+    /// model, a class name.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Text models: what guidance steers away from (default: the null text).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Classifier-free guidance weight (1 = none).
+    #[arg(long, default_value_t = 2.0)]
+    guidance: f32,
+    #[command(flatten)]
+    sampler: SamplerArgs,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Grid PNG to write (default samples.png when --out-dir is not given).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Folder for one PNG per image at the model's resolution.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// PNG strip of the first image's reverse diffusion, x_T to x_0.
+    #[arg(long)]
+    trajectory: Option<PathBuf>,
+    /// Images per grid row.
+    #[arg(long)]
+    cols: Option<usize>,
+    /// Start from this x_T: the tensor "noise" [N,C,H,W] of a safetensors file (N images).
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Also write the final sample in model space (before clamping to pixels) as the tensor
+    /// "sample" of this safetensors file.
+    #[arg(long)]
+    save_tensor: Option<PathBuf>,
+}
+
+/// Reads `--init-noise`: the tensor "noise" of shape `[N, C, H, W]` for images `[C, H, W]`.
+fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor> {
+    let (mut t, _) = weights::read_safetensors(path)?;
+    let noise = t
+        .remove("noise")
+        .ok_or_else(|| anyhow::anyhow!("{} has no tensor named 'noise'", path.display()))?;
+    let s = &noise.shape;
+    if s.len() != 4 || s[1..] != image || s[0] == 0 || s[0] > 10_000 {
+        bail!(
+            "{}: tensor 'noise' has shape {:?}, this model needs [N, {}, {}, {}] with 1 <= N <= 10000",
+            path.display(),
+            s,
+            image[0],
+            image[1],
+            image[2]
+        );
+    }
+    if noise.data.iter().any(|v| !v.is_finite()) {
+        bail!(
+            "{}: tensor 'noise' holds NaN or infinite values",
+            path.display()
+        );
+    }
+    Ok(noise)
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    let dev = inference_device();
+    let m = load_model(a.model.as_deref(), &dev)?;
+    let cfg = m.config.clone();
+    let init = match &a.init_noise {
+        Some(p) => Some(read_init_noise(p, cfg.image_shape())?),
+        None => None,
+    };
+    let n = match &init {
+        Some(t) if a.n.is_some_and(|n| n != t.shape[0]) => bail!(
+            "--n {} disagrees with the {} images of --init-noise",
+            a.n.unwrap_or(0),
+            t.shape[0]
+        ),
+        Some(t) => Some(t.shape[0]),
+        None => a.n,
+    };
+    if n.is_some_and(|n| n == 0 || n > 10_000) {
+        bail!("--n must be between 1 and 10000 (got {})", n.unwrap_or(0));
+    }
+    if a.cols == Some(0) {
+        bail!("--cols must be at least 1");
+    }
+    let flags = CondFlags {
+        class: a.class.as_deref(),
+        prompt: a.prompt.as_deref(),
+        negative: a.negative_prompt.as_deref(),
+    };
+    // A class, rows of every class, or one prompt for all images.
+    let (n, conditioning, cols) = match (flags.resolve(&cfg, FlagNames::CLI)?, cfg.unet.num_classes)
+    {
+        (Resolved::Class(c), _) => {
+            let n = n.unwrap_or(16);
+            (
+                n,
+                Conditioning::Classes(vec![c; n]),
+                a.cols.unwrap_or(4.min(n)),
+            )
+        }
+        (Resolved::Nothing, Some(k)) => {
+            let n = n.unwrap_or(4 * k);
+            let classes: Vec<usize> = (0..n).map(|i| i * k / n.max(1)).collect();
+            let cols = a.cols.unwrap_or(if n % k == 0 { n / k } else { 8 });
+            (n, Conditioning::Classes(classes), cols)
+        }
+        (resolved, _) => {
+            let n = n.unwrap_or(16);
+            let cols = a.cols.unwrap_or((n as f64).sqrt().ceil() as usize);
+            let c = match resolved {
+                Resolved::Prompt { prompt, negative } => {
+                    if prompt.trim().is_empty() {
+                        eprintln!(
+                            "note: no --prompt: sampling the model's unconditional distribution"
+                        );
+                    }
+                    Conditioning::Prompts {
+                        prompts: vec![(prompt, n)],
+                        negative,
+                    }
+                }
+                _ => Conditioning::None,
+            };
+            (n, c, cols)
+        }
+    };
+    let text_encoder = match cfg.unet.text_dim {
+        Some(_) if cfg.superres.is_none() => Some(TextEncoder::load_default(&dev)?),
+        _ => None,
+    };
+    let pipe = Pipeline::new(m, text_encoder, dev.clone());
+    let mut req = a.sampler.request(n, SamplerDefaults::GENERATE);
+    req.conditioning = conditioning;
+    req.guidance = a.guidance;
+    req.seeds = Seeds::One(a.seed);
+    req.trajectory = a.trajectory.is_some();
+    if let Some(noise) = init {
+        let shape: [usize; 4] = noise.shape.clone().try_into().expect("checked 4-d");
+        req.start = Start::GivenNoise(Tensor::<4>::from_data(
+            TensorData::new(noise.data, shape),
+            &dev,
+        ));
+    }
+    let pb = steps_bar();
+    let out = pipe.run(&req, &mut |s| {
+        if s.index == 0 {
+            pb.set_length(s.total as u64);
+        }
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    if let Some(enc) = &pipe.text_encoder {
+        let max = enc.max_len;
+        for (cut, what) in [
+            (out.negative_truncated, "--negative-prompt"),
+            (out.prompt_truncated.first() == Some(&true), "--prompt"),
+        ] {
+            if cut {
+                eprintln!(
+                    "note: {what} is longer than the encoder's {max} tokens; the rest is ignored"
+                );
+            }
+        }
+    }
+    if let Some(path) = &a.save_tensor {
+        let x = &out.sample;
+        let mut t = NamedTensors::new();
+        t.insert(
+            "sample".into(),
+            weights::HostTensor {
+                shape: x.dims().to_vec(),
+                data: x
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec()
+                    .expect("f32"),
+            },
+        );
+        let bytes = weights::to_safetensors(&t, &Default::default(), StoreDtype::F32)?;
+        weights::write_atomic(path, &bytes)?;
+        println!("wrote {}", path.display());
+    }
+    let batch = out.pixels();
+    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
+    let f = display_factor(cfg.output_shape()[1]);
+    let grid_out = match (&a.out, &a.out_dir) {
+        (None, None) => Some(PathBuf::from("samples.png")),
+        (o, _) => o.clone(),
+    };
+    if let Some(path) = &grid_out {
+        save_png(&upscale(&grid(&imgs, cols), f), path)?;
+        println!(
+            "wrote {} ({} images from {})",
+            path.display(),
+            n,
+            pipe.source()
+        );
+    }
+    if let Some(dir) = &a.out_dir {
+        write_image_dir(dir, &imgs)?;
+    }
+    if let Some(path) = &a.trajectory {
+        let frames: Vec<_> = out
+            .trajectory
+            .iter()
+            .map(|x| ImageBatch::from_tensor(x.clone()).image(0))
+            .collect();
+        save_png(&upscale(&grid(&frames, frames.len()), f), path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

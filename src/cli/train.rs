@@ -1,0 +1,417 @@
+//! `diffuse train`: the run's configuration from the options (or the checkpoint, to resume),
+//! checks of the data against it, and the training loop with a progress bar.
+
+use super::{parse_list, precision_arg};
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+use diffuse::data::{self, Shape};
+use diffuse::device::inference_device;
+use diffuse::kernels;
+use diffuse::model::{self, ModelConfig};
+use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
+use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
+use diffuse::unet::UNetConfig;
+use std::path::PathBuf;
+
+/// What the denoiser is conditioned on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CondKind {
+    None,
+    Class,
+    Text,
+}
+
+/// What the model learns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Task {
+    /// Generate images.
+    Denoise,
+    /// Enlarge images (SR3).
+    Superres,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Image folder (class = first-level subfolder), IDX file/folder, digits CSV, or a fetched dataset name.
+    #[arg(long)]
+    data: String,
+    /// Run folder for config, checkpoints, metrics and sample grids.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Image side length (default: the data's own for IDX/digits, 32 for folders).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// 1 (grey) or 3 (RGB) (default: the data's own; 3 for folders).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Conditioning: none, class (class subfolders) or text (captions.jsonl or .txt files;
+    /// needs `diffuse fetch text-encoder`).
+    #[arg(long, value_enum, default_value_t = CondKind::None)]
+    cond: CondKind,
+    /// Text models: feature-map sizes with cross-attention to the prompt (default: the two
+    /// lowest-resolution levels).
+    #[arg(long)]
+    cross_attention: Option<String>,
+    /// What the model learns: denoise (generate images) or superres (enlarge images by
+    /// --scale; --image-size is the high resolution; pairs are made from the data).
+    #[arg(long, value_enum, default_value_t = Task::Denoise)]
+    task: Task,
+    /// Super-resolution factor: 2 or 4.
+    #[arg(long)]
+    scale: Option<usize>,
+    /// Latent diffusion: a VAE folder (diffuse train-vae output or a diffusers AutoencoderKL);
+    /// the denoiser learns its scaled latents and the VAE travels in the model file.
+    #[arg(long)]
+    latent: Option<PathBuf>,
+    /// Training steps (with --resume: a new total to train to).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    batch: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
+    warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    #[arg(long, default_value_t = TrainConfig::default().grad_clip)]
+    grad_clip: f64,
+    /// EMA decay (0.995 suits runs of a few thousand steps; 0.9999 long ones).
+    #[arg(long, default_value_t = TrainConfig::default().ema_decay)]
+    ema_decay: f64,
+    /// Label dropout probability for classifier-free guidance.
+    #[arg(long, default_value_t = TrainConfig::default().label_dropout)]
+    label_dropout: f64,
+    /// Random horizontal flips.
+    #[arg(long)]
+    hflip: bool,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023); 0 for plain MSE.
+    #[arg(long, default_value_t = TrainConfig::default().loss_weighting.gamma())]
+    min_snr: f64,
+    /// Objective.
+    #[arg(long, value_enum, default_value_t = Prediction::Epsilon)]
+    objective: Prediction,
+    /// Beta schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleConfig::default().beta_schedule)]
+    schedule: BetaSchedule,
+    /// Diffusion steps T.
+    #[arg(long, default_value_t = ScheduleConfig::default().timesteps)]
+    timesteps: usize,
+    /// U-Net base channels.
+    #[arg(long, default_value_t = UNetConfig::recipe(32).base_channels)]
+    base_channels: usize,
+    /// Channel multipliers per level, comma-separated (default by image size).
+    #[arg(long)]
+    channel_mult: Option<String>,
+    /// Residual blocks per level.
+    #[arg(long, default_value_t = UNetConfig::recipe(32).num_res_blocks)]
+    res_blocks: usize,
+    /// Feature-map sizes with self-attention, comma-separated (default: the lowest level).
+    #[arg(long)]
+    attention: Option<String>,
+    /// Dropout in residual blocks (worth 0.1 on small datasets trained for long).
+    #[arg(long, default_value_t = UNetConfig::recipe(32).dropout)]
+    dropout: f64,
+    /// GroupNorm groups.
+    #[arg(long, default_value_t = UNetConfig::recipe(32).norm_groups)]
+    norm_groups: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
+    checkpoint_every: usize,
+    /// Save a sample grid every N steps and at the end (0: never).
+    #[arg(long, default_value_t = TrainConfig::default().sample_every)]
+    sample_every: usize,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let paths = RunPaths::new(&a.out);
+    let ckpt_path = paths.checkpoint();
+    let (cfg, resume) = if a.resume {
+        if !ckpt_path.exists() {
+            bail!(
+                "--resume: {} has no checkpoint.safetensors to continue",
+                a.out.display()
+            );
+        }
+        let ck = checkpoint::load(&ckpt_path)?;
+        eprintln!(
+            "note: --resume continues with the settings saved in the checkpoint; only --steps, --data and --precision are read from the command line"
+        );
+        let mut cfg = ck.run.clone();
+        if let Some(s) = a.steps {
+            cfg.train.steps = s;
+        }
+        if let Some(p) = precision_arg() {
+            cfg.train.precision = p;
+        }
+        if cfg.data != a.data {
+            eprintln!(
+                "note: the run was started with --data {}; continuing with {}",
+                cfg.data, a.data
+            );
+            cfg.data = a.data.clone();
+        }
+        (cfg, Some(ck))
+    } else {
+        if ckpt_path.exists() {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                a.out.display()
+            );
+        }
+        (build_run_config(&a)?, None)
+    };
+    cfg.train.validate()?;
+    let u = &cfg.model.unet;
+    let with_classes = u.num_classes.is_some();
+    let [channels, size, _] = cfg.model.output_shape();
+    let ds = data::load(&cfg.data, Shape { size, channels }, with_classes)?;
+    // A latent model's VAE: from --latent for a new run, from the checkpoint when resuming.
+    let vae = match (&cfg.model.latent, &resume, &a.latent) {
+        (None, _, _) => None,
+        (Some(l), Some(ck), _) => Some(diffuse::vae::build(
+            l.vae.clone(),
+            &ck.tensors,
+            model::VAE_PREFIX,
+            &ckpt_path.display().to_string(),
+            &inference_device(),
+        )?),
+        (Some(_), None, Some(v)) => Some(diffuse::vae::load(v, &inference_device())?),
+        (Some(_), None, None) => unreachable!("a latent config comes from --latent"),
+    };
+    if let (Some(k), true) = (u.num_classes, with_classes) {
+        if ds.num_classes() != k {
+            bail!(
+                "{} has {} classes, the run was configured for {}",
+                cfg.data,
+                ds.num_classes(),
+                k
+            );
+        }
+    }
+    if u.text_dim.is_some() {
+        if ds.captions.is_none() {
+            bail!(
+                "--cond text: {} has neither captions.jsonl nor .txt files beside its images",
+                cfg.data
+            );
+        }
+        let enc = diffuse::conditioning::text::default_dir()?;
+        if !enc.join("model.safetensors").exists() {
+            bail!("--cond text needs the text encoder: run `diffuse fetch text-encoder`");
+        }
+    }
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    eprintln!(
+        "training on {} images ({}x{}x{}) from {}, steps {}..{}, run folder {}",
+        ds.len(),
+        ds.channels,
+        ds.size,
+        ds.size,
+        ds.source,
+        start,
+        cfg.train.steps,
+        a.out.display()
+    );
+    let pb = super::bar(
+        cfg.train.steps as u64,
+        "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
+    );
+    pb.set_position(start as u64);
+    pb.reset_eta();
+    let done = train::train(&cfg, ds, &a.out, resume, vae.as_ref(), &mut |r| {
+        pb.set_position(r.step as u64);
+        pb.set_message(format!("{:.4}", r.loss));
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "trained to step {done}; model in {}",
+        paths.model().display()
+    );
+    Ok(())
+}
+
+fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
+    // Probe the data once for its native size, channels and classes.
+    let path = data::resolve(&a.data)?;
+    let native = data::idx::is_digits_csv(&path) || data::idx::is_idx(&path)?;
+    let (with_classes, with_text) = (a.cond == CondKind::Class, a.cond == CondKind::Text);
+    if a.cross_attention.is_some() && !with_text {
+        bail!("--cross-attention is for text models (--cond text)");
+    }
+    let (size, channels, class_names) = if native {
+        let probe = if data::idx::is_digits_csv(&path) {
+            data::idx::load_digits_csv(&path)?
+        } else {
+            data::idx::load_idx(&path)?
+        };
+        (
+            a.image_size.unwrap_or(probe.size),
+            a.channels.unwrap_or(1),
+            probe.class_names,
+        )
+    } else {
+        let size = a.image_size.unwrap_or(32);
+        let channels = a.channels.unwrap_or(3);
+        let names = if with_classes {
+            data::folder::class_names(&path)?
+        } else {
+            Vec::new()
+        };
+        (size, channels, names)
+    };
+    if size == 0 {
+        bail!("--image-size must be positive");
+    }
+    if channels != 1 && channels != 3 {
+        bail!("--channels must be 1 or 3 (got {channels})");
+    }
+    let superres = match (a.task, a.scale) {
+        (Task::Denoise, None) => None,
+        (Task::Denoise, Some(_)) => bail!("--scale is for --task superres"),
+        (Task::Superres, Some(k)) if k == 2 || k == 4 => {
+            if size % k != 0 || size / k < 2 {
+                bail!(
+                    "--task superres: --image-size {size} must be a multiple of --scale {k} (and at least {})",
+                    2 * k
+                );
+            }
+            Some(model::SuperResConfig { scale: k })
+        }
+        (Task::Superres, Some(k)) => bail!("--scale must be 2 or 4 (got {k})"),
+        (Task::Superres, None) => bail!("--task superres needs --scale 2 or 4"),
+    };
+    let latent = match &a.latent {
+        None => None,
+        Some(_) if superres.is_some() => {
+            bail!("--latent and --task superres do not combine (super-resolution works on pixels)")
+        }
+        Some(_) if a.hflip => {
+            bail!("--hflip is not available with --latent (latents are encoded once)")
+        }
+        Some(v) => {
+            let (_, config) = diffuse::vae::read_config(v)?;
+            if config.in_channels != channels {
+                bail!(
+                    "--latent {}: the VAE takes {} channels but the data is read with {channels}",
+                    v.display(),
+                    config.in_channels
+                );
+            }
+            if size % config.downscale() != 0 {
+                bail!(
+                    "--latent {}: --image-size {size} is not a multiple of the VAE's downscale {}",
+                    v.display(),
+                    config.downscale()
+                );
+            }
+            Some(model::LatentConfig {
+                vae: config,
+                image_size: size,
+            })
+        }
+    };
+    // The denoiser's own image: latents for a latent model.
+    let (size, channels) = match &latent {
+        Some(l) => {
+            let [c, h, _] = l.vae.latent_shape(size);
+            (h, c)
+        }
+        None => (size, channels),
+    };
+    let channel_mult = match &a.channel_mult {
+        Some(s) => parse_list(s, "--channel-mult")?,
+        None => UNetConfig::default_channel_mult(size),
+    };
+    let tmp = UNetConfig {
+        image_size: size,
+        channel_mult: channel_mult.clone(),
+        ..UNetConfig::default()
+    };
+    let attention_resolutions = match &a.attention {
+        Some(s) => parse_list(s, "--attention")?,
+        None => tmp.level_sizes().last().copied().into_iter().collect(),
+    };
+    if with_classes && class_names.is_empty() {
+        bail!("--cond class: {} has no class labels", a.data);
+    }
+    let cross_attention_resolutions = match (&a.cross_attention, with_text) {
+        (Some(s), _) => parse_list(s, "--cross-attention")?,
+        (None, true) => {
+            let sizes = tmp.level_sizes();
+            sizes[sizes.len().saturating_sub(2)..].to_vec()
+        }
+        (None, false) => Vec::new(),
+    };
+    let unet = UNetConfig {
+        image_size: size,
+        in_channels: channels,
+        out_channels: channels,
+        base_channels: a.base_channels,
+        channel_mult,
+        num_res_blocks: a.res_blocks,
+        attention_resolutions,
+        dropout: a.dropout,
+        norm_groups: a.norm_groups,
+        num_classes: with_classes.then_some(class_names.len()),
+        text_dim: with_text.then_some(diffuse::conditioning::text::MINILM_DIM),
+        cross_attention_resolutions,
+        cond_channels: if superres.is_some() { channels } else { 0 },
+        ..UNetConfig::default()
+    };
+    unet.validate()?;
+    let schedule = ScheduleConfig {
+        beta_schedule: a.schedule,
+        timesteps: a.timesteps,
+        ..ScheduleConfig::default()
+    };
+    NoiseSchedule::new(&schedule)?;
+    let train = TrainConfig {
+        steps: a.steps.unwrap_or(TrainConfig::default().steps),
+        batch_size: a.batch,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        ema_decay: a.ema_decay,
+        label_dropout: a.label_dropout,
+        hflip: a.hflip,
+        loss_weighting: match a.min_snr {
+            g if g > 0.0 && g.is_finite() => LossWeighting::MinSnr { gamma: g },
+            g if g == 0.0 => LossWeighting::Uniform,
+            g => bail!("--min-snr must be 0 (off) or positive (got {g})"),
+        },
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        sample_every: a.sample_every,
+        precision: precision_arg().unwrap_or_else(kernels::matmul_mode),
+    };
+    train.validate()?;
+    Ok(RunConfig {
+        model: ModelConfig {
+            unet,
+            schedule,
+            prediction: a.objective,
+            class_names: if with_classes {
+                class_names
+            } else {
+                Vec::new()
+            },
+            superres,
+            latent,
+        },
+        train,
+        data: a.data.clone(),
+    })
+}

@@ -1,0 +1,198 @@
+//! The training objective: one training example per step (DDPM, Algorithm 1: a timestep
+//! `t ~ U{0..T-1}` and noise `eps ~ N(0, I)` per image, `x_t = sqrt(ab_t) x0 +
+//! sqrt(1 - ab_t) eps`), with label or caption dropout for classifier-free guidance, the
+//! low-resolution input of a super-resolution model, fresh latents of a latent model, the
+//! target of the model's prediction type, and the per-item loss weights.
+//!
+//! Every random draw of step `s` comes from `rng_for(seed, TrainStep, s)` in a fixed order, so
+//! a resumed run draws exactly what an uninterrupted one would.
+
+use super::{LossWeighting, RunConfig};
+use crate::conditioning::text::CaptionBank;
+use crate::data::HostBatch;
+use crate::rng::{Stream, normal_vec, rng_for};
+use crate::schedule::{NoiseSchedule, Prediction};
+use crate::unet::TextCond;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, RngCore};
+
+/// What one training step shows the denoiser and compares its output with.
+pub struct Example {
+    /// The model input: `x_t`, with the conditioning image's channels for super-resolution.
+    pub x_t: Tensor<4>,
+    /// The timestep of each image.
+    pub t: Vec<usize>,
+    /// The same as the model reads them.
+    pub t_model: Vec<f64>,
+    /// Class per image (the null class `K` where dropped) for class-conditioned models.
+    pub labels: Option<Vec<usize>>,
+    /// Captions (or the null text where dropped) for text models.
+    pub text: Option<TextCond>,
+    /// What the output should be: `eps`, `x0` or `v`.
+    pub target: Tensor<4>,
+}
+
+/// The parts of a run an example is built from.
+pub struct Objective<'a> {
+    pub cfg: &'a RunConfig,
+    pub schedule: &'a NoiseSchedule,
+    /// Latent models: the dataset's encoded posteriors.
+    pub latents: Option<&'a Latents>,
+    /// Text models: the dataset's encoded captions.
+    pub captions: Option<&'a CaptionBank>,
+}
+
+impl Objective<'_> {
+    /// The example of training step `step` from its batch; seeds `dev` for the step's dropout.
+    pub fn example(&self, batch: HostBatch, step: usize, dev: &Device) -> Example {
+        let tc = &self.cfg.train;
+        let num_classes = self.cfg.model.unet.num_classes;
+        let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
+        let b = tc.batch_size;
+        let t: Vec<usize> = (0..b)
+            .map(|_| rng.gen_range(0..self.schedule.len()))
+            .collect();
+        // Pixel noise here; a latent model draws its latents' noise below.
+        let noise_v = if self.latents.is_none() {
+            normal_vec(&mut rng, batch.images.len())
+        } else {
+            Vec::new()
+        };
+        let labels: Option<Vec<usize>> = match (num_classes, &batch.labels) {
+            (Some(k), Some(l)) => Some(
+                l.iter()
+                    .map(|&c| if rng.gen_bool(tc.label_dropout) { k } else { c })
+                    .collect(),
+            ),
+            (Some(k), None) => Some(vec![k; b]),
+            _ => None,
+        };
+        // Text: one of each image's captions, or the null text with the dropout probability.
+        let text = self.captions.map(|bank| {
+            let picks: Vec<(usize, usize)> = batch
+                .indices
+                .iter()
+                .map(|&i| (i, rng.gen_range(0..bank.alternatives(i))))
+                .collect();
+            let null: Vec<bool> = (0..b).map(|_| rng.gen_bool(tc.label_dropout)).collect();
+            bank.batch(&picks, null, dev)
+        });
+        dev.seed(rng.next_u64());
+
+        let shape = match self.latents {
+            Some(l) => [b, l.shape[0], l.shape[1], l.shape[2]],
+            None => batch.shape,
+        };
+        let lowres = self.cfg.model.superres.as_ref().map(|sr| {
+            let [_, c, s, _] = batch.shape;
+            let v =
+                crate::conditioning::lowres::condition_from_high(&batch.images, b, c, s, sr.scale);
+            Tensor::<4>::from_data(TensorData::new(v, batch.shape), dev)
+        });
+        let x0 = match self.latents {
+            Some(l) => {
+                let eps = normal_vec(&mut rng, b * l.per());
+                Tensor::<4>::from_data(TensorData::new(l.draw(&batch.indices, &eps), shape), dev)
+            }
+            None => Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), dev),
+        };
+        let noise_v = if self.latents.is_some() {
+            normal_vec(&mut rng, b * shape[1] * shape[2] * shape[3])
+        } else {
+            noise_v
+        };
+        let noise = Tensor::<4>::from_data(TensorData::new(noise_v, shape), dev);
+        let x_t = self.schedule.q_sample(x0.clone(), noise.clone(), &t);
+        let target = self
+            .schedule
+            .target(self.cfg.model.prediction, x0, noise, &t);
+        let x_t = match lowres {
+            Some(c) => Tensor::cat(vec![x_t, c], 1),
+            None => x_t,
+        };
+        let t_model: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        Example {
+            x_t,
+            t,
+            t_model,
+            labels,
+            text,
+            target,
+        }
+    }
+
+    /// The loss of a model output on an example: the mean squared error to the target,
+    /// weighted per item ([`loss_weights`]).
+    pub fn loss(&self, out: Tensor<4>, ex: &Example, dev: &Device) -> Tensor<1> {
+        let sq = (out - ex.target.clone()).square();
+        let b = ex.t.len();
+        match loss_weights(
+            self.cfg.train.loss_weighting,
+            self.cfg.model.prediction,
+            self.schedule,
+            &ex.t,
+        ) {
+            None => sq.mean(),
+            Some(w) => {
+                let w = Tensor::<4>::from_data(TensorData::new(w, [b, 1, 1, 1]), dev);
+                (sq * w).mean()
+            }
+        }
+    }
+}
+
+/// Per-item loss weights for the batch's timesteps.
+pub fn loss_weights(
+    w: LossWeighting,
+    p: Prediction,
+    sched: &NoiseSchedule,
+    t: &[usize],
+) -> Option<Vec<f32>> {
+    match w {
+        LossWeighting::Uniform => None,
+        LossWeighting::MinSnr { gamma } => Some(
+            t.iter()
+                .map(|&ti| {
+                    let snr = sched.snr(ti);
+                    let x0w = snr.min(gamma);
+                    (match p {
+                        Prediction::Epsilon => x0w / snr,
+                        Prediction::V => x0w / (snr + 1.0),
+                        Prediction::X0 => x0w,
+                    }) as f32
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// A dataset's latent posteriors: per image, `per` means then `per` standard deviations.
+pub struct Latents {
+    pub(super) shape: [usize; 3],
+    pub(super) mean: Vec<f32>,
+    pub(super) std: Vec<f32>,
+    pub(super) scale: f32,
+    pub(super) shift: f32,
+}
+
+impl Latents {
+    /// Values per latent.
+    pub fn per(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Scaled posterior samples `(mean + std * eps - shift) * scale` (Kingma & Welling 2014,
+    /// eq. 10) for the images `idx`, with `per` values of `eps ~ N(0, I)` per image.
+    pub fn draw(&self, idx: &[usize], eps: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(idx.len() * self.per());
+        for (k, &i) in idx.iter().enumerate() {
+            let m = &self.mean[i * self.per()..(i + 1) * self.per()];
+            let s = &self.std[i * self.per()..(i + 1) * self.per()];
+            let e = &eps[k * self.per()..(k + 1) * self.per()];
+            for j in 0..self.per() {
+                out.push((m[j] + s[j] * e[j] - self.shift) * self.scale);
+            }
+        }
+        out
+    }
+}
