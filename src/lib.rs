@@ -1,8 +1,9 @@
 //! diffuse: denoising diffusion models (DDPM) in Rust.
 //!
-//! Data flows one way: [`data`] -> [`train`] -> checkpoint ([`model`]) -> [`sampler`] -> image
-//! ([`imageio`]). The forward process lives in [`schedule`], the denoiser in [`unet`];
-//! diffusers pipeline folders are read and written by [`interop`].
+//! Data flows one way: [`data`] -> [`train`] -> checkpoint ([`model`]) -> [`pipeline`] (which
+//! runs a [`sampler`]) -> image ([`imageio`]). The forward process lives in [`schedule`], the
+//! denoiser in [`unet`]; diffusers pipeline folders are read and written by [`interop`].
+//! docs/ARCHITECTURE.md lays the modules out as layers.
 //! Same seed, same options, same build: the same bits out.
 
 pub mod assets;

@@ -1,5 +1,6 @@
-//! Reverse-process samplers behind one trait, and the generation loop that drives them
-//! (with classifier-free guidance for class-conditioned models).
+//! Reverse-process samplers behind one trait, and the denoising loop that drives them, with
+//! classifier-free guidance for class- and text-conditioned models. [`crate::pipeline`]
+//! composes a model's components around this loop; call it rather than these functions.
 
 pub mod config;
 pub mod ddim;
