@@ -51,9 +51,7 @@ fn five_steps(m: &model::LoadedModel, kind: SamplerKind) -> Box<dyn diffuse::sam
         steps: 5,
         ..Default::default()
     };
-    m.scheduler
-        .build(kind, &m.schedule, &choice)
-        .expect("sampler")
+    m.sampler(kind, &choice).expect("sampler")
 }
 
 fn main() -> Result<()> {
@@ -109,19 +107,19 @@ fn main() -> Result<()> {
     let h = |m: &diffuse::unet::UNet, d: &Device| diffuse::kernels::conv2d(&m.stem, x(d));
     report(
         "first res block",
-        mg.down[0].blocks[0].forward(h(&mg, &gpu), ta(&mg, &gpu)),
-        mc.down[0].blocks[0].forward(h(&mc, &cpu), ta(&mc, &cpu)),
+        mg.down[0].blocks[0].forward(h(mg, &gpu), ta(mg, &gpu)),
+        mc.down[0].blocks[0].forward(h(mc, &cpu), ta(mc, &cpu)),
     );
     report(
         "group norm + silu",
-        diffuse::kernels::group_norm(&mg.down[0].blocks[0].norm1, h(&mg, &gpu), true),
-        diffuse::kernels::group_norm(&mc.down[0].blocks[0].norm1, h(&mc, &cpu), true),
+        diffuse::kernels::group_norm(&mg.down[0].blocks[0].norm1, h(mg, &gpu), true),
+        diffuse::kernels::group_norm(&mc.down[0].blocks[0].norm1, h(mc, &cpu), true),
     );
     if let (Some(dg), Some(dc)) = (&mg.down[0].downsample, &mc.down[0].downsample) {
         report(
             "downsample",
-            dg.forward(h(&mg, &gpu)),
-            dc.forward(h(&mc, &cpu)),
+            dg.forward(h(mg, &gpu)),
+            dc.forward(h(mc, &cpu)),
         );
     }
     if let (Some(ag), Some(ac)) = (&mg.mid_attn, &mc.mid_attn) {
@@ -178,7 +176,7 @@ fn main() -> Result<()> {
         mc.forward(x10(&cpu), &[999.0; 10], Some(&classes)),
     );
     let pred = loaded_c.config.prediction;
-    let sched_g = &loaded_c.schedule;
+    let sched_g = &loaded_c.scheduler.schedule;
     let split = |d: &Device| {
         let (x0, eps) =
             sched_g.split_prediction(pred, x10(d), input([10, 1, 28, 28], 9, d), &[999; 10]);

@@ -2,8 +2,8 @@
 //! [`ModelConfig`] as JSON in the file's metadata (key `diffuse.config`) and beside it in
 //! `config.json` inside a run folder. Also the model embedded in the binary.
 
-use crate::sampler::SchedulerConfig;
-use crate::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
+use crate::sampler::Scheduler;
+use crate::schedule::{Prediction, ScheduleConfig};
 use crate::unet::{UNet, UNetConfig};
 use crate::weights::{self, NamedTensors, StoreDtype};
 use anyhow::{Context, Result, anyhow, bail};
@@ -118,10 +118,9 @@ impl ModelConfig {
 #[derive(Debug)]
 pub struct LoadedModel {
     pub config: ModelConfig,
-    pub schedule: NoiseSchedule,
-    /// Sampler settings: diffusers' scheduler config for a pipeline folder, else those the
-    /// diffuse model implies.
-    pub scheduler: SchedulerConfig,
+    /// The noise schedule with the sampler settings: diffusers' scheduler config for a
+    /// pipeline folder, else those the diffuse model implies.
+    pub scheduler: Scheduler,
     pub unet: UNet,
     /// Where it came from, for messages.
     pub source: String,
@@ -136,7 +135,7 @@ impl LoadedModel {
         kind: crate::sampler::SamplerKind,
         choice: &crate::sampler::SamplerChoice,
     ) -> Result<Box<dyn crate::sampler::Sampler>> {
-        self.scheduler.build(kind, &self.schedule, choice)
+        self.scheduler.sampler(kind, choice)
     }
 
     /// What the sampler produced to images in `[-1, 1]`: decoded by the VAE for a latent
@@ -191,8 +190,7 @@ pub fn build(
         UNet::new(&config.unet, device).with_context(|| format!("{what}: invalid model config"))?;
     let unet = weights::apply(unet, tensors, prefix)
         .map_err(|e| anyhow!("{what} does not match its config: {e}"))?;
-    let schedule = NoiseSchedule::new(&config.schedule)?;
-    let scheduler = SchedulerConfig::for_model(&config.schedule, config.prediction);
+    let scheduler = Scheduler::for_model(&config.schedule, config.prediction)?;
     let vae = match &config.latent {
         Some(l) => Some(crate::vae::build(
             l.vae.clone(),
@@ -205,7 +203,6 @@ pub fn build(
     };
     Ok(LoadedModel {
         config,
-        schedule,
         scheduler,
         unet,
         source: what.to_string(),

@@ -151,13 +151,13 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         },
     };
     let out = pipe.run(&req, &mut |_| {})?;
-    if out.prompt_truncated.first() == Some(&true) {
-        if let Some(enc) = &pipe.text_encoder {
-            eprintln!(
-                "note: --prompt is longer than the encoder's {} tokens; the rest is ignored",
-                enc.max_len
-            );
-        }
+    if out.prompt_truncated.first() == Some(&true)
+        && let Some(enc) = &pipe.text_encoder
+    {
+        eprintln!(
+            "note: --prompt is longer than the encoder's {} tokens; the rest is ignored",
+            enc.max_len
+        );
     }
     let mut shown = vec![ImageBatch::from_tensor(x0.narrow(0, 0, 1)).image(0)];
     if let Some(p) = &a.mask {

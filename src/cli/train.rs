@@ -8,7 +8,7 @@ use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::kernels;
 use diffuse::model::{self, ModelConfig};
-use diffuse::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig};
+use diffuse::schedule::{BetaSchedule, Prediction, ScheduleConfig};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
 use diffuse::unet::UNetConfig;
 use std::path::PathBuf;
@@ -172,7 +172,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         (build_run_config(&a)?, None)
     };
-    cfg.train.validate()?;
+    // The one check of the whole configuration, before the data is read.
+    cfg.validate()?;
     let u = &cfg.model.unet;
     let with_classes = u.num_classes.is_some();
     let [channels, size, _] = cfg.model.output_shape();
@@ -190,15 +191,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (Some(_), None, Some(v)) => Some(diffuse::vae::load(v, &inference_device())?),
         (Some(_), None, None) => unreachable!("a latent config comes from --latent"),
     };
-    if let (Some(k), true) = (u.num_classes, with_classes) {
-        if ds.num_classes() != k {
-            bail!(
-                "{} has {} classes, the run was configured for {}",
-                cfg.data,
-                ds.num_classes(),
-                k
-            );
-        }
+    if let (Some(k), true) = (u.num_classes, with_classes)
+        && ds.num_classes() != k
+    {
+        bail!(
+            "{} has {} classes, the run was configured for {}",
+            cfg.data,
+            ds.num_classes(),
+            k
+        );
     }
     if u.text_dim.is_some() {
         if ds.captions.is_none() {
@@ -250,78 +251,15 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
     if a.cross_attention.is_some() && !with_text {
         bail!("--cross-attention is for text models (--cond text)");
     }
-    let (size, channels, class_names) = if native {
-        let probe = if data::idx::is_digits_csv(&path) {
-            data::idx::load_digits_csv(&path)?
-        } else {
-            data::idx::load_idx(&path)?
-        };
-        (
-            a.image_size.unwrap_or(probe.size),
-            a.channels.unwrap_or(1),
-            probe.class_names,
-        )
-    } else {
-        let size = a.image_size.unwrap_or(32);
-        let channels = a.channels.unwrap_or(3);
-        let names = if with_classes {
-            data::folder::class_names(&path)?
-        } else {
-            Vec::new()
-        };
-        (size, channels, names)
-    };
+    let (size, channels, class_names) = data_shape(a, &path, native, with_classes)?;
     if size == 0 {
         bail!("--image-size must be positive");
     }
     if channels != 1 && channels != 3 {
         bail!("--channels must be 1 or 3 (got {channels})");
     }
-    let superres = match (a.task, a.scale) {
-        (Task::Denoise, None) => None,
-        (Task::Denoise, Some(_)) => bail!("--scale is for --task superres"),
-        (Task::Superres, Some(k)) if k == 2 || k == 4 => {
-            if size % k != 0 || size / k < 2 {
-                bail!(
-                    "--task superres: --image-size {size} must be a multiple of --scale {k} (and at least {})",
-                    2 * k
-                );
-            }
-            Some(model::SuperResConfig { scale: k })
-        }
-        (Task::Superres, Some(k)) => bail!("--scale must be 2 or 4 (got {k})"),
-        (Task::Superres, None) => bail!("--task superres needs --scale 2 or 4"),
-    };
-    let latent = match &a.latent {
-        None => None,
-        Some(_) if superres.is_some() => {
-            bail!("--latent and --task superres do not combine (super-resolution works on pixels)")
-        }
-        Some(_) if a.hflip => {
-            bail!("--hflip is not available with --latent (latents are encoded once)")
-        }
-        Some(v) => {
-            let (_, config) = diffuse::vae::read_config(v)?;
-            if config.in_channels != channels {
-                bail!(
-                    "--latent {}: the VAE takes {} channels but the data is read with {channels}",
-                    v.display(),
-                    config.in_channels
-                );
-            }
-            if size % config.downscale() != 0 {
-                bail!(
-                    "--latent {}: --image-size {size} is not a multiple of the VAE's downscale {}",
-                    v.display(),
-                    config.downscale()
-                );
-            }
-            Some(model::LatentConfig {
-                vae: config,
-                image_size: size,
-            })
-        }
-    };
+    let superres = superres_config(a, size)?;
+    let latent = latent_config(a, size, channels, superres.is_some())?;
     // The denoiser's own image: latents for a latent model.
     let (size, channels) = match &latent {
         Some(l) => {
@@ -370,13 +308,11 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         cond_channels: if superres.is_some() { channels } else { 0 },
         ..UNetConfig::default()
     };
-    unet.validate()?;
     let schedule = ScheduleConfig {
         beta_schedule: a.schedule,
         timesteps: a.timesteps,
         ..ScheduleConfig::default()
     };
-    NoiseSchedule::new(&schedule)?;
     let train = TrainConfig {
         steps: a.steps.unwrap_or(TrainConfig::default().steps),
         batch_size: a.batch,
@@ -389,7 +325,7 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         hflip: a.hflip,
         loss_weighting: match a.min_snr {
             g if g > 0.0 && g.is_finite() => LossWeighting::MinSnr { gamma: g },
-            g if g == 0.0 => LossWeighting::Uniform,
+            0.0 => LossWeighting::Uniform,
             g => bail!("--min-snr must be 0 (off) or positive (got {g})"),
         },
         seed: a.seed,
@@ -397,7 +333,6 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         sample_every: a.sample_every,
         precision: precision_arg().unwrap_or_else(kernels::matmul_mode),
     };
-    train.validate()?;
     Ok(RunConfig {
         model: ModelConfig {
             unet,
@@ -413,5 +348,94 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         },
         train,
         data: a.data.clone(),
+    })
+}
+
+/// Side, channels and class names the data is read with: its own for IDX files and the
+/// digits CSV, 32x32 RGB (or as given) for image folders.
+fn data_shape(
+    a: &TrainArgs,
+    path: &std::path::Path,
+    native: bool,
+    with_classes: bool,
+) -> Result<(usize, usize, Vec<String>)> {
+    Ok(if native {
+        let probe = if data::idx::is_digits_csv(path) {
+            data::idx::load_digits_csv(path)?
+        } else {
+            data::idx::load_idx(path)?
+        };
+        (
+            a.image_size.unwrap_or(probe.size),
+            a.channels.unwrap_or(1),
+            probe.class_names,
+        )
+    } else {
+        let size = a.image_size.unwrap_or(32);
+        let channels = a.channels.unwrap_or(3);
+        let names = if with_classes {
+            data::folder::class_names(path)?
+        } else {
+            Vec::new()
+        };
+        (size, channels, names)
+    })
+}
+
+/// `--task superres --scale k`: the SR3 configuration, checked against the image size.
+fn superres_config(a: &TrainArgs, size: usize) -> Result<Option<model::SuperResConfig>> {
+    Ok(match (a.task, a.scale) {
+        (Task::Denoise, None) => None,
+        (Task::Denoise, Some(_)) => bail!("--scale is for --task superres"),
+        (Task::Superres, Some(k)) if k == 2 || k == 4 => {
+            if !size.is_multiple_of(k) || size / k < 2 {
+                bail!(
+                    "--task superres: --image-size {size} must be a multiple of --scale {k} (and at least {})",
+                    2 * k
+                );
+            }
+            Some(model::SuperResConfig { scale: k })
+        }
+        (Task::Superres, Some(k)) => bail!("--scale must be 2 or 4 (got {k})"),
+        (Task::Superres, None) => bail!("--task superres needs --scale 2 or 4"),
+    })
+}
+
+/// `--latent VAE`: the latent configuration, checked against the data's channels and size.
+fn latent_config(
+    a: &TrainArgs,
+    size: usize,
+    channels: usize,
+    superres: bool,
+) -> Result<Option<model::LatentConfig>> {
+    Ok(match &a.latent {
+        None => None,
+        Some(_) if superres => {
+            bail!("--latent and --task superres do not combine (super-resolution works on pixels)")
+        }
+        Some(_) if a.hflip => {
+            bail!("--hflip is not available with --latent (latents are encoded once)")
+        }
+        Some(v) => {
+            let (_, config) = diffuse::vae::read_config(v)?;
+            if config.in_channels != channels {
+                bail!(
+                    "--latent {}: the VAE takes {} channels but the data is read with {channels}",
+                    v.display(),
+                    config.in_channels
+                );
+            }
+            if !size.is_multiple_of(config.downscale()) {
+                bail!(
+                    "--latent {}: --image-size {size} is not a multiple of the VAE's downscale {}",
+                    v.display(),
+                    config.downscale()
+                );
+            }
+            Some(model::LatentConfig {
+                vae: config,
+                image_size: size,
+            })
+        }
     })
 }

@@ -228,7 +228,7 @@ impl TextEncoder {
             );
         }
         let heads = config.num_attention_heads;
-        if heads == 0 || config.hidden_size % heads != 0 {
+        if heads == 0 || !config.hidden_size.is_multiple_of(heads) {
             bail!(
                 "text encoder: hidden size {} is not divisible into {heads} heads",
                 config.hidden_size

@@ -250,8 +250,6 @@ fn our_path(theirs: &str) -> Option<String> {
     }
 }
 
-/// Reads a file of a zip archive.
-
 /// Converts the TorchScript archive (`default_1.pt`) into folded f32 tensors and the layout.
 fn convert(archive: &[u8]) -> Result<Converted> {
     let what = "the Inception TorchScript archive";

@@ -22,7 +22,7 @@ pub struct FeatureStats {
 impl FeatureStats {
     /// `mu = (1/n) sum x_i`, `Sigma = (1/(n-1)) sum (x_i - mu)(x_i - mu)^T`.
     pub fn from_features(feats: &[f32], dim: usize) -> Result<Self> {
-        if dim == 0 || feats.len() % dim != 0 {
+        if dim == 0 || !feats.len().is_multiple_of(dim) {
             bail!("features do not split into vectors of {dim}");
         }
         let n = feats.len() / dim;

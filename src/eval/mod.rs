@@ -26,6 +26,8 @@ pub static EMBEDDED_FASHION_CLASSIFIER: &[u8] =
 
 /// What turns images into feature vectors.
 #[derive(Debug)]
+// One per evaluation: the size of the classifier variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Extractor {
     /// A domain classifier (features of its penultimate layer; predictions for accuracy).
     Classifier(LoadedClassifier),

@@ -14,7 +14,7 @@
 //! convolutions here) and exporting is the reverse.
 
 use crate::model::{LoadedModel, ModelConfig};
-use crate::sampler::SchedulerConfig;
+use crate::sampler::{Scheduler, SchedulerConfig};
 use crate::schedule::BetaSchedule;
 use crate::unet::{UNet, UNetConfig};
 use crate::weights::{self, HostTensor, NamedTensors, StoreDtype};
@@ -627,8 +627,7 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
     };
     Ok(LoadedModel {
         config,
-        schedule: scheduler.noise_schedule()?,
-        scheduler,
+        scheduler: Scheduler::from_settings(scheduler)?,
         unet,
         source: what,
         vae: None,
@@ -663,7 +662,7 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
     let unet_cfg = UNet2DConfig::from_unet_config(&cfg.unet);
     let mut unet_json = serde_json::to_value(&unet_cfg)?;
     unet_json["_diffusers_version"] = json!(DIFFUSERS_VERSION);
-    let sched = &model.scheduler;
+    let sched = &model.scheduler.settings;
     let scheduler_json = json!({
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,

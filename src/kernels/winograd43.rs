@@ -441,8 +441,8 @@ super::wide_fn! {
             let quads = e[i * len..][..len].as_chunks::<4>().0;
             let q = &quads[..tiles];
             let mut o = column_rows(d, n, i, base, tiles).map(|r| &mut r[..tiles]);
-            for c in 0..tiles {
-                put(&mut o, c, a_times(q[c]));
+            for (c, &quad) in q.iter().enumerate() {
+                put(&mut o, c, a_times(quad));
             }
         }
     }

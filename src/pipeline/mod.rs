@@ -39,6 +39,8 @@ pub struct Pipeline {
 
 /// What the denoiser is conditioned on.
 #[derive(Clone, Debug, Default)]
+// One per request: the size of the encoded variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Conditioning {
     /// Nothing: the null class of a class-conditioned model, the empty prompt of a text model.
     #[default]
@@ -70,6 +72,8 @@ pub enum Seeds {
 
 /// What the reverse process starts from.
 #[derive(Clone, Debug, Default)]
+// One per request: the size of the tensor variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Start {
     /// Pure Gaussian noise drawn from the seeds.
     #[default]
@@ -226,7 +230,7 @@ impl Pipeline {
 
     /// Steps a request without `steps` runs ([`SamplerKind::default_steps`] over `T`).
     pub fn default_steps(&self, kind: SamplerKind) -> usize {
-        kind.default_steps(self.model.schedule.len())
+        kind.default_steps(self.model.scheduler.len())
     }
 
     /// The sampler a request runs, built from the model's own schedule and settings.
@@ -297,7 +301,7 @@ impl Pipeline {
         let keep_every = (total / 10).max(1);
         let mut trajectory = Vec::new();
         let mut step = |i: usize, x: &Tensor<4>| {
-            if req.trajectory && (i % keep_every == 0 || i + 1 == total) {
+            if req.trajectory && (i.is_multiple_of(keep_every) || i + 1 == total) {
                 trajectory.push(m.to_images(x.clone().narrow(0, 0, 1)));
             }
             on_step(&Step {

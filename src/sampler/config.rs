@@ -242,7 +242,8 @@ impl SchedulerConfig {
             v.parse::<VarianceType>()
                 .with_context(|| "scheduler key variance_type")?;
         }
-        if !(self.clip_sample_range > 0.0) {
+        // Written so that NaN fails too.
+        if self.clip_sample_range.is_nan() || self.clip_sample_range <= 0.0 {
             bail!(
                 "scheduler key clip_sample_range must be positive (got {})",
                 self.clip_sample_range
@@ -253,7 +254,7 @@ impl SchedulerConfig {
         {
             bail!("scheduler key dynamic_thresholding_ratio must be in (0, 1]");
         }
-        if self.thresholding && !(self.sample_max_value >= 1.0) {
+        if self.thresholding && (self.sample_max_value.is_nan() || self.sample_max_value < 1.0) {
             bail!("scheduler key sample_max_value must be at least 1");
         }
         if self.solver_order.is_some_and(|o| o != 2) {
@@ -412,6 +413,47 @@ impl SchedulerConfig {
                 },
             )?),
         })
+    }
+}
+
+/// A model's one schedule object: its sampler settings and the noise schedule they run over,
+/// built together so that a sampler always runs over the schedule the model was trained on.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    pub settings: SchedulerConfig,
+    pub schedule: NoiseSchedule,
+}
+
+impl Scheduler {
+    /// A diffuse model's: its schedule in f64 ([`NoiseSchedule::new`]) and the settings it
+    /// implies ([`SchedulerConfig::for_model`]).
+    pub fn for_model(schedule: &ScheduleConfig, prediction: Prediction) -> Result<Self> {
+        Ok(Self {
+            settings: SchedulerConfig::for_model(schedule, prediction),
+            schedule: NoiseSchedule::new(schedule)?,
+        })
+    }
+
+    /// A diffusers pipeline's: the schedule as diffusers builds it from the settings
+    /// ([`SchedulerConfig::noise_schedule`]).
+    pub fn from_settings(settings: SchedulerConfig) -> Result<Self> {
+        let schedule = settings.noise_schedule()?;
+        Ok(Self { settings, schedule })
+    }
+
+    /// Training steps `T`.
+    pub fn len(&self) -> usize {
+        self.schedule.len()
+    }
+
+    /// True for an empty schedule (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.schedule.is_empty()
+    }
+
+    /// A sampler of `kind` over this schedule with these settings.
+    pub fn sampler(&self, kind: SamplerKind, choice: &SamplerChoice) -> Result<Box<dyn Sampler>> {
+        self.settings.build(kind, &self.schedule, choice)
     }
 }
 

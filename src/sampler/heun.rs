@@ -88,7 +88,7 @@ impl HeunSampler {
 
     /// Whether position `i` starts a step (an Euler predictor) rather than correcting one.
     fn first_order(i: usize) -> bool {
-        i % 2 == 0
+        i.is_multiple_of(2)
     }
 
     /// `x0_hat` at noise level `sigma`, clamped as configured.

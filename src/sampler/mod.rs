@@ -11,7 +11,7 @@ pub mod euler;
 pub mod heun;
 pub mod sigmas;
 
-pub use config::{SamplerChoice, SamplerKind, SchedulerConfig};
+pub use config::{SamplerChoice, SamplerKind, Scheduler, SchedulerConfig};
 pub use ddim::{DdimOptions, DdimSampler};
 pub use ddpm::{DdpmSampler, VarianceType};
 pub use dpm_solver::{DpmSolverOptions, DpmSolverSampler};

@@ -406,7 +406,7 @@ fn client(
             1000 * c + round
         );
         // Every client's rounds mix the kinds from its first round on, whatever the pace.
-        if (c + round) % 5 == 0 {
+        if (c + round).is_multiple_of(5) {
             // Leaves while its job waits or runs; the server must cancel it.
             hang_up(
                 cfg.addr,
@@ -481,7 +481,7 @@ fn client(
                 }
             }
         }
-        if (c + round) % 2 == 0 {
+        if (c + round).is_multiple_of(2) {
             let (what, method, path, body) = bad_request(c + round / 2, max_body);
             log.bad += 1;
             let hdr = [("Content-Type", "application/json")];

@@ -82,7 +82,7 @@ pub fn app(pipeline: Pipeline, cfg: &ServeConfig) -> Router {
         timeout_s: cfg.timeout.as_secs(),
     };
     let model = &pipeline.model;
-    let timesteps = model.schedule.len();
+    let timesteps = model.scheduler.len();
     let info = ModelInfo::new(&model.source, &model.config, timesteps, limits.clone());
     let config = model.config.clone();
     let seed0 = std::time::SystemTime::now()

@@ -141,7 +141,8 @@ struct Hyper {
 fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &Hyper) {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
-    let one = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+    type Chunks<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
+    let one = |(((p, g), m), v): Chunks| {
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             let g = if h.grad_scale != 1.0 {
                 g * h.grad_scale

@@ -4,12 +4,14 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod ema;
+mod metrics;
 pub mod objective;
 mod preview;
 
 use preview::{Preview, preview, preview_lowres};
 pub mod vae;
 
+use crate::conditioning::text::CaptionBank;
 use crate::data::{self, Dataset, HostBatch};
 use crate::device::{inference_device, training_device};
 use crate::model::ModelConfig;
@@ -20,9 +22,9 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
+pub use metrics::{MetricLine, read_metrics};
 use objective::{Latents, Objective};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -157,6 +159,52 @@ pub struct RunConfig {
     pub data: String,
 }
 
+impl RunConfig {
+    /// Checks the whole run (optimisation, network, schedule) before anything is built.
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        self.model.unet.validate()?;
+        NoiseSchedule::new(&self.model.schedule)?;
+        Ok(())
+    }
+}
+
+/// The model, its EMA copy and the optimiser at the first step of a run: fresh from the seed,
+/// or as a checkpoint left them.
+struct State {
+    model: UNet,
+    ema_model: UNet,
+    opt: AdamW,
+    /// The step training continues from.
+    start: usize,
+}
+
+impl State {
+    fn init(
+        cfg: &RunConfig,
+        resume: Option<checkpoint::Checkpoint>,
+        dev: &burn::tensor::Device,
+    ) -> Result<Self> {
+        dev.seed(cfg.train.seed);
+        let model = UNet::new(&cfg.model.unet, dev)?;
+        let opt = AdamW::new(0.9, 0.999, 1e-8, cfg.train.weight_decay);
+        let ema_model = model.valid();
+        let mut s = Self {
+            model,
+            ema_model,
+            opt,
+            start: 0,
+        };
+        if let Some(ck) = resume {
+            s.model = crate::weights::apply(s.model, &ck.tensors, "model.")?;
+            s.ema_model = crate::weights::apply(s.ema_model, &ck.tensors, "ema.")?;
+            s.opt.import("opt.", ck.adam_t, &ck.tensors)?;
+            s.start = ck.step;
+        }
+        Ok(s)
+    }
+}
+
 /// Progress of one step, for progress bars.
 #[derive(Clone, Debug)]
 pub struct StepReport {
@@ -164,16 +212,6 @@ pub struct StepReport {
     pub total: usize,
     pub loss: f64,
     pub lr: f64,
-    pub elapsed: f64,
-}
-
-/// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MetricLine {
-    pub step: usize,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
     pub elapsed: f64,
 }
 
@@ -208,16 +246,6 @@ impl RunPaths {
     }
 }
 
-/// Reads a run's metrics, keeping only lines up to `max_step`.
-pub fn read_metrics(path: &Path, max_step: usize) -> Vec<MetricLine> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<MetricLine>(l).ok())
-        .filter(|m| m.step <= max_step)
-        .collect()
-}
-
 /// Trains a run to `cfg.train.steps`, starting fresh or from `resume` (a loaded checkpoint).
 /// `on_step` sees every step (for a progress bar). Returns the final step count.
 pub fn train(
@@ -228,8 +256,7 @@ pub fn train(
     vae: Option<&crate::vae::LoadedVae>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<usize> {
-    cfg.train.validate()?;
-    cfg.model.unet.validate()?;
+    cfg.validate()?;
     crate::device::check_training_backend()?;
     if cfg.model.latent.is_some() != vae.is_some() {
         bail!("a latent model trains with its VAE, and only a latent model does");
@@ -249,67 +276,18 @@ pub fn train(
     let idev = inference_device();
     let sched = NoiseSchedule::new(&cfg.model.schedule)?;
 
-    dev.seed(tc.seed);
-    let mut model = UNet::new(&cfg.model.unet, &dev)?;
-    let mut opt = AdamW::new(0.9, 0.999, 1e-8, tc.weight_decay);
-    let mut ema_model = model.valid();
-    let mut start = 0usize;
-    if let Some(ck) = resume {
-        model = crate::weights::apply(model, &ck.tensors, "model.")?;
-        ema_model = crate::weights::apply(ema_model, &ck.tensors, "ema.")?;
-        opt.import("opt.", ck.adam_t, &ck.tensors)?;
-        start = ck.step;
-    }
-    // Metrics: keep what the checkpoint covers, drop steps that will be redone.
-    let kept = read_metrics(&paths.metrics(), start);
-    let mut text = String::new();
-    for m in &kept {
-        text.push_str(&serde_json::to_string(m)?);
-        text.push('\n');
-    }
-    crate::weights::write_atomic(&paths.metrics(), text.as_bytes())?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(paths.metrics())
-        .with_context(|| format!("cannot open {}", paths.metrics().display()))?;
-    let elapsed_before = kept.last().map(|m| m.elapsed).unwrap_or(0.0);
+    let State {
+        mut model,
+        mut ema_model,
+        mut opt,
+        start,
+    } = State::init(cfg, resume, &dev)?;
+    let (mut metrics, elapsed_before) = metrics::restore(&paths, start)?;
     if start >= tc.steps {
         return Ok(start);
     }
 
-    // Text models: every caption encoded once, before the first step.
-    // The preview grids' prompts (16 dataset captions) are encoded once too.
-    let (bank, preview_text) = match (cfg.model.unet.text_dim, &ds.captions) {
-        (None, _) => (None, None),
-        (Some(_), None) => bail!(
-            "a text-conditioned model needs captions: {} has neither captions.jsonl nor .txt files beside its images",
-            ds.source
-        ),
-        (Some(d), Some(caps)) => {
-            let enc = crate::conditioning::text::TextEncoder::load_default(&idev)?;
-            if enc.config.hidden_size != d {
-                bail!(
-                    "the model's text width is {d} but the text encoder's is {}",
-                    enc.config.hidden_size
-                );
-            }
-            let t0 = Instant::now();
-            let bank = crate::conditioning::text::CaptionBank::build(&enc, caps, &mut |_, _| {})?;
-            eprintln!(
-                "encoded {} distinct captions in {:.1} s",
-                bank.len(),
-                t0.elapsed().as_secs_f64()
-            );
-            let step = (caps.len() / 16).max(1);
-            let prompts: Vec<&str> = caps
-                .iter()
-                .step_by(step)
-                .take(16)
-                .map(|a| a[0].as_str())
-                .collect();
-            (Some(bank), Some(enc.cond(&prompts)?))
-        }
-    };
+    let (bank, preview_text) = encode_captions(cfg, &ds, &idev)?;
     // Latent models: every image encoded once to its posterior (means, then standard
     // deviations); each step draws fresh latents from it.
     let latents = match vae {
@@ -382,8 +360,7 @@ pub fn train(
             grad_norm: gnorm,
             elapsed,
         };
-        writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
-        metrics.flush()?;
+        metrics::append(&mut metrics, &line)?;
         on_step(&StepReport {
             step: done,
             total: tc.steps,
@@ -418,6 +395,46 @@ fn vae_tensors(vae: Option<&crate::vae::LoadedVae>) -> crate::weights::NamedTens
             .collect()
     })
     .unwrap_or_default()
+}
+
+/// Text models: every caption encoded once, before the first step, and the preview grids'
+/// prompts (16 dataset captions). `(None, None)` for other models.
+fn encode_captions(
+    cfg: &RunConfig,
+    ds: &Dataset,
+    idev: &burn::tensor::Device,
+) -> Result<(Option<CaptionBank>, Option<crate::unet::TextCond>)> {
+    Ok(match (cfg.model.unet.text_dim, &ds.captions) {
+        (None, _) => (None, None),
+        (Some(_), None) => bail!(
+            "a text-conditioned model needs captions: {} has neither captions.jsonl nor .txt files beside its images",
+            ds.source
+        ),
+        (Some(d), Some(caps)) => {
+            let enc = crate::conditioning::text::TextEncoder::load_default(idev)?;
+            if enc.config.hidden_size != d {
+                bail!(
+                    "the model's text width is {d} but the text encoder's is {}",
+                    enc.config.hidden_size
+                );
+            }
+            let t0 = Instant::now();
+            let bank = CaptionBank::build(&enc, caps, &mut |_, _| {})?;
+            eprintln!(
+                "encoded {} distinct captions in {:.1} s",
+                bank.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            let step = (caps.len() / 16).max(1);
+            let prompts: Vec<&str> = caps
+                .iter()
+                .step_by(step)
+                .take(16)
+                .map(|a| a[0].as_str())
+                .collect();
+            (Some(bank), Some(enc.cond(&prompts)?))
+        }
+    })
 }
 
 /// Encodes every image of `ds` once (batches of 64 on the inference device).

@@ -7,7 +7,7 @@ use crate::data::Dataset;
 use crate::device::inference_device;
 use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use crate::pipeline::{Conditioning, Pipeline, Request, SamplerDefaults, Seeds};
-use crate::sampler::SchedulerConfig;
+use crate::sampler::{Scheduler, SchedulerConfig};
 use crate::schedule::NoiseSchedule;
 use crate::unet::UNet;
 use anyhow::Result;
@@ -53,8 +53,10 @@ pub(super) fn preview(
     };
     let model = crate::model::LoadedModel {
         config: cfg.model.clone(),
-        schedule: sched.clone(),
-        scheduler: SchedulerConfig::for_model(&cfg.model.schedule, cfg.model.prediction),
+        scheduler: Scheduler {
+            settings: SchedulerConfig::for_model(&cfg.model.schedule, cfg.model.prediction),
+            schedule: sched.clone(),
+        },
         unet: ema.clone(),
         source: "the training run".into(),
         vae: p.vae.cloned(),

@@ -240,7 +240,7 @@ impl UNetConfig {
                 self.downsample_padding
             );
         }
-        if sizes.iter().any(|&s| s == 0) {
+        if sizes.contains(&0) {
             bail!(
                 "{} levels of downsampling leave no pixels of a {}-pixel image",
                 self.channel_mult.len() - 1,

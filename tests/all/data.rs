@@ -205,7 +205,7 @@ fn digits_csv_loads_1797_labelled_images() {
     assert_eq!(ds.len(), 1797);
     assert_eq!(ds.class_names.len(), 10);
     assert_eq!(ds.labels.as_ref().unwrap()[0], 0);
-    assert!(ds.pixels.iter().any(|&p| p == 255) && ds.pixels.iter().any(|&p| p == 0));
+    assert!(ds.pixels.contains(&255) && ds.pixels.contains(&0));
     let up = ds
         .reshape_to(Shape {
             size: 16,

@@ -56,8 +56,11 @@ fn unet2d_models_match_diffusers_outputs() {
     }
     // Keys diffusers' scheduler config sets, as read.
     let m = load_pipeline(Path::new(&pipeline("multihead-class")), &dev).unwrap();
-    assert_eq!(m.scheduler.prediction_type, "v_prediction");
-    assert_eq!(m.scheduler.timestep_spacing.as_deref(), Some("trailing"));
+    assert_eq!(m.scheduler.settings.prediction_type, "v_prediction");
+    assert_eq!(
+        m.scheduler.settings.timestep_spacing.as_deref(),
+        Some("trailing")
+    );
     assert_eq!(m.config.unet.heads(32), 4);
 }
 

@@ -172,10 +172,8 @@ fn batched_requests_give_the_bits_of_solo_runs() {
     let shape = m.config.image_shape();
     let run = |kind: SamplerKind, parts: &[(usize, u64, usize)]| -> Vec<f32> {
         let mut s = m
-            .scheduler
-            .build(
+            .sampler(
                 kind,
-                &m.schedule,
                 &SamplerChoice {
                     steps: 4,
                     ..Default::default()
@@ -232,10 +230,8 @@ fn state_scales_run_from_noise_to_the_clean_image() {
     let m = diffuse::pipeline::load_model(None, &inference_device()).unwrap();
     for kind in SamplerKind::ALL {
         let s = m
-            .scheduler
-            .build(
+            .sampler(
                 kind,
-                &m.schedule,
                 &SamplerChoice {
                     steps: 10,
                     ..Default::default()
@@ -298,16 +294,14 @@ fn edit_keeps_what_it_must_for_every_sampler() {
     let x0v = to_vec(x0.clone());
     for kind in SamplerKind::ALL {
         let build = || {
-            m.scheduler
-                .build(
-                    kind,
-                    &m.schedule,
-                    &SamplerChoice {
-                        steps: 6,
-                        ..Default::default()
-                    },
-                )
-                .unwrap()
+            m.sampler(
+                kind,
+                &SamplerChoice {
+                    steps: 6,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
         };
         let run = |strength: f64, mask: Option<Tensor<4>>, seed: u64| {
             let mut s = build();

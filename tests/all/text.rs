@@ -329,8 +329,8 @@ fn ink_colour(dir: &std::path::Path) -> [f64; 3] {
             if p.0.iter().all(|&v| v > 225) {
                 continue;
             }
-            for k in 0..3 {
-                sum[k] += p.0[k] as f64;
+            for (s, &v) in sum.iter_mut().zip(&p.0) {
+                *s += v as f64;
             }
             n += 1.0;
         }
