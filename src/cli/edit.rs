@@ -4,12 +4,11 @@ use super::{SamplerArgs, write_image_dir};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use clap::Args;
-use diffuse::conditioning::text::TextEncoder;
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
 use diffuse::pipeline::{
     CondFlags, Conditioning, FlagNames, Pipeline, Resolved, SamplerDefaults, Seeds, Start,
-    load_model,
+    check_guidance, load_model,
 };
 use diffuse::sampler::edit::{EditOptions, start_position};
 use std::path::{Path, PathBuf};
@@ -86,6 +85,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     if a.n == 0 || a.n > 1000 {
         bail!("--n must be between 1 and 1000 (got {})", a.n);
     }
+    check_guidance(a.guidance)?;
     let mut req = a.sampler.request(a.n, SamplerDefaults::EDIT);
     let flags = CondFlags {
         class: a.class.as_deref(),
@@ -102,11 +102,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     };
     req.guidance = a.guidance;
     req.seeds = Seeds::One(a.seed);
-    let text_encoder = match cfg.unet.text_dim {
-        Some(_) => Some(TextEncoder::load_default(&dev)?),
-        None => None,
-    };
-    let pipe = Pipeline::new(m, text_encoder, dev.clone());
+    let pipe = Pipeline::with_text_encoder(m, &dev)?;
     // Option errors (steps, sampler settings) before the images are read.
     let sampler = pipe.sampler(&req)?;
     // A latent model edits the image's latents (the mask is reduced to the latent size).

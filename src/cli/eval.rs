@@ -7,7 +7,7 @@ use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::eval::classifier::{self, ClassifierTraining};
 use diffuse::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
-use diffuse::pipeline::{Pipeline, SamplerDefaults};
+use diffuse::pipeline::{Pipeline, SamplerDefaults, generates_from_noise, load_model};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -205,7 +205,10 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         );
     }
     let dev = inference_device();
-    let pipe = Pipeline::load(a.model.as_deref(), &dev)?;
+    // Samples are unconditional or per class: no text encoder.
+    let m = load_model(a.model.as_deref(), &dev)?;
+    generates_from_noise(&m)?;
+    let pipe = Pipeline::new(m, None, dev.clone());
     let m = &pipe.model;
     let data_spec = match (&a.data, &a.model) {
         (Some(d), _) => d.clone(),
@@ -216,12 +219,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let mut request = a.sampler.request(a.n, SamplerDefaults::EVAL);
     request.guidance = a.guidance;
     pipe.sampler(&request)?; // option errors before any work
-    let (kind, steps) = (
-        request.sampler,
-        request
-            .steps
-            .unwrap_or_else(|| pipe.default_steps(request.sampler)),
-    );
+    let (kind, steps) = (request.sampler, pipe.steps(&request));
     let t0 = Instant::now();
     let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
     let pb = bar(a.n as u64, "{bar:40} {pos}/{len} images  ETA {eta}");

@@ -1,13 +1,17 @@
 //! `diffuse fetch NAME`: a dataset, the Inception weights or the text encoder into the cache.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use diffuse::assets::{self, Named};
 
-pub fn run(name: &str) -> Result<()> {
-    let Some(what) = Named::from_name(name) else {
+/// `NAME`, one of [`Named::all`]; an unknown name's error lists the known ones.
+pub fn parse_name(name: &str) -> Result<Named, String> {
+    Named::from_name(name).ok_or_else(|| {
         let known: Vec<&str> = Named::all().into_iter().map(Named::name).collect();
-        bail!("unknown dataset '{name}' (known: {})", known.join(", "));
-    };
+        format!("unknown dataset '{name}' (known: {})", known.join(", "))
+    })
+}
+
+pub fn run(what: Named) -> Result<()> {
     let dir = assets::fetch(what)?;
     println!("{} is in {}", what.name(), dir.display());
     Ok(())

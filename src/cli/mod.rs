@@ -55,8 +55,9 @@ enum Cmd {
     /// Fetch a named dataset into the cache: fashion-mnist, mnist, digits, emoji; or the inception
     /// (FID) or text-encoder (MiniLM) weights.
     Fetch {
-        /// Dataset name.
-        name: String,
+        /// fashion-mnist, mnist, digits, emoji, inception or text-encoder.
+        #[arg(value_parser = fetch::parse_name)]
+        name: diffuse::assets::Named,
     },
     /// Time the benchmark U-Net (shared/bench/MODEL.md) built from diffuse's blocks.
     Bench {
@@ -129,7 +130,7 @@ pub fn main() {
         Cmd::Sample(a) => sample::run(*a),
         Cmd::Train(a) => train::run(*a),
         Cmd::Noise(a) => noise::run(a),
-        Cmd::Fetch { name } => fetch::run(&name),
+        Cmd::Fetch { name } => fetch::run(name),
         Cmd::Convert { model, out, dtype } => convert::run(&model, &out, dtype),
         Cmd::TrainClassifier(a) => eval::train_classifier(a),
         Cmd::Fid(a) => eval::fid(a),

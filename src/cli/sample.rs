@@ -5,12 +5,11 @@ use super::{SamplerArgs, steps_bar, write_image_dir};
 use anyhow::{Result, bail};
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use diffuse::conditioning::text::TextEncoder;
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use diffuse::pipeline::{
     CondFlags, Conditioning, FlagNames, Pipeline, Resolved, SamplerDefaults, Seeds, Start,
-    load_model,
+    check_guidance, generates_from_noise, load_model,
 };
 use diffuse::weights::{self, NamedTensors, StoreDtype};
 use std::path::{Path, PathBuf};
@@ -91,6 +90,8 @@ fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor
 pub fn run(a: SampleArgs) -> Result<()> {
     let dev = inference_device();
     let m = load_model(a.model.as_deref(), &dev)?;
+    generates_from_noise(&m)?;
+    check_guidance(a.guidance)?;
     let cfg = m.config.clone();
     let init = match &a.init_noise {
         Some(p) => Some(read_init_noise(p, cfg.image_shape())?),
@@ -153,11 +154,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             (n, c, cols)
         }
     };
-    let text_encoder = match cfg.unet.text_dim {
-        Some(_) if cfg.superres.is_none() => Some(TextEncoder::load_default(&dev)?),
-        _ => None,
-    };
-    let pipe = Pipeline::new(m, text_encoder, dev.clone());
+    let pipe = Pipeline::with_text_encoder(m, &dev)?;
     let mut req = a.sampler.request(n, SamplerDefaults::GENERATE);
     req.conditioning = conditioning;
     req.guidance = a.guidance;

@@ -2,7 +2,6 @@
 
 use anyhow::{Result, bail};
 use clap::Args;
-use diffuse::conditioning::text::TextEncoder;
 use diffuse::device::inference_device;
 use diffuse::pipeline::{Pipeline, load_model};
 use diffuse::serve::{self, ServeConfig, load};
@@ -59,10 +58,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
             m.source
         );
     }
-    let text_encoder = match m.config.unet.text_dim {
-        Some(_) => Some(TextEncoder::load_default(&dev)?),
-        None => None,
-    };
+
     let cfg = ServeConfig {
         host: a.host,
         port: a.port,
@@ -72,7 +68,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         timeout: Duration::from_secs(a.timeout),
         ..Default::default()
     };
-    serve::serve(Pipeline::new(m, text_encoder, dev), cfg)
+    serve::serve(Pipeline::with_text_encoder(m, &dev)?, cfg)
 }
 
 #[derive(Args)]

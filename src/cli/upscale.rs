@@ -10,7 +10,7 @@ use diffuse::device::inference_device;
 use diffuse::eval::superres::{psnr, ssim};
 use diffuse::eval::{self, Images, MetricOptions, compare, to_extractor};
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
-use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds};
+use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds, load_model};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -51,7 +51,7 @@ pub struct UpscaleArgs {
 
 pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     let dev = inference_device();
-    let pipe = Pipeline::load(Some(&a.model), &dev)?;
+    let pipe = Pipeline::new(load_model(Some(&a.model), &dev)?, None, dev.clone());
     let m = &pipe.model;
     let Some(scale) = m.config.superres.as_ref().map(|s| s.scale) else {
         bail!(
@@ -136,7 +136,7 @@ fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Resul
     let dev = inference_device();
     let m = &pipe.model;
     let seed = a.seed;
-    let steps = req.steps.unwrap_or_else(|| pipe.default_steps(req.sampler));
+    let steps = pipe.steps(&req);
     let scale = m.config.superres.as_ref().expect("checked").scale;
     let [c, big, _] = m.config.output_shape();
     let small = big / scale;

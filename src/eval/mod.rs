@@ -379,9 +379,7 @@ pub fn sample_images(
     }
     let k = pipe.model.config.unet.num_classes;
     let classes: Option<Vec<usize>> = k.map(|k| (0..n).map(|i| i % k).collect());
-    let steps = request
-        .steps
-        .unwrap_or_else(|| pipe.default_steps(request.sampler));
+    let steps = pipe.steps(request);
     let mut pixels = Vec::new();
     for (bi, start) in (0..n).step_by(batch).enumerate() {
         let b = (n - start).min(batch);

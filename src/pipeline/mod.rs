@@ -42,7 +42,7 @@ pub struct Pipeline {
 // One per request: the size of the encoded variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Conditioning {
-    /// Nothing: the null class of a class-conditioned model, the empty prompt of a text model.
+    /// Nothing: the null class of a class-conditioned model, the null text of a text model.
     #[default]
     None,
     /// A class per image (class-conditioned models).
@@ -130,6 +130,26 @@ impl Request {
     }
 }
 
+/// Refuses a super-resolution model where images are generated from noise alone.
+pub fn generates_from_noise(m: &LoadedModel) -> Result<()> {
+    if let Some(sr) = &m.config.superres {
+        bail!(
+            "{} is a {}x super-resolution model: it enlarges a given image; use `diffuse upscale --model ... --image small.png`",
+            m.source,
+            sr.scale
+        );
+    }
+    Ok(())
+}
+
+/// Checks a classifier-free guidance weight: finite and not negative.
+pub fn check_guidance(w: f32) -> Result<()> {
+    if !(w.is_finite() && w >= 0.0) {
+        bail!("--guidance must be a non-negative number (got {w})");
+    }
+    Ok(())
+}
+
 /// The sampler and steps a front end runs when none are asked for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplerDefaults {
@@ -191,8 +211,6 @@ pub struct Generated {
     pub prompt_truncated: Vec<bool>,
     /// The negative prompt was cut at the encoder's length.
     pub negative_truncated: bool,
-    /// Positions the sampler visited (after an edit's start).
-    pub positions: usize,
 }
 
 impl Generated {
@@ -215,7 +233,11 @@ impl Pipeline {
     /// Loads `--model` ([`load_model`]) and, for a text-conditioned model, the fetched text
     /// encoder.
     pub fn load(spec: Option<&str>, device: &Device) -> Result<Self> {
-        let model = load_model(spec, device)?;
+        Self::with_text_encoder(load_model(spec, device)?, device)
+    }
+
+    /// A loaded model with the fetched text encoder if it is text-conditioned.
+    pub fn with_text_encoder(model: LoadedModel, device: &Device) -> Result<Self> {
         let text_encoder = match model.config.unet.text_dim {
             Some(_) => Some(TextEncoder::load_default(device)?),
             None => None,
@@ -233,10 +255,15 @@ impl Pipeline {
         kind.default_steps(self.model.scheduler.len())
     }
 
+    /// The steps a request runs: its own, else the sampler's default.
+    pub fn steps(&self, req: &Request) -> usize {
+        req.steps.unwrap_or_else(|| self.default_steps(req.sampler))
+    }
+
     /// The sampler a request runs, built from the model's own schedule and settings.
     pub fn sampler(&self, req: &Request) -> Result<Box<dyn crate::sampler::Sampler>> {
         let choice = SamplerChoice {
-            steps: req.steps.unwrap_or_else(|| self.default_steps(req.sampler)),
+            steps: self.steps(req),
             ..req.options.clone()
         };
         self.model.sampler(req.sampler, &choice)
@@ -247,26 +274,20 @@ impl Pipeline {
         let m = &self.model;
         let cfg = &m.config;
         match (&cfg.superres, &req.low_res) {
-            (Some(sr), None) => bail!(
-                "{} is a {}x super-resolution model: it enlarges a given image; use `diffuse upscale --model ... --image small.png`",
-                m.source,
-                sr.scale
-            ),
+            (Some(_), None) => generates_from_noise(m)?,
             (None, Some(_)) => bail!("{} is not a super-resolution model", m.source),
             _ => {}
         }
-        if !(req.guidance.is_finite() && req.guidance >= 0.0) {
-            bail!(
-                "--guidance must be a non-negative number (got {})",
-                req.guidance
-            );
-        }
+        check_guidance(req.guidance)?;
         let n = req.n;
         let given = match &req.start {
             Start::Noise => None,
             Start::GivenNoise(x) => Some(x.dims()),
             Start::Edit { images, .. } => Some(images.dims()),
         };
+        if matches!(req.start, Start::Edit { .. }) && matches!(req.seeds, Seeds::Parts(_)) {
+            bail!("an edit draws its noise from one seed (Seeds::One)");
+        }
         if let Some(d) = given.filter(|d| d[0] != n) {
             bail!("the request is for {n} images but {} were given", d[0]);
         }
@@ -311,49 +332,38 @@ impl Pipeline {
             });
         };
         let k = cfg.unet.num_classes;
-        let (sample, positions) = match &req.start {
-            Start::Noise => (
-                generate_with(
-                    &m.unet,
-                    k,
-                    cfg.image_shape(),
-                    sampler.as_mut(),
-                    &opts,
-                    &mut noise,
-                    &self.device,
-                    &mut step,
-                ),
-                total,
+        let sample = match &req.start {
+            Start::Noise => generate_with(
+                &m.unet,
+                k,
+                cfg.image_shape(),
+                sampler.as_mut(),
+                &opts,
+                &mut noise,
+                &self.device,
+                &mut step,
             ),
             Start::GivenNoise(x) => {
                 let x = x.clone() * (sampler.init_noise_sigma() as f32);
-                (
-                    denoise_from(
-                        &m.unet,
-                        k,
-                        x,
-                        sampler.as_mut(),
-                        &opts,
-                        &mut noise,
-                        &mut step,
-                    ),
-                    total,
-                )
-            }
-            Start::Edit { images, options } => {
-                let start =
-                    crate::sampler::edit::start_position(sampler.as_ref(), options.strength);
-                let x = edit(
+                denoise_from(
                     &m.unet,
                     k,
-                    m.from_images(images.clone()),
+                    x,
                     sampler.as_mut(),
                     &opts,
-                    options,
+                    &mut noise,
                     &mut step,
-                );
-                (x, total - start)
+                )
             }
+            Start::Edit { images, options } => edit(
+                &m.unet,
+                k,
+                m.from_images(images.clone()),
+                sampler.as_mut(),
+                &opts,
+                options,
+                &mut step,
+            ),
         };
         let images = if cfg.superres.is_some() {
             sample.clone()
@@ -366,7 +376,6 @@ impl Pipeline {
             trajectory,
             prompt_truncated,
             negative_truncated,
-            positions,
         })
     }
 
@@ -420,11 +429,8 @@ impl Pipeline {
                 }
                 Ok((Some(v.clone()), None, None, Vec::new(), false))
             }
-            Conditioning::None if !text_model => Ok((None, None, None, Vec::new(), false)),
-            Conditioning::None => {
-                let (t, cut) = encoder()?.cond_repeated(&[("", n)])?;
-                Ok((None, Some(t), None, cut, false))
-            }
+            // A text model without text runs on its learned null text (no encoder needed).
+            Conditioning::None => Ok((None, None, None, Vec::new(), false)),
             Conditioning::Prompts { prompts, negative } => {
                 let enc = encoder()?;
                 let images: usize = prompts.iter().map(|p| p.1).sum();
@@ -446,6 +452,12 @@ impl Pipeline {
             Conditioning::Encoded { text, negative } => {
                 if text.null.len() != n {
                     bail!("{} encoded prompts given for {n} images", text.null.len());
+                }
+                if let Some(neg) = negative.as_ref().filter(|t| t.null.len() != n) {
+                    bail!(
+                        "{} encoded negative prompts given for {n} images",
+                        neg.null.len()
+                    );
                 }
                 Ok((
                     None,

@@ -5,7 +5,7 @@
 use super::{NoiseSource, Sampler, X0Clamp};
 use crate::schedule::{NoiseSchedule, Prediction};
 use crate::schedule::{TimestepSpacing, spaced_timesteps};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -24,11 +24,7 @@ pub enum VarianceType {
 impl std::str::FromStr for VarianceType {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "fixed-small" | "fixed_small" | "small" => Self::FixedSmall,
-            "fixed-large" | "fixed_large" | "large" => Self::FixedLarge,
-            other => bail!("unknown variance '{other}' (expected fixed-small or fixed-large)"),
-        })
+        crate::schedule::parse_named(s, "variance")
     }
 }
 

@@ -39,16 +39,26 @@ pub enum BetaSchedule {
 impl std::str::FromStr for BetaSchedule {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "linear" => Self::Linear,
-            "scaled-linear" | "scaled_linear" => Self::ScaledLinear,
-            "cosine" | "squaredcos_cap_v2" => Self::Cosine,
-            "sigmoid" => Self::Sigmoid,
-            other => bail!(
-                "unknown schedule '{other}' (expected linear, scaled-linear, cosine or sigmoid)"
-            ),
-        })
+        parse_named(s, "schedule")
     }
+}
+
+/// A value of a closed set by its [`clap::ValueEnum`] name or alias (exact case, as in
+/// diffusers' configs): the one name table of each such enum. The error names `what` and
+/// lists the names.
+pub fn parse_named<T: clap::ValueEnum>(s: &str, what: &str) -> Result<T> {
+    T::from_str(s, false).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|p| p.get_name().to_string())
+            .collect();
+        let list = match names.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => names.join(""),
+        };
+        anyhow::anyhow!("unknown {what} '{s}' (expected {list})")
+    })
 }
 
 /// The hyperparameters of the forward process, saved with every model.

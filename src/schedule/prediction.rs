@@ -7,7 +7,7 @@
 //! `[B, 1, 1, 1]` tensors. Sigma-space samplers keep `x = x_t / a = x0 + sigma eps` with
 //! `sigma = s / a` (Karras et al. 2022, "EDM").
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::ops::{Div, Mul};
@@ -31,12 +31,7 @@ pub enum Prediction {
 impl std::str::FromStr for Prediction {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "epsilon" | "eps" => Self::Epsilon,
-            "v" | "v-prediction" | "v_prediction" => Self::V,
-            "x0" | "sample" => Self::X0,
-            other => bail!("unknown objective '{other}' (expected epsilon, v or x0)"),
-        })
+        super::parse_named(s, "objective")
     }
 }
 

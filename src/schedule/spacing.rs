@@ -1,7 +1,7 @@
 //! Which inference timesteps a sampler visits among the `T` training steps: the one home of
 //! timestep spacing, used by every sampler.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 /// How `K` inference timesteps are chosen among `T` (Lin et al. 2024, "Common Diffusion Noise
@@ -20,14 +20,7 @@ pub enum TimestepSpacing {
 impl std::str::FromStr for TimestepSpacing {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "leading" => Self::Leading,
-            "trailing" => Self::Trailing,
-            "linspace" => Self::Linspace,
-            other => {
-                bail!("unknown timestep spacing '{other}' (expected leading, trailing or linspace)")
-            }
-        })
+        super::parse_named(s, "timestep spacing")
     }
 }
 

@@ -165,6 +165,10 @@ impl RunConfig {
         self.train.validate()?;
         self.model.unet.validate()?;
         NoiseSchedule::new(&self.model.schedule)?;
+        let u = &self.model.unet;
+        if self.model.superres.is_some() && (u.num_classes.is_some() || u.text_dim.is_some()) {
+            bail!("--task superres trains unconditioned models: leave out --cond");
+        }
         Ok(())
     }
 }
