@@ -7,7 +7,7 @@ use clap::Args;
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
 use diffuse::pipeline::{
-    CondFlags, Conditioning, FlagNames, Pipeline, Resolved, SamplerDefaults, Seeds, Start,
+    CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
     check_guidance, load_model,
 };
 use diffuse::sampler::edit::{EditOptions, start_position};
@@ -37,7 +37,7 @@ pub struct EditArgs {
     #[arg(long)]
     prompt: Option<String>,
     /// Classifier-free guidance weight (1 = none).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = Request::DEFAULT_GUIDANCE)]
     guidance: f32,
     #[command(flatten)]
     sampler: SamplerArgs,
@@ -78,7 +78,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     }
     let strength = a
         .strength
-        .unwrap_or(if a.mask.is_some() { 1.0 } else { 0.6 });
+        .unwrap_or_else(|| EditOptions::default_strength(a.mask.is_some()));
     if !(0.0..=1.0).contains(&strength) {
         bail!("--strength must be between 0 and 1 (got {strength})");
     }

@@ -178,7 +178,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1.0)]
     guidance: f32,
     /// Images generated at once.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = eval::DEFAULT_BATCH)]
     batch: usize,
     /// Random seed.
     #[arg(long, default_value_t = 0)]

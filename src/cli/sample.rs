@@ -8,7 +8,7 @@ use clap::Args;
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use diffuse::pipeline::{
-    CondFlags, Conditioning, FlagNames, Pipeline, Resolved, SamplerDefaults, Seeds, Start,
+    CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
     check_guidance, generates_from_noise, load_model,
 };
 use diffuse::weights::{self, NamedTensors, StoreDtype};
@@ -33,7 +33,7 @@ pub struct SampleArgs {
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Classifier-free guidance weight (1 = none).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = Request::DEFAULT_GUIDANCE)]
     guidance: f32,
     #[command(flatten)]
     sampler: SamplerArgs,

@@ -348,6 +348,9 @@ pub struct EvalOutcome {
     pub sample_seconds: f64,
 }
 
+/// Images `diffuse eval` generates at once unless told otherwise.
+pub const DEFAULT_BATCH: usize = 250;
+
 /// How the images to judge are sampled.
 #[derive(Clone, Debug)]
 pub struct SampleSpec {

@@ -18,6 +18,14 @@ pub struct EditOptions {
     pub mask: Option<Tensor<4>>,
 }
 
+impl EditOptions {
+    /// The strength of an edit that does not set one: 0.6 for SDEdit (diffusers' img2img
+    /// default is 0.8; 0.6 keeps more of the input on small models), 1 with a mask.
+    pub fn default_strength(masked: bool) -> f64 {
+        if masked { 1.0 } else { 0.6 }
+    }
+}
+
 /// The first position an edit of `strength` visits among `len` positions (`len`: none).
 pub fn start_position(sampler: &dyn Sampler, strength: f64) -> usize {
     let len = sampler.timesteps().len();

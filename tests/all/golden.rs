@@ -195,32 +195,18 @@ fn outputs() -> BTreeMap<String, String> {
     // Training: a tiny class-conditioned run (checkpoint, model and preview grid), then a tiny
     // super-resolution run and an upscale with it.
     let folder = fixture("folder").display().to_string();
-    let tiny = [
-        "--precision",
-        "f32",
-        "--steps",
-        "3",
-        "--batch",
-        "4",
-        "--base-channels",
-        "8",
-        "--norm-groups",
-        "4",
-        "--res-blocks",
-        "1",
-        "--checkpoint-every",
-        "3",
-        "--sample-every",
-        "3",
-        "--warmup",
-        "1",
-        "--image-size",
-        "16",
-    ];
     let run = |out: &str, extra: &[&str]| {
-        let mut a = vec!["train", "--data", &folder, "--out", out];
-        a.extend(tiny);
-        a.extend(extra);
+        let mut a = vec![
+            "train".to_string(),
+            "--data".into(),
+            folder.clone(),
+            "--out".into(),
+        ];
+        a.push(out.to_string());
+        let mut more = vec!["--precision", "f32", "--image-size", "16"];
+        more.extend(extra);
+        a.extend(super::superres::tiny(&more));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
         ok(&a);
     };
     run(&t("class"), &["--cond", "class"]);

@@ -46,7 +46,8 @@ fn psnr_and_ssim_behave() {
     assert!(psnr(&a, &c) > psnr(&a, &d));
 }
 
-fn tiny(extra: &[&str]) -> Vec<String> {
+/// The options of a tiny training run (3 steps, 8 base channels), then `extra`.
+pub fn tiny(extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
         "--steps",
         "3",
