@@ -18,7 +18,7 @@ use crate::conditioning::lowres;
 use crate::conditioning::text::TextEncoder;
 use crate::imageio::ImageBatch;
 use crate::model::LoadedModel;
-use crate::sampler::edit::{EditOptions, edit};
+use crate::sampler::edit::{EditOptions, edit_with};
 use crate::sampler::{
     GenerateOptions, SamplerChoice, SamplerKind, SeededNoise, denoise_from, generate_with,
 };
@@ -152,6 +152,17 @@ pub fn check_guidance(w: f32) -> Result<()> {
         bail!("--guidance must be a non-negative number (got {w})");
     }
     Ok(())
+}
+
+/// A request's conditioning as the denoising loop takes it, with the prompts' truncation
+/// flags.
+#[derive(Default)]
+struct Inputs {
+    classes: Option<Vec<usize>>,
+    text: Option<TextCond>,
+    negative: Option<TextCond>,
+    prompt_truncated: Vec<bool>,
+    negative_truncated: bool,
 }
 
 /// The sampler and steps a front end runs when none are asked for.
@@ -289,15 +300,17 @@ impl Pipeline {
             Start::GivenNoise(x) => Some(x.dims()),
             Start::Edit { images, .. } => Some(images.dims()),
         };
-        if matches!(req.start, Start::Edit { .. }) && matches!(req.seeds, Seeds::Parts(_)) {
-            bail!("an edit draws its noise from one seed (Seeds::One)");
-        }
         if let Some(d) = given.filter(|d| d[0] != n) {
             bail!("the request is for {n} images but {} were given", d[0]);
         }
         let mut sampler = self.sampler(req)?;
-        let (classes, text, negative, prompt_truncated, negative_truncated) =
-            self.conditioning(&req.conditioning, n)?;
+        let Inputs {
+            classes,
+            text,
+            negative,
+            prompt_truncated,
+            negative_truncated,
+        } = self.conditioning(&req.conditioning, n)?;
         let image_cond = match (&cfg.superres, &req.low_res) {
             (Some(sr), Some(low)) => Some(self.upsampled(low, sr.scale, n)?),
             _ => None,
@@ -306,10 +319,8 @@ impl Pipeline {
             n,
             classes,
             guidance: req.guidance,
-            seed: match &req.seeds {
-                Seeds::One(s) => *s,
-                Seeds::Parts(p) => p.first().map_or(0, |p| p.1),
-            },
+            // Unused: every draw comes from `noise` below.
+            seed: 0,
             cancel: req.cancel.clone(),
             text,
             negative,
@@ -359,13 +370,14 @@ impl Pipeline {
                     &mut step,
                 )
             }
-            Start::Edit { images, options } => edit(
+            Start::Edit { images, options } => edit_with(
                 &m.unet,
                 k,
                 m.from_images(images.clone()),
                 sampler.as_mut(),
                 &opts,
                 options,
+                &mut noise,
                 &mut step,
             ),
         };
@@ -384,18 +396,7 @@ impl Pipeline {
     }
 
     /// Classes, text and negative text for `n` images, with the prompts' truncation flags.
-    #[allow(clippy::type_complexity)]
-    fn conditioning(
-        &self,
-        c: &Conditioning,
-        n: usize,
-    ) -> Result<(
-        Option<Vec<usize>>,
-        Option<TextCond>,
-        Option<TextCond>,
-        Vec<bool>,
-        bool,
-    )> {
+    fn conditioning(&self, c: &Conditioning, n: usize) -> Result<Inputs> {
         let cfg = &self.model.config;
         let text_model = cfg.unet.text_dim.is_some();
         let encoder = || -> Result<&TextEncoder> {
@@ -431,10 +432,13 @@ impl Pipeline {
                         self.model.source
                     );
                 }
-                Ok((Some(v.clone()), None, None, Vec::new(), false))
+                Ok(Inputs {
+                    classes: Some(v.clone()),
+                    ..Inputs::default()
+                })
             }
             // A text model without text runs on its learned null text (no encoder needed).
-            Conditioning::None => Ok((None, None, None, Vec::new(), false)),
+            Conditioning::None => Ok(Inputs::default()),
             Conditioning::Prompts { prompts, negative } => {
                 let enc = encoder()?;
                 let images: usize = prompts.iter().map(|p| p.1).sum();
@@ -451,7 +455,13 @@ impl Pipeline {
                 let parts: Vec<(&str, usize)> =
                     prompts.iter().map(|(p, k)| (p.as_str(), *k)).collect();
                 let (t, cut) = enc.cond_repeated(&parts)?;
-                Ok((None, Some(t), neg, cut, neg_cut))
+                Ok(Inputs {
+                    text: Some(t),
+                    negative: neg,
+                    prompt_truncated: cut,
+                    negative_truncated: neg_cut,
+                    ..Inputs::default()
+                })
             }
             Conditioning::Encoded { text, negative } => {
                 if text.null.len() != n {
@@ -463,13 +473,11 @@ impl Pipeline {
                         neg.null.len()
                     );
                 }
-                Ok((
-                    None,
-                    Some(text.clone()),
-                    negative.clone(),
-                    Vec::new(),
-                    false,
-                ))
+                Ok(Inputs {
+                    text: Some(text.clone()),
+                    negative: negative.clone(),
+                    ..Inputs::default()
+                })
             }
         }
     }

@@ -55,9 +55,34 @@ pub fn edit(
     edit: &EditOptions,
     on_step: &mut dyn FnMut(usize, &Tensor<4>),
 ) -> Tensor<4> {
+    let mut noise = SeededNoise::new(&[(x0.dims()[0], opts.seed)]);
+    edit_with(
+        model,
+        num_classes,
+        x0,
+        sampler,
+        opts,
+        edit,
+        &mut noise,
+        on_step,
+    )
+}
+
+/// [`edit`] with the noise drawn from `noise` (e.g. a [`SeededNoise`] of several requests
+/// batched together; `opts.seed` is then unused).
+#[allow(clippy::too_many_arguments)]
+pub fn edit_with(
+    model: &UNet,
+    num_classes: Option<usize>,
+    x0: Tensor<4>,
+    sampler: &mut dyn Sampler,
+    opts: &GenerateOptions,
+    edit: &EditOptions,
+    noise: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(usize, &Tensor<4>),
+) -> Tensor<4> {
     let dims = x0.dims();
     let device = x0.device();
-    let mut noise = SeededNoise::new(&[(dims[0], opts.seed)]);
     let start = start_position(sampler, edit.strength);
     let len = sampler.timesteps().len();
     if start == len {
@@ -96,7 +121,7 @@ pub fn edit(
         x,
         sampler,
         opts,
-        &mut noise,
+        noise,
         start,
         Some(&mut replace),
         on_step,

@@ -381,7 +381,7 @@ pub fn train(
                 lowres: preview_cond.clone(),
                 vae,
             };
-            preview(cfg, &sched, &ema_model, &paths, done, p)?;
+            preview(cfg, &ema_model, &paths, done, p)?;
         }
     }
     let all = read_metrics(&paths.metrics(), tc.steps);

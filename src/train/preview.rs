@@ -7,8 +7,7 @@ use crate::data::Dataset;
 use crate::device::inference_device;
 use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
 use crate::pipeline::{Conditioning, Pipeline, Request, SamplerDefaults, Seeds};
-use crate::sampler::{Scheduler, SchedulerConfig};
-use crate::schedule::NoiseSchedule;
+use crate::sampler::Scheduler;
 use crate::unet::UNet;
 use anyhow::Result;
 use burn::tensor::{Tensor, TensorData};
@@ -17,7 +16,6 @@ use burn::tensor::{Tensor, TensorData};
 /// Euler-ancestral steps to `samples/step-NNNNNN.png`.
 pub(super) fn preview(
     cfg: &RunConfig,
-    sched: &NoiseSchedule,
     ema: &UNet,
     paths: &RunPaths,
     step: usize,
@@ -53,10 +51,7 @@ pub(super) fn preview(
     };
     let model = crate::model::LoadedModel {
         config: cfg.model.clone(),
-        scheduler: Scheduler {
-            settings: SchedulerConfig::for_model(&cfg.model.schedule, cfg.model.prediction),
-            schedule: sched.clone(),
-        },
+        scheduler: Scheduler::for_model(&cfg.model.schedule, cfg.model.prediction)?,
         unet: ema.clone(),
         source: "the training run".into(),
         vae: p.vae.cloned(),
@@ -64,7 +59,7 @@ pub(super) fn preview(
     let pipe = Pipeline::new(model, None, idev.clone());
     let defaults = SamplerDefaults::PREVIEW;
     let mut req = Request::new(n, defaults.sampler);
-    req.steps = defaults.steps.map(|s| s.min(sched.len()));
+    req.steps = defaults.steps.map(|s| s.min(pipe.model.scheduler.len()));
     req.conditioning = conditioning;
     req.guidance = 1.0;
     req.seeds = Seeds::One(cfg.train.seed);
