@@ -1,6 +1,7 @@
 //! Test configuration from the machine that builds (CI builds and tests on one machine):
 //! `has_amx` where the processor lists AMX-BF16, `golden_pinned` where
-//! `tests/fixtures/golden/hashes.json` holds output hashes for this kind of machine. Tests that
+//! `tests/fixtures/golden/hashes.json` holds output hashes for this kind of machine,
+//! `builds_as_root` where the build runs as root (file permissions do not bind it). Tests that
 //! cannot run here are marked ignored with the reason, so `cargo test` prints them as skipped.
 //! DIFFUSE_MACHINE_KEY is the key the golden test checks against the one it computes at run time.
 
@@ -33,6 +34,16 @@ fn main() {
     println!("cargo::rerun-if-changed=tests/fixtures/golden/hashes.json");
     println!("cargo::rustc-check-cfg=cfg(has_amx)");
     println!("cargo::rustc-check-cfg=cfg(golden_pinned)");
+    println!("cargo::rustc-check-cfg=cfg(builds_as_root)");
+    // Root reads every file whatever its permissions: permission tests are skipped there.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    if uid == Some("0") {
+        println!("cargo::rustc-cfg=builds_as_root");
+    }
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     if info
         .lines()

@@ -32,6 +32,8 @@ pub fn into_cache(name: &str, fill: impl FnOnce(&Path, &Path) -> Result<()>) -> 
     }
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("cannot create cache folder {}", cache.display()))?;
+    // Scratch folders of fetches that were killed.
+    crate::files::remove_stale_temps(&cache);
     let work = cache.join(format!(".{name}.download{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

@@ -2,9 +2,9 @@
 //! image files to tensors.
 
 use crate::data::folder::{chw_to_image, image_to_chw};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
-use image::{DynamicImage, RgbImage};
+use image::{DynamicImage, ImageFormat, RgbImage};
 use std::path::Path;
 
 /// Host copy of a batch: `[N, C, H, W]` shape and pixels as bytes (`(x + 1) * 127.5`,
@@ -94,17 +94,49 @@ pub fn display_factor(size: usize) -> u32 {
     (64 / size.max(1)).clamp(1, 8) as u32
 }
 
-/// An RGB image encoded as PNG bytes (what [`save_png`] writes).
+/// An RGB image encoded as PNG bytes.
 pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
+    encode(img, ImageFormat::Png)
+}
+
+fn encode(img: &RgbImage, format: ImageFormat) -> Result<Vec<u8>> {
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png)?;
+    img.write_to(&mut buf, format)?;
     Ok(buf.into_inner())
 }
 
-/// Saves an RGB image as PNG atomically, naming the path in errors.
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let bytes = png_bytes(img).with_context(|| format!("cannot encode {}", path.display()))?;
-    crate::weights::write_atomic(path, &bytes)
+/// The format an output image path asks for by its extension: `.png` (also for a path
+/// without one), `.jpg`/`.jpeg`, `.webp` (lossless) or `.bmp`. Anything else, or a folder, is
+/// an error naming the path, so a run can refuse it before any work.
+pub fn output_format(path: &Path) -> Result<ImageFormat> {
+    if path.is_dir() {
+        bail!(
+            "{} is a folder: give an image file name (e.g. {}/samples.png)",
+            path.display(),
+            path.display()
+        );
+    }
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    Ok(match ext.as_deref() {
+        None | Some("png") => ImageFormat::Png,
+        Some("jpg" | "jpeg") => ImageFormat::Jpeg,
+        Some("webp") => ImageFormat::WebP,
+        Some("bmp") => ImageFormat::Bmp,
+        Some(other) => bail!(
+            "{}: diffuse writes .png, .jpg, .webp or .bmp images, not .{other}",
+            path.display()
+        ),
+    })
+}
+
+/// Saves an RGB image atomically in the format its extension names ([`output_format`]),
+/// naming the path in errors.
+pub fn save_image(img: &RgbImage, path: &Path) -> Result<()> {
+    let format = output_format(path)?;
+    let bytes = encode(img, format).with_context(|| format!("cannot encode {}", path.display()))?;
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// Loads an image file as a `[1, C, S, S]` model-space tensor (resized and centre-cropped).

@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod fetch;
+pub mod files;
 pub mod imageio;
 pub mod interop;
 pub mod kernels;

@@ -71,6 +71,50 @@ pub struct LatentConfig {
 pub const VAE_PREFIX: &str = "vae.";
 
 impl ModelConfig {
+    /// Checks everything the config says before anything is built: the network, the noise
+    /// schedule, the class names, and the super-resolution or latent settings.
+    pub fn validate(&self) -> Result<()> {
+        self.unet.validate()?;
+        crate::schedule::NoiseSchedule::new(&self.schedule)?;
+        let k = self.unet.num_classes.unwrap_or(0);
+        if !self.class_names.is_empty() && self.class_names.len() != k {
+            bail!(
+                "it names {} classes for a model of {k}",
+                self.class_names.len()
+            );
+        }
+        if let Some(sr) = &self.superres
+            && (!(2..=16).contains(&sr.scale) || !self.unet.image_size.is_multiple_of(sr.scale))
+        {
+            bail!(
+                "super-resolution scale {} must be between 2 and 16 and divide the image size {}",
+                sr.scale,
+                self.unet.image_size
+            );
+        }
+        if let Some(l) = &self.latent {
+            l.vae.validate()?;
+            let f = l.vae.downscale();
+            if !(1..=4096).contains(&l.image_size)
+                || l.image_size.div_ceil(f) != self.unet.image_size
+            {
+                bail!(
+                    "the latent model's image size {} does not shrink by the VAE's factor {f} to its U-Net's {}",
+                    l.image_size,
+                    self.unet.image_size
+                );
+            }
+            if l.vae.latent_channels != self.unet.in_channels {
+                bail!(
+                    "the VAE's {} latent channels do not match the U-Net's {} input channels",
+                    l.vae.latent_channels,
+                    self.unet.in_channels
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// `[channels, height, width]` of what the denoiser generates (latents for a latent
     /// model, else images).
     pub fn image_shape(&self) -> [usize; 3] {
@@ -170,11 +214,21 @@ pub fn model_bytes(
 /// Builds a model from safetensors bytes that carry their config.
 pub fn load_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<LoadedModel> {
     let (tensors, meta) = weights::from_safetensors(bytes, what)?;
-    let cfg_json = meta.get(CONFIG_KEY).ok_or_else(|| {
-        anyhow!("{what} has no diffuse model config in its metadata (not a diffuse model file)")
-    })?;
+    if meta.contains_key(crate::train::checkpoint::RUN_KEY) {
+        bail!(
+            "{what} is a training checkpoint, not a model: give its run folder (`--model RUN`) or the model.safetensors beside it"
+        );
+    }
+    let Some(cfg_json) = meta.get(CONFIG_KEY) else {
+        bail!("{what} has no diffuse model config in its metadata (not a diffuse model file)");
+    };
     let config: ModelConfig = serde_json::from_str(cfg_json)
         .map_err(|e| anyhow!("{what}: the model config in its metadata is invalid ({e})"))?;
+    weights::note_if_unverified(
+        &meta,
+        what,
+        "`diffuse convert --model FILE --out NEW.safetensors --dtype f32` writes a copy with one",
+    );
     build(config, &tensors, "", what, device)
 }
 
@@ -186,6 +240,23 @@ pub fn build(
     what: &str,
     device: &Device,
 ) -> Result<LoadedModel> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("{what}: the model config it carries is invalid: {e}"))?;
+    // Building a U-Net allocates its weights: refuse a config that asks for far more than
+    // the file holds before doing so (a damaged or hostile config cannot allocate more than
+    // a few times the file's size).
+    let held: usize = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, t)| t.data.len())
+        .sum();
+    let least = config.unet.min_parameters();
+    if least > held {
+        bail!(
+            "{what} does not match its config: the config describes a U-Net of at least {least} weights, the file holds {held}"
+        );
+    }
     let unet =
         UNet::new(&config.unet, device).with_context(|| format!("{what}: invalid model config"))?;
     let unet = weights::apply(unet, tensors, prefix)

@@ -1,7 +1,7 @@
 //! Plots as PNGs, drawn directly into pixels with a tiny built-in 3x5 bitmap font: the loss
 //! curve of a training run, and line charts such as sample quality against sampling steps.
 
-use crate::imageio::save_png;
+use crate::imageio::save_image;
 use anyhow::Result;
 use image::{Rgb, RgbImage};
 use std::path::Path;
@@ -176,7 +176,7 @@ pub fn save_loss_curve(metrics: &[(f64, f64)], path: &Path) -> Result<()> {
             );
         }
     }
-    save_png(&img, path)
+    save_image(&img, path)
 }
 
 /// One line of a chart.
@@ -308,5 +308,5 @@ pub fn save_line_chart(series: &[Series], x_title: &str, y_title: &str, path: &P
         2,
     );
     text(&mut img, 4, 4, y_title, 2);
-    save_png(&img, path)
+    save_image(&img, path)
 }

@@ -37,6 +37,14 @@ pub fn normal_vec(rng: &mut impl Rng, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Draws `n` standard normals and drops them: the generator ends where [`normal_vec`] of `n`
+/// leaves it.
+pub fn skip_normals(rng: &mut impl Rng, n: usize) {
+    for _ in 0..n {
+        std::hint::black_box(rng.sample::<f32, _>(StandardNormal));
+    }
+}
+
 /// A tensor of standard normal draws with the given shape.
 pub fn normal_tensor(rng: &mut impl Rng, shape: [usize; 4], device: &Device) -> Tensor<4> {
     let n = shape.iter().product();

@@ -1,10 +1,9 @@
-//! Named tensors: moving module parameters to and from safetensors files, and writing files
-//! atomically (temp file, then rename) so that a kill never leaves a half-written file.
+//! Named tensors: moving module parameters to and from safetensors files.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, TensorData};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -140,65 +139,125 @@ pub fn transpose(t: &HostTensor) -> HostTensor {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(d) = dir {
-        std::fs::create_dir_all(d)
-            .with_context(|| format!("cannot create folder {}", d.display()))?;
-    }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move file into {}", path.display()))
+/// Metadata key of the SHA-256 of a file's tensor data (everything after the header), in
+/// lowercase hex. Written into every safetensors file diffuse saves and checked on every load;
+/// other readers see one more metadata string and load the file as before.
+pub const CHECKSUM_KEY: &str = "diffuse.sha256";
+
+/// The SHA-256 of `data` in lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-/// Serialises named tensors (and string metadata) in the safetensors format.
+/// Serialises named tensors (and string metadata) in the safetensors format: an 8-byte
+/// little-endian header length, the JSON header (padded with spaces to a multiple of 8), then
+/// the tensors' bytes in name order. Written here rather than by the `safetensors` crate so
+/// that the bytes are a function of the contents alone: that crate writes the metadata map
+/// in hash order, so two saves of one state differed (determinism). The metadata gains
+/// [`CHECKSUM_KEY`].
 pub fn to_safetensors(
     tensors: &NamedTensors,
     metadata: &HashMap<String, String>,
     dtype: StoreDtype,
 ) -> Result<Vec<u8>> {
-    let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let bytes = match dtype {
-                StoreDtype::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                StoreDtype::F16 => t
-                    .data
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            };
-            (name.clone(), t.shape.clone(), bytes)
-        })
-        .collect();
-    let st_dtype = match dtype {
-        StoreDtype::F32 => Dtype::F32,
-        StoreDtype::F16 => Dtype::F16,
+    let (name, width) = match dtype {
+        StoreDtype::F32 => ("F32", 4),
+        StoreDtype::F16 => ("F16", 2),
     };
-    let views = bufs
+    let total: usize = tensors.values().map(|t| t.data.len() * width).sum();
+    let mut data = Vec::with_capacity(total);
+    let mut header = serde_json::Map::new();
+    for (key, t) in tensors {
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            bail!(
+                "tensor '{key}' has {} values for shape {:?}",
+                t.data.len(),
+                t.shape
+            );
+        }
+        let begin = data.len();
+        match dtype {
+            StoreDtype::F32 => data.extend(t.data.iter().flat_map(|v| v.to_le_bytes())),
+            StoreDtype::F16 => data.extend(
+                t.data
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes()),
+            ),
+        }
+        header.insert(
+            key.clone(),
+            serde_json::json!({"dtype": name, "shape": t.shape, "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let mut meta: BTreeMap<String, String> = metadata
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(st_dtype, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    Ok(safetensors::serialize(views, &meta)?)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.insert(CHECKSUM_KEY.to_string(), sha256_hex(&data));
+    // serde_json's map keeps keys sorted: the header is canonical.
+    header.insert("__metadata__".to_string(), serde_json::to_value(&meta)?);
+    let mut json = serde_json::to_vec(&header)?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + data.len());
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json);
+    out.extend(data);
+    Ok(out)
+}
+
+/// A `safetensors` parse error in a reader's words.
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => "it is shorter than a safetensors header (8 bytes)".into(),
+        E::HeaderTooLarge => "its header claims to be over 100 MB long".into(),
+        E::InvalidHeaderLength => {
+            "its header claims to be longer than the whole file (truncated, or not safetensors)"
+                .into()
+        }
+        E::InvalidHeader | E::InvalidHeaderStart => "its header is not UTF-8 JSON".into(),
+        E::InvalidHeaderDeserialization => {
+            "its header is not a valid safetensors table of tensors".into()
+        }
+        E::MetadataIncompleteBuffer => {
+            "its tensors need more data than the file holds (truncated)".into()
+        }
+        E::TensorInvalidInfo | E::InvalidTensorView(..) => {
+            "a tensor's shape does not match its data length".into()
+        }
+        E::InvalidOffset(name) => format!("tensor '{name}' has invalid data offsets"),
+        E::ValidationOverflow => "a tensor's shape or offsets overflow".into(),
+        E::TensorNotFound(name) => format!("tensor '{name}' is missing"),
+        E::IoError(e) => crate::files::io_reason(e),
+        E::JsonError(e) => format!("its header is not valid JSON ({e})"),
+    }
 }
 
 /// Parses a safetensors buffer: every tensor as f32 (from F32, F16, BF16, F64 or I64) and the
-/// metadata.
+/// metadata. A file with [`CHECKSUM_KEY`] must match it; every value must be finite.
 /// `what` names the input in error messages.
 pub fn from_safetensors(
     bytes: &[u8],
     what: &str,
 ) -> Result<(NamedTensors, HashMap<String, String>)> {
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow!("{what} is not a valid safetensors file ({e})"))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| anyhow!("{what} is not a valid safetensors file ({e})"))?;
+    let invalid = |e: safetensors::SafeTensorError| {
+        anyhow!("{what} is not a valid safetensors file: {}", describe(&e))
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(invalid)?;
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(invalid)?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if let Some(want) = meta.get(CHECKSUM_KEY) {
+        let data = &bytes[(8 + header_len).min(bytes.len())..];
+        if sha256_hex(data) != want.to_lowercase() {
+            bail!(
+                "{what} is corrupt: its tensor data does not match the checksum it was saved with (the file was damaged after it was written; use another copy or train it again)"
+            );
+        }
+    }
     let mut out = NamedTensors::new();
     for (name, view) in st.tensors() {
         let raw = view.data();
@@ -225,6 +284,12 @@ pub fn from_safetensors(
                 .collect(),
             other => bail!("{what}: tensor '{name}' has unsupported dtype {other:?}"),
         };
+        if let Some(k) = data.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{what}: tensor '{name}' holds a value that is not finite ({} at index {k}): the file is damaged, or the training that wrote it diverged",
+                data[k]
+            );
+        }
         out.insert(
             name.clone(),
             HostTensor {
@@ -233,11 +298,28 @@ pub fn from_safetensors(
             },
         );
     }
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
+    Ok((out, meta))
+}
+
+/// Prints a note when a diffuse file carries no checksum (written before checksums were
+/// added): it loads, unverified.
+/// `remedy` says how to get a file with one.
+pub fn note_if_unverified(meta: &HashMap<String, String>, what: &str, remedy: &str) {
+    if !meta.contains_key(CHECKSUM_KEY) {
+        eprintln!(
+            "note: {what} carries no checksum (written by an older diffuse), so damage to it cannot be detected; {remedy}"
+        );
+    }
 }
 
 /// Reads a safetensors file, naming the path in every error.
 pub fn read_safetensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        anyhow!(
+            "cannot read {}: {}",
+            path.display(),
+            crate::files::io_reason(&e)
+        )
+    })?;
     from_safetensors(&bytes, &path.display().to_string())
 }

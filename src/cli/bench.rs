@@ -1,7 +1,6 @@
 //! `diffuse bench`: the benchmark U-Net (shared/bench/MODEL.md) built from diffuse's blocks.
 
 use anyhow::{Result, bail};
-use diffuse::weights;
 use std::path::Path;
 
 pub fn run(warmup: usize, iters: usize, json: Option<&Path>) -> Result<()> {
@@ -18,7 +17,7 @@ pub fn run(warmup: usize, iters: usize, json: Option<&Path>) -> Result<()> {
     println!("RESULT infer B=64 {:.2} img/s", r.infer_b64_img_per_s);
     println!("peak RSS {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
     if let Some(p) = json {
-        weights::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+        diffuse::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
     }
     Ok(())
 }

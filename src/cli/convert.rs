@@ -12,8 +12,16 @@ pub fn run(spec: &str, out: &Path, dtype: StoreDtype) -> Result<()> {
     let m = load_model(Some(spec), &dev)?;
     let mut t = NamedTensors::new();
     weights::collect(&m.unet, "", &mut t);
+    // A latent model's VAE travels in the same file.
+    if let Some(v) = &m.vae {
+        t.extend(
+            v.tensors()
+                .into_iter()
+                .map(|(k, x)| (format!("{}{k}", model::VAE_PREFIX), x)),
+        );
+    }
     let bytes = model::model_bytes(&m.config, &t, dtype)?;
-    weights::write_atomic(out, &bytes)?;
+    diffuse::files::write_atomic(out, &bytes)?;
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
     Ok(())
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use clap::Args;
 use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
+use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
 use diffuse::pipeline::{
     CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
     check_guidance, load_model,
@@ -67,6 +67,8 @@ fn note_resize(path: &Path, size: usize, what: &str) -> Result<()> {
 }
 
 pub fn edit_cmd(a: EditArgs) -> Result<()> {
+    // The output path is checked before any work.
+    diffuse::imageio::output_format(&a.out)?;
     let dev = inference_device();
     let m = load_model(a.model.as_deref(), &dev)?;
     let cfg = m.config.clone();
@@ -169,7 +171,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let edits: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     shown.extend(edits.iter().cloned());
     let cols = shown.len();
-    save_png(&upscale(&grid(&shown, cols), display_factor(size)), &a.out)?;
+    save_image(&upscale(&grid(&shown, cols), display_factor(size)), &a.out)?;
     println!(
         "wrote {} (input, {}{} edit(s))",
         a.out.display(),

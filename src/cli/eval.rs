@@ -138,7 +138,7 @@ fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) ->
             o.extend(e.clone());
         }
         let text = serde_json::to_string_pretty(&v)? + "\n";
-        diffuse::weights::write_atomic(path, text.as_bytes())?;
+        diffuse::files::write_atomic(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -177,9 +177,6 @@ pub struct EvalArgs {
     /// Classifier-free guidance weight.
     #[arg(long, default_value_t = 1.0)]
     guidance: f32,
-    /// Images generated at once.
-    #[arg(long, default_value_t = eval::DEFAULT_BATCH)]
-    batch: usize,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -195,15 +192,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     if a.n_real < 4 {
         bail!("--n-real must be at least 4 (got {})", a.n_real);
     }
-    if a.batch == 0 || a.batch > 10_000 {
-        bail!("--batch must be between 1 and 10000 (got {})", a.batch);
-    }
-    if !(a.guidance.is_finite() && a.guidance >= 0.0) {
-        bail!(
-            "--guidance must be a non-negative number (got {})",
-            a.guidance
-        );
-    }
+    diffuse::pipeline::check_guidance(a.guidance)?;
     let dev = inference_device();
     // Samples are unconditional or per class: no text encoder.
     let m = load_model(a.model.as_deref(), &dev)?;
@@ -224,9 +213,9 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
     let pb = bar(a.n as u64, "{bar:40} {pos}/{len} images  ETA {eta}");
     let spec = SampleSpec {
+        batch: pipe.batch(&request),
         request,
         n: a.n,
-        batch: a.batch,
         seed: a.seed,
     };
     let out = evaluate(&pipe, &real, &ext, &spec, &mut |b| pb.inc(b as u64))?;

@@ -18,7 +18,7 @@ pub mod vae;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use diffuse::imageio::save_png;
+use diffuse::imageio::save_image;
 use diffuse::kernels::MatmulMode;
 use diffuse::pipeline::{Request, SamplerDefaults};
 use diffuse::sampler::{SamplerChoice, SamplerKind, VarianceType};
@@ -117,7 +117,15 @@ enum Cmd {
 
 pub fn main() {
     diffuse::device::keep_freed_memory();
-    let cli = match Cli::try_parse() {
+    // `--lr -1` and `--seed -1` reach the option's own check ("must be positive") instead of
+    // reading as an unknown option `-1`.
+    let command = <Cli as clap::CommandFactory>::command()
+        .allow_negative_numbers(true)
+        .mut_subcommands(|c| c.allow_negative_numbers(true));
+    let parsed = command
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         // Help and version go to stdout with status 0; a bad option is one error line, status 1.
         Err(e) if !e.use_stderr() => e.exit(),
@@ -178,6 +186,10 @@ pub struct SamplerArgs {
     /// Karras noise levels (EDM, eq. 5) for dpmpp-2m, euler and heun.
     #[arg(long)]
     pub karras: bool,
+    /// Images denoised at once (default: what fits about 1 GiB for the model). More images
+    /// run in chunks of this many, so memory does not grow with --n; the images are the same.
+    #[arg(long)]
+    pub batch: Option<usize>,
 }
 
 impl SamplerArgs {
@@ -192,6 +204,7 @@ impl SamplerArgs {
             variance: self.variance,
             karras: self.karras.then_some(true),
         };
+        r.batch = self.batch;
         r
     }
 }
@@ -224,13 +237,46 @@ pub fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// A folder that images are written to one at a time, as `00000.png`, `00001.png`, ...
+pub struct ImageDir {
+    dir: PathBuf,
+    written: usize,
+}
+
+impl ImageDir {
+    /// Creates the folder (and removes temporaries a killed writer left in it).
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        diffuse::files::remove_stale_temps(dir);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            written: 0,
+        })
+    }
+
+    /// Writes the next image.
+    pub fn write(&mut self, img: &DynamicImage) -> Result<()> {
+        save_image(
+            &img.to_rgb8(),
+            &self.dir.join(format!("{:05}.png", self.written)),
+        )?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Says what was written.
+    pub fn finish(self) {
+        println!("wrote {} images to {}", self.written, self.dir.display());
+    }
+}
+
 /// Writes each image to `dir` as `00000.png`, `00001.png`, ... and says so.
 pub fn write_image_dir(dir: &Path, images: &[DynamicImage]) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for (i, img) in images.iter().enumerate() {
-        save_png(&img.to_rgb8(), &dir.join(format!("{i:05}.png")))?;
+    let mut d = ImageDir::create(dir)?;
+    for img in images {
+        d.write(img)?;
     }
-    println!("wrote {} images to {}", images.len(), dir.display());
+    d.finish();
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use super::parse_list;
 use anyhow::{Result, bail};
 use clap::Args;
 use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, grid, load_image, save_png};
+use diffuse::imageio::{ImageBatch, grid, load_image, save_image};
 use diffuse::rng::{Stream, normal_tensor, rng_for};
 use diffuse::schedule::{BetaSchedule, NoiseSchedule, ScheduleConfig};
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ pub struct NoiseArgs {
 }
 
 pub fn run(a: NoiseArgs) -> Result<()> {
+    // The output path is checked before any work.
+    diffuse::imageio::output_format(&a.out)?;
     let dev = inference_device();
     let sched = NoiseSchedule::new(&ScheduleConfig {
         beta_schedule: a.schedule,
@@ -62,7 +64,7 @@ pub fn run(a: NoiseArgs) -> Result<()> {
         .iter()
         .map(|&t| ImageBatch::from_tensor(sched.q_sample(x0.clone(), eps.clone(), &[t])).image(0))
         .collect();
-    save_png(&grid(&frames, frames.len()), &a.out)?;
+    save_image(&grid(&frames, frames.len()), &a.out)?;
     println!("wrote {}", a.out.display());
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! `diffuse sample`: images from a model, as a grid, one file each, a trajectory strip and
 //! the model-space tensor.
 
-use super::{SamplerArgs, steps_bar, write_image_dir};
+use super::{ImageDir, SamplerArgs, steps_bar};
 use anyhow::{Result, bail};
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
+use diffuse::imageio::{ImageBatch, display_factor, grid, output_format, save_image, upscale};
 use diffuse::pipeline::{
     CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
     check_guidance, generates_from_noise, load_model,
@@ -40,7 +40,8 @@ pub struct SampleArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Grid PNG to write (default samples.png when --out-dir is not given).
+    /// Grid image to write, PNG, JPEG, WebP or BMP by its extension (default samples.png
+    /// when --out-dir is not given).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Folder for one PNG per image at the model's resolution.
@@ -60,6 +61,9 @@ pub struct SampleArgs {
     #[arg(long)]
     save_tensor: Option<PathBuf>,
 }
+
+/// The largest grid `sample` holds, in bytes of 8-bit pixels (before display scaling).
+const MAX_GRID_BYTES: usize = 512 << 20;
 
 /// Reads `--init-noise`: the tensor "noise" of shape `[N, C, H, W]` for images `[C, H, W]`.
 fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor> {
@@ -167,19 +171,84 @@ pub fn run(a: SampleArgs) -> Result<()> {
             &dev,
         ));
     }
+    let grid_out = match (&a.out, &a.out_dir) {
+        (None, None) => Some(PathBuf::from("samples.png")),
+        (o, _) => o.clone(),
+    };
+    // Output paths are checked before any work.
+    for p in grid_out.iter().chain(&a.trajectory) {
+        output_format(p)?;
+    }
+    // The grid is held whole: bound it (one file per image has no such limit).
+    let [oc, oh, ow] = cfg.output_shape();
+    let grid_bytes = n * oc.max(3) * oh * ow;
+    if grid_out.is_some() && grid_bytes > MAX_GRID_BYTES {
+        bail!(
+            "a grid of {n} images of {oh}x{ow} would need {} MB; write them one file each with --out-dir (and no --out)",
+            grid_bytes >> 20
+        );
+    }
+    if let Some(d) = a.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        bail!("--out-dir {} is a file, not a folder", d.display());
+    }
+    if a.save_tensor.as_ref().is_some_and(|p| p.is_dir()) {
+        bail!(
+            "--save-tensor {} is a folder: give a .safetensors file name",
+            a.save_tensor
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
     let pb = steps_bar();
-    let out = pipe.run(&req, &mut |s| {
-        if s.index == 0 {
-            pb.set_length(s.total as u64);
-        }
-        pb.inc(1);
-    })?;
+    // Each chunk's images are written (--out-dir) or kept as 8-bit pixels (the grid) as soon
+    // as it is done: memory is bounded by --batch, not by --n.
+    let mut dir = a.out_dir.as_deref().map(ImageDir::create).transpose()?;
+    let mut imgs = Vec::new();
+    let mut tensor: Vec<f32> = Vec::new();
+    let mut trajectory = Vec::new();
+    let keep_grid = grid_out.is_some();
+    let summary = pipe.run_chunks(
+        &req,
+        &mut |s| {
+            if s.index == 0 && s.chunk == 0 {
+                pb.set_length((s.total * s.chunks) as u64);
+            }
+            pb.inc(1);
+        },
+        &mut |_, g| {
+            if a.save_tensor.is_some() {
+                tensor.extend(
+                    g.sample
+                        .clone()
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .expect("f32"),
+                );
+            }
+            if trajectory.is_empty() {
+                trajectory = g.trajectory.clone();
+            }
+            let batch = g.pixels();
+            for i in 0..batch.len() {
+                let img = batch.image(i);
+                if let Some(d) = dir.as_mut() {
+                    d.write(&img)?;
+                }
+                if keep_grid {
+                    imgs.push(img);
+                }
+            }
+            Ok(())
+        },
+    )?;
     pb.finish_and_clear();
     if let Some(enc) = &pipe.text_encoder {
         let max = enc.max_len;
         for (cut, what) in [
-            (out.negative_truncated, "--negative-prompt"),
-            (out.prompt_truncated.first() == Some(&true), "--prompt"),
+            (summary.negative_truncated, "--negative-prompt"),
+            (summary.prompt_truncated.first() == Some(&true), "--prompt"),
         ] {
             if cut {
                 eprintln!(
@@ -189,33 +258,22 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     if let Some(path) = &a.save_tensor {
-        let x = &out.sample;
+        let [c, h, w] = cfg.image_shape();
         let mut t = NamedTensors::new();
         t.insert(
             "sample".into(),
             weights::HostTensor {
-                shape: x.dims().to_vec(),
-                data: x
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec()
-                    .expect("f32"),
+                shape: vec![tensor.len() / (c * h * w), c, h, w],
+                data: tensor,
             },
         );
         let bytes = weights::to_safetensors(&t, &Default::default(), StoreDtype::F32)?;
-        weights::write_atomic(path, &bytes)?;
+        diffuse::files::write_atomic(path, &bytes)?;
         println!("wrote {}", path.display());
     }
-    let batch = out.pixels();
-    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     let f = display_factor(cfg.output_shape()[1]);
-    let grid_out = match (&a.out, &a.out_dir) {
-        (None, None) => Some(PathBuf::from("samples.png")),
-        (o, _) => o.clone(),
-    };
     if let Some(path) = &grid_out {
-        save_png(&upscale(&grid(&imgs, cols), f), path)?;
+        save_image(&upscale(&grid(&imgs, cols), f), path)?;
         println!(
             "wrote {} ({} images from {})",
             path.display(),
@@ -223,16 +281,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
             pipe.source()
         );
     }
-    if let Some(dir) = &a.out_dir {
-        write_image_dir(dir, &imgs)?;
+    if let Some(d) = dir {
+        d.finish();
     }
     if let Some(path) = &a.trajectory {
-        let frames: Vec<_> = out
-            .trajectory
+        let frames: Vec<_> = trajectory
             .iter()
             .map(|x| ImageBatch::from_tensor(x.clone()).image(0))
             .collect();
-        save_png(&upscale(&grid(&frames, frames.len()), f), path)?;
+        save_image(&upscale(&grid(&frames, frames.len()), f), path)?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// Time limit per request in seconds, queueing included (504 past it).
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Images denoised at once (default: what fits about 1 GiB for the model); larger
+    /// batches of requests run in chunks of this many.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 pub fn serve_cmd(a: ServeArgs) -> Result<()> {
@@ -40,6 +44,15 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     }
     if a.max_n == 0 || a.max_n > 1000 {
         bail!("--max-n must be between 1 and 1000 (got {})", a.max_n);
+    }
+    if a.batch
+        .is_some_and(|b| !(1..=diffuse::pipeline::MAX_BATCH).contains(&b))
+    {
+        bail!(
+            "--batch must be between 1 and {} (got {})",
+            diffuse::pipeline::MAX_BATCH,
+            a.batch.unwrap_or(0)
+        );
     }
     if a.max_steps == 0 {
         bail!("--max-steps must be at least 1");
@@ -66,6 +79,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_n: a.max_n,
         max_steps: a.max_steps,
         timeout: Duration::from_secs(a.timeout),
+        batch: a.batch,
         ..Default::default()
     };
     serve::serve(Pipeline::with_text_encoder(m, &dev)?, cfg)
@@ -118,7 +132,7 @@ pub fn loadtest_cmd(a: LoadTestArgs) -> Result<()> {
     let r = load::run(&cfg)?;
     let json = serde_json::to_string_pretty(&r)?;
     if let Some(p) = &a.json {
-        diffuse::weights::write_atomic(p, json.as_bytes())?;
+        diffuse::files::write_atomic(p, json.as_bytes())?;
     }
     println!("{json}");
     if !r.failures.is_empty() {

@@ -136,6 +136,8 @@ pub struct TrainArgs {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let paths = RunPaths::new(&a.out);
+    // One writer per run folder, from before anything is read (train::train holds it too).
+    let _lock = train::claim_run_folder(&a.out)?;
     let ckpt_path = paths.checkpoint();
     let (cfg, resume) = if a.resume {
         if !ckpt_path.exists() {
@@ -152,6 +154,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if let Some(s) = a.steps {
             cfg.train.steps = s;
         }
+        train::check_resume_target(ck.step, cfg.train.steps, &a.out)?;
         if let Some(p) = precision_arg() {
             cfg.train.precision = p;
         }

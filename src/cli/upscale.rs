@@ -9,7 +9,7 @@ use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::eval::superres::{psnr, ssim};
 use diffuse::eval::{self, Images, MetricOptions, compare, to_extractor};
-use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
+use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
 use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds, load_model};
 use std::path::PathBuf;
 
@@ -50,6 +50,8 @@ pub struct UpscaleArgs {
 }
 
 pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
+    // The output path is checked before any work.
+    diffuse::imageio::output_format(&a.out)?;
     let dev = inference_device();
     let pipe = Pipeline::new(load_model(Some(&a.model), &dev)?, None, dev.clone());
     let m = &pipe.model;
@@ -111,7 +113,7 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     } else {
         grid(&imgs, imgs.len().min(8))
     };
-    save_png(&out, &a.out)?;
+    save_image(&out, &a.out)?;
     println!(
         "wrote {} ({small}x{small} -> {big}x{big}, {} version(s))",
         a.out.display(),
@@ -208,7 +210,7 @@ fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Resul
             "bicubic": {"psnr": p_bi, "ssim": s_bi, "fid": fid_bi},
             "diffusion": {"psnr": p_sr, "ssim": s_sr, "fid": fid_sr},
         });
-        diffuse::weights::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        diffuse::files::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
     // Grid: inputs (nearest), bicubic, model, originals for the first 8.
     let k = n.min(8);
@@ -233,7 +235,7 @@ fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Resul
     let t = Tensor::<4>::from_data(TensorData::new(all, [4 * k, c, big, big]), &dev);
     let b = ImageBatch::from_tensor(t);
     let imgs: Vec<_> = (0..b.len()).map(|i| b.image(i)).collect();
-    save_png(&upscale(&grid(&imgs, k), display_factor(big)), &a.out)?;
+    save_image(&upscale(&grid(&imgs, k), display_factor(big)), &a.out)?;
     println!(
         "wrote {} (rows: input, bicubic, diffusion, original)",
         a.out.display()

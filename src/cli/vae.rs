@@ -5,7 +5,7 @@ use burn::tensor::{Tensor, TensorData};
 use clap::{Args, Subcommand};
 use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_png, upscale};
+use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
 use diffuse::train::vae::VaeTrainConfig;
 use diffuse::vae::{self, VaeConfig};
 use diffuse::weights::{self, HostTensor, NamedTensors, StoreDtype};
@@ -176,7 +176,7 @@ pub fn vae_cmd(c: VaeCmd) -> Result<()> {
                 },
             );
             let bytes = weights::to_safetensors(&t, &Default::default(), StoreDtype::F32)?;
-            weights::write_atomic(&out, &bytes)?;
+            diffuse::files::write_atomic(&out, &bytes)?;
             println!("wrote {} (latent {:?})", out.display(), shape);
         }
         VaeCmd::Decode {
@@ -203,14 +203,14 @@ pub fn vae_cmd(c: VaeCmd) -> Result<()> {
             let batch = ImageBatch::from_tensor(x);
             let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
             let side = imgs[0].width() as usize;
-            save_png(
+            save_image(
                 &upscale(&grid(&imgs, imgs.len().min(8)), display_factor(side)),
                 &out,
             )?;
             println!("wrote {} ({} images)", out.display(), imgs.len());
             if let Some(dir) = out_dir {
                 for (i, img) in imgs.iter().enumerate() {
-                    save_png(&img.to_rgb8(), &dir.join(format!("{i:05}.png")))?;
+                    save_image(&img.to_rgb8(), &dir.join(format!("{i:05}.png")))?;
                 }
                 println!("wrote {} images to {}", imgs.len(), dir.display());
             }

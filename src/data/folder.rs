@@ -1,6 +1,7 @@
 //! Image folders: PNG, JPEG, WebP and BMP files found recursively, of any size and mode.
 
 use super::{Dataset, Shape};
+use crate::files::io_reason;
 use anyhow::{Result, bail};
 use image::{DynamicImage, GenericImageView, RgbImage, imageops::FilterType};
 use std::path::{Path, PathBuf};
@@ -14,20 +15,75 @@ fn is_image_file(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("cannot read folder {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk(&p, out)?;
-        } else if is_image_file(&p) {
-            out.push(p);
+/// The image files under a folder, found recursively in sorted order, and what could not be
+/// searched.
+#[derive(Debug, Default)]
+pub struct Walk {
+    pub files: Vec<PathBuf>,
+    /// Subfolders that could not be read (`path: reason`), skipped.
+    pub unreadable: Vec<String>,
+}
+
+/// Finds the image files under `dir`. Symbolic links are followed, but each folder is entered
+/// once and each file is listed once (by device and inode), so a link back to an ancestor
+/// (`ln -s . loop`) is no loop and a link to an image already found adds no copy of it.
+/// `dir` itself must be readable; an unreadable subfolder is skipped and reported.
+pub fn walk(dir: &Path) -> Result<Walk> {
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Walk::default();
+    let mut seen_dirs: HashSet<(u64, u64)> = HashSet::new();
+    let mut seen_files: HashSet<(u64, u64)> = HashSet::new();
+    let root = std::fs::metadata(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read folder {}: {}", dir.display(), io_reason(&e)))?;
+    seen_dirs.insert((root.dev(), root.ino()));
+    // Depth-first with an explicit stack (no recursion limit), children in sorted order.
+    let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(r) => r,
+            Err(e) if d == dir => {
+                bail!("cannot read folder {}: {}", dir.display(), io_reason(&e))
+            }
+            Err(e) => {
+                out.unreadable
+                    .push(format!("{}: {}", d.display(), io_reason(&e)));
+                continue;
+            }
+        };
+        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        let mut subdirs = Vec::new();
+        for p in entries {
+            // Follows links; a dangling link is neither a folder nor a file and is passed over.
+            let Ok(meta) = std::fs::metadata(&p) else {
+                continue;
+            };
+            let id = (meta.dev(), meta.ino());
+            if meta.is_dir() {
+                if seen_dirs.insert(id) {
+                    subdirs.push(p);
+                }
+            } else if is_image_file(&p) && seen_files.insert(id) {
+                out.files.push(p);
+            }
         }
+        // Reversed onto the stack, so the first subfolder is searched first.
+        stack.extend(subdirs.into_iter().rev());
     }
-    Ok(())
+    out.files.sort();
+    Ok(out)
+}
+
+/// Prints one warning for the subfolders a walk could not read.
+fn warn_unreadable(dir: &Path, w: &Walk) {
+    if let Some(first) = w.unreadable.first() {
+        eprintln!(
+            "warning: skipped {} unreadable subfolder(s) of {}, first: {first}",
+            w.unreadable.len(),
+            dir.display()
+        );
+    }
 }
 
 /// Flattens any image mode to RGB: alpha is composited on white, palettes and grey expand.
@@ -101,12 +157,8 @@ pub fn class_names(dir: &Path) -> Result<Vec<String>> {
         .map_err(|e| anyhow::anyhow!("cannot read folder {}: {e}", dir.display()))?;
     for e in entries.flatten() {
         let p = e.path();
-        if p.is_dir() {
-            let mut files = Vec::new();
-            walk(&p, &mut files)?;
-            if !files.is_empty() {
-                names.push(e.file_name().to_string_lossy().into_owned());
-            }
+        if p.is_dir() && walk(&p).is_ok_and(|w| !w.files.is_empty()) {
+            names.push(e.file_name().to_string_lossy().into_owned());
         }
     }
     names.sort();
@@ -119,25 +171,26 @@ pub fn class_names(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Loads every readable image under `dir`. With `with_classes`, each image's class is its
-/// first-level subfolder (sorted by name); images directly in `dir` are then an error.
-/// Unreadable files are skipped with one counted warning on stderr.
 /// The side length of the first decodable image of a folder, when it is square (the size a
 /// folder of same-sized square images is used at, e.g. for FID).
 pub fn first_square_size(dir: &Path) -> Option<usize> {
-    let mut files = Vec::new();
-    walk(dir, &mut files).ok()?;
-    files.sort();
-    files
+    walk(dir)
+        .ok()?
+        .files
         .iter()
         .find_map(|f| image::image_dimensions(f).ok())
         .filter(|(w, h)| w == h && *w > 0)
         .map(|(w, _)| w as usize)
 }
 
+/// Loads every readable image under `dir`. With `with_classes`, each image's class is its
+/// first-level subfolder (sorted by name); images directly in `dir` are then an error.
+/// Unreadable files are skipped with one counted warning on stderr.
+/// Unreadable subfolders are skipped the same way.
 pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Dataset> {
-    let mut files = Vec::new();
-    walk(dir, &mut files)?;
+    let found = walk(dir)?;
+    warn_unreadable(dir, &found);
+    let files = found.files;
     if files.is_empty() {
         bail!(
             "{} holds no image files (looked for {} recursively)",
@@ -175,8 +228,11 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
     for (k, f) in files.iter().enumerate() {
         let decoded = image::ImageReader::open(f)
             .and_then(|r| r.with_guessed_format())
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.decode().map_err(|e| e.to_string()));
+            .map_err(|e| format!("cannot read it: {}", io_reason(&e)))
+            .and_then(|r| {
+                r.decode()
+                    .map_err(|e| format!("not a decodable image: {e}"))
+            });
         match decoded {
             Ok(img) if img.width() > 0 && img.height() > 0 => {
                 pixels.extend(image_to_chw(&img, shape.size, shape.channels));
@@ -193,8 +249,8 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
                     );
                 }
             }
-            Ok(_) => bad.push(format!("{} (empty image)", f.display())),
-            Err(e) => bad.push(format!("{} ({e})", f.display())),
+            Ok(_) => bad.push(format!("{}: an empty image", f.display())),
+            Err(e) => bad.push(format!("{}: {e}", f.display())),
         }
     }
     if !bad.is_empty() {
@@ -207,9 +263,10 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
     }
     if pixels.is_empty() {
         bail!(
-            "{} holds no readable image ({} file(s) failed to decode)",
+            "{} holds no readable image: {} file(s) could not be read or decoded, first: {}",
             dir.display(),
-            bad.len()
+            bad.len(),
+            bad[0]
         );
     }
     Ok(Dataset {

@@ -86,7 +86,7 @@ impl Dataset {
     /// channel conversion), keeping labels.
     pub fn reshape_to(self, shape: Shape) -> Result<Self> {
         if shape.size == 0 {
-            bail!("--image-size must be positive");
+            bail!("the image size to load the data at must be positive");
         }
         if self.size == shape.size && self.channels == shape.channels {
             return Ok(self);
@@ -153,10 +153,13 @@ pub fn native_shape(spec: &str) -> Result<Option<Shape>> {
 /// `with_classes` asks for labels (class subfolders for an image folder).
 pub fn load(spec: &str, shape: Shape, with_classes: bool) -> Result<Dataset> {
     if !(1..=3).contains(&shape.channels) || shape.channels == 2 {
-        bail!("--channels must be 1 or 3 (got {})", shape.channels);
+        bail!(
+            "the data can be loaded with 1 or 3 channels, not {}",
+            shape.channels
+        );
     }
     if shape.size == 0 {
-        bail!("--image-size must be positive");
+        bail!("the image size to load the data at must be positive");
     }
     let path = resolve(spec)?;
     let ds = if idx::is_digits_csv(&path) {

@@ -297,7 +297,7 @@ pub fn save_classifier(c: &LoadedClassifier, path: &Path) -> Result<()> {
         serde_json::to_string(&c.config)?,
     );
     let bytes = weights::to_safetensors(&t, &meta, StoreDtype::F32)?;
-    weights::write_atomic(path, &bytes)
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// Reads a classifier file written by [`save_classifier`].

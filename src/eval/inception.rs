@@ -377,7 +377,7 @@ pub fn fetch_into(work: &Path, out: &Path) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert(LAYOUT_KEY.to_string(), serde_json::to_string(&c.layout)?);
     let bytes = weights::to_safetensors(&c.tensors, &meta, StoreDtype::F32)?;
-    weights::write_atomic(&out.join(FILE_NAME), &bytes)
+    crate::files::write_atomic(&out.join(FILE_NAME), &bytes)
 }
 
 /// Where the converted weights live once fetched.

@@ -178,7 +178,7 @@ fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, V
         if let Ok(bytes) =
             crate::weights::to_safetensors(&t, &meta, crate::weights::StoreDtype::F32)
         {
-            let _ = crate::weights::write_atomic(p, &bytes);
+            let _ = crate::files::write_atomic(p, &bytes);
         }
     }
     (f, preds)
@@ -348,9 +348,6 @@ pub struct EvalOutcome {
     pub sample_seconds: f64,
 }
 
-/// Images `diffuse eval` generates at once unless told otherwise.
-pub const DEFAULT_BATCH: usize = 250;
-
 /// How the images to judge are sampled.
 #[derive(Clone, Debug)]
 pub struct SampleSpec {
@@ -358,9 +355,9 @@ pub struct SampleSpec {
     /// batch).
     pub request: Request,
     pub n: usize,
-    /// Images generated at once.
+    /// Images generated at once (the images do not depend on it).
     pub batch: usize,
-    /// Batch `i` uses seed `seed + i`.
+    /// The seed of every draw.
     pub seed: u64,
 }
 
@@ -383,20 +380,19 @@ pub fn sample_images(
     let k = pipe.model.config.unet.num_classes;
     let classes: Option<Vec<usize>> = k.map(|k| (0..n).map(|i| i % k).collect());
     let steps = pipe.steps(request);
+    let req = Request {
+        n,
+        conditioning: match &classes {
+            Some(c) => Conditioning::Classes(c.clone()),
+            None => Conditioning::None,
+        },
+        seeds: Seeds::One(seed),
+        batch: Some(batch),
+        ..request.clone()
+    };
     let mut pixels = Vec::new();
-    for (bi, start) in (0..n).step_by(batch).enumerate() {
-        let b = (n - start).min(batch);
-        let req = Request {
-            n: b,
-            conditioning: match &classes {
-                Some(c) => Conditioning::Classes(c[start..start + b].to_vec()),
-                None => Conditioning::None,
-            },
-            seeds: Seeds::One(seed.wrapping_add(bi as u64)),
-            ..request.clone()
-        };
-        let v: Vec<f32> = pipe
-            .run(&req, &mut |_| {})?
+    pipe.run_chunks(&req, &mut |_| {}, &mut |_, g| {
+        let v: Vec<f32> = g
             .images
             .into_data()
             .convert::<f32>()
@@ -408,9 +404,11 @@ pub fn sample_images(
                 request.sampler.name(),
             );
         }
+        let b = g.sample.dims()[0];
         pixels.extend(v.iter().map(|p| p.clamp(-1.0, 1.0)));
         on_batch(b);
-    }
+        Ok(())
+    })?;
     Ok((pixels, classes))
 }
 

@@ -41,7 +41,7 @@ pub enum Value {
 }
 
 /// The most values a pickle may build (memo references copy values here).
-const MAX_VALUES: usize = 5_000_000;
+const MAX_VALUES: usize = 1_000_000;
 /// The deepest nesting accepted.
 const MAX_DEPTH: usize = 64;
 
@@ -72,18 +72,24 @@ fn count(v: &Value, cap: usize) -> usize {
     n
 }
 
-/// Nesting depth of `v`, counting no further than `cap + 1`.
-fn depth(v: &Value, cap: usize) -> usize {
-    if cap == 0 {
+/// The most values the nesting checks may visit in one parse: a bound on the work a hostile
+/// pickle can cause (a self-referencing list grown op by op was seen to take minutes).
+const MAX_VISITS: usize = 10_000_000;
+
+/// Nesting depth of `v`, counting no further than `cap + 1`; every value looked at is added
+/// to `visits`.
+fn depth(v: &Value, cap: usize, visits: &mut usize) -> usize {
+    *visits += 1;
+    if cap == 0 || *visits > MAX_VISITS {
         return 1;
     }
     let sub = match v {
-        Value::Tuple(t) | Value::List(t) => t.iter().map(|c| depth(c, cap - 1)).max(),
+        Value::Tuple(t) | Value::List(t) => t.iter().map(|c| depth(c, cap - 1, visits)).max(),
         Value::Dict(d) => d
             .iter()
-            .map(|(k, x)| depth(k, cap - 1).max(depth(x, cap - 1)))
+            .map(|(k, x)| depth(k, cap - 1, visits).max(depth(x, cap - 1, visits)))
             .max(),
-        Value::Object { state, .. } => Some(depth(state, cap - 1)),
+        Value::Object { state, .. } => Some(depth(state, cap - 1, visits)),
         _ => None,
     };
     1 + sub.unwrap_or(0)
@@ -144,6 +150,7 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
     // filled after it was memoised must be re-stored.
     let mut keys: Vec<(usize, u32)> = Vec::new();
     let mut built = 0usize;
+    let mut visits = 0usize;
     let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| anyhow!("pickle stack underflow"));
     let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>> {
         let m = stack
@@ -175,7 +182,10 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
                         .cloned()
                         .ok_or_else(|| anyhow!("empty stack"))?,
                 );
-                keys.push((stack.len() - 1, k));
+                let slot = (stack.len() - 1, k);
+                if !keys.contains(&slot) {
+                    keys.push(slot);
+                }
             }
             b'h' | b'j' => {
                 let k = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
@@ -354,9 +364,12 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
             b't' | 0x85..=0x87 | b'u' | b's' | b'a' | b'e' | b'b' | b'R' | b'Q'
         ) && stack
             .last()
-            .is_some_and(|top| depth(top, MAX_DEPTH) > MAX_DEPTH)
+            .is_some_and(|top| depth(top, MAX_DEPTH, &mut visits) > MAX_DEPTH)
         {
             bail!("pickle nests deeper than {MAX_DEPTH} levels");
+        }
+        if visits > MAX_VISITS {
+            bail!("pickle is too large to read (its values were visited over {MAX_VISITS} times)");
         }
         // Forget memo keys of slots this op popped or replaced (an op pushes at most one).
         let pushes = !matches!(op, 0x80 | b'q' | b'r' | b'u' | b's' | b'a' | b'e' | b'b');
@@ -366,6 +379,11 @@ pub fn parse(bytes: &[u8]) -> Result<Value> {
             let top = stack.len().wrapping_sub(1);
             for (slot, k) in &keys {
                 if *slot == top {
+                    // A re-stored container is a copy: it counts as values built.
+                    built += count(&stack[top], MAX_VALUES);
+                    if built > MAX_VALUES {
+                        bail!("pickle builds more than {MAX_VALUES} values");
+                    }
                     memo.insert(*k, stack[top].clone());
                 }
             }

@@ -695,12 +695,12 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
         Ok(s.into_bytes())
     };
     let bytes = weights::to_safetensors(&theirs, &HashMap::new(), StoreDtype::F32)?;
-    weights::write_atomic(&out.join("unet").join(WEIGHTS), &bytes)?;
-    weights::write_atomic(&out.join("unet").join("config.json"), &pretty(&unet_json)?)?;
-    weights::write_atomic(
+    crate::files::write_atomic(&out.join("unet").join(WEIGHTS), &bytes)?;
+    crate::files::write_atomic(&out.join("unet").join("config.json"), &pretty(&unet_json)?)?;
+    crate::files::write_atomic(
         &out.join("scheduler").join("scheduler_config.json"),
         &pretty(&scheduler_json)?,
     )?;
-    weights::write_atomic(&out.join("model_index.json"), &pretty(&index_json)?)?;
+    crate::files::write_atomic(&out.join("model_index.json"), &pretty(&index_json)?)?;
     Ok(())
 }

@@ -109,6 +109,10 @@ pub struct Request {
     pub trajectory: bool,
     /// Checked before every step: once set, the run stops and returns the sample as it is.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Images denoised at once (`None`: [`Pipeline::default_batch`]). A larger request runs in
+    /// chunks of this many, so memory is bounded by the batch, not by `n`; the images are the
+    /// same bits whatever the batch.
+    pub batch: Option<usize>,
 }
 
 impl Request {
@@ -130,6 +134,7 @@ impl Request {
             low_res: None,
             trajectory: false,
             cancel: None,
+            batch: None,
         }
     }
 }
@@ -146,23 +151,45 @@ pub fn generates_from_noise(m: &LoadedModel) -> Result<()> {
     Ok(())
 }
 
-/// Checks a classifier-free guidance weight: finite and not negative.
+/// The largest classifier-free guidance weight accepted (far beyond any useful one), by the
+/// library, the CLI and the HTTP API alike.
+pub const MAX_GUIDANCE: f64 = 100.0;
+
+/// Checks a classifier-free guidance weight: finite, between 0 and [`MAX_GUIDANCE`].
 pub fn check_guidance(w: f32) -> Result<()> {
-    if !(w.is_finite() && w >= 0.0) {
-        bail!("--guidance must be a non-negative number (got {w})");
+    if !(w.is_finite() && (0.0..=MAX_GUIDANCE).contains(&(w as f64))) {
+        bail!(
+            "the guidance weight must be between 0 and {MAX_GUIDANCE} (got {})",
+            shown(w as f64)
+        );
     }
     Ok(())
 }
 
-/// A request's conditioning as the denoising loop takes it, with the prompts' truncation
-/// flags.
+/// A number as messages echo it: plainly when it is of a usual size, else in scientific
+/// notation (a hostile `1e308` is not written out as 309 digits).
+pub fn shown(x: f64) -> String {
+    let a = x.abs();
+    if x == 0.0 || !x.is_finite() || (1e-4..1e6).contains(&a) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
+}
+
+/// A chunk's conditioning as the denoising loop takes it.
 #[derive(Default)]
 struct Inputs {
     classes: Option<Vec<usize>>,
     text: Option<TextCond>,
     negative: Option<TextCond>,
-    prompt_truncated: Vec<bool>,
-    negative_truncated: bool,
+}
+
+/// Which prompts encoded for a chunk were cut at the encoder's length: `(prompt index, cut)`.
+#[derive(Default)]
+struct Truncation {
+    prompts: Vec<(usize, bool)>,
+    negative: bool,
 }
 
 /// The sampler and steps a front end runs when none are asked for.
@@ -208,8 +235,11 @@ impl SamplerDefaults {
 pub struct Step<'a> {
     /// Position in the sampler's timesteps, from 0.
     pub index: usize,
-    /// Positions in the run.
+    /// Positions in the run (of one chunk).
     pub total: usize,
+    /// Which chunk of the request this step belongs to, from 0, and how many there are.
+    pub chunk: usize,
+    pub chunks: usize,
     /// The state after the update, in model space.
     pub sample: &'a Tensor<4>,
 }
@@ -234,6 +264,23 @@ impl Generated {
         ImageBatch::from_tensor(self.images.clone())
     }
 }
+
+/// What a chunked run says besides its chunks ([`Pipeline::run_chunks`]).
+#[derive(Clone, Debug, Default)]
+pub struct RunSummary {
+    /// Per prompt of [`Conditioning::Prompts`]: cut at the encoder's length.
+    pub prompt_truncated: Vec<bool>,
+    /// The negative prompt was cut at the encoder's length.
+    pub negative_truncated: bool,
+    /// How many chunks ran.
+    pub chunks: usize,
+}
+
+/// The largest batch a request may ask for.
+pub const MAX_BATCH: usize = 4096;
+
+/// The memory [`Pipeline::default_batch`] sizes a chunk's activations to.
+pub const BATCH_MEMORY_BYTES: usize = 1 << 30;
 
 impl Pipeline {
     /// Components as they are; the text encoder is loaded by [`Pipeline::load`] or given here.
@@ -284,8 +331,65 @@ impl Pipeline {
         self.model.sampler(req.sampler, &choice)
     }
 
-    /// Runs a request; `on_step` sees every step.
+    /// Images a request without `batch` denoises at once: as many as fit
+    /// [`BATCH_MEMORY_BYTES`] by an estimate of one image's activations (about eight feature
+    /// maps alive per level, and the attention matrices; doubled for guidance), between 1
+    /// and 256.
+    pub fn default_batch(&self) -> usize {
+        let u = &self.model.config.unet;
+        let mut floats = 0usize;
+        for (s, c) in u.level_sizes().iter().zip(u.level_channels()) {
+            floats = floats.saturating_add(8usize.saturating_mul(s * s).saturating_mul(c));
+            if u.attention_resolutions.contains(s) {
+                floats = floats.saturating_add((s * s).saturating_mul(s * s));
+            }
+        }
+        let [c, h, w] = self.model.config.output_shape();
+        floats = floats.saturating_add(8 * c * h * w);
+        let per_image = floats.saturating_mul(4).saturating_mul(2).max(1);
+        (BATCH_MEMORY_BYTES / per_image).clamp(1, 256)
+    }
+
+    /// The chunk size a request runs with: its own `batch`, else [`Pipeline::default_batch`].
+    pub fn batch(&self, req: &Request) -> usize {
+        req.batch.unwrap_or_else(|| self.default_batch()).max(1)
+    }
+
+    /// Runs a request; `on_step` sees every step. The whole result is held at once: for many
+    /// images, [`Pipeline::run_chunks`] hands each chunk over as it is done.
     pub fn run(&self, req: &Request, on_step: &mut dyn FnMut(&Step)) -> Result<Generated> {
+        let mut parts: Vec<Generated> = Vec::new();
+        let summary = self.run_chunks(req, on_step, &mut |_, g| {
+            parts.push(g);
+            Ok(())
+        })?;
+        let mut first = parts.remove(0);
+        if !parts.is_empty() {
+            let mut samples = vec![first.sample];
+            let mut images = vec![first.images];
+            for g in parts {
+                samples.push(g.sample);
+                images.push(g.images);
+            }
+            first.sample = Tensor::cat(samples, 0);
+            first.images = Tensor::cat(images, 0);
+        }
+        first.prompt_truncated = summary.prompt_truncated;
+        first.negative_truncated = summary.negative_truncated;
+        Ok(first)
+    }
+
+    /// Runs a request in chunks of [`Pipeline::batch`] images, giving each to
+    /// `on_chunk(offset, chunk)` as soon as it is done (its `trajectory` only in the first).
+    /// Every random draw of image `i` is the one a single run of all `n` would make (the noise
+    /// streams are read in the same order, the rows of other chunks skipped), so the images
+    /// do not depend on the batch. A cancelled run stops after the chunk in progress.
+    pub fn run_chunks(
+        &self,
+        req: &Request,
+        on_step: &mut dyn FnMut(&Step),
+        on_chunk: &mut dyn FnMut(usize, Generated) -> Result<()>,
+    ) -> Result<RunSummary> {
         let m = &self.model;
         let cfg = &m.config;
         match (&cfg.superres, &req.low_res) {
@@ -295,6 +399,12 @@ impl Pipeline {
         }
         check_guidance(req.guidance)?;
         let n = req.n;
+        if n == 0 {
+            bail!("the request is for no images");
+        }
+        if let Some(b) = req.batch.filter(|b| !(1..=MAX_BATCH).contains(b)) {
+            bail!("the batch must be between 1 and {MAX_BATCH} images (got {b})");
+        }
         let given = match &req.start {
             Start::Noise => None,
             Start::GivenNoise(x) => Some(x.dims()),
@@ -303,20 +413,87 @@ impl Pipeline {
         if let Some(d) = given.filter(|d| d[0] != n) {
             bail!("the request is for {n} images but {} were given", d[0]);
         }
+        if let Some(low) = &req.low_res
+            && low.dims()[0] != n
+        {
+            bail!(
+                "the request is for {n} images but {} low-resolution inputs were given",
+                low.dims()[0]
+            );
+        }
+        let seed_parts = match &req.seeds {
+            Seeds::One(s) => vec![(n, *s)],
+            Seeds::Parts(p) => p.clone(),
+        };
+        let covered: usize = seed_parts.iter().map(|p| p.0).sum();
+        if covered != n {
+            bail!("the seeds cover {covered} images, the request {n}");
+        }
+        self.check_conditioning(&req.conditioning, n)?;
+        let batch = self.batch(req);
+        let chunks = n.div_ceil(batch);
+        let mut summary = RunSummary {
+            prompt_truncated: match &req.conditioning {
+                Conditioning::Prompts { prompts, .. } => vec![false; prompts.len()],
+                _ => Vec::new(),
+            },
+            ..RunSummary::default()
+        };
+        for chunk in 0..chunks {
+            let lo = chunk * batch;
+            let hi = (lo + batch).min(n);
+            let (g, cut) = self.run_chunk(req, &seed_parts, lo..hi, (chunk, chunks), on_step)?;
+            for (i, c) in cut.prompts {
+                summary.prompt_truncated[i] |= c;
+            }
+            summary.negative_truncated |= cut.negative;
+            summary.chunks += 1;
+            on_chunk(lo, g)?;
+            if req
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                break;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Images `range` of a request.
+    fn run_chunk(
+        &self,
+        req: &Request,
+        seed_parts: &[(usize, u64)],
+        range: std::ops::Range<usize>,
+        (chunk, chunks): (usize, usize),
+        on_step: &mut dyn FnMut(&Step),
+    ) -> Result<(Generated, Truncation)> {
+        let m = &self.model;
+        let cfg = &m.config;
+        let (lo, len) = (range.start, range.len());
+        let rows = |x: &Tensor<4>| {
+            if len == x.dims()[0] {
+                x.clone()
+            } else {
+                x.clone().narrow(0, lo, len)
+            }
+        };
         let mut sampler = self.sampler(req)?;
-        let Inputs {
-            classes,
-            text,
-            negative,
-            prompt_truncated,
-            negative_truncated,
-        } = self.conditioning(&req.conditioning, n)?;
+        let (
+            Inputs {
+                classes,
+                text,
+                negative,
+            },
+            cut,
+        ) = self.conditioning(&req.conditioning, range.clone())?;
         let image_cond = match (&cfg.superres, &req.low_res) {
-            (Some(sr), Some(low)) => Some(self.upsampled(low, sr.scale, n)?),
+            (Some(sr), Some(low)) => Some(self.upsampled(&rows(low), sr.scale)?),
             _ => None,
         };
         let opts = GenerateOptions {
-            n,
+            n: len,
             classes,
             guidance: req.guidance,
             // Unused: every draw comes from `noise` below.
@@ -326,23 +503,20 @@ impl Pipeline {
             negative,
             image_cond,
         };
-        let mut noise = match &req.seeds {
-            Seeds::One(s) => SeededNoise::new(&[(n, *s)]),
-            Seeds::Parts(p) => SeededNoise::new(p),
-        };
-        if noise.len() != n {
-            bail!("the seeds cover {} images, the request {n}", noise.len());
-        }
+        let mut noise = SeededNoise::window(seed_parts, range.clone());
         let total = sampler.timesteps().len();
         let keep_every = (total / 10).max(1);
         let mut trajectory = Vec::new();
+        let want_trajectory = req.trajectory && lo == 0;
         let mut step = |i: usize, x: &Tensor<4>| {
-            if req.trajectory && (i.is_multiple_of(keep_every) || i + 1 == total) {
+            if want_trajectory && (i.is_multiple_of(keep_every) || i + 1 == total) {
                 trajectory.push(m.to_images(x.clone().narrow(0, 0, 1)));
             }
             on_step(&Step {
                 index: i,
                 total,
+                chunk,
+                chunks,
                 sample: x,
             });
         };
@@ -359,7 +533,7 @@ impl Pipeline {
                 &mut step,
             ),
             Start::GivenNoise(x) => {
-                let x = x.clone() * (sampler.init_noise_sigma() as f32);
+                let x = rows(x) * (sampler.init_noise_sigma() as f32);
                 denoise_from(
                     &m.unet,
                     k,
@@ -373,7 +547,7 @@ impl Pipeline {
             Start::Edit { images, options } => edit_with(
                 &m.unet,
                 k,
-                m.from_images(images.clone()),
+                m.from_images(rows(images)),
                 sampler.as_mut(),
                 &opts,
                 options,
@@ -386,24 +560,20 @@ impl Pipeline {
         } else {
             m.to_images(sample.clone())
         };
-        Ok(Generated {
+        let g = Generated {
             sample,
             images,
             trajectory,
-            prompt_truncated,
-            negative_truncated,
-        })
+            prompt_truncated: Vec::new(),
+            negative_truncated: false,
+        };
+        Ok((g, cut))
     }
 
-    /// Classes, text and negative text for `n` images, with the prompts' truncation flags.
-    fn conditioning(&self, c: &Conditioning, n: usize) -> Result<Inputs> {
+    /// Checks a request's conditioning against the model and `n` images, before any work.
+    fn check_conditioning(&self, c: &Conditioning, n: usize) -> Result<()> {
         let cfg = &self.model.config;
         let text_model = cfg.unet.text_dim.is_some();
-        let encoder = || -> Result<&TextEncoder> {
-            self.text_encoder.as_ref().ok_or_else(|| {
-                anyhow::anyhow!("the text encoder is not loaded (run `diffuse fetch text-encoder`)")
-            })
-        };
         let (classes_given, text_given) = (
             matches!(c, Conditioning::Classes(_)),
             matches!(
@@ -432,36 +602,16 @@ impl Pipeline {
                         self.model.source
                     );
                 }
-                Ok(Inputs {
-                    classes: Some(v.clone()),
-                    ..Inputs::default()
-                })
             }
-            // A text model without text runs on its learned null text (no encoder needed).
-            Conditioning::None => Ok(Inputs::default()),
-            Conditioning::Prompts { prompts, negative } => {
-                let enc = encoder()?;
+            Conditioning::None => {}
+            Conditioning::Prompts { prompts, .. } => {
+                if self.text_encoder.is_none() {
+                    bail!("the text encoder is not loaded (run `diffuse fetch text-encoder`)");
+                }
                 let images: usize = prompts.iter().map(|p| p.1).sum();
                 if images != n {
                     bail!("the prompts cover {images} images, the request {n}");
                 }
-                let (neg, neg_cut) = match negative {
-                    Some(np) => {
-                        let (t, cut) = enc.cond_repeated(&[(np.as_str(), n)])?;
-                        (Some(t), cut[0])
-                    }
-                    None => (None, false),
-                };
-                let parts: Vec<(&str, usize)> =
-                    prompts.iter().map(|(p, k)| (p.as_str(), *k)).collect();
-                let (t, cut) = enc.cond_repeated(&parts)?;
-                Ok(Inputs {
-                    text: Some(t),
-                    negative: neg,
-                    prompt_truncated: cut,
-                    negative_truncated: neg_cut,
-                    ..Inputs::default()
-                })
             }
             Conditioning::Encoded { text, negative } => {
                 if text.null.len() != n {
@@ -473,20 +623,84 @@ impl Pipeline {
                         neg.null.len()
                     );
                 }
-                Ok(Inputs {
-                    text: Some(text.clone()),
-                    negative: negative.clone(),
-                    ..Inputs::default()
-                })
             }
         }
+        Ok(())
+    }
+
+    /// Classes, text and negative text for images `range` of a checked request, with the
+    /// truncation flags of the prompts encoded for them.
+    fn conditioning(
+        &self,
+        c: &Conditioning,
+        range: std::ops::Range<usize>,
+    ) -> Result<(Inputs, Truncation)> {
+        let (lo, len) = (range.start, range.len());
+        let text_rows = |t: &TextCond| t.rows(lo, len);
+        Ok(match c {
+            Conditioning::Classes(v) => (
+                Inputs {
+                    classes: Some(v[range].to_vec()),
+                    ..Inputs::default()
+                },
+                Truncation::default(),
+            ),
+            // A text model without text runs on its learned null text (no encoder needed).
+            Conditioning::None => (Inputs::default(), Truncation::default()),
+            Conditioning::Prompts { prompts, negative } => {
+                let enc = self.text_encoder.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "the text encoder is not loaded (run `diffuse fetch text-encoder`)"
+                    )
+                })?;
+                // The prompts' parts that fall in the chunk, with their index.
+                let mut parts: Vec<(&str, usize)> = Vec::new();
+                let mut index = Vec::new();
+                let mut at = 0;
+                for (i, (p, k)) in prompts.iter().enumerate() {
+                    let (a, b) = (at.max(range.start), (at + k).min(range.end));
+                    if a < b {
+                        parts.push((p.as_str(), b - a));
+                        index.push(i);
+                    }
+                    at += k;
+                }
+                let (neg, neg_cut) = match negative {
+                    Some(np) => {
+                        let (t, cut) = enc.cond_repeated(&[(np.as_str(), len)])?;
+                        (Some(t), cut[0])
+                    }
+                    None => (None, false),
+                };
+                let (t, cut) = enc.cond_repeated(&parts)?;
+                (
+                    Inputs {
+                        text: Some(t),
+                        negative: neg,
+                        ..Inputs::default()
+                    },
+                    Truncation {
+                        prompts: index.into_iter().zip(cut).collect(),
+                        negative: neg_cut,
+                    },
+                )
+            }
+            Conditioning::Encoded { text, negative } => (
+                Inputs {
+                    text: Some(text_rows(text)),
+                    negative: negative.as_ref().map(text_rows),
+                    ..Inputs::default()
+                },
+                Truncation::default(),
+            ),
+        })
     }
 
     /// A super-resolution model's input: the low-resolution images upsampled bicubically
     /// (SR3, Saharia et al. 2021), checked against the model's sizes.
-    fn upsampled(&self, low: &Tensor<4>, scale: usize, n: usize) -> Result<Tensor<4>> {
+    fn upsampled(&self, low: &Tensor<4>, scale: usize) -> Result<Tensor<4>> {
         let m = &self.model;
-        let [ln, c, s, w] = low.dims();
+        let [n, c, s, w] = low.dims();
         let [mc, big, _] = m.config.output_shape();
         if c != mc || s != w || s * scale != big {
             bail!(
@@ -494,9 +708,6 @@ impl Pipeline {
                 m.source,
                 big / scale
             );
-        }
-        if ln != n {
-            bail!("the request is for {n} images but {ln} low-resolution inputs were given");
         }
         let dev = low.device();
         let v: Vec<f32> = low

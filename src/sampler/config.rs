@@ -452,8 +452,24 @@ impl Scheduler {
     }
 
     /// A sampler of `kind` over this schedule with these settings.
+    /// Settings whose arithmetic breaks down (a sigma of zero or infinity where the sampler
+    /// needs a finite one) are refused rather than run on NaN timesteps.
     pub fn sampler(&self, kind: SamplerKind, choice: &SamplerChoice) -> Result<Box<dyn Sampler>> {
-        self.settings.build(kind, &self.schedule, choice)
+        let s = self.settings.build(kind, &self.schedule, choice)?;
+        let t = self.len() as f64;
+        if let Some(bad) = s.timesteps().iter().find(|x| !(0.0..=t).contains(*x)) {
+            bail!(
+                "{} with these scheduler settings visits timestep {bad}, outside 0..{t} (a beta that rounds alpha_bar to exactly 1 or 0?)",
+                kind.name()
+            );
+        }
+        if !s.init_noise_sigma().is_finite() {
+            bail!(
+                "{} with these scheduler settings starts from an infinite noise level (zero terminal SNR needs a sampler that works on x_t, such as ddim or ddpm)",
+                kind.name()
+            );
+        }
+        Ok(s)
     }
 }
 

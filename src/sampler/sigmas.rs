@@ -50,14 +50,23 @@ impl TrainSigmas {
         if n < 2 {
             return 0.0;
         }
+        // The last timestep whose log sigma is at most `ls`, by bisection: sigma grows with t
+        // (alpha_bar falls), and a linear scan per call made Karras sigmas over a long
+        // schedule quadratic (100,000 steps of T = 100,000 did not finish).
         let low = self
             .log_sigmas
-            .iter()
-            .rposition(|&l| ls - l >= 0.0)
-            .unwrap_or(0)
+            .partition_point(|&l| ls - l >= 0.0)
+            .saturating_sub(1)
             .min(n - 2);
         let (a, b) = (self.log_sigmas[low], self.log_sigmas[low + 1]);
         let w = ((a - ls) / (a - b)).clamp(0.0, 1.0);
+        // A zero or infinite sigma at either end (alpha_bar of exactly 1, or zero terminal
+        // SNR) makes the quotient NaN: the level then belongs to the nearer end.
+        let w = if w.is_nan() {
+            if ls >= b { 1.0 } else { 0.0 }
+        } else {
+            w
+        };
         (1.0 - w) * low as f64 + w * (low + 1) as f64
     }
 }

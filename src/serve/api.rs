@@ -3,7 +3,7 @@
 
 use super::jobs::JobSpec;
 use crate::model::ModelConfig;
-use crate::pipeline::{CondFlags, FlagNames, Resolved, SamplerDefaults};
+use crate::pipeline::{CondFlags, FlagNames, Resolved, SamplerDefaults, shown};
 use crate::sampler::SamplerKind;
 use serde::{Deserialize, Serialize};
 
@@ -49,8 +49,7 @@ pub struct Limits {
     pub timeout_s: u64,
 }
 
-/// The largest guidance weight accepted (far beyond any useful one).
-pub const MAX_GUIDANCE: f64 = 100.0;
+pub use crate::pipeline::MAX_GUIDANCE;
 /// The longest prompt accepted, in bytes.
 pub const MAX_PROMPT_BYTES: usize = 1000;
 
@@ -87,12 +86,13 @@ pub fn validate(
     let guidance = req.guidance.unwrap_or(2.0);
     if !(guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&guidance)) {
         return Err(format!(
-            "guidance must be between 0 and {MAX_GUIDANCE} (got {guidance})"
+            "guidance must be between 0 and {MAX_GUIDANCE} (got {})",
+            shown(guidance)
         ));
     }
     let eta = req.eta.unwrap_or(0.0);
     if !(eta.is_finite() && (0.0..=1.0).contains(&eta)) {
-        return Err(format!("eta must be between 0 and 1 (got {eta})"));
+        return Err(format!("eta must be between 0 and 1 (got {})", shown(eta)));
     }
     if let Some(p) = req.prompt.as_ref().filter(|p| p.len() > MAX_PROMPT_BYTES) {
         return Err(format!(

@@ -134,14 +134,15 @@ pub struct QueueFull {
 
 impl Queue {
     /// Starts the worker thread that owns the pipeline and returns the queue that feeds it,
-    /// holding at most `capacity` waiting jobs.
-    pub fn start(pipeline: Pipeline, capacity: usize) -> Self {
+    /// holding at most `capacity` waiting jobs; `batch` images are denoised at once (`None`:
+    /// the pipeline's default).
+    pub fn start(pipeline: Pipeline, capacity: usize, batch: Option<usize>) -> Self {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("diffuse-worker".into())
-            .spawn(move || worker(pipeline, rx, s))
+            .spawn(move || worker(pipeline, rx, s, batch))
             .expect("cannot start the generation thread");
         Self {
             tx: Mutex::new(Some(tx)),
@@ -207,7 +208,7 @@ fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
         && a.classes.is_some() == b.classes.is_some()
 }
 
-fn worker(pipeline: Pipeline, rx: Receiver<Job>, stats: Arc<Stats>) {
+fn worker(pipeline: Pipeline, rx: Receiver<Job>, stats: Arc<Stats>, chunk: Option<usize>) {
     // A job taken off the channel that could not join the last batch starts the next one.
     let mut next: Option<Job> = None;
     loop {
@@ -247,7 +248,7 @@ fn worker(pipeline: Pipeline, rx: Receiver<Job>, stats: Arc<Stats>) {
             continue;
         }
         stats.running.fetch_add(live.len(), Ordering::Relaxed);
-        let outcomes = run(&pipeline, &live, &stats);
+        let outcomes = run(&pipeline, &live, &stats, chunk);
         stats.running.fetch_sub(live.len(), Ordering::Relaxed);
         for (j, o) in live.into_iter().zip(outcomes) {
             finish(j, o, &stats);
@@ -272,7 +273,12 @@ fn finish(job: Job, outcome: Result<JobOutput, JobError>, stats: &Stats) {
 }
 
 /// Runs compatible jobs as one batch; one outcome per job, in order.
-fn run(pipe: &Pipeline, jobs: &[Job], stats: &Stats) -> Vec<Result<JobOutput, JobError>> {
+fn run(
+    pipe: &Pipeline,
+    jobs: &[Job],
+    stats: &Stats,
+    batch: Option<usize>,
+) -> Vec<Result<JobOutput, JobError>> {
     let t0 = Instant::now();
     let spec = &jobs[0].spec;
     let n: usize = jobs.iter().map(|j| j.spec.n).sum();
@@ -290,6 +296,7 @@ fn run(pipe: &Pipeline, jobs: &[Job], stats: &Stats) -> Vec<Result<JobOutput, Jo
     req.guidance = spec.guidance;
     req.seeds = Seeds::Parts(jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect());
     req.cancel = Some(cancel_all.clone());
+    req.batch = batch;
     req.conditioning = if pipe.model.config.unet.text_dim.is_some() {
         Conditioning::Prompts {
             prompts: jobs

@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Per-request time limit, queueing included.
     pub timeout: Duration,
+    /// Images denoised at once (`None`: [`Pipeline::default_batch`]).
+    pub batch: Option<usize>,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +58,7 @@ impl Default for ServeConfig {
             max_steps: 1000,
             max_body_bytes: 16 * 1024,
             timeout: Duration::from_secs(300),
+            batch: None,
         }
     }
 }
@@ -90,7 +93,7 @@ pub fn app(pipeline: Pipeline, cfg: &ServeConfig) -> Router {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let state = Arc::new(AppState {
-        queue: Queue::start(pipeline, cfg.queue),
+        queue: Queue::start(pipeline, cfg.queue, cfg.batch),
         info,
         config,
         timeout: cfg.timeout,

@@ -9,11 +9,12 @@ use super::{RunConfig, RunPaths};
 use crate::model::{self, CONFIG_KEY};
 use crate::unet::UNet;
 use crate::weights::{self, NamedTensors, StoreDtype};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use std::collections::HashMap;
 use std::path::Path;
 
-const RUN_KEY: &str = "diffuse.run";
+/// Metadata key of the run config: what marks a file as a checkpoint.
+pub const RUN_KEY: &str = "diffuse.run";
 const STEP_KEY: &str = "diffuse.step";
 const ADAM_T_KEY: &str = "diffuse.adam_t";
 
@@ -47,13 +48,13 @@ pub fn save(
     meta.insert(STEP_KEY.to_string(), step.to_string());
     meta.insert(ADAM_T_KEY.to_string(), opt.t.to_string());
     let bytes = weights::to_safetensors(&t, &meta, StoreDtype::F32)?;
-    weights::write_atomic(&paths.checkpoint(), &bytes)?;
+    crate::files::write_atomic(&paths.checkpoint(), &bytes)?;
 
     let mut e = NamedTensors::new();
     weights::collect(ema, "", &mut e);
     e.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     let bytes = model::model_bytes(&cfg.model, &e, StoreDtype::F32)?;
-    weights::write_atomic(&paths.model(), &bytes)
+    crate::files::write_atomic(&paths.model(), &bytes)
 }
 
 /// Reads a checkpoint, naming the file in every error.
@@ -69,9 +70,18 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let step = get(STEP_KEY)?
         .parse()
         .with_context(|| format!("{what}: invalid step"))?;
-    let adam_t = get(ADAM_T_KEY)?
+    let adam_t: u64 = get(ADAM_T_KEY)?
         .parse()
         .with_context(|| format!("{what}: invalid optimizer step"))?;
+    // Every step updates the optimizer once, and a checkpoint is written at a step of its
+    // run: a step beyond the run's target, or out of step with the optimizer, is damage.
+    if step == 0 || step > run.train.steps || adam_t != step as u64 {
+        bail!(
+            "{what} is corrupt: it claims step {step} (optimizer step {adam_t}) of a run of {} steps",
+            run.train.steps
+        );
+    }
+    weights::note_if_unverified(&meta, &what, "its next checkpoint is written with one");
     Ok(Checkpoint {
         run,
         step,

@@ -36,7 +36,7 @@ pub(super) fn restore(paths: &RunPaths, start: usize) -> Result<(File, f64)> {
         text.push_str(&serde_json::to_string(m)?);
         text.push('\n');
     }
-    crate::weights::write_atomic(&paths.metrics(), text.as_bytes())?;
+    crate::files::write_atomic(&paths.metrics(), text.as_bytes())?;
     let file = std::fs::OpenOptions::new()
         .append(true)
         .open(paths.metrics())

@@ -8,6 +8,7 @@ mod metrics;
 pub mod objective;
 mod preview;
 
+use crate::files::RunLock;
 use preview::{Preview, preview, preview_lowres};
 pub mod vae;
 
@@ -250,6 +251,32 @@ impl RunPaths {
     }
 }
 
+/// Takes a run folder for this process ([`RunLock`]: a second writer fails at once, naming
+/// this one) and removes the temporaries a killed writer left in it.
+pub fn claim_run_folder(out: &Path) -> Result<RunLock> {
+    let lock = RunLock::acquire(out)?;
+    let removed = crate::files::remove_stale_temps(out);
+    if removed > 0 {
+        eprintln!(
+            "note: removed {removed} temporary file(s) an interrupted write left in {}",
+            out.display()
+        );
+    }
+    Ok(lock)
+}
+
+/// Checks the step a resumed run continues from against its target: past it is an error
+/// (`--steps` is the total to train to, not a number of steps to add).
+pub fn check_resume_target(step: usize, target: usize, out: &Path) -> Result<()> {
+    if step > target {
+        bail!(
+            "{} is already at step {step}, past --steps {target}: --steps is the total to train to; give more than {step} to continue the run",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Trains a run to `cfg.train.steps`, starting fresh or from `resume` (a loaded checkpoint).
 /// `on_step` sees every step (for a progress bar). Returns the final step count.
 pub fn train(
@@ -269,9 +296,11 @@ pub fn train(
     crate::kernels::set_matmul_mode(tc.precision)
         .with_context(|| format!("{}: the run's precision", out.display()))?;
     let paths = RunPaths::new(out);
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    crate::weights::write_atomic(
+    let _lock = claim_run_folder(out)?;
+    if let Some(ck) = &resume {
+        check_resume_target(ck.step, tc.steps, out)?;
+    }
+    crate::files::write_atomic(
         &paths.config(),
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;

@@ -5,7 +5,7 @@
 use super::{RunConfig, RunPaths};
 use crate::data::Dataset;
 use crate::device::inference_device;
-use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
+use crate::imageio::{ImageBatch, display_factor, grid, save_image, upscale};
 use crate::pipeline::{Conditioning, Pipeline, Request, SamplerDefaults, Seeds};
 use crate::sampler::Scheduler;
 use crate::unet::UNet;
@@ -81,7 +81,7 @@ pub(super) fn preview(
         &grid(&imgs, cols),
         display_factor(cfg.model.output_shape()[1]),
     );
-    save_png(&g, &paths.samples().join(format!("step-{step:06}.png")))
+    save_image(&g, &paths.samples().join(format!("step-{step:06}.png")))
 }
 
 /// What preview grids need besides the model.

@@ -5,7 +5,7 @@
 use super::adamw::{self, AdamW};
 use crate::data::{self, Dataset};
 use crate::device::{inference_device, training_device};
-use crate::imageio::{ImageBatch, display_factor, grid, save_png, upscale};
+use crate::imageio::{ImageBatch, display_factor, grid, save_image, upscale};
 use crate::rng::{Stream, normal_vec, rng_for};
 use crate::vae::{LoadedVae, Vae, VaeConfig};
 use crate::weights::{self, StoreDtype};
@@ -93,8 +93,8 @@ pub fn train(
             cfg.sample_size
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    weights::write_atomic(
+    let _lock = super::claim_run_folder(out)?;
+    crate::files::write_atomic(
         &out.join("train.json"),
         serde_json::to_string_pretty(tc)?.as_bytes(),
     )?;
@@ -211,7 +211,7 @@ fn previews(v: &LoadedVae, ds: &Dataset, seed: u64, out: &Path) -> Result<()> {
     let both = ImageBatch::from_tensor(Tensor::cat(vec![x, rec], 0));
     let pics: Vec<_> = (0..both.len()).map(|i| both.image(i)).collect();
     let f = display_factor(ds.size);
-    save_png(&upscale(&grid(&pics, n), f), &out.join("recon.png"))?;
+    save_image(&upscale(&grid(&pics, n), f), &out.join("recon.png"))?;
     let [c, h, w] = v.config.latent_shape(ds.size);
     let mut rng = rng_for(seed, Stream::Sample, 0);
     let z = Tensor::<4>::from_data(
@@ -220,5 +220,5 @@ fn previews(v: &LoadedVae, ds: &Dataset, seed: u64, out: &Path) -> Result<()> {
     );
     let s = ImageBatch::from_tensor(v.decode_scaled(z));
     let pics: Vec<_> = (0..s.len()).map(|i| s.image(i)).collect();
-    save_png(&upscale(&grid(&pics, 8), f), &out.join("samples.png"))
+    save_image(&upscale(&grid(&pics, 8), f), &out.join("samples.png"))
 }

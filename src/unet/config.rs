@@ -153,6 +153,20 @@ impl UNetConfig {
             .collect()
     }
 
+    /// A lower bound of the network's weight count: the second 3x3 convolution of every
+    /// residual block on the way down (`num_res_blocks * 9 * c^2` per level of `c` channels),
+    /// to check a config against the weights a file holds before allocating it.
+    pub fn min_parameters(&self) -> usize {
+        self.level_channels()
+            .iter()
+            .map(|c| {
+                self.num_res_blocks
+                    .saturating_mul(9)
+                    .saturating_mul(c.saturating_mul(*c))
+            })
+            .fold(0, usize::saturating_add)
+    }
+
     /// Attention heads for a layer of `channels` channels.
     pub fn heads(&self, channels: usize) -> usize {
         self.attention_head_dim.map_or(1, |d| channels / d)

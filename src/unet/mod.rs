@@ -348,6 +348,19 @@ impl TextCond {
         }
     }
 
+    /// Items `lo..lo + len`.
+    pub fn rows(&self, lo: usize, len: usize) -> TextCond {
+        if lo == 0 && len == self.null.len() {
+            return self.clone();
+        }
+        TextCond {
+            tokens: self.tokens.clone().narrow(0, lo, len),
+            mask: self.mask.clone().narrow(0, lo, len),
+            pooled: self.pooled.clone().narrow(0, lo, len),
+            null: self.null[lo..lo + len].to_vec(),
+        }
+    }
+
     /// Every item marked null (the unconditional half of guidance).
     pub fn as_null(&self) -> TextCond {
         TextCond {

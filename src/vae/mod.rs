@@ -697,10 +697,10 @@ pub fn save(v: &LoadedVae, dir: &Path, dtype: StoreDtype) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cfg = serde_json::to_value(&v.config)?;
     cfg["_diffusers_version"] = serde_json::Value::String("0.42.1".into());
-    weights::write_atomic(
+    crate::files::write_atomic(
         &dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
     let bytes = weights::to_safetensors(&v.tensors(), &HashMap::new(), dtype)?;
-    weights::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)
+    crate::files::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)
 }

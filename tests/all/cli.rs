@@ -65,7 +65,7 @@ fn metric_steps(run: &Path) -> Vec<usize> {
         .collect()
 }
 
-fn tiny_train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+pub fn tiny_train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
         "train",
         "--data",

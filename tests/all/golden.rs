@@ -28,13 +28,40 @@ fn hash_file(p: &Path) -> String {
     fnv(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
 }
 
+/// A safetensors output hashed by its content: its tensors (as f32) and metadata, less the
+/// checksum, as the `safetensors` crate serialises them (how diffuse wrote files when the
+/// hashes were pinned), so the hash follows what a file holds, not the writer's layout.
+fn hash_tensors(p: &Path) -> String {
+    let (t, mut meta) = diffuse::weights::read_safetensors(p).unwrap();
+    meta.remove(diffuse::weights::CHECKSUM_KEY);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(k, v)| {
+            let b = v.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (k.clone(), v.shape.clone(), b)
+        })
+        .collect();
+    let views = bytes.iter().map(|(k, s, b)| {
+        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+        (k.clone(), v.unwrap())
+    });
+    let meta = (!meta.is_empty()).then_some(meta);
+    fnv(&safetensors::serialize(views, &meta).unwrap())
+}
+
 /// Every case's outputs, by name.
 fn outputs() -> BTreeMap<String, String> {
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).display().to_string();
     let mut got = BTreeMap::new();
     let mut put = |name: &str, path: String| {
-        got.insert(name.to_string(), hash_file(Path::new(&path)));
+        let p = Path::new(&path);
+        let h = if path.ends_with(".safetensors") {
+            hash_tensors(p)
+        } else {
+            hash_file(p)
+        };
+        got.insert(name.to_string(), h);
     };
 
     // The embedded class-conditioned model: the default sampler with guidance, a trajectory
