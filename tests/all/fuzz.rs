@@ -606,9 +606,9 @@ impl<'a> Mutator<'a> {
                 let other = self.seed();
                 let at = self.rng.gen_range(0..n);
                 let k = self.span(n - at);
-                for i in at..at + k {
+                for (i, slot) in d.iter_mut().enumerate().skip(at).take(k) {
                     if let Some(b) = other.get(i) {
-                        d[i] = *b;
+                        *slot = *b;
                     }
                 }
             }
@@ -780,7 +780,7 @@ impl<'a> Mutator<'a> {
                 let n = *self.pick(NUMBERS);
                 serde_json::from_str(n).unwrap_or(Value::String(n.into()))
             }
-            7 => serde_json::from_str(*self.pick(VALUES)).expect("valid JSON"),
+            7 => serde_json::from_str(self.pick::<&str>(VALUES)).expect("valid JSON"),
             8 => Value::String(
                 self.pick(&["", "x", "linear", "epsilon", "a/b", "\u{0}"])
                     .to_string(),
@@ -1135,7 +1135,7 @@ impl Mutator<'_> {
             ),
             b'X' | 0x8c => {
                 let texts: [&[u8]; 5] = [b"storage", b"0", b"", b"weight", b"\xff\xfe"];
-                let text: &[u8] = *self.pick(&texts);
+                let text: &[u8] = self.pick::<&[u8]>(&texts);
                 if op[0] == b'X' {
                     op.extend_from_slice(&(text.len() as u32).to_le_bytes());
                 } else {
@@ -1151,7 +1151,7 @@ impl Mutator<'_> {
                     b"collections\nOrderedDict\n",
                     b"\n\n",
                 ];
-                op.extend_from_slice(*self.pick(&globals))
+                op.extend_from_slice(self.pick::<&[u8]>(&globals))
             }
             _ => {}
         }
