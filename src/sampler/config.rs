@@ -463,6 +463,16 @@ impl Scheduler {
                 kind.name()
             );
         }
+        let n = s.timesteps().len();
+        if let Some(i) = (0..=n).find(|&i| {
+            let (a, sd) = s.state_scales(i);
+            a.is_nan() || sd.is_nan()
+        }) {
+            bail!(
+                "{} with these scheduler settings has no defined noise level at position {i} (alpha_bar reaches 0 or 1 exactly there; ddim and ddpm work on x_t and take such schedules)",
+                kind.name()
+            );
+        }
         if !s.init_noise_sigma().is_finite() {
             bail!(
                 "{} with these scheduler settings starts from an infinite noise level (zero terminal SNR needs a sampler that works on x_t, such as ddim or ddpm)",
