@@ -32,21 +32,8 @@ fn hash_file(p: &Path) -> String {
 /// checksum, as the `safetensors` crate serialises them (how diffuse wrote files when the
 /// hashes were pinned), so the hash follows what a file holds, not the writer's layout.
 fn hash_tensors(p: &Path) -> String {
-    let (t, mut meta) = diffuse::weights::read_safetensors(p).unwrap();
-    meta.remove(diffuse::weights::CHECKSUM_KEY);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
-        .iter()
-        .map(|(k, v)| {
-            let b = v.data.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (k.clone(), v.shape.clone(), b)
-        })
-        .collect();
-    let views = bytes.iter().map(|(k, s, b)| {
-        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
-        (k.clone(), v.unwrap())
-    });
-    let meta = (!meta.is_empty()).then_some(meta);
-    fnv(&safetensors::serialize(views, &meta).unwrap())
+    let (t, meta) = diffuse::weights::read_safetensors(p).unwrap();
+    fnv(&super::hardening::without_checksum(&t, &meta))
 }
 
 /// Every case's outputs, by name.
