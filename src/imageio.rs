@@ -1,7 +1,7 @@
 //! Images in and out: model-space tensors (`[-1, 1]`, NCHW) to PNG grids and strips, and
 //! image files to tensors.
 
-use crate::data::folder::{chw_to_image, image_to_chw};
+use crate::data::folder::{chw_to_image, image_to_chw, read_image};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use image::{DynamicImage, ImageFormat, RgbImage};
@@ -141,12 +141,7 @@ pub fn save_image(img: &RgbImage, path: &Path) -> Result<()> {
 
 /// Loads an image file as a `[1, C, S, S]` model-space tensor (resized and centre-cropped).
 pub fn load_image(path: &Path, size: usize, channels: usize, device: &Device) -> Result<Tensor<4>> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .decode()
-        .with_context(|| format!("{} is not a readable image", path.display()))?;
+    let img = read_image(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let chw = image_to_chw(&img, size, channels);
     let v: Vec<f32> = chw.iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
     Ok(Tensor::from_data(

@@ -146,12 +146,19 @@ impl ModelConfig {
             );
         }
         let norm = |s: &str| s.to_lowercase().replace(['-', '_', ' ', '/'], "");
+        // The given name is normalised once, and echoed at most 60 characters long.
+        let (spec_norm, spec_lower) = (norm(spec), spec.to_lowercase());
         self.class_names
             .iter()
-            .position(|n| norm(n) == norm(spec) || n.to_lowercase() == spec.to_lowercase())
+            .position(|n| norm(n) == spec_norm || n.to_lowercase() == spec_lower)
             .ok_or_else(|| {
+                let shown: String = if spec.chars().count() > 60 {
+                    spec.chars().take(60).chain("...".chars()).collect()
+                } else {
+                    spec.to_string()
+                };
                 anyhow!(
-                    "{flag} '{spec}' is not a class of this model (classes: {})",
+                    "{flag} '{shown}' is not a class of this model (classes: {})",
                     self.class_names.join(", ")
                 )
             })

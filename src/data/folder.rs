@@ -226,14 +226,7 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
     let mut labels = Vec::new();
     let mut bad = Vec::new();
     for (k, f) in files.iter().enumerate() {
-        let decoded = image::ImageReader::open(f)
-            .and_then(|r| r.with_guessed_format())
-            .map_err(|e| format!("cannot read it: {}", io_reason(&e)))
-            .and_then(|r| {
-                r.decode()
-                    .map_err(|e| format!("not a decodable image: {e}"))
-            });
-        match decoded {
+        match read_image(f) {
             Ok(img) if img.width() > 0 && img.height() > 0 => {
                 pixels.extend(image_to_chw(&img, shape.size, shape.channels));
                 if let Some(c) = &all_captions {
@@ -278,4 +271,36 @@ pub fn load_folder(dir: &Path, shape: Shape, with_classes: bool) -> Result<Datas
         size: shape.size,
         source: dir.display().to_string(),
     })
+}
+
+/// The most memory one image may take once decoded (256 MiB: a 8192 x 8192 RGBA picture),
+/// so that a small file whose header claims a huge picture is refused instead of allocated.
+pub const MAX_DECODED_BYTES: u64 = 256 << 20;
+
+/// Reads and decodes one image file, sniffing its format from its bytes. The error says in
+/// words what is wrong (it cannot be read, it is not an image, or its header claims a
+/// picture over [`MAX_DECODED_BYTES`]); the caller names the file.
+pub fn read_image(path: &Path) -> std::result::Result<DynamicImage, String> {
+    let open = || {
+        image::ImageReader::open(path)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(|e| format!("cannot read it: {}", io_reason(&e)))
+    };
+    let (w, h) = open()?
+        .into_dimensions()
+        .map_err(|e| format!("not a decodable image: {e}"))?;
+    // Up to 16-bit RGBA: 8 bytes a pixel.
+    if u64::from(w) * u64::from(h) * 8 > MAX_DECODED_BYTES {
+        return Err(format!(
+            "its header claims {w}x{h} pixels, more than diffuse decodes ({} MiB at most)",
+            MAX_DECODED_BYTES >> 20
+        ));
+    }
+    let mut reader = open()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| format!("not a decodable image: {e}"))
 }

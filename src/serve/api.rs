@@ -50,7 +50,7 @@ pub struct Limits {
 }
 
 pub use crate::pipeline::MAX_GUIDANCE;
-/// The longest prompt accepted, in bytes.
+/// The longest prompt or class name accepted, in bytes.
 pub const MAX_PROMPT_BYTES: usize = 1000;
 
 /// Checks a request against the model and the limits; the error is a message for the client.
@@ -98,6 +98,14 @@ pub fn validate(
         return Err(format!(
             "prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
             p.len()
+        ));
+    }
+    if let Some(ClassSpec::Name(c)) = &req.class
+        && c.len() > MAX_PROMPT_BYTES
+    {
+        return Err(format!(
+            "class is {} bytes; the limit is {MAX_PROMPT_BYTES}",
+            c.len()
         ));
     }
     let class = req.class.as_ref().map(|c| match c {

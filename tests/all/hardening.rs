@@ -121,6 +121,92 @@ fn unreadable_files_and_subfolders_are_skipped_and_named() {
     assert!(!e.contains("decode"), "{e}");
 }
 
+/// Found by the fuzz harness (`fuzz::folder`): a 79-byte PNG whose header claims
+/// 10000x10000 RGBA pixels made the folder reader allocate 400 MB before failing. Such a file
+/// is now refused from its header, in words, by the folder reader and by `load_image` alike.
+#[test]
+fn an_image_header_claiming_a_huge_picture_is_refused_before_decoding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("data");
+    std::fs::create_dir_all(&d).unwrap();
+    tiny_png(&d.join("a.png"), [9, 9, 9]);
+    let mut png = std::fs::read(d.join("a.png")).unwrap();
+    // IHDR: width at 16..20, height at 20..24 (big-endian), colour type at 25, CRC at 29..33.
+    png[16..20].copy_from_slice(&10_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&10_000u32.to_be_bytes());
+    png[25] = 6;
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    std::fs::write(d.join("huge.png"), &png).unwrap();
+    let shape = Shape {
+        size: 8,
+        channels: 3,
+    };
+    let load = |d: PathBuf| {
+        within(Duration::from_secs(30), move || {
+            diffuse::data::folder::load_folder(&d, shape, false)
+        })
+    };
+    assert_eq!(load(d.clone()).unwrap().len(), 1, "the real image is kept");
+    std::fs::remove_file(d.join("a.png")).unwrap();
+    let e = load(d.clone()).unwrap_err().to_string();
+    assert!(
+        e.contains("huge.png") && e.contains("claims 10000x10000"),
+        "{e}"
+    );
+    let e = diffuse::imageio::load_image(&d.join("huge.png"), 8, 3, &inference_device())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("huge.png") && e.contains("claims 10000x10000"),
+        "{e}"
+    );
+}
+
+/// Found by the fuzz harness (`fuzz::serve`): a 1 MB class name took about 250 ms to
+/// validate and was echoed whole. It is now refused by length like a prompt, and a long
+/// unknown name given to the library is echoed cut short.
+#[test]
+fn long_class_names_are_refused_and_not_echoed_whole() {
+    use diffuse::serve::api::{GenerateRequest, Limits, MAX_PROMPT_BYTES, validate};
+    let m = diffuse::model::load_from_bytes(
+        diffuse::model::EMBEDDED_MODEL,
+        "embedded",
+        &inference_device(),
+    )
+    .unwrap();
+    let limits = Limits {
+        max_n: 4,
+        max_steps: 1000,
+        max_body_bytes: 4 << 20,
+        timeout_s: 60,
+    };
+    let long = "\u{e9}".repeat(500_000);
+    let body = serde_json::json!({ "class": long }).to_string();
+    let req: GenerateRequest = serde_json::from_str(&body).unwrap();
+    let e = validate(&req, &m.config, m.scheduler.len(), &limits, 0).unwrap_err();
+    assert_eq!(
+        e,
+        format!("class is 1000000 bytes; the limit is {MAX_PROMPT_BYTES}")
+    );
+    let name = "x".repeat(MAX_PROMPT_BYTES);
+    let e = m
+        .config
+        .class_index(&name, "--class")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not a class of this model"), "{e}");
+    assert!(
+        e.len() < 400,
+        "the name is echoed cut short: {} bytes",
+        e.len()
+    );
+    // The names still resolve as before.
+    assert_eq!(m.config.class_index("Ankle boot", "--class").unwrap(), 9);
+    assert_eq!(m.config.class_index("ankle-boot", "--class").unwrap(), 9);
+}
+
 /// `cmd` with writes limited to `bytes` per file: a write past it fails with EFBIG, as on a
 /// full disk (SIGXFSZ, which would kill the process, is ignored).
 fn with_file_size_limit(cmd: &mut Command, bytes: u64) -> &mut Command {
