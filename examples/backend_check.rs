@@ -316,6 +316,7 @@ fn main() -> Result<()> {
                 text: None,
                 negative: None,
                 image_cond: None,
+                guidance_interval: None,
             };
             let mut rng = diffuse::rng::rng_for(0, diffuse::rng::Stream::Sample, 0);
             diffuse::sampler::denoise_from(

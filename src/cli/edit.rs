@@ -88,7 +88,9 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         bail!("--n must be between 1 and 1000 (got {})", a.n);
     }
     check_guidance(a.guidance)?;
-    let mut req = a.sampler.request(a.n, SamplerDefaults::EDIT);
+    let mut req = a
+        .sampler
+        .request(a.n, SamplerDefaults::EDIT.for_model(&cfg));
     let flags = CondFlags {
         class: a.class.as_deref(),
         prompt: a.prompt.as_deref(),

@@ -205,7 +205,9 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         (None, Some(_)) => bail!("--data is needed: the real images to compare the samples with"),
     };
     let ext = eval::load_features(&a.features, &dev)?;
-    let mut request = a.sampler.request(a.n, SamplerDefaults::EVAL);
+    let mut request = a
+        .sampler
+        .request(a.n, SamplerDefaults::EVAL.for_model(&m.config));
     request.guidance = a.guidance;
     pipe.sampler(&request)?; // option errors before any work
     let (kind, steps) = (request.sampler, pipe.steps(&request));
@@ -228,6 +230,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         "steps": steps,
         "evaluations": kind.evaluations(steps),
         "guidance": a.guidance,
+        "guidance_interval": a.sampler.guidance_interval.map(|(lo, hi)| vec![lo, hi]),
         "seed": a.seed,
         "sample_seconds": out.sample_seconds,
         "seconds": total,

@@ -190,6 +190,26 @@ pub struct SamplerArgs {
     /// run in chunks of this many, so memory does not grow with --n; the images are the same.
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Apply guidance only at noise levels sigma in LO,HI (e.g. 0.3,5 or 1,inf; sigma =
+    /// sqrt((1 - alpha_bar) / alpha_bar), t / (1 - t) for a flow model); elsewhere one
+    /// conditional evaluation per image (Kynkaanniemi et al. 2024).
+    #[arg(long, value_name = "LO,HI", value_parser = parse_interval)]
+    pub guidance_interval: Option<(f64, f64)>,
+}
+
+/// `LO,HI` of `--guidance-interval`: two numbers (`inf` allowed for HI), `0 <= LO < HI`.
+fn parse_interval(s: &str) -> Result<(f64, f64), String> {
+    let (lo, hi) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected LO,HI (two noise levels), got '{s}'"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("'{}' is not a number", v.trim()))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    diffuse::sampler::check_guidance_interval(lo, hi).map_err(|e| e.to_string())?;
+    Ok((lo, hi))
 }
 
 impl SamplerArgs {
@@ -205,6 +225,7 @@ impl SamplerArgs {
             karras: self.karras.then_some(true),
         };
         r.batch = self.batch;
+        r.guidance_interval = self.guidance_interval;
         r
     }
 }

@@ -159,7 +159,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     };
     let pipe = Pipeline::with_text_encoder(m, &dev)?;
-    let mut req = a.sampler.request(n, SamplerDefaults::GENERATE);
+    let mut req = a
+        .sampler
+        .request(n, SamplerDefaults::GENERATE.for_model(&pipe.model.config));
     req.conditioning = conditioning;
     req.guidance = a.guidance;
     req.seeds = Seeds::One(a.seed);

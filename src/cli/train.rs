@@ -8,7 +8,7 @@ use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::kernels;
 use diffuse::model::{self, ModelConfig};
-use diffuse::schedule::{BetaSchedule, Prediction, ScheduleConfig};
+use diffuse::schedule::{BetaSchedule, FlowTime, Prediction, ScheduleConfig};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
 use diffuse::unet::UNetConfig;
 use std::path::PathBuf;
@@ -93,12 +93,23 @@ pub struct TrainArgs {
     /// Random horizontal flips.
     #[arg(long)]
     hflip: bool,
-    /// Min-SNR-gamma loss weighting (Hang et al. 2023); 0 for plain MSE.
-    #[arg(long, default_value_t = TrainConfig::default().loss_weighting.gamma())]
-    min_snr: f64,
-    /// Objective.
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023); 0 for plain MSE [default: 5; not
+    /// with --objective flow].
+    #[arg(long)]
+    min_snr: Option<f64>,
+    /// Objective: the diffusion model's output (epsilon, v, x0), or flow for flow matching
+    /// (rectified flow: x_t = (1 - t) x0 + t eps, velocity target; sampled by euler or heun).
     #[arg(long, value_enum, default_value_t = Prediction::Epsilon)]
     objective: Prediction,
+    /// Flow matching: how training times are drawn [default: logit-normal].
+    #[arg(long, value_enum)]
+    flow_time: Option<FlowTimeArg>,
+    /// Flow matching, logit-normal times: location m of t = sigmoid(m + s z) [default: 0].
+    #[arg(long)]
+    flow_loc: Option<f64>,
+    /// Flow matching, logit-normal times: scale s [default: 1].
+    #[arg(long)]
+    flow_scale: Option<f64>,
     /// Beta schedule.
     #[arg(long, value_enum, default_value_t = ScheduleConfig::default().beta_schedule)]
     schedule: BetaSchedule,
@@ -327,10 +338,13 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         label_dropout: a.label_dropout,
         hflip: a.hflip,
         loss_weighting: match a.min_snr {
-            g if g > 0.0 && g.is_finite() => LossWeighting::MinSnr { gamma: g },
-            0.0 => LossWeighting::Uniform,
-            g => bail!("--min-snr must be 0 (off) or positive (got {g})"),
+            None if a.objective.is_flow() => LossWeighting::Uniform,
+            None => TrainConfig::default().loss_weighting,
+            Some(g) if g > 0.0 && g.is_finite() => LossWeighting::MinSnr { gamma: g },
+            Some(0.0) => LossWeighting::Uniform,
+            Some(g) => bail!("--min-snr must be 0 (off) or positive (got {g})"),
         },
+        flow_time: flow_time(a)?,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
         sample_every: a.sample_every,
@@ -352,6 +366,38 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         train,
         data: a.data.clone(),
     })
+}
+
+/// How training times are drawn, from `--flow-time`, `--flow-loc` and `--flow-scale`; those
+/// are refused for a diffusion objective, and the location and scale for uniform times.
+fn flow_time(a: &TrainArgs) -> Result<FlowTime> {
+    let given = a.flow_time.is_some() || a.flow_loc.is_some() || a.flow_scale.is_some();
+    if given && !a.objective.is_flow() {
+        bail!("--flow-time, --flow-loc and --flow-scale are options of --objective flow");
+    }
+    let (loc, scale) = match FlowTime::default() {
+        FlowTime::LogitNormal { loc, scale } => (loc, scale),
+        FlowTime::Uniform => (0.0, 1.0),
+    };
+    Ok(match a.flow_time.unwrap_or(FlowTimeArg::LogitNormal) {
+        FlowTimeArg::Uniform if a.flow_loc.is_some() || a.flow_scale.is_some() => {
+            bail!("--flow-loc and --flow-scale shape logit-normal times, not --flow-time uniform")
+        }
+        FlowTimeArg::Uniform => FlowTime::Uniform,
+        FlowTimeArg::LogitNormal => FlowTime::LogitNormal {
+            loc: a.flow_loc.unwrap_or(loc),
+            scale: a.flow_scale.unwrap_or(scale),
+        },
+    })
+}
+
+/// `--flow-time`: the training-time densities of [`FlowTime`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum FlowTimeArg {
+    /// t ~ U(0, 1).
+    Uniform,
+    /// t = sigmoid(m + s z), z ~ N(0, 1) (SD3).
+    LogitNormal,
 }
 
 /// Side, channels and class names the data is read with: its own for IDX files and the

@@ -70,7 +70,9 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     if a.n == 0 || a.n > 10_000 {
         bail!("--n must be between 1 and 10000 (got {})", a.n);
     }
-    let mut req = a.sampler.request(a.n, SamplerDefaults::EDIT);
+    let mut req = a
+        .sampler
+        .request(a.n, SamplerDefaults::EDIT.for_model(&m.config));
     req.guidance = 1.0;
     req.seeds = Seeds::One(a.seed);
     pipe.sampler(&req)?; // option errors before any work

@@ -611,6 +611,12 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         }
     }
     let scheduler = SchedulerConfig::from_file(&sched_path)?;
+    if scheduler.prediction()?.is_flow() {
+        bail!(
+            "{}: prediction_type flow is diffuse's flow matching, not a diffusers DDPM-style scheduler",
+            sched_path.display()
+        );
+    }
     let theirs = read_unet_weights(&unet_dir)?;
     let unet =
         UNet::new(&unet_cfg, device).with_context(|| format!("{what}: invalid model config"))?;
@@ -644,6 +650,12 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
     if cfg.unet.text_dim.is_some() || cfg.unet.cond_channels > 0 || cfg.latent.is_some() {
         bail!(
             "{}: only unconditioned and class-conditioned pixel models export to a diffusers DDPMPipeline (this one takes text, a low-resolution image or latents)",
+            model.source
+        );
+    }
+    if cfg.prediction.is_flow() {
+        bail!(
+            "{}: a flow-matching model has no diffusers DDPMPipeline equivalent (its schedulers sample the diffusion process)",
             model.source
         );
     }

@@ -101,6 +101,9 @@ pub struct Request {
     pub options: SamplerChoice,
     /// Classifier-free guidance weight `w` (1 = none; see [`GenerateOptions::guidance`]).
     pub guidance: f32,
+    /// Guidance only at noise levels `sigma` in `[lo, hi]` (see
+    /// [`GenerateOptions::guidance_interval`]); `None`: at every step.
+    pub guidance_interval: Option<(f64, f64)>,
     pub seeds: Seeds,
     pub start: Start,
     /// Super-resolution models: the low-resolution images `[n, C, s, s]` in `[-1, 1]`.
@@ -129,6 +132,7 @@ impl Request {
             steps: None,
             options: SamplerChoice::default(),
             guidance: Self::DEFAULT_GUIDANCE,
+            guidance_interval: None,
             seeds: Seeds::One(0),
             start: Start::Noise,
             low_res: None,
@@ -229,6 +233,20 @@ impl SamplerDefaults {
         sampler: SamplerKind::EulerAncestral,
         steps: Some(30),
     };
+
+    /// These defaults for a model with `cfg`: a flow-matching model runs Euler in flow time
+    /// where they name a sampler of the diffusion process (the flow samplers are Euler and
+    /// Heun), at the same steps.
+    pub fn for_model(self, cfg: &crate::model::ModelConfig) -> Self {
+        match self.sampler {
+            SamplerKind::Euler | SamplerKind::Heun => self,
+            _ if cfg.prediction.is_flow() => Self {
+                sampler: SamplerKind::Euler,
+                ..self
+            },
+            _ => self,
+        }
+    }
 }
 
 /// One step of a run, as progress callbacks see it.
@@ -398,6 +416,9 @@ impl Pipeline {
             _ => {}
         }
         check_guidance(req.guidance)?;
+        if let Some((lo, hi)) = req.guidance_interval {
+            crate::sampler::check_guidance_interval(lo, hi)?;
+        }
         let n = req.n;
         if n == 0 {
             bail!("the request is for no images");
@@ -502,6 +523,7 @@ impl Pipeline {
             text,
             negative,
             image_cond,
+            guidance_interval: req.guidance_interval,
         };
         let mut noise = SeededNoise::window(seed_parts, range.clone());
         let total = sampler.timesteps().len();

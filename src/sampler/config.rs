@@ -10,6 +10,7 @@ use super::ddim::{DdimOptions, DdimSampler};
 use super::ddpm::{DdpmOptions, DdpmSampler, VarianceType};
 use super::dpm_solver::{DpmSolverOptions, DpmSolverSampler};
 use super::euler::{EulerOptions, EulerSampler};
+use super::flow::{FlowOptions, FlowSampler};
 use super::heun::{HeunOptions, HeunSampler};
 use super::{Sampler, X0Clamp};
 use crate::schedule::{BetaSchedule, NoiseSchedule, Prediction, ScheduleConfig, TimestepSpacing};
@@ -133,6 +134,9 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     /// Euler/DPM-Solver: only `zero` is supported here.
     pub final_sigmas_type: Option<String>,
+    /// Flow-matching models: the time shift of the sampling times (diffusers'
+    /// `FlowMatchEulerDiscreteScheduler.shift`; 1 keeps them evenly spaced).
+    pub shift: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -159,6 +163,7 @@ impl Default for SchedulerConfig {
             algorithm_type: None,
             lower_order_final: None,
             final_sigmas_type: None,
+            shift: 1.0,
         }
     }
 }
@@ -193,6 +198,7 @@ impl SchedulerConfig {
                 Prediction::Epsilon => "epsilon",
                 Prediction::V => "v_prediction",
                 Prediction::X0 => "sample",
+                Prediction::Flow => "flow",
             }
             .into(),
             timestep_spacing: Some("trailing".into()),
@@ -270,6 +276,12 @@ impl SchedulerConfig {
         {
             bail!("scheduler key algorithm_type = '{a}' is not supported (only dpmsolver++)");
         }
+        if !(self.shift.is_finite() && self.shift > 0.0) {
+            bail!(
+                "scheduler key shift must be a positive number (got {})",
+                self.shift
+            );
+        }
         if let Some(f) = self.final_sigmas_type.as_deref().filter(|f| *f != "zero") {
             bail!("scheduler key final_sigmas_type = '{f}' is not supported (only zero)");
         }
@@ -328,6 +340,9 @@ impl SchedulerConfig {
     ) -> Result<Box<dyn Sampler>> {
         self.validate()?;
         let prediction = self.prediction()?;
+        if prediction.is_flow() {
+            return self.build_flow(kind, schedule.len(), choice);
+        }
         let spacing = |class_default: TimestepSpacing| -> Result<TimestepSpacing> {
             Ok(match (choice.spacing, &self.timestep_spacing) {
                 (Some(s), _) => s,
@@ -413,6 +428,51 @@ impl SchedulerConfig {
                 },
             )?),
         })
+    }
+}
+
+impl SchedulerConfig {
+    /// The sampler of a flow-matching model: Euler or Heun in flow time; the diffusion
+    /// samplers and the options that only they read are refused, naming what to use.
+    fn build_flow(
+        &self,
+        kind: SamplerKind,
+        train_steps: usize,
+        choice: &SamplerChoice,
+    ) -> Result<Box<dyn Sampler>> {
+        let heun = match kind {
+            SamplerKind::Euler => false,
+            SamplerKind::Heun => true,
+            other => bail!(
+                "--sampler {} samples the diffusion process, but this model was trained with --objective flow: use --sampler euler or heun",
+                other.name()
+            ),
+        };
+        if choice.karras == Some(true) {
+            bail!(
+                "--karras spaces diffusion noise levels; a flow model samples at evenly spaced times (leave out --karras)"
+            );
+        }
+        if let Some(s) = choice.spacing {
+            bail!(
+                "--spacing {} picks diffusion timesteps; a flow model samples at evenly spaced times (leave out --spacing)",
+                format!("{s:?}").to_lowercase()
+            );
+        }
+        if choice.variance.is_some() {
+            bail!("--variance is an option of the ddpm sampler, not of a flow model's samplers");
+        }
+        if choice.eta != 0.0 {
+            bail!("--eta is an option of the ddim sampler, not of a flow model's samplers");
+        }
+        Ok(Box::new(FlowSampler::new(
+            train_steps,
+            FlowOptions {
+                steps: choice.steps,
+                heun,
+                shift: self.shift,
+            },
+        )?))
     }
 }
 

@@ -5,9 +5,11 @@
 //! ("Denoising Diffusion Probabilistic Models", DDPM): `beta_t`, `alpha_t = 1 - beta_t`,
 //! `alpha_bar_t = prod_{s<=t} alpha_s`. Timesteps are 0-based: `t = 0..T-1`.
 
+pub mod flow;
 pub mod prediction;
 pub mod spacing;
 
+pub use flow::FlowTime;
 pub use prediction::Prediction;
 pub use spacing::{TimestepSpacing, spaced_timesteps};
 

@@ -26,6 +26,9 @@ pub struct GenerateRequest {
     pub sampler: Option<String>,
     /// Classifier-free guidance weight (default 2; 1 = none).
     pub guidance: Option<f64>,
+    /// Guidance only at noise levels sigma in `[lo, hi]`, `0 <= lo < hi` (default: at
+    /// every step).
+    pub guidance_interval: Option<[f64; 2]>,
     /// Seed of every random draw (default: drawn by the server and returned).
     pub seed: Option<u64>,
     /// DDIM noise weight, 0 to 1 (default 0).
@@ -70,7 +73,7 @@ pub fn validate(
     }
     let n = n as usize;
     let sampler: SamplerKind = match &req.sampler {
-        None => SamplerDefaults::SERVE.sampler,
+        None => SamplerDefaults::SERVE.for_model(model).sampler,
         Some(s) => s.parse().map_err(|e| format!("sampler: {e}"))?,
     };
     let max_steps = limits.max_steps.min(schedule_len);
@@ -89,6 +92,9 @@ pub fn validate(
             "guidance must be between 0 and {MAX_GUIDANCE} (got {})",
             shown(guidance)
         ));
+    }
+    if let Some([lo, hi]) = req.guidance_interval {
+        crate::sampler::check_guidance_interval(lo, hi).map_err(|e| e.to_string())?;
     }
     let eta = req.eta.unwrap_or(0.0);
     if !(eta.is_finite() && (0.0..=1.0).contains(&eta)) {
@@ -134,6 +140,7 @@ pub fn validate(
         sampler,
         eta,
         guidance: guidance as f32,
+        guidance_interval: req.guidance_interval.map(|[lo, hi]| (lo, hi)),
         seed: req.seed.unwrap_or(default_seed),
     })
 }

@@ -26,6 +26,8 @@ pub struct JobSpec {
     pub sampler: SamplerKind,
     pub eta: f64,
     pub guidance: f32,
+    /// Guidance only at noise levels sigma in `[lo, hi]`.
+    pub guidance_interval: Option<(f64, f64)>,
     pub seed: u64,
 }
 
@@ -198,13 +200,16 @@ impl Queue {
 /// Most images the worker puts in one batch.
 pub const MAX_BATCH_IMAGES: usize = 32;
 
-/// Jobs that can share one sampling loop: same sampler, steps, eta, guidance, and all with
+/// Jobs that can share one sampling loop: same sampler, steps, eta, guidance (and its
+/// interval), and all with
 /// or all without classes. Seeds, classes and sizes may differ.
 fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
     a.sampler == b.sampler
         && a.steps == b.steps
         && a.eta.to_bits() == b.eta.to_bits()
         && a.guidance.to_bits() == b.guidance.to_bits()
+        && a.guidance_interval.map(|(l, h)| (l.to_bits(), h.to_bits()))
+            == b.guidance_interval.map(|(l, h)| (l.to_bits(), h.to_bits()))
         && a.classes.is_some() == b.classes.is_some()
 }
 
@@ -294,6 +299,7 @@ fn run(
         ..Default::default()
     };
     req.guidance = spec.guidance;
+    req.guidance_interval = spec.guidance_interval;
     req.seeds = Seeds::Parts(jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect());
     req.cancel = Some(cancel_all.clone());
     req.batch = batch;

@@ -76,6 +76,9 @@ pub struct TrainConfig {
     /// on Intel AMX (`kernels::MatmulMode`). Older runs, which lack it, trained in f32.
     #[serde(default)]
     pub precision: crate::kernels::MatmulMode,
+    /// Flow-matching runs: how training times are drawn (runs from before it: the default).
+    #[serde(default)]
+    pub flow_time: crate::schedule::FlowTime,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +99,7 @@ impl Default for TrainConfig {
             checkpoint_every: 250,
             sample_every: 500,
             precision: crate::kernels::MatmulMode::F32,
+            flow_time: crate::schedule::FlowTime::default(),
         }
     }
 }
@@ -132,6 +136,7 @@ impl TrainConfig {
         if self.grad_clip < 0.0 {
             bail!("--grad-clip must be 0 (off) or positive");
         }
+        self.flow_time.validate()?;
         Ok(())
     }
 
@@ -169,6 +174,11 @@ impl RunConfig {
         let u = &self.model.unet;
         if self.model.superres.is_some() && (u.num_classes.is_some() || u.text_dim.is_some()) {
             bail!("--task superres trains unconditioned models: leave out --cond");
+        }
+        if self.model.prediction.is_flow() && self.train.loss_weighting != LossWeighting::Uniform {
+            bail!(
+                "--min-snr weights diffusion timesteps; with --objective flow the time density (--flow-time) weights the loss: leave out --min-snr"
+            );
         }
         Ok(())
     }

@@ -2,7 +2,9 @@
 //! `t ~ U{0..T-1}` and noise `eps ~ N(0, I)` per image, `x_t = sqrt(ab_t) x0 +
 //! sqrt(1 - ab_t) eps`), with label or caption dropout for classifier-free guidance, the
 //! low-resolution input of a super-resolution model, fresh latents of a latent model, the
-//! target of the model's prediction type, and the per-item loss weights.
+//! target of the model's prediction type, and the per-item loss weights. A flow-matching model
+//! draws a flow time `t` per image from its density instead, with `x_t = (1 - t) x0 + t eps`
+//! and the velocity `eps - x0` as target ([`crate::schedule::flow`]).
 //!
 //! Every random draw of step `s` comes from `rng_for(seed, TrainStep, s)` in a fixed order, so
 //! a resumed run draws exactly what an uninterrupted one would.
@@ -11,7 +13,7 @@ use super::{LossWeighting, RunConfig};
 use crate::conditioning::text::CaptionBank;
 use crate::data::HostBatch;
 use crate::rng::{Stream, normal_vec, rng_for};
-use crate::schedule::{NoiseSchedule, Prediction};
+use crate::schedule::{NoiseSchedule, Prediction, flow, prediction};
 use crate::unet::TextCond;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, RngCore};
@@ -20,9 +22,11 @@ use rand::{Rng, RngCore};
 pub struct Example {
     /// The model input: `x_t`, with the conditioning image's channels for super-resolution.
     pub x_t: Tensor<4>,
-    /// The timestep of each image.
+    /// The diffusion timestep of each image (empty for a flow-matching model).
     pub t: Vec<usize>,
-    /// The same as the model reads them.
+    /// The flow time in `(0, 1)` of each image (empty for a diffusion model).
+    pub flow_t: Vec<f64>,
+    /// The time of each image as the model reads it: the timestep, or the flow time times `T`.
     pub t_model: Vec<f64>,
     /// Class per image (the null class `K` where dropped) for class-conditioned models.
     pub labels: Option<Vec<usize>>,
@@ -49,9 +53,18 @@ impl Objective<'_> {
         let num_classes = self.cfg.model.unet.num_classes;
         let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
         let b = tc.batch_size;
-        let t: Vec<usize> = (0..b)
-            .map(|_| rng.gen_range(0..self.schedule.len()))
-            .collect();
+        let flow = self.cfg.model.prediction.is_flow();
+        let (t, flow_t): (Vec<usize>, Vec<f64>) = if flow {
+            (
+                Vec::new(),
+                (0..b).map(|_| tc.flow_time.draw(&mut rng)).collect(),
+            )
+        } else {
+            let t = (0..b)
+                .map(|_| rng.gen_range(0..self.schedule.len()))
+                .collect();
+            (t, Vec::new())
+        };
         // Pixel noise here; a latent model draws its latents' noise below.
         let noise_v = if self.latents.is_none() {
             normal_vec(&mut rng, batch.images.len())
@@ -102,18 +115,35 @@ impl Objective<'_> {
             noise_v
         };
         let noise = Tensor::<4>::from_data(TensorData::new(noise_v, shape), dev);
-        let x_t = self.schedule.q_sample(x0.clone(), noise.clone(), &t);
-        let target = self
-            .schedule
-            .target(self.cfg.model.prediction, x0, noise, &t);
+        let (x_t, target) = if flow {
+            let per_item = |f: fn(f64) -> f64| {
+                let v: Vec<f32> = flow_t.iter().map(|&t| f(t) as f32).collect();
+                Tensor::<4>::from_data(TensorData::new(v, [b, 1, 1, 1]), dev)
+            };
+            let (a, s) = (per_item(|t| 1.0 - t), per_item(|t| t));
+            let x_t = x0.clone() * a.clone() + noise.clone() * s.clone();
+            (x_t, prediction::target(Prediction::Flow, x0, noise, a, s))
+        } else {
+            let x_t = self.schedule.q_sample(x0.clone(), noise.clone(), &t);
+            let target = self
+                .schedule
+                .target(self.cfg.model.prediction, x0, noise, &t);
+            (x_t, target)
+        };
         let x_t = match lowres {
             Some(c) => Tensor::cat(vec![x_t, c], 1),
             None => x_t,
         };
-        let t_model: Vec<f64> = t.iter().map(|&v| v as f64).collect();
+        let t_model: Vec<f64> = if flow {
+            let steps = self.schedule.len();
+            flow_t.iter().map(|&t| flow::model_time(t, steps)).collect()
+        } else {
+            t.iter().map(|&v| v as f64).collect()
+        };
         Example {
             x_t,
             t,
+            flow_t,
             t_model,
             labels,
             text,
@@ -125,7 +155,11 @@ impl Objective<'_> {
     /// weighted per item ([`loss_weights`]).
     pub fn loss(&self, out: Tensor<4>, ex: &Example, dev: &Device) -> Tensor<1> {
         let sq = (out - ex.target.clone()).square();
-        let b = ex.t.len();
+        let b = ex.t_model.len();
+        if ex.t.is_empty() {
+            // Flow matching: the time density weights the loss (checked by RunConfig::validate).
+            return sq.mean();
+        }
         match loss_weights(
             self.cfg.train.loss_weighting,
             self.cfg.model.prediction,
@@ -159,6 +193,9 @@ pub fn loss_weights(
                         Prediction::Epsilon => x0w / snr,
                         Prediction::V => x0w / (snr + 1.0),
                         Prediction::X0 => x0w,
+                        // x0 = x_t - t v at SNR ((1 - t) / t)^2, so the x0 error is t times
+                        // the velocity's: t^2 = 1 / (1 + sqrt(SNR))^2.
+                        Prediction::Flow => x0w / (1.0 + snr.sqrt()).powi(2),
                     }) as f32
                 })
                 .collect(),

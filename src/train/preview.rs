@@ -57,7 +57,7 @@ pub(super) fn preview(
         vae: p.vae.cloned(),
     };
     let pipe = Pipeline::new(model, None, idev.clone());
-    let defaults = SamplerDefaults::PREVIEW;
+    let defaults = SamplerDefaults::PREVIEW.for_model(&cfg.model);
     let mut req = Request::new(n, defaults.sampler);
     req.steps = defaults.steps.map(|s| s.min(pipe.model.scheduler.len()));
     req.conditioning = conditioning;

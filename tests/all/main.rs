@@ -4,6 +4,7 @@ mod browser;
 mod cli;
 mod data;
 mod eval;
+mod flow;
 mod fuzz;
 mod golden;
 mod hardening;

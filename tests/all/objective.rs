@@ -89,6 +89,7 @@ fn examples_follow_the_forward_process_and_each_target() {
                     }
                     // v = a eps - s x0.
                     Prediction::V => (target[i] + s * x0[i]) / a,
+                    Prediction::Flow => unreachable!("tests/all/flow.rs"),
                 }
             })
             .collect();
@@ -156,7 +157,12 @@ fn min_snr_weights_have_their_closed_form() {
         None
     );
     let g = 5.0;
-    for p in [Prediction::Epsilon, Prediction::V, Prediction::X0] {
+    for p in [
+        Prediction::Epsilon,
+        Prediction::V,
+        Prediction::X0,
+        Prediction::Flow,
+    ] {
         let w = loss_weights(LossWeighting::MinSnr { gamma: g }, p, &sched, &t).unwrap();
         for (k, &ti) in t.iter().enumerate() {
             let ab = sched.alphas_cumprod[ti];
@@ -165,6 +171,11 @@ fn min_snr_weights_have_their_closed_form() {
                 Prediction::Epsilon => snr.min(g) / snr,
                 Prediction::V => snr.min(g) / (snr + 1.0),
                 Prediction::X0 => snr.min(g),
+                // The flow state at this SNR has t = s / (a + s), and x0 = x_t - t v.
+                Prediction::Flow => {
+                    let (a, s) = (ab.sqrt(), (1.0 - ab).sqrt());
+                    snr.min(g) * (s / (a + s)).powi(2)
+                }
             };
             assert!(
                 ((w[k] as f64) - want).abs() < 1e-6 * want.max(1.0),

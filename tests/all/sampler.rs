@@ -112,6 +112,7 @@ fn same_seed_same_bits_other_seed_other_images() {
             text: None,
             negative: None,
             image_cond: None,
+            guidance_interval: None,
         };
         to_vec(generate(
             &m,
@@ -191,6 +192,7 @@ fn batched_requests_give_the_bits_of_solo_runs() {
             text: None,
             negative: None,
             image_cond: None,
+            guidance_interval: None,
         };
         let x = generate_with(
             &m.unet,
@@ -314,6 +316,7 @@ fn edit_keeps_what_it_must_for_every_sampler() {
                 text: None,
                 negative: None,
                 image_cond: None,
+                guidance_interval: None,
             };
             let e = EditOptions { strength, mask };
             to_vec(edit(
