@@ -49,6 +49,23 @@ pub struct ModelConfig {
     /// weights travel in the same file under `vae.` (in diffusers' names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latent: Option<LatentConfig>,
+    /// How the model samples when nothing is asked for: set for a distilled student
+    /// (`diffuse distill`), which was trained for few steps; `None`: each command's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingConfig>,
+}
+
+/// A model's own sampling defaults (a distilled student's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingConfig {
+    pub sampler: crate::sampler::SamplerKind,
+    /// Steps when none are asked for.
+    pub steps: usize,
+    /// The most steps it was trained for (a student's time grid); more are refused.
+    pub max_steps: usize,
+    /// The guidance weight when none is asked for (1 for a student with guidance distilled
+    /// into it).
+    pub guidance: f32,
 }
 
 /// SR3 super-resolution (Saharia et al. 2021): the `S/scale` low-resolution image, upsampled
@@ -91,6 +108,19 @@ impl ModelConfig {
                 sr.scale,
                 self.unet.image_size
             );
+        }
+        if let Some(s) = &self.sampling {
+            let t = self.schedule.timesteps;
+            if !(1..=s.max_steps).contains(&s.steps) || s.max_steps > t {
+                bail!(
+                    "its sampling defaults ({} steps, at most {}) do not fit its {t} training steps",
+                    s.steps,
+                    s.max_steps
+                );
+            }
+            if !(s.guidance.is_finite() && (0.0..=100.0).contains(&s.guidance)) {
+                bail!("its default guidance {} is out of range", s.guidance);
+            }
         }
         if let Some(l) = &self.latent {
             l.vae.validate()?;

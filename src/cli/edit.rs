@@ -36,9 +36,9 @@ pub struct EditArgs {
     /// The prompt, for text-conditioned models; for a class-conditioned model, a class name.
     #[arg(long)]
     prompt: Option<String>,
-    /// Classifier-free guidance weight (1 = none).
-    #[arg(long, default_value_t = Request::DEFAULT_GUIDANCE)]
-    guidance: f32,
+    /// Classifier-free guidance weight (1 = none) [default: 2; a distilled student: its own].
+    #[arg(long)]
+    guidance: Option<f32>,
     #[command(flatten)]
     sampler: SamplerArgs,
     /// Edited versions to make (different noise each).
@@ -87,7 +87,8 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     if a.n == 0 || a.n > 1000 {
         bail!("--n must be between 1 and 1000 (got {})", a.n);
     }
-    check_guidance(a.guidance)?;
+    let guidance = a.guidance.unwrap_or(Request::default_guidance(&m.config));
+    check_guidance(guidance)?;
     let mut req = a
         .sampler
         .request(a.n, SamplerDefaults::EDIT.for_model(&cfg));
@@ -104,7 +105,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         },
         Resolved::Nothing => Conditioning::None,
     };
-    req.guidance = a.guidance;
+    req.guidance = guidance;
     req.seeds = Seeds::One(a.seed);
     let pipe = Pipeline::with_text_encoder(m, &dev)?;
     // Option errors (steps, sampler settings) before the images are read.

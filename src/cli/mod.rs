@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod distill;
 pub mod edit;
 pub mod eval;
 pub mod export;
@@ -50,6 +51,9 @@ enum Cmd {
     Sample(Box<sample::SampleArgs>),
     /// Train a model on an image folder, IDX files or a fetched dataset.
     Train(Box<train::TrainArgs>),
+    /// Distil a flow-matching model into a student that samples in a few steps (consistency
+    /// distillation).
+    Distill(Box<distill::DistillArgs>),
     /// Draw the forward-diffusion strip of one image: x_t at several timesteps.
     Noise(noise::NoiseArgs),
     /// Fetch a named dataset into the cache: fashion-mnist, mnist, digits, emoji; or the inception
@@ -137,6 +141,7 @@ pub fn main() {
     let result = set_precision(cli.precision).and_then(|()| match cli.cmd {
         Cmd::Sample(a) => sample::run(*a),
         Cmd::Train(a) => train::run(*a),
+        Cmd::Distill(a) => distill::run(*a),
         Cmd::Noise(a) => noise::run(a),
         Cmd::Fetch { name } => fetch::run(name),
         Cmd::Convert { model, out, dtype } => convert::run(&model, &out, dtype),
@@ -167,11 +172,13 @@ pub fn main() {
 #[derive(Args, Clone, Debug)]
 pub struct SamplerArgs {
     /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun (default: ddpm for sample;
-    /// euler-a for edit and upscale; dpmpp-2m for eval).
+    /// euler-a for edit and upscale; dpmpp-2m for eval; euler for a flow model; a distilled
+    /// student's own).
     #[arg(long, value_parser = diffuse::sampler::config::parse_sampler)]
     pub sampler: Option<SamplerKind>,
     /// Sampling steps (default: all T for ddpm and 50 for the others in sample; 50 in edit and
-    /// upscale, where an edit runs the last `strength` of them; 20 in eval).
+    /// upscale, where an edit runs the last `strength` of them; 20 in eval; a distilled
+    /// student's own).
     #[arg(long)]
     pub steps: Option<usize>,
     /// DDIM noise weight: 0 deterministic, 1 DDPM-like.

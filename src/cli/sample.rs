@@ -32,9 +32,9 @@ pub struct SampleArgs {
     /// Text models: what guidance steers away from (default: the null text).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Classifier-free guidance weight (1 = none).
-    #[arg(long, default_value_t = Request::DEFAULT_GUIDANCE)]
-    guidance: f32,
+    /// Classifier-free guidance weight (1 = none) [default: 2; a distilled student: its own].
+    #[arg(long)]
+    guidance: Option<f32>,
     #[command(flatten)]
     sampler: SamplerArgs,
     /// Random seed.
@@ -95,7 +95,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let dev = inference_device();
     let m = load_model(a.model.as_deref(), &dev)?;
     generates_from_noise(&m)?;
-    check_guidance(a.guidance)?;
+    let guidance = a.guidance.unwrap_or(Request::default_guidance(&m.config));
+    check_guidance(guidance)?;
     let cfg = m.config.clone();
     let init = match &a.init_noise {
         Some(p) => Some(read_init_noise(p, cfg.image_shape())?),
@@ -163,7 +164,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         .sampler
         .request(n, SamplerDefaults::GENERATE.for_model(&pipe.model.config));
     req.conditioning = conditioning;
-    req.guidance = a.guidance;
+    req.guidance = guidance;
     req.seeds = Seeds::One(a.seed);
     req.trajectory = a.trajectory.is_some();
     if let Some(noise) = init {

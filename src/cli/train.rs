@@ -143,55 +143,26 @@ pub struct TrainArgs {
     /// Save a sample grid every N steps and at the end (0: never).
     #[arg(long, default_value_t = TrainConfig::default().sample_every)]
     sample_every: usize,
+    /// Stop after this many minutes (with a checkpoint; --resume continues).
+    #[arg(long)]
+    minutes: Option<f64>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let paths = RunPaths::new(&a.out);
     // One writer per run folder, from before anything is read (train::train holds it too).
     let _lock = train::claim_run_folder(&a.out)?;
-    let ckpt_path = paths.checkpoint();
-    let (cfg, resume) = if a.resume {
-        if !ckpt_path.exists() {
-            bail!(
-                "--resume: {} has no checkpoint.safetensors to continue",
-                a.out.display()
-            );
-        }
-        let ck = checkpoint::load(&ckpt_path)?;
-        eprintln!(
-            "note: --resume continues with the settings saved in the checkpoint; only --steps, --data and --precision are read from the command line"
+    let (cfg, resume) =
+        start_or_resume(&a.out, a.resume, a.steps, &a.data, || build_run_config(&a))?;
+    if cfg.distill.is_some() {
+        bail!(
+            "{} is a distillation run: continue it with `diffuse distill --resume --out {}`",
+            a.out.display(),
+            a.out.display()
         );
-        let mut cfg = ck.run.clone();
-        if let Some(s) = a.steps {
-            cfg.train.steps = s;
-        }
-        train::check_resume_target(ck.step, cfg.train.steps, &a.out)?;
-        if let Some(p) = precision_arg() {
-            cfg.train.precision = p;
-        }
-        if cfg.data != a.data {
-            eprintln!(
-                "note: the run was started with --data {}; continuing with {}",
-                cfg.data, a.data
-            );
-            cfg.data = a.data.clone();
-        }
-        (cfg, Some(ck))
-    } else {
-        if ckpt_path.exists() {
-            bail!(
-                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
-                a.out.display()
-            );
-        }
-        (build_run_config(&a)?, None)
-    };
-    // The one check of the whole configuration, before the data is read.
-    cfg.validate()?;
+    }
+    let ckpt_path = RunPaths::new(&a.out).checkpoint();
     let u = &cfg.model.unet;
-    let with_classes = u.num_classes.is_some();
-    let [channels, size, _] = cfg.model.output_shape();
-    let ds = data::load(&cfg.data, Shape { size, channels }, with_classes)?;
+    let ds = load_data(&cfg)?;
     // A latent model's VAE: from --latent for a new run, from the checkpoint when resuming.
     let vae = match (&cfg.model.latent, &resume, &a.latent) {
         (None, _, _) => None,
@@ -205,16 +176,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         (Some(_), None, Some(v)) => Some(diffuse::vae::load(v, &inference_device())?),
         (Some(_), None, None) => unreachable!("a latent config comes from --latent"),
     };
-    if let (Some(k), true) = (u.num_classes, with_classes)
-        && ds.num_classes() != k
-    {
-        bail!(
-            "{} has {} classes, the run was configured for {}",
-            cfg.data,
-            ds.num_classes(),
-            k
-        );
-    }
     if u.text_dim.is_some() {
         if ds.captions.is_none() {
             bail!(
@@ -227,6 +188,93 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bail!("--cond text needs the text encoder: run `diffuse fetch text-encoder`");
         }
     }
+    let with = train::With {
+        vae: vae.as_ref(),
+        teacher: None,
+        minutes: a.minutes,
+    };
+    train_with_bar(&cfg, ds, &a.out, resume, with)
+}
+
+/// The run's configuration and checkpoint: from the checkpoint in `out` with `resume` (a new
+/// `steps` target, `--data` and `--precision` read from the command line), else `fresh()`
+/// for a folder without one. The caller holds the folder's lock.
+pub(super) fn start_or_resume(
+    out: &std::path::Path,
+    resume: bool,
+    steps: Option<usize>,
+    data: &str,
+    fresh: impl FnOnce() -> Result<RunConfig>,
+) -> Result<(RunConfig, Option<checkpoint::Checkpoint>)> {
+    let ckpt_path = RunPaths::new(out).checkpoint();
+    if !resume {
+        if ckpt_path.exists() {
+            bail!(
+                "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+        }
+        let cfg = fresh()?;
+        cfg.validate()?;
+        return Ok((cfg, None));
+    }
+    if !ckpt_path.exists() {
+        bail!(
+            "--resume: {} has no checkpoint.safetensors to continue",
+            out.display()
+        );
+    }
+    let ck = checkpoint::load(&ckpt_path)?;
+    eprintln!(
+        "note: --resume continues with the settings saved in the checkpoint; only the step target, --data, --minutes and --precision are read from the command line"
+    );
+    let mut cfg = ck.run.clone();
+    if let Some(s) = steps {
+        cfg.train.steps = s;
+    }
+    train::check_resume_target(ck.step, cfg.train.steps, out)?;
+    if let Some(p) = precision_arg() {
+        cfg.train.precision = p;
+    }
+    if cfg.data != data {
+        eprintln!(
+            "note: the run was started with --data {}; continuing with {data}",
+            cfg.data
+        );
+        cfg.data = data.to_string();
+    }
+    // The one check of the whole configuration, before the data is read.
+    cfg.validate()?;
+    Ok((cfg, Some(ck)))
+}
+
+/// The run's data, read at its model's shape, with its classes checked against the model's.
+pub(super) fn load_data(cfg: &RunConfig) -> Result<data::Dataset> {
+    let u = &cfg.model.unet;
+    let with_classes = u.num_classes.is_some();
+    let [channels, size, _] = cfg.model.output_shape();
+    let ds = data::load(&cfg.data, Shape { size, channels }, with_classes)?;
+    if let (Some(k), true) = (u.num_classes, with_classes)
+        && ds.num_classes() != k
+    {
+        bail!(
+            "{} has {} classes, the run was configured for {}",
+            cfg.data,
+            ds.num_classes(),
+            k
+        );
+    }
+    Ok(ds)
+}
+
+/// Runs [`train::train`] with a progress bar and reports where the model is.
+pub(super) fn train_with_bar(
+    cfg: &RunConfig,
+    ds: data::Dataset,
+    out: &std::path::Path,
+    resume: Option<checkpoint::Checkpoint>,
+    with: train::With,
+) -> Result<()> {
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     eprintln!(
         "training on {} images ({}x{}x{}) from {}, steps {}..{}, run folder {}",
@@ -237,7 +285,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         ds.source,
         start,
         cfg.train.steps,
-        a.out.display()
+        out.display()
     );
     let pb = super::bar(
         cfg.train.steps as u64,
@@ -245,15 +293,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     pb.set_position(start as u64);
     pb.reset_eta();
-    let done = train::train(&cfg, ds, &a.out, resume, vae.as_ref(), &mut |r| {
+    let done = train::train(cfg, ds, out, resume, with, &mut |r| {
         pb.set_position(r.step as u64);
         pb.set_message(format!("{:.4}", r.loss));
     })?;
     pb.finish_and_clear();
-    println!(
-        "trained to step {done}; model in {}",
-        paths.model().display()
-    );
+    let model = RunPaths::new(out).model();
+    if done < cfg.train.steps {
+        println!(
+            "stopped at step {done} of {} (--minutes); model in {}; --resume continues",
+            cfg.train.steps,
+            model.display()
+        );
+    } else {
+        println!("trained to step {done}; model in {}", model.display());
+    }
     Ok(())
 }
 
@@ -362,9 +416,11 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
             },
             superres,
             latent,
+            sampling: None,
         },
         train,
         data: a.data.clone(),
+        distill: None,
     })
 }
 

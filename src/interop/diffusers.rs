@@ -630,6 +630,7 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         class_names: Vec::new(),
         superres: None,
         latent: None,
+        sampling: None,
     };
     Ok(LoadedModel {
         config,

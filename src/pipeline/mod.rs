@@ -123,6 +123,14 @@ impl Request {
     /// for Stable Diffusion; 2 suits the small models trained here).
     pub const DEFAULT_GUIDANCE: f32 = 2.0;
 
+    /// The guidance weight for a model when none is asked for: its own (a student with
+    /// guidance distilled into it runs at 1), else [`Self::DEFAULT_GUIDANCE`].
+    pub fn default_guidance(cfg: &crate::model::ModelConfig) -> f32 {
+        cfg.sampling
+            .as_ref()
+            .map_or(Self::DEFAULT_GUIDANCE, |s| s.guidance)
+    }
+
     /// `n` images from noise with the sampler's default steps, guidance 2, seed 0.
     pub fn new(n: usize, sampler: SamplerKind) -> Self {
         Self {
@@ -234,10 +242,17 @@ impl SamplerDefaults {
         steps: Some(30),
     };
 
-    /// These defaults for a model with `cfg`: a flow-matching model runs Euler in flow time
-    /// where they name a sampler of the diffusion process (the flow samplers are Euler and
-    /// Heun), at the same steps.
+    /// These defaults for a model with `cfg`: a model with its own sampling defaults (a
+    /// distilled student, [`crate::model::SamplingConfig`]) runs those; a flow-matching model
+    /// runs Euler in flow time where they name a sampler of the diffusion process (the flow
+    /// samplers are Euler and Heun), at the same steps.
     pub fn for_model(self, cfg: &crate::model::ModelConfig) -> Self {
+        if let Some(s) = &cfg.sampling {
+            return Self {
+                sampler: s.sampler,
+                steps: Some(s.steps),
+            };
+        }
         match self.sampler {
             SamplerKind::Euler | SamplerKind::Heun => self,
             _ if cfg.prediction.is_flow() => Self {
@@ -342,8 +357,19 @@ impl Pipeline {
 
     /// The sampler a request runs, built from the model's own schedule and settings.
     pub fn sampler(&self, req: &Request) -> Result<Box<dyn crate::sampler::Sampler>> {
+        let steps = self.steps(req);
+        if let Some(s) = &self.model.config.sampling
+            && steps > s.max_steps
+        {
+            bail!(
+                "{} was distilled to sample in at most {} steps (asked for {steps}); give --steps {} or fewer",
+                self.model.source,
+                s.max_steps,
+                s.max_steps
+            );
+        }
         let choice = SamplerChoice {
-            steps: self.steps(req),
+            steps,
             ..req.options.clone()
         };
         self.model.sampler(req.sampler, &choice)

@@ -24,7 +24,7 @@ pub struct GenerateRequest {
     /// ddpm, ddim, dpmpp-2m, euler, euler-a or heun (default euler-a: at 50 steps the closest
     /// to 1000-step DDPM on the embedded model, docs/steps-quality.md).
     pub sampler: Option<String>,
-    /// Classifier-free guidance weight (default 2; 1 = none).
+    /// Classifier-free guidance weight (default 2, a distilled student's own; 1 = none).
     pub guidance: Option<f64>,
     /// Guidance only at noise levels sigma in `[lo, hi]`, `0 <= lo < hi` (default: at
     /// every step).
@@ -76,17 +76,25 @@ pub fn validate(
         None => SamplerDefaults::SERVE.for_model(model).sampler,
         Some(s) => s.parse().map_err(|e| format!("sampler: {e}"))?,
     };
-    let max_steps = limits.max_steps.min(schedule_len);
-    let steps = match req.steps {
-        Some(s) => s,
-        None => sampler.default_steps(max_steps) as u64,
+    let defaults = SamplerDefaults::SERVE.for_model(model);
+    // A distilled student samples in at most the steps it was trained for.
+    let max_steps = limits
+        .max_steps
+        .min(schedule_len)
+        .min(model.sampling.as_ref().map_or(usize::MAX, |s| s.max_steps));
+    let steps = match (req.steps, defaults.steps) {
+        (Some(s), _) => s,
+        (None, Some(d)) if req.sampler.is_none() => d.min(max_steps) as u64,
+        (None, _) => sampler.default_steps(max_steps) as u64,
     };
     if steps == 0 || steps > max_steps as u64 {
         return Err(format!(
             "steps must be between 1 and {max_steps} (got {steps})"
         ));
     }
-    let guidance = req.guidance.unwrap_or(2.0);
+    let guidance = req
+        .guidance
+        .unwrap_or(crate::pipeline::Request::default_guidance(model) as f64);
     if !(guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&guidance)) {
         return Err(format!(
             "guidance must be between 0 and {MAX_GUIDANCE} (got {})",

@@ -26,8 +26,17 @@ pub struct Checkpoint {
     pub tensors: NamedTensors,
 }
 
-/// Writes `checkpoint.safetensors` and `model.safetensors` (EMA, f32) atomically; `extra`
-/// (a latent model's VAE, under `vae.`) goes into both.
+/// Tensors saved besides the model, the EMA and the optimiser.
+#[derive(Clone, Copy)]
+pub struct Files<'a> {
+    /// Into the checkpoint and the model file: a latent model's VAE, under `vae.`.
+    pub both: &'a NamedTensors,
+    /// Into the checkpoint only: a distillation run's teacher, under `teacher.`.
+    pub checkpoint_only: &'a NamedTensors,
+}
+
+/// Writes `checkpoint.safetensors` and `model.safetensors` (EMA, f32) atomically, with the
+/// extra tensors of `files`.
 pub fn save(
     paths: &RunPaths,
     cfg: &RunConfig,
@@ -35,13 +44,20 @@ pub fn save(
     ema: &UNet,
     opt: &AdamW,
     step: usize,
-    extra: &NamedTensors,
+    files: Files,
 ) -> Result<()> {
+    let extra = files.both;
     let mut t = NamedTensors::new();
     weights::collect(model, "model.", &mut t);
     weights::collect(ema, "ema.", &mut t);
     opt.export("opt.", &mut t);
     t.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    t.extend(
+        files
+            .checkpoint_only
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     let mut meta = HashMap::new();
     meta.insert(RUN_KEY.to_string(), serde_json::to_string(cfg)?);
     meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(&cfg.model)?);

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod distill;
 pub mod ema;
 mod metrics;
 pub mod objective;
@@ -163,6 +164,9 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// The `--data` argument the run was started with.
     pub data: String,
+    /// A distillation run (`diffuse distill`): its teacher and method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<distill::DistillConfig>,
 }
 
 impl RunConfig {
@@ -179,6 +183,15 @@ impl RunConfig {
             bail!(
                 "--min-snr weights diffusion timesteps; with --objective flow the time density (--flow-time) weights the loss: leave out --min-snr"
             );
+        }
+        if let Some(d) = &self.distill {
+            d.validate()?;
+            if let Some(why) = distill::unsupported_teacher(&crate::model::ModelConfig {
+                sampling: None,
+                ..self.model.clone()
+            }) {
+                bail!("the teacher {} cannot be distilled: {why}", d.teacher);
+            }
         }
         Ok(())
     }
@@ -198,10 +211,17 @@ impl State {
     fn init(
         cfg: &RunConfig,
         resume: Option<checkpoint::Checkpoint>,
+        teacher: Option<&UNet>,
         dev: &burn::tensor::Device,
     ) -> Result<Self> {
         dev.seed(cfg.train.seed);
-        let model = UNet::new(&cfg.model.unet, dev)?;
+        let mut model = UNet::new(&cfg.model.unet, dev)?;
+        if let (Some(t), None) = (teacher, &resume) {
+            // A fresh student is the teacher.
+            let mut w = crate::weights::NamedTensors::new();
+            crate::weights::collect(t, "", &mut w);
+            model = crate::weights::apply(model, &w, "")?;
+        }
         let opt = AdamW::new(0.9, 0.999, 1e-8, cfg.train.weight_decay);
         let ema_model = model.valid();
         let mut s = Self {
@@ -287,20 +307,43 @@ pub fn check_resume_target(step: usize, target: usize, out: &Path) -> Result<()>
     Ok(())
 }
 
+/// What a run trains with besides its config and data.
+#[derive(Clone, Copy, Default)]
+pub struct With<'a> {
+    /// A latent model's autoencoder.
+    pub vae: Option<&'a crate::vae::LoadedVae>,
+    /// A distillation run's teacher (on the inference device); a fresh student starts from
+    /// its weights.
+    pub teacher: Option<&'a UNet>,
+    /// Stop after the first step that ends past this many minutes of this invocation (with a
+    /// checkpoint; `--resume` continues).
+    pub minutes: Option<f64>,
+}
+
 /// Trains a run to `cfg.train.steps`, starting fresh or from `resume` (a loaded checkpoint).
-/// `on_step` sees every step (for a progress bar). Returns the final step count.
+/// `on_step` sees every step (for a progress bar). Returns the final step count (less than
+/// the target when `with.minutes` ran out first).
 pub fn train(
     cfg: &RunConfig,
     ds: Dataset,
     out: &Path,
     resume: Option<checkpoint::Checkpoint>,
-    vae: Option<&crate::vae::LoadedVae>,
+    with: With,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<usize> {
     cfg.validate()?;
     crate::device::check_training_backend()?;
+    let vae = with.vae;
     if cfg.model.latent.is_some() != vae.is_some() {
         bail!("a latent model trains with its VAE, and only a latent model does");
+    }
+    if cfg.distill.is_some() != with.teacher.is_some() {
+        bail!("a distillation run trains with its teacher, and only a distillation run does");
+    }
+    if let Some(m) = with.minutes
+        && !(m.is_finite() && m > 0.0)
+    {
+        bail!("--minutes must be a positive number (got {m})");
     }
     let tc = &cfg.train;
     crate::kernels::set_matmul_mode(tc.precision)
@@ -324,7 +367,7 @@ pub fn train(
         mut ema_model,
         mut opt,
         start,
-    } = State::init(cfg, resume, &dev)?;
+    } = State::init(cfg, resume, with.teacher, &dev)?;
     let (mut metrics, elapsed_before) = metrics::restore(&paths, start)?;
     if start >= tc.steps {
         return Ok(start);
@@ -347,6 +390,19 @@ pub fn train(
         None => None,
     };
     let extra = vae_tensors(vae);
+    // A distillation checkpoint also holds its teacher, so a resumed run needs nothing else.
+    let mut private = crate::weights::NamedTensors::new();
+    if let Some(t) = with.teacher {
+        crate::weights::collect(t, distill::TEACHER_PREFIX, &mut private);
+    }
+    let consistency = match (&cfg.distill, with.teacher) {
+        (Some(d), Some(teacher)) => Some(distill::Consistency {
+            cfg,
+            distill: d,
+            teacher,
+        }),
+        _ => None,
+    };
     let objective = Objective {
         cfg,
         schedule: &sched,
@@ -375,14 +431,19 @@ pub fn train(
     let t0 = Instant::now();
     for step in start..tc.steps {
         let batch = rx.recv().context("the data loader stopped")?;
-        let ex = objective.example(batch, step, &dev);
-        let out = match &ex.text {
-            Some(tc) => {
-                model.forward_cond(ex.x_t.clone(), &ex.t_model, crate::unet::Cond::Text(tc))
+        let loss = match &consistency {
+            Some(c) => c.loss(&model, batch, step, &dev),
+            None => {
+                let ex = objective.example(batch, step, &dev);
+                let out = match &ex.text {
+                    Some(tc) => {
+                        model.forward_cond(ex.x_t.clone(), &ex.t_model, crate::unet::Cond::Text(tc))
+                    }
+                    None => model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref()),
+                };
+                objective.loss(out, &ex, &dev)
             }
-            None => model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref()),
         };
-        let loss = objective.loss(out, &ex, &dev);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let loss_v: f64 = loss.into_scalar::<f32>() as f64;
         if !loss_v.is_finite() {
@@ -411,10 +472,18 @@ pub fn train(
             lr,
             elapsed,
         });
-        if done % tc.checkpoint_every == 0 || done == tc.steps {
-            checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done, &extra)?;
+        let out_of_time = with
+            .minutes
+            .is_some_and(|m| t0.elapsed().as_secs_f64() >= m * 60.0);
+        let last = done == tc.steps || out_of_time;
+        if done % tc.checkpoint_every == 0 || last {
+            let files = checkpoint::Files {
+                both: &extra,
+                checkpoint_only: &private,
+            };
+            checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done, files)?;
         }
-        if tc.sample_every > 0 && (done % tc.sample_every == 0 || done == tc.steps) {
+        if tc.sample_every > 0 && (done % tc.sample_every == 0 || last) {
             let p = Preview {
                 text: preview_text.clone(),
                 lowres: preview_cond.clone(),
@@ -422,11 +491,20 @@ pub fn train(
             };
             preview(cfg, &ema_model, &paths, done, p)?;
         }
+        if out_of_time && done < tc.steps {
+            save_loss_plot(&paths, done)?;
+            return Ok(done);
+        }
     }
-    let all = read_metrics(&paths.metrics(), tc.steps);
-    let pts: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
-    crate::plot::save_loss_curve(&pts, &paths.loss_plot())?;
+    save_loss_plot(&paths, tc.steps)?;
     Ok(tc.steps)
+}
+
+/// `loss.png` from the metrics up to `step`.
+fn save_loss_plot(paths: &RunPaths, step: usize) -> Result<()> {
+    let all = read_metrics(&paths.metrics(), step);
+    let pts: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
+    crate::plot::save_loss_curve(&pts, &paths.loss_plot())
 }
 
 /// The VAE's tensors under [`crate::model::VAE_PREFIX`], for model files and checkpoints.

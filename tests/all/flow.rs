@@ -209,6 +209,7 @@ fn flow_run(flow_time: FlowTime) -> RunConfig {
             class_names: Vec::new(),
             superres: None,
             latent: None,
+            sampling: None,
         },
         train: TrainConfig {
             batch_size: 4,
@@ -217,6 +218,7 @@ fn flow_run(flow_time: FlowTime) -> RunConfig {
             ..TrainConfig::default()
         },
         data: String::new(),
+        distill: None,
     }
 }
 

@@ -1535,6 +1535,7 @@ fn tiny_models() -> Vec<Vec<u8>> {
         class_names: Vec::new(),
         superres: None,
         latent: None,
+        sampling: None,
     };
     let mut configs = vec![base.clone()];
     let mut class = base.clone();

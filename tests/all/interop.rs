@@ -242,10 +242,16 @@ fn bad_pipelines_get_one_clear_error() {
     let flow = edited_pipeline(&tmp.path().join("flow"), |_| {});
     let sc = Path::new(&flow).join("scheduler/scheduler_config.json");
     let text = std::fs::read_to_string(&sc).unwrap();
-    std::fs::write(&sc, text.replace("v_prediction", "flow")).unwrap();
+    std::fs::write(&sc, text.replace("v_prediction", "velocity")).unwrap();
     fails(
         &["sample", "--model", &flow, "--steps", "2"],
         "scheduler key prediction_type",
+    );
+    // diffuse's own flow objective is no diffusers DDPM-style scheduler.
+    std::fs::write(&sc, text.replace("v_prediction", "flow")).unwrap();
+    fails(
+        &["sample", "--model", &flow, "--steps", "2"],
+        "prediction_type flow is diffuse's flow matching",
     );
     std::fs::write(&sc, text.replace("\"trailing\"", "\"middle\"")).unwrap();
     fails(

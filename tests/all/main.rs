@@ -3,6 +3,7 @@
 mod browser;
 mod cli;
 mod data;
+mod distill;
 mod eval;
 mod flow;
 mod fuzz;

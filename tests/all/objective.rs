@@ -25,6 +25,7 @@ fn run(prediction: Prediction, label_dropout: f64, superres: bool) -> RunConfig 
             class_names: vec!["a".into(), "b".into(), "c".into()],
             superres: superres.then_some(SuperResConfig { scale: 2 }),
             latent: None,
+            sampling: None,
         },
         train: TrainConfig {
             batch_size: 4,
@@ -32,6 +33,7 @@ fn run(prediction: Prediction, label_dropout: f64, superres: bool) -> RunConfig 
             ..TrainConfig::default()
         },
         data: String::new(),
+        distill: None,
     }
 }
 

@@ -1,0 +1,353 @@
+//! `diffuse distill` (`train::distill`): consistency distillation of a flow teacher into a
+//! few-step student, its run folder, resume, sampling defaults and refusals.
+
+use super::cli::{fails, ok, tiny_train_args};
+use super::data::fixture;
+use diffuse::device::inference_device;
+use diffuse::pipeline::{Conditioning, Pipeline, Request, Seeds, load_model};
+use diffuse::sampler::SamplerKind;
+use diffuse::train::distill::huber_c;
+use std::path::Path;
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// A tiny class-conditioned flow teacher on the digits, trained for `steps`.
+fn teacher(dir: &Path, steps: &str) -> String {
+    let data = fixture("digits.csv.gz");
+    let run = dir.join("teacher");
+    let mut args = tiny_train_args(data.to_str().unwrap(), run.to_str().unwrap(), steps);
+    args.extend(["--objective", "flow", "--label-dropout", "0.2"]);
+    ok(&args);
+    run.to_str().unwrap().to_string()
+}
+
+fn distill_args<'a>(teacher: &'a str, out: &'a str, train_steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "--teacher",
+        teacher,
+        "--data",
+        "DATA",
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--grid",
+        "8",
+        "--train-steps",
+        train_steps,
+        "--batch",
+        "8",
+        "--lr",
+        "5e-4",
+        "--guidance",
+        "1",
+        "--checkpoint-every",
+        "10",
+        "--sample-every",
+        "50",
+    ]
+}
+
+/// Images of `model` at `steps` Euler steps, 8 of them, classes 0..8, seed 5, as f32 values.
+fn images(model: &str, steps: usize) -> Vec<f32> {
+    let dev = inference_device();
+    let pipe = Pipeline::new(load_model(Some(model), &dev).unwrap(), None, dev);
+    let mut req = Request::new(8, SamplerKind::Euler);
+    req.steps = Some(steps);
+    req.guidance = 1.0;
+    req.conditioning = Conditioning::Classes((0..8).collect());
+    req.seeds = Seeds::One(5);
+    let x = pipe.run(&req, &mut |_| {}).unwrap().images;
+    x.into_data().convert::<f32>().try_into_vec().unwrap()
+}
+
+fn rms(a: &[f32], b: &[f32]) -> f64 {
+    let s: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    (s / a.len() as f64).sqrt()
+}
+
+/// The whole command: the loss falls, the student's two-step samples are closer to the
+/// teacher's 32-step ones than the teacher's own two-step samples, the student samples in its
+/// steps by default and refuses more than its grid, a resumed run ends with the bits of an
+/// uninterrupted one, and `--minutes` stops early with a checkpoint that resumes.
+#[test]
+fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = teacher(tmp.path(), "120");
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let with_data = |mut v: Vec<&str>| -> Vec<String> {
+        v.iter_mut()
+            .map(|s| if *s == "DATA" { data } else { *s }.to_string())
+            .collect()
+    };
+    let run = tmp.path().join("student");
+    let run_s = run.to_str().unwrap();
+    let args = with_data(distill_args(&t, run_s, "150"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let said = ok(&args);
+    assert!(said.contains("trained to step 150"), "{said}");
+    let l = losses(&run);
+    assert_eq!(l.len(), 150);
+    assert!(
+        mean(&l[120..]) < 0.8 * mean(&l[..10]),
+        "the distillation loss falls: {l:?}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model"]["sampling"]["steps"], 2);
+    assert_eq!(cfg["model"]["sampling"]["max_steps"], 8);
+    assert_eq!(cfg["distill"]["grid"], 8);
+    assert!(run.join("samples/step-000150.png").exists());
+
+    // Closer to the teacher's ODE solution (its 32-step images) in 1 and 2 steps than the
+    // teacher is in as many (unguided: the student was distilled with --guidance 1).
+    let student = run.join("model.safetensors");
+    let s = student.to_str().unwrap();
+    let reference = images(&t, 32);
+    for (k, factor) in [(1, 0.5), (2, 1.0)] {
+        let dt = rms(&images(&t, k), &reference);
+        let ds = rms(&images(s, k), &reference);
+        assert!(
+            ds < factor * dt,
+            "{k} steps: the student is {ds:.4} from the teacher's 32-step images, the teacher {dt:.4}"
+        );
+    }
+
+    // Its own sampler and steps by default: the bits of --sampler euler --steps 2 --guidance 1.
+    let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+    let said = ok(&[
+        "sample",
+        "--model",
+        s,
+        "--n",
+        "4",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    assert!(said.contains("wrote"), "{said}");
+    ok(&[
+        "sample",
+        "--model",
+        s,
+        "--n",
+        "4",
+        "--sampler",
+        "euler",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    fails(
+        &[
+            "sample",
+            "--model",
+            s,
+            "--steps",
+            "9",
+            "--out",
+            b.to_str().unwrap(),
+        ],
+        "at most 8 steps",
+    );
+
+    // The HTTP API runs the student's own sampler, steps and guidance, and caps steps at
+    // its grid; edit and eval take it as any model.
+    let cfg = load_model(Some(s), &inference_device()).unwrap().config;
+    let limits = diffuse::serve::api::Limits {
+        max_n: 16,
+        max_steps: 1000,
+        max_body_bytes: 1 << 16,
+        timeout_s: 60,
+    };
+    let req = diffuse::serve::api::GenerateRequest::default();
+    let spec = diffuse::serve::api::validate(&req, &cfg, 1000, &limits, 0).unwrap();
+    assert_eq!(
+        (spec.sampler, spec.steps, spec.guidance),
+        (SamplerKind::Euler, 2, 1.0)
+    );
+    let req = diffuse::serve::api::GenerateRequest {
+        steps: Some(9),
+        ..Default::default()
+    };
+    let err = diffuse::serve::api::validate(&req, &cfg, 1000, &limits, 0).unwrap_err();
+    assert!(err.contains("between 1 and 8"), "{err}");
+    let img = tmp.path().join("in.png");
+    image::GrayImage::from_pixel(8, 8, image::Luma([200]))
+        .save(&img)
+        .unwrap();
+    ok(&[
+        "edit",
+        "--model",
+        s,
+        "--image",
+        img.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+
+    // Resume: 100 then 150 gives the uninterrupted run's files.
+    let split = tmp.path().join("split");
+    let split_s = split.to_str().unwrap();
+    let first = with_data(distill_args(&t, split_s, "100"));
+    ok(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    let said = ok(&[
+        "distill",
+        "--resume",
+        "--data",
+        data,
+        "--out",
+        split_s,
+        "--train-steps",
+        "150",
+    ]);
+    assert!(said.contains("trained to step 150"), "{said}");
+    assert_eq!(
+        std::fs::read(split.join("model.safetensors")).unwrap(),
+        std::fs::read(&student).unwrap(),
+        "a resumed distillation ends with the bits of an uninterrupted one"
+    );
+
+    // --minutes: stops after the first step past it, with a checkpoint that resumes.
+    let timed = tmp.path().join("timed");
+    let timed_s = timed.to_str().unwrap();
+    let mut short = with_data(distill_args(&t, timed_s, "80"));
+    short.extend(["--minutes".to_string(), "0.00001".to_string()]);
+    let said = ok(&short.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(said.contains("stopped at step 1 of 80"), "{said}");
+    assert!(timed.join("checkpoint.safetensors").exists());
+    ok(&[
+        "distill",
+        "--resume",
+        "--data",
+        data,
+        "--out",
+        timed_s,
+        "--train-steps",
+        "3",
+    ]);
+    assert_eq!(losses(&timed).len(), 3);
+
+    // The wrong continuation of each kind of run.
+    fails(
+        &[
+            "train", "--resume", "--data", data, "--out", split_s, "--steps", "160",
+        ],
+        "is a distillation run",
+    );
+    fails(
+        &[
+            "distill",
+            "--resume",
+            "--data",
+            data,
+            "--out",
+            &t,
+            "--train-steps",
+            "200",
+        ],
+        "is a training run, not a distillation",
+    );
+}
+
+/// Teachers and options that cannot be distilled get one clear line, and nothing is written.
+#[test]
+fn distill_refuses_what_it_cannot_distil() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let run = |teacher: &str, needle: &str| {
+        fails(
+            &[
+                "distill",
+                "--teacher",
+                teacher,
+                "--steps",
+                "2",
+                "--data",
+                data,
+                "--out",
+                o,
+            ],
+            needle,
+        );
+    };
+    let j = junk.to_str().unwrap().to_string();
+    fails(
+        &["distill", "--teacher", &j, "--data", data, "--out", o],
+        "junk.safetensors",
+    );
+    run("fashion-mnist", "distill takes flow-matching teachers");
+    run("emoji", "distill takes flow-matching teachers");
+    fails(
+        &["distill", "--data", data, "--out", o],
+        "--teacher is needed",
+    );
+    let t = teacher(tmp.path(), "4");
+    let mut v = vec![
+        "distill",
+        "--teacher",
+        t.as_str(),
+        "--steps",
+        "3",
+        "--grid",
+        "8",
+    ];
+    v.extend(["--data", data, "--out", o]);
+    fails(&v, "must be a multiple of --steps 3");
+    let mut v = vec![
+        "distill",
+        "--teacher",
+        t.as_str(),
+        "--steps",
+        "9",
+        "--grid",
+        "8",
+    ];
+    v.extend(["--data", data, "--out", o]);
+    fails(&v, "--steps must be between 1 and --grid 8");
+    let mut v = vec!["distill", "--teacher", t.as_str(), "--grid", "0"];
+    v.extend(["--data", data, "--out", o]);
+    fails(&v, "--steps must be between 1 and --grid 0");
+    let mut v = vec!["distill", "--teacher", t.as_str(), "--guidance", "1e9"];
+    v.extend(["--data", data, "--out", o]);
+    fails(&v, "guidance");
+    let mut v = vec!["distill", "--teacher", t.as_str(), "--minutes", "-1"];
+    v.extend(["--data", data, "--out", o]);
+    fails(&v, "--minutes must be a positive number");
+    assert!(
+        !out.join("checkpoint.safetensors").exists(),
+        "a refused run writes no checkpoint"
+    );
+    fails(
+        &["distill", "--resume", "--data", data, "--out", o],
+        "has no checkpoint.safetensors",
+    );
+    // iCT's pseudo-Huber constant, 0.00054 sqrt(d), for a 28x28 grey image.
+    assert!((huber_c(784) - 0.01512).abs() < 1e-9);
+}
