@@ -7,7 +7,8 @@
 //! guidance 1. Writes its results as it goes to docs/steps-quality.json (or `$STEPS_QUALITY_JSON`,
 //! so that two runs can share the work), skips cells found in any docs/steps-quality*.json,
 //! and writes docs/steps-quality.md (the table) and docs/steps-quality.png (FID against
-//! steps) from all of them. Needs `diffuse fetch fashion-mnist`.
+//! steps) from all of them, keeping the hand-written sections below the table. Needs
+//! `diffuse fetch fashion-mnist`.
 
 use anyhow::Result;
 use diffuse::data;
@@ -212,6 +213,12 @@ fn main() -> Result<()> {
             color: [120, 120, 120],
             points: vec![(lo, floor), (hi, floor)],
         });
+    }
+    // Hand-written sections after the table (from its first `## ` heading on) are kept.
+    if let Ok(old) = std::fs::read_to_string("docs/steps-quality.md")
+        && let Some(i) = old.find("\n## ")
+    {
+        md += &old[i..];
     }
     std::fs::write("docs/steps-quality.md", &md)?;
     save_line_chart(

@@ -2,7 +2,7 @@
 //! [`ModelConfig`] as JSON in the file's metadata (key `diffuse.config`) and beside it in
 //! `config.json` inside a run folder. Also the model embedded in the binary.
 
-use crate::sampler::Scheduler;
+use crate::sampler::{SamplerKind, Scheduler};
 use crate::schedule::{Prediction, ScheduleConfig};
 use crate::unet::{UNet, UNetConfig};
 use crate::weights::{self, NamedTensors, StoreDtype};
@@ -21,9 +21,16 @@ pub static EMBEDDED_MODEL: &[u8] = include_bytes!("../models/fashion-mnist.safet
 /// The text-conditioned 32x32 Noto emoji model shipped inside the binary (`--model emoji`).
 pub static EMOJI_MODEL: &[u8] = include_bytes!("../models/emoji.safetensors");
 
+/// The Fashion-MNIST student distilled from a flow-matching teacher (`diffuse distill`),
+/// sampling in 2 model evaluations by default (`--model fashion-mnist-fast`; docs/fast-generation.md).
+pub static FAST_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-fast.safetensors");
+
 /// Models shipped inside the binary, by the name `--model` takes.
-pub const NAMED_MODELS: &[(&str, &[u8])] =
-    &[("fashion-mnist", EMBEDDED_MODEL), ("emoji", EMOJI_MODEL)];
+pub const NAMED_MODELS: &[(&str, &[u8])] = &[
+    ("fashion-mnist", EMBEDDED_MODEL),
+    ("fashion-mnist-fast", FAST_MODEL),
+    ("emoji", EMOJI_MODEL),
+];
 
 /// The bytes of a shipped model, by name.
 pub fn named_model(name: &str) -> Option<&'static [u8]> {
@@ -120,6 +127,14 @@ impl ModelConfig {
             }
             if !(s.guidance.is_finite() && (0.0..=100.0).contains(&s.guidance)) {
                 bail!("its default guidance {} is out of range", s.guidance);
+            }
+            if !self.prediction.is_flow()
+                || !matches!(s.sampler, SamplerKind::Euler | SamplerKind::Heun)
+            {
+                bail!(
+                    "its default sampler {} is not a flow model's (euler or heun on a flow-matching model)",
+                    s.sampler.name()
+                );
             }
         }
         if let Some(l) = &self.latent {

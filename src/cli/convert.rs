@@ -1,15 +1,35 @@
 //! `diffuse convert`: a model file rewritten, e.g. in half precision for shipping.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use diffuse::device::inference_device;
 use diffuse::model;
 use diffuse::pipeline::load_model;
 use diffuse::weights::{self, NamedTensors, StoreDtype};
 use std::path::Path;
 
-pub fn run(spec: &str, out: &Path, dtype: StoreDtype) -> Result<()> {
+/// Rewrites `spec` to `out` in `dtype`; `default_steps` changes a distilled student's default
+/// sampling steps (at most the grid it was distilled on).
+pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usize>) -> Result<()> {
     let dev = inference_device();
-    let m = load_model(Some(spec), &dev)?;
+    let mut m = load_model(Some(spec), &dev)?;
+    if let Some(k) = default_steps {
+        let Some(s) = m.config.sampling.as_mut() else {
+            bail!("--default-steps is for distilled students (diffuse distill); {spec} is not one");
+        };
+        if !(1..=s.max_steps).contains(&k) {
+            bail!(
+                "--default-steps must be between 1 and {}, the steps {spec} was distilled for (got {k})",
+                s.max_steps
+            );
+        }
+        if !s.max_steps.is_multiple_of(k) {
+            bail!(
+                "--default-steps {k} must divide {}, the grid {spec} was distilled on, so that its sampling times are on it",
+                s.max_steps
+            );
+        }
+        s.steps = k;
+    }
     let mut t = NamedTensors::new();
     weights::collect(&m.unet, "", &mut t);
     // A latent model's VAE travels in the same file.

@@ -11,7 +11,7 @@ use diffuse::kernels;
 use diffuse::model::SamplingConfig;
 use diffuse::pipeline::load_model;
 use diffuse::sampler::SamplerKind;
-use diffuse::train::distill::{self, DistillConfig};
+use diffuse::train::distill::{self, DistillConfig, MAX_GRID};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig};
 use diffuse::unet::UNet;
 use std::path::PathBuf;
@@ -45,9 +45,9 @@ pub struct DistillArgs {
     #[arg(long)]
     minutes: Option<f64>,
     /// Guidance weight of the teacher, distilled into the student (which then samples with
-    /// guidance 1); class-conditioned teachers only.
-    #[arg(long, default_value_t = 2.0)]
-    guidance: f64,
+    /// guidance 1); class-conditioned teachers only (default: 2 for those, 1 otherwise).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Batch size.
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch: usize,
@@ -126,6 +126,14 @@ fn fresh_run(a: &DistillArgs) -> Result<(RunConfig, UNet)> {
     if let Some(why) = distill::unsupported_teacher(&m.config) {
         bail!("--teacher {spec} cannot be distilled: {why}");
     }
+    let t = m.config.schedule.timesteps;
+    if !(1..=t.min(MAX_GRID)).contains(&a.grid) {
+        bail!(
+            "--grid must be between 1 and {}, the teacher's training steps (got {})",
+            t.min(MAX_GRID),
+            a.grid
+        );
+    }
     if !(1..=a.grid).contains(&a.steps) {
         bail!(
             "--steps must be between 1 and --grid {} (got {})",
@@ -140,7 +148,9 @@ fn fresh_run(a: &DistillArgs) -> Result<(RunConfig, UNet)> {
             a.steps
         );
     }
-    if m.config.unet.num_classes.is_none() && a.guidance != 1.0 {
+    let conditioned = m.config.unet.num_classes.is_some();
+    let guidance = a.guidance.unwrap_or(if conditioned { 2.0 } else { 1.0 });
+    if !conditioned && guidance != 1.0 {
         bail!(
             "--guidance needs a class-conditioned teacher; {spec} is unconditioned (leave out --guidance)"
         );
@@ -175,7 +185,7 @@ fn fresh_run(a: &DistillArgs) -> Result<(RunConfig, UNet)> {
         distill: Some(DistillConfig {
             teacher: spec.clone(),
             grid: a.grid,
-            guidance: a.guidance,
+            guidance,
         }),
     };
     Ok((cfg, m.unet))

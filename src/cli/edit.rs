@@ -135,6 +135,12 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let x0 = x0.repeat_dim(0, a.n);
     let start = start_position(sampler.as_ref(), strength);
     let runs = sampler.timesteps().len() - start;
+    if runs == 0 && strength > 0.0 {
+        eprintln!(
+            "note: --strength {strength} of {} steps runs none, so the output is the input; give more --steps or a higher --strength",
+            sampler.timesteps().len()
+        );
+    }
     eprintln!(
         "{} of {} positions from timestep {}",
         runs,

@@ -231,7 +231,10 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         "evaluations": kind.evaluations(steps),
         "guidance": a.guidance,
         "guidance_interval": a.sampler.guidance_interval.map(|(lo, hi)| vec![lo, hi]),
+        "eta": a.sampler.eta,
+        "clip_sample": a.sampler.clip_sample,
         "seed": a.seed,
+        "n": a.n,
         "sample_seconds": out.sample_seconds,
         "seconds": total,
     });

@@ -116,6 +116,9 @@ enum Cmd {
         /// Storage precision.
         #[arg(long, value_enum, default_value_t = StoreDtype::F16)]
         dtype: StoreDtype,
+        /// A distilled student: the sampling steps it runs when none are asked for.
+        #[arg(long)]
+        default_steps: Option<usize>,
     },
 }
 
@@ -144,7 +147,12 @@ pub fn main() {
         Cmd::Distill(a) => distill::run(*a),
         Cmd::Noise(a) => noise::run(a),
         Cmd::Fetch { name } => fetch::run(name),
-        Cmd::Convert { model, out, dtype } => convert::run(&model, &out, dtype),
+        Cmd::Convert {
+            model,
+            out,
+            dtype,
+            default_steps,
+        } => convert::run(&model, &out, dtype, default_steps),
         Cmd::TrainClassifier(a) => eval::train_classifier(a),
         Cmd::Fid(a) => eval::fid(a),
         Cmd::Eval(a) => eval::eval_cmd(a),
@@ -193,6 +201,10 @@ pub struct SamplerArgs {
     /// Karras noise levels (EDM, eq. 5) for dpmpp-2m, euler and heun.
     #[arg(long)]
     pub karras: bool,
+    /// ddpm and ddim: clip the x0 estimate to [-1, 1] at each step, true or false (default:
+    /// the model's scheduler config; true for diffuse models).
+    #[arg(long, value_name = "BOOL")]
+    pub clip_sample: Option<bool>,
     /// Images denoised at once (default: what fits about 1 GiB for the model). More images
     /// run in chunks of this many, so memory does not grow with --n; the images are the same.
     #[arg(long)]
@@ -230,6 +242,7 @@ impl SamplerArgs {
             spacing: self.spacing,
             variance: self.variance,
             karras: self.karras.then_some(true),
+            clip_sample: self.clip_sample,
         };
         r.batch = self.batch;
         r.guidance_interval = self.guidance_interval;

@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// Loads `--model`: `None` for the embedded Fashion-MNIST model, a run folder, a diffusers
 /// pipeline folder, a `.safetensors` file, or the name of a shipped model (`emoji`,
-/// `fashion-mnist`) when no such path exists.
+/// `fashion-mnist`, `fashion-mnist-fast`) when no such path exists.
 pub fn load_model(spec: Option<&str>, device: &Device) -> Result<LoadedModel> {
     let Some(spec) = spec else {
         return load_from_bytes(EMBEDDED_MODEL, "the embedded model", device);

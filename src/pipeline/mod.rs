@@ -95,7 +95,7 @@ pub struct Request {
     pub n: usize,
     pub conditioning: Conditioning,
     pub sampler: SamplerKind,
-    /// Sampling steps (`None`: [`SamplerKind::default_steps`] over the model's `T`).
+    /// Sampling steps (`None`: [`Pipeline::default_steps`]: a student's own, else the sampler's).
     pub steps: Option<usize>,
     /// DDIM noise weight, timestep spacing, DDPM variance, Karras sigmas.
     pub options: SamplerChoice,
@@ -345,9 +345,13 @@ impl Pipeline {
         &self.model.source
     }
 
-    /// Steps a request without `steps` runs ([`SamplerKind::default_steps`] over `T`).
+    /// Steps a request without `steps` runs: a distilled student's own, else
+    /// [`SamplerKind::default_steps`] over `T`.
     pub fn default_steps(&self, kind: SamplerKind) -> usize {
-        kind.default_steps(self.model.scheduler.len())
+        match &self.model.config.sampling {
+            Some(s) => s.steps,
+            None => kind.default_steps(self.model.scheduler.len()),
+        }
     }
 
     /// The steps a request runs: its own, else the sampler's default.

@@ -177,6 +177,8 @@ pub struct SamplerChoice {
     pub spacing: Option<TimestepSpacing>,
     pub variance: Option<VarianceType>,
     pub karras: Option<bool>,
+    /// DDPM and DDIM: clip `x0_hat` to the clip range (`None`: the config's `clip_sample`).
+    pub clip_sample: Option<bool>,
 }
 
 impl SchedulerConfig {
@@ -318,13 +320,17 @@ impl SchedulerConfig {
             .with_context(|| "scheduler key prediction_type")
     }
 
-    fn clamp(&self, clip_default: bool) -> X0Clamp {
+    fn clamp(&self, clip_default: bool, choice: &SamplerChoice) -> X0Clamp {
         if self.thresholding {
             X0Clamp::Dynamic {
                 ratio: self.dynamic_thresholding_ratio,
                 max: self.sample_max_value,
             }
-        } else if self.clip_sample.unwrap_or(clip_default) {
+        } else if choice
+            .clip_sample
+            .or(self.clip_sample)
+            .unwrap_or(clip_default)
+        {
             X0Clamp::Clip(self.clip_sample_range)
         } else {
             X0Clamp::None
@@ -340,6 +346,12 @@ impl SchedulerConfig {
     ) -> Result<Box<dyn Sampler>> {
         self.validate()?;
         let prediction = self.prediction()?;
+        if choice.clip_sample.is_some() && !matches!(kind, SamplerKind::Ddpm | SamplerKind::Ddim) {
+            bail!(
+                "--clip-sample is an option of the ddpm and ddim samplers; {} does not clip its x0 estimate",
+                kind.name()
+            );
+        }
         if prediction.is_flow() {
             return self.build_flow(kind, schedule.len(), choice);
         }
@@ -366,7 +378,7 @@ impl SchedulerConfig {
                         (None, Some(v)) => v.parse()?,
                         (None, None) => VarianceType::FixedSmall,
                     },
-                    clamp: self.clamp(true),
+                    clamp: self.clamp(true, choice),
                 },
             )?),
             SamplerKind::Ddim => Box::new(DdimSampler::new(
@@ -378,7 +390,7 @@ impl SchedulerConfig {
                     spacing: spacing(TimestepSpacing::Leading)?,
                     steps_offset: offset,
                     set_alpha_to_one: self.set_alpha_to_one.unwrap_or(true),
-                    clamp: self.clamp(true),
+                    clamp: self.clamp(true, choice),
                 },
             )?),
             SamplerKind::DpmPp2m => Box::new(DpmSolverSampler::new(
@@ -392,7 +404,7 @@ impl SchedulerConfig {
                     round_karras_timesteps: self.beta_schedule != "squaredcos_cap_v2",
                     lower_order_final: self.lower_order_final.unwrap_or(true),
                     clamp: if self.thresholding {
-                        self.clamp(false)
+                        self.clamp(false, choice)
                     } else {
                         X0Clamp::None
                     },
@@ -462,15 +474,13 @@ impl SchedulerConfig {
         if choice.variance.is_some() {
             bail!("--variance is an option of the ddpm sampler, not of a flow model's samplers");
         }
-        if choice.eta != 0.0 {
-            bail!("--eta is an option of the ddim sampler, not of a flow model's samplers");
-        }
         Ok(Box::new(FlowSampler::new(
             train_steps,
             FlowOptions {
                 steps: choice.steps,
                 heun,
                 shift: self.shift,
+                eta: choice.eta,
             },
         )?))
     }

@@ -24,6 +24,8 @@ pub struct FlowOptions {
     pub heun: bool,
     /// Time shift of [`sampling_times`] (1: even times).
     pub shift: f64,
+    /// Euler only: the share of fresh noise in each step's state, 0 to 1 (0: the ODE).
+    pub eta: f64,
 }
 
 /// The first half of a Heun step, kept for the correction.
@@ -36,6 +38,7 @@ struct Pending {
 /// Euler or Heun in flow time.
 pub struct FlowSampler {
     heun: bool,
+    eta: f64,
     /// Model times of the positions.
     timesteps: Vec<f64>,
     /// Flow time of the state before each position, and after the last (`t = 0`).
@@ -50,6 +53,14 @@ impl FlowSampler {
         if !(opts.shift.is_finite() && opts.shift > 0.0) {
             bail!("the flow time shift must be positive (got {})", opts.shift);
         }
+        if !(0.0..=1.0).contains(&opts.eta) {
+            bail!("--eta must be between 0 and 1 (got {})", opts.eta);
+        }
+        if opts.heun && opts.eta != 0.0 {
+            bail!(
+                "--eta (fresh noise in each step) is an option of euler on a flow model, not of heun"
+            );
+        }
         let t = sampling_times(opts.steps, opts.shift);
         let mut times = vec![t[0]];
         if opts.heun {
@@ -63,6 +74,7 @@ impl FlowSampler {
         times.push(0.0);
         Ok(Self {
             heun: opts.heun,
+            eta: opts.eta,
             timesteps,
             times,
             pending: None,
@@ -91,15 +103,30 @@ impl Sampler for FlowSampler {
 
     /// Euler (and Heun's predictor, even `i`): `x' = x + (t' - t) v(x, t)`.
     /// Heun's corrector (odd `i`, at `x'` and `t'`): `x_next = x + (t' - t) (v + v') / 2`.
+    ///
+    /// Euler with `eta > 0`: the Euler step is `x' = (1 - t') x0 + t' eps` with the estimates
+    /// `x0 = x - t v` and `eps = x + (1 - t) v`; `eta` replaces part of `eps` by fresh noise
+    /// `z`, `x' = (1 - t') x0 + t' (sqrt(1 - eta^2) eps + eta z)`, which keeps the state's
+    /// variance (as DDIM's `eta` does, Song et al. 2021, eq. 12). `eta = 1` is the multistep
+    /// sampler of consistency models (Song et al. 2023, Algorithm 1) in flow time.
     fn step(
         &mut self,
         i: usize,
         x: Tensor<4>,
         model_out: Tensor<4>,
-        _noise: &mut dyn NoiseSource,
+        noise: &mut dyn NoiseSource,
     ) -> Tensor<4> {
         if i == 0 {
             self.pending = None;
+        }
+        let (t, t_next) = (self.times[i], self.times[i + 1]);
+        if self.eta > 0.0 && t_next > 0.0 {
+            let x0 = x.clone() - model_out.clone() * (t as f32);
+            let eps = x.clone() + model_out * ((1.0 - t) as f32);
+            let z = noise.normal(x.dims(), &x.device());
+            let keep = (1.0 - self.eta * self.eta).sqrt();
+            let mixed = eps * (keep as f32) + z * (self.eta as f32);
+            return x0 * ((1.0 - t_next) as f32) + mixed * (t_next as f32);
         }
         match self.pending.take().filter(|_| !self.first_order(i)) {
             None => {

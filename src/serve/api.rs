@@ -84,7 +84,10 @@ pub fn validate(
         .min(model.sampling.as_ref().map_or(usize::MAX, |s| s.max_steps));
     let steps = match (req.steps, defaults.steps) {
         (Some(s), _) => s,
-        (None, Some(d)) if req.sampler.is_none() => d.min(max_steps) as u64,
+        // A student's own steps whatever the sampler; otherwise a named sampler's default.
+        (None, Some(d)) if req.sampler.is_none() || model.sampling.is_some() => {
+            d.min(max_steps) as u64
+        }
         (None, _) => sampler.default_steps(max_steps) as u64,
     };
     if steps == 0 || steps > max_steps as u64 {

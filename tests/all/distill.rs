@@ -81,6 +81,26 @@ fn rms(a: &[f32], b: &[f32]) -> f64 {
     (s / a.len() as f64).sqrt()
 }
 
+/// What both the test student and the shipped one sample with by default.
+const EULER_2_UNGUIDED: &[&str] = &["--sampler", "euler", "--steps", "2", "--guidance", "1"];
+
+/// `diffuse sample --model M COMMON` writes the bits of `... COMMON EXPLICIT` (into `a`, `b`).
+fn defaults_are(model: &str, common: &[&str], explicit: &[&str], a: &Path, b: &Path) {
+    let run = |extra: &[&str], out: &Path| {
+        let mut v = vec!["sample", "--model", model];
+        v.extend(common);
+        v.extend(extra);
+        v.extend(["--out", out.to_str().unwrap()]);
+        let said = ok(&v);
+        assert!(said.contains("wrote"), "{said}");
+        std::fs::read(out).unwrap()
+    };
+    assert!(
+        run(&[], a) == run(explicit, b),
+        "{model} samples by default as with {explicit:?}"
+    );
+}
+
 /// The whole command: the loss falls, the student's two-step samples are closer to the
 /// teacher's 32-step ones than the teacher's own two-step samples, the student samples in its
 /// steps by default and refuses more than its grid, a resumed run ends with the bits of an
@@ -131,32 +151,7 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
 
     // Its own sampler and steps by default: the bits of --sampler euler --steps 2 --guidance 1.
     let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
-    let said = ok(&[
-        "sample",
-        "--model",
-        s,
-        "--n",
-        "4",
-        "--out",
-        a.to_str().unwrap(),
-    ]);
-    assert!(said.contains("wrote"), "{said}");
-    ok(&[
-        "sample",
-        "--model",
-        s,
-        "--n",
-        "4",
-        "--sampler",
-        "euler",
-        "--steps",
-        "2",
-        "--guidance",
-        "1",
-        "--out",
-        b.to_str().unwrap(),
-    ]);
-    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    defaults_are(s, &["--n", "4"], EULER_2_UNGUIDED, &a, &b);
     fails(
         &[
             "sample",
@@ -169,6 +164,92 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
         ],
         "at most 8 steps",
     );
+
+    // Consistency multistep sampling (--eta 1: fresh noise after each step but the last) is
+    // deterministic per seed, differs from the ODE, and is the ODE at one step.
+    let sample_of = |model: &str, extra: &[&str], out: &Path| -> Vec<u8> {
+        let mut v = vec![
+            "sample",
+            "--model",
+            model,
+            "--n",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        v.extend(extra);
+        ok(&v);
+        std::fs::read(out).unwrap()
+    };
+    let sample = |extra: &[&str], out: &Path| sample_of(s, extra, out);
+    let c = tmp.path().join("c.png");
+    let eta = sample(&["--eta", "1"], &c);
+    assert!(
+        eta == sample(&["--eta", "1"], &c),
+        "--eta 1 is deterministic"
+    );
+    assert!(eta != std::fs::read(&a).unwrap(), "--eta 1 is not the ODE");
+    assert!(
+        sample(&["--eta", "1", "--steps", "1"], &c) == sample(&["--steps", "1"], &c),
+        "one step adds no noise"
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            s,
+            "--eta",
+            "1.5",
+            "--out",
+            c.to_str().unwrap(),
+        ],
+        "--eta must be between 0 and 1",
+    );
+
+    // convert --default-steps rewrites the student's default steps, within its grid only.
+    let one = tmp.path().join("one.safetensors");
+    let said = ok(&[
+        "convert",
+        "--model",
+        s,
+        "--out",
+        one.to_str().unwrap(),
+        "--default-steps",
+        "1",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(said.contains("wrote"), "{said}");
+    let m = load_model(one.to_str(), &inference_device()).unwrap();
+    assert_eq!(
+        m.config.sampling.as_ref().map(|c| (c.steps, c.max_steps)),
+        Some((1, 8))
+    );
+    assert!(
+        sample_of(one.to_str().unwrap(), &[], &c) == sample(&["--steps", "1"], &c),
+        "the converted file samples in its new default steps"
+    );
+    let bad = tmp.path().join("bad.safetensors");
+    let b_s = bad.to_str().unwrap();
+    for (model, k, needle) in [
+        (s, "9", "--default-steps must be between 1 and 8"),
+        (s, "3", "--default-steps 3 must divide 8"),
+        (t.as_str(), "2", "--default-steps is for distilled students"),
+    ] {
+        fails(
+            &[
+                "convert",
+                "--model",
+                model,
+                "--out",
+                b_s,
+                "--default-steps",
+                k,
+            ],
+            needle,
+        );
+    }
+    assert!(!bad.exists(), "a refused convert writes nothing");
 
     // The HTTP API runs the student's own sampler, steps and guidance, and caps steps at
     // its grid; edit and eval take it as any model.
@@ -309,37 +390,39 @@ fn distill_refuses_what_it_cannot_distil() {
         "--teacher is needed",
     );
     let t = teacher(tmp.path(), "4");
-    let mut v = vec![
-        "distill",
-        "--teacher",
-        t.as_str(),
-        "--steps",
-        "3",
-        "--grid",
-        "8",
+    let bad: [(&[&str], &str); 6] = [
+        (
+            &["--steps", "3", "--grid", "8"],
+            "must be a multiple of --steps 3",
+        ),
+        (
+            &["--steps", "9", "--grid", "8"],
+            "--steps must be between 1 and --grid 8",
+        ),
+        (&["--grid", "0"], "--grid must be between 1 and 1000"),
+        (
+            &["--grid", "1002", "--steps", "2"],
+            "--grid must be between 1 and 1000",
+        ),
+        (
+            &["--guidance", "1e9"],
+            "guidance weight must be between 0 and 100",
+        ),
+        (&["--minutes", "-1"], "--minutes must be a positive number"),
     ];
-    v.extend(["--data", data, "--out", o]);
-    fails(&v, "must be a multiple of --steps 3");
-    let mut v = vec![
-        "distill",
-        "--teacher",
-        t.as_str(),
-        "--steps",
-        "9",
-        "--grid",
-        "8",
-    ];
-    v.extend(["--data", data, "--out", o]);
-    fails(&v, "--steps must be between 1 and --grid 8");
-    let mut v = vec!["distill", "--teacher", t.as_str(), "--grid", "0"];
-    v.extend(["--data", data, "--out", o]);
-    fails(&v, "--steps must be between 1 and --grid 0");
-    let mut v = vec!["distill", "--teacher", t.as_str(), "--guidance", "1e9"];
-    v.extend(["--data", data, "--out", o]);
-    fails(&v, "guidance");
-    let mut v = vec!["distill", "--teacher", t.as_str(), "--minutes", "-1"];
-    v.extend(["--data", data, "--out", o]);
-    fails(&v, "--minutes must be a positive number");
+    for (options, needle) in bad {
+        let mut v = vec![
+            "distill",
+            "--teacher",
+            t.as_str(),
+            "--data",
+            data,
+            "--out",
+            o,
+        ];
+        v.extend(options);
+        fails(&v, needle);
+    }
     assert!(
         !out.join("checkpoint.safetensors").exists(),
         "a refused run writes no checkpoint"
@@ -348,6 +431,114 @@ fn distill_refuses_what_it_cannot_distil() {
         &["distill", "--resume", "--data", data, "--out", o],
         "has no checkpoint.safetensors",
     );
+    // An unconditioned teacher distils without guidance by default, and refuses guidance.
+    let plain = tmp.path().join("plain");
+    let args = tiny_train_args(data, plain.to_str().unwrap(), "2");
+    let mut args: Vec<&str> = args
+        .into_iter()
+        .map(|a| if a == "class" { "none" } else { a })
+        .collect();
+    args.extend(["--objective", "flow"]);
+    ok(&args);
+    let p = plain.to_str().unwrap();
+    let student = tmp.path().join("plain-student");
+    let st = student.to_str().unwrap();
+    let mut v = vec!["distill", "--teacher", p, "--data", data, "--out", st];
+    v.extend([
+        "--steps",
+        "1",
+        "--grid",
+        "2",
+        "--train-steps",
+        "2",
+        "--batch",
+        "4",
+    ]);
+    ok(&v);
+    fails(
+        &[
+            "distill",
+            "--teacher",
+            p,
+            "--data",
+            data,
+            "--out",
+            o,
+            "--guidance",
+            "2",
+        ],
+        "--guidance needs a class-conditioned teacher",
+    );
+
     // iCT's pseudo-Huber constant, 0.00054 sqrt(d), for a 28x28 grey image.
     assert!((huber_c(784) - 0.01512).abs() < 1e-9);
+}
+
+/// The shipped student: loads by name with the embedded model's classes, samples in its 2
+/// steps by default (the bits of `--sampler euler --steps 2 --guidance 1`), refuses more than
+/// its grid, and its sneakers are sneakers to the embedded classifier.
+#[test]
+fn the_shipped_fast_model_samples_sneakers_in_two_steps() {
+    let dev = inference_device();
+    let fast = load_model(Some("fashion-mnist-fast"), &dev).unwrap();
+    let embedded = load_model(None, &dev).unwrap();
+    assert_eq!(fast.config.class_names, embedded.config.class_names);
+    let sampling = fast.config.sampling.clone().unwrap();
+    assert_eq!((sampling.sampler, sampling.steps), (SamplerKind::Euler, 2));
+    assert!(sampling.max_steps >= 4);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+    defaults_are(
+        "fashion-mnist-fast",
+        &["--class", "sneaker", "--n", "8"],
+        EULER_2_UNGUIDED,
+        &a,
+        &b,
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            "fashion-mnist-fast",
+            "--steps",
+            "100",
+            "--out",
+            b.to_str().unwrap(),
+        ],
+        "at most",
+    );
+
+    let sneaker = fast
+        .config
+        .class_names
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case("sneaker"))
+        .unwrap();
+    let pipe = Pipeline::new(fast, None, dev.clone());
+    let mut req = Request::new(16, SamplerKind::Euler);
+    req.steps = Some(2);
+    req.guidance = 1.0;
+    req.conditioning = Conditioning::Classes(vec![sneaker; 16]);
+    req.seeds = Seeds::One(0);
+    let x: Vec<f32> = pipe
+        .run(&req, &mut |_| {})
+        .unwrap()
+        .images
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap();
+    let classifier = diffuse::eval::classifier::load_classifier_bytes(
+        diffuse::eval::EMBEDDED_FASHION_CLASSIFIER,
+        "the embedded classifier",
+        &dev,
+    )
+    .unwrap();
+    let (_, predicted) = classifier.run(&x, 16, &dev);
+    let hits = predicted.iter().filter(|&&p| p == sneaker).count();
+    assert!(
+        hits >= 12,
+        "{hits} of 16 two-step sneakers are sneakers: {predicted:?}"
+    );
 }

@@ -351,3 +351,64 @@ fn edit_keeps_what_it_must_for_every_sampler() {
         );
     }
 }
+
+/// DDIM's step against eq. 12 (eta 0) with and without `--clip-sample`: clipping replaces
+/// `x0_hat` by `clip(x0_hat, -1, 1)` and keeps the model's `eps`; only ddpm and ddim take it.
+#[test]
+fn ddim_clips_the_clean_estimate_only_when_asked() {
+    use diffuse::sampler::{SamplerChoice, SamplerKind, SchedulerConfig};
+    let dev = inference_device();
+    let cfg = SchedulerConfig::for_model(&ScheduleConfig::default(), Prediction::Epsilon);
+    let s = cfg.noise_schedule().unwrap();
+    let mut rng = rng_for(3, Stream::Sample, 1);
+    let x = normal_tensor(&mut rng, [1, 1, 4, 4], &dev) * 3.0;
+    let eps = normal_tensor(&mut rng, [1, 1, 4, 4], &dev) * 0.2;
+    let (xv, ev) = (to_vec(x.clone()), to_vec(eps.clone()));
+    for clip in [None, Some(true), Some(false)] {
+        let choice = SamplerChoice {
+            steps: 10,
+            clip_sample: clip,
+            ..SamplerChoice::default()
+        };
+        let mut sm = cfg.build(SamplerKind::Ddim, &s, &choice).unwrap();
+        let i = 5;
+        let (t, tp) = (sm.timesteps()[i] as usize, sm.timesteps()[i + 1] as usize);
+        let (ab, abp) = (s.alphas_cumprod[t], s.alphas_cumprod[tp]);
+        let mut r = rng_for(9, Stream::Sample, 2);
+        let got = to_vec(sm.step(i, x.clone(), eps.clone(), &mut r));
+        let mut clipped = 0;
+        for k in 0..16 {
+            let mut x0 = (xv[k] as f64 - (1.0 - ab).sqrt() * ev[k] as f64) / ab.sqrt();
+            if clip != Some(false) && x0.abs() > 1.0 {
+                x0 = x0.signum();
+                clipped += 1;
+            }
+            let want = abp.sqrt() * x0 + (1.0 - abp).sqrt() * ev[k] as f64;
+            assert!(
+                (got[k] as f64 - want).abs() < 1e-4,
+                "{clip:?} k={k}: {} vs {want}",
+                got[k]
+            );
+        }
+        if clip != Some(false) {
+            assert!(clipped > 0, "the test's x0_hat leaves [-1, 1] somewhere");
+        }
+    }
+    let e = cfg
+        .build(
+            SamplerKind::Euler,
+            &s,
+            &SamplerChoice {
+                steps: 10,
+                clip_sample: Some(true),
+                ..SamplerChoice::default()
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("--clip-sample is an option of the ddpm and ddim"),
+        "{e}"
+    );
+}
