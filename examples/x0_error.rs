@@ -17,7 +17,7 @@ use diffuse::device::inference_device;
 use diffuse::eval::classifier::dataset_pixels;
 use diffuse::pipeline::load_model;
 use diffuse::rng::{Stream, normal_tensor, rng_for};
-use diffuse::schedule::flow::model_time;
+use diffuse::schedule::flow::{model_time, time_of_sigma};
 
 const SIGMAS: [f64; 9] = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 60.0, 100.0, 150.0];
 const N: usize = 256;
@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         for sigma in SIGMAS {
             // The state at this sigma, the model's own time, and its x0_hat.
             let (sigma_used, x0_hat) = if p.is_flow() {
-                let t = sigma / (1.0 + sigma);
+                let t = time_of_sigma(sigma);
                 let x_t = x0.clone() * ((1.0 - t) as f32) + eps.clone() * (t as f32);
                 let time = model_time(t, t_len);
                 let v = m.unet.forward(x_t.clone(), &vec![time; N], Some(&labels));
