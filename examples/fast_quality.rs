@@ -1,6 +1,7 @@
 //! The table and plot of docs/fast-generation.md from `diffuse eval --json` results: one
 //! file per row in a folder, named `SERIES-STEPS.json` (e.g. `teacher-euler-20.json`); the
-//! series is what the plot draws as one line.
+//! series is what the plot draws as one line. `real-0.json` (`diffuse eval --real`) is the
+//! floor: a row of the table and a level line in the plot.
 //!
 //!     cargo run --release --example fast_quality -- DIR [PLOT.png]
 //!
@@ -61,6 +62,13 @@ fn main() -> Result<()> {
             .entry(s.clone())
             .or_default()
             .push((num(v, "evaluations"), num(v, "fid")));
+    }
+    // The floor (`diffuse eval --real`, saved as `real-0.json`): a level line across the plot.
+    if let Some(floor) = series.remove("real") {
+        let xs = series.values().flatten().map(|p| p.0);
+        let (lo, hi) = xs.fold((f64::INFINITY, 0f64), |(l, h), x| (l.min(x), h.max(x)));
+        let fid = floor[0].1;
+        series.insert("real (floor)".into(), vec![(lo, fid), (hi, fid)]);
     }
     let lines: Vec<Series> = series
         .into_iter()

@@ -152,6 +152,12 @@ fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Resul
         },
         false,
     )?;
+    if a.n < 2 {
+        bail!(
+            "--eval measures --n images: give --n of at least 2 (got {})",
+            a.n
+        );
+    }
     let n = a.n.min(ds.len());
     if n < 2 {
         bail!("--eval {spec}: need at least 2 images (got {})", ds.len());

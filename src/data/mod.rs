@@ -105,11 +105,21 @@ impl Dataset {
     }
 }
 
-/// Resolves `--data`: an existing path, or the name of a fetched dataset in the cache.
+/// Resolves `--data`: an existing path, the name of a fetched dataset in the cache, or
+/// `NAME:test` for its held-out test split (Fashion-MNIST's 10,000 `t10k` images).
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);
     if p.exists() {
         return Ok(p.to_path_buf());
+    }
+    if let Some(name) = spec.strip_suffix(":test")
+        && fetch::Dataset::from_name(name).is_some()
+    {
+        let test = resolve(name)?.join("t10k-images-idx3-ubyte.gz");
+        if !test.is_file() {
+            bail!("dataset '{name}' has no test split here (fashion-mnist has one)");
+        }
+        return Ok(test);
     }
     if let Some(ds) = fetch::Dataset::from_name(spec) {
         let dir = crate::fetch::cache_dir()?.join(ds.name());
@@ -125,7 +135,7 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
         );
     }
     bail!(
-        "data '{spec}' does not exist (give a folder of images, an IDX file, a digits CSV, or a dataset name: fashion-mnist, mnist, digits, emoji)"
+        "data '{spec}' does not exist (give a folder of images, an IDX file, a digits CSV, or a dataset name: fashion-mnist, mnist, digits, emoji, or fashion-mnist:test for its test split)"
     );
 }
 

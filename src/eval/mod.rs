@@ -157,12 +157,26 @@ fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, V
     let path = crate::fetch::cache_dir()
         .ok()
         .map(|d| d.join("eval").join(format!("{h:016x}.safetensors")));
+    // The classifier's predictions are kept beside the features (class accuracy of real
+    // images); an entry written without them (older, or by a feature-only extractor that says
+    // so in its metadata) is used only when there are none to keep.
     if let Some(p) = &path
-        && let Ok((t, _)) = crate::weights::read_safetensors(p)
+        && let Ok((t, meta)) = crate::weights::read_safetensors(p)
         && let Some(f) = t.get("features")
         && f.shape == [imgs.n, ext.dim()]
     {
-        return (f.data.clone(), Vec::new());
+        match t.get("predictions") {
+            Some(pr) if pr.shape == [imgs.n] => {
+                return (
+                    f.data.clone(),
+                    pr.data.iter().map(|&v| v as usize).collect(),
+                );
+            }
+            None if meta.get("predictions").is_some_and(|v| v == "none") => {
+                return (f.data.clone(), Vec::new());
+            }
+            _ => {}
+        }
     }
     let (f, preds) = ext.run(imgs, dev);
     if let Some(p) = &path {
@@ -174,7 +188,18 @@ fn features_cached(ext: &Extractor, imgs: &Images, dev: &Device) -> (Vec<f32>, V
                 data: f.clone(),
             },
         );
-        let meta = std::collections::HashMap::from([("extractor".to_string(), ext.name())]);
+        let mut meta = std::collections::HashMap::from([("extractor".to_string(), ext.name())]);
+        if preds.len() == imgs.n {
+            t.insert(
+                "predictions".into(),
+                crate::weights::HostTensor {
+                    shape: vec![imgs.n],
+                    data: preds.iter().map(|&c| c as f32).collect(),
+                },
+            );
+        } else {
+            meta.insert("predictions".into(), "none".into());
+        }
         if let Ok(bytes) =
             crate::weights::to_safetensors(&t, &meta, crate::weights::StoreDtype::F32)
         {

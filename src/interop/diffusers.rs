@@ -589,7 +589,10 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         .with_context(|| cfg_path.display().to_string())?;
     let sched_path = dir.join("scheduler").join("scheduler_config.json");
     let raw_sched = read_json(&sched_path)?;
-    if let Some(class) = raw_sched["_class_name"].as_str() {
+    let flow = raw_sched["_class_name"].as_str() == Some(FLOW_SCHEDULER);
+    if flow {
+        check_flow_scheduler(&raw_sched).with_context(|| sched_path.display().to_string())?;
+    } else if let Some(class) = raw_sched["_class_name"].as_str() {
         const VP: [&str; 11] = [
             "DDPMScheduler",
             "DDIMScheduler",
@@ -605,13 +608,16 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
         ];
         if !VP.contains(&class) {
             bail!(
-                "{}: scheduler {class} is not supported (only variance-preserving DDPM-style schedulers)",
+                "{}: scheduler {class} is not supported (only variance-preserving DDPM-style schedulers and {FLOW_SCHEDULER})",
                 sched_path.display()
             );
         }
     }
-    let scheduler = SchedulerConfig::from_file(&sched_path)?;
-    if scheduler.prediction()?.is_flow() {
+    let mut scheduler = SchedulerConfig::from_file(&sched_path)?;
+    if flow {
+        // The velocity of x_t = (1 - t) x0 + t eps at model time t T: diffuse's flow objective.
+        scheduler.prediction_type = "flow".into();
+    } else if scheduler.prediction()?.is_flow() {
         bail!(
             "{}: prediction_type flow is diffuse's flow matching, not a diffusers DDPM-style scheduler",
             sched_path.display()
@@ -641,25 +647,47 @@ pub fn load_pipeline(dir: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
-/// Writes a diffuse model as a diffusers DDPMPipeline folder (f32 weights). Files are written
-/// atomically; an existing folder is refused.
-pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
-    if out.exists() {
-        bail!("{} already exists; give a new folder", out.display());
+/// diffusers' scheduler of flow-matching models (SD3, Flux): Euler in `sigma = t`, states
+/// `x_t = (1 - t) x0 + t eps`, model time `1000 t` (`num_train_timesteps t`) and the velocity
+/// `eps - x0` as the model output (`prev = x + (t' - t) out`), which is what
+/// `--objective flow` trains and [`crate::sampler::flow`] integrates.
+pub const FLOW_SCHEDULER: &str = "FlowMatchEulerDiscreteScheduler";
+
+/// Refuses the `FlowMatchEulerDiscreteScheduler` settings whose sampling times or updates
+/// differ from the flow samplers here (resolution-dependent shifting, other sigma spacings,
+/// inverted or stochastic sampling); `shift` and `num_train_timesteps` are read.
+fn check_flow_scheduler(raw: &Value) -> Result<()> {
+    for key in [
+        "use_dynamic_shifting",
+        "invert_sigmas",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "stochastic_sampling",
+    ] {
+        if raw[key].as_bool() == Some(true) {
+            bail!(
+                "scheduler key {key} = true is not supported ({FLOW_SCHEDULER} with even times and a fixed shift only)"
+            );
+        }
     }
+    if !raw["shift_terminal"].is_null() {
+        bail!(
+            "scheduler key shift_terminal is not supported ({FLOW_SCHEDULER} with even times and a fixed shift only)"
+        );
+    }
+    let shift = raw["shift"].as_f64().unwrap_or(1.0);
+    if !(shift.is_finite() && shift > 0.0) {
+        bail!("scheduler key shift must be positive (got {shift})");
+    }
+    Ok(())
+}
+
+/// The `DDPMScheduler` settings of a diffusion model: its schedule, objective and sampler
+/// settings in diffusers' keys.
+fn ddpm_scheduler_json(model: &LoadedModel) -> Result<Value> {
     let cfg = &model.config;
-    if cfg.unet.text_dim.is_some() || cfg.unet.cond_channels > 0 || cfg.latent.is_some() {
-        bail!(
-            "{}: only unconditioned and class-conditioned pixel models export to a diffusers DDPMPipeline (this one takes text, a low-resolution image or latents)",
-            model.source
-        );
-    }
-    if cfg.prediction.is_flow() {
-        bail!(
-            "{}: a flow-matching model has no diffusers DDPMPipeline equivalent (its schedulers sample the diffusion process)",
-            model.source
-        );
-    }
+    let sched = &model.scheduler.settings;
     let beta_schedule = match cfg.schedule.beta_schedule {
         BetaSchedule::Linear => "linear",
         BetaSchedule::ScaledLinear => "scaled_linear",
@@ -669,14 +697,7 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
             model.source
         ),
     };
-    let mut ours = NamedTensors::new();
-    weights::collect(&model.unet, "", &mut ours);
-    let theirs = tensors_to_diffusers(&ours)?;
-    let unet_cfg = UNet2DConfig::from_unet_config(&cfg.unet);
-    let mut unet_json = serde_json::to_value(&unet_cfg)?;
-    unet_json["_diffusers_version"] = json!(DIFFUSERS_VERSION);
-    let sched = &model.scheduler.settings;
-    let scheduler_json = json!({
+    Ok(json!({
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": cfg.schedule.timesteps,
@@ -695,11 +716,48 @@ pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
         "rescale_betas_zero_snr": sched.rescale_betas_zero_snr,
         "set_alpha_to_one": sched.set_alpha_to_one.unwrap_or(true),
         "use_karras_sigmas": sched.use_karras_sigmas,
-    });
+    }))
+}
+
+/// Writes a diffuse model as a diffusers DDPMPipeline folder (f32 weights): a diffusion model
+/// with its `DDPMScheduler`, a flow-matching model with a [`FLOW_SCHEDULER`]. Files are written
+/// atomically; an existing folder is refused.
+pub fn export_pipeline(model: &LoadedModel, out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!("{} already exists; give a new folder", out.display());
+    }
+    let cfg = &model.config;
+    if cfg.unet.text_dim.is_some() || cfg.unet.cond_channels > 0 || cfg.latent.is_some() {
+        bail!(
+            "{}: only unconditioned and class-conditioned pixel models export to a diffusers DDPMPipeline (this one takes text, a low-resolution image or latents)",
+            model.source
+        );
+    }
+    let sched = &model.scheduler.settings;
+    let (sched_class, scheduler_json) = if cfg.prediction.is_flow() {
+        (
+            FLOW_SCHEDULER,
+            json!({
+                "_class_name": FLOW_SCHEDULER,
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "num_train_timesteps": cfg.schedule.timesteps,
+                "shift": sched.shift,
+                "use_dynamic_shifting": false,
+            }),
+        )
+    } else {
+        ("DDPMScheduler", ddpm_scheduler_json(model)?)
+    };
+    let mut ours = NamedTensors::new();
+    weights::collect(&model.unet, "", &mut ours);
+    let theirs = tensors_to_diffusers(&ours)?;
+    let unet_cfg = UNet2DConfig::from_unet_config(&cfg.unet);
+    let mut unet_json = serde_json::to_value(&unet_cfg)?;
+    unet_json["_diffusers_version"] = json!(DIFFUSERS_VERSION);
     let index_json = json!({
         "_class_name": "DDPMPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", sched_class],
         "unet": ["diffusers", "UNet2DModel"],
     });
     let pretty = |v: &Value| -> Result<Vec<u8>> {

@@ -355,6 +355,12 @@ impl SchedulerConfig {
         if prediction.is_flow() {
             return self.build_flow(kind, schedule.len(), choice);
         }
+        if choice.eta != 0.0 && kind != SamplerKind::Ddim {
+            bail!(
+                "--eta (fresh noise in each step) is an option of the ddim sampler (and of euler on a flow model); {} has no such setting",
+                kind.name()
+            );
+        }
         let spacing = |class_default: TimestepSpacing| -> Result<TimestepSpacing> {
             Ok(match (choice.spacing, &self.timestep_spacing) {
                 (Some(s), _) => s,

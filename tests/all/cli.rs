@@ -206,6 +206,19 @@ fn train_then_sample_on_the_digits_fixture() {
         ],
         "--eta",
     );
+    // --eta is DDIM's: the other diffusion samplers refuse it rather than ignore it.
+    fails(
+        &[
+            "sample",
+            "--model",
+            &runs,
+            "--sampler",
+            "dpmpp-2m",
+            "--eta",
+            "0.5",
+        ],
+        "--eta (fresh noise in each step) is an option of the ddim sampler",
+    );
     for sampler in ["euler", "euler-a"] {
         let p = tmp.path().join(format!("{sampler}.png"));
         ok(&[

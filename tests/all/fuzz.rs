@@ -1882,8 +1882,14 @@ fn scheduler() {
                 for kind in SamplerKind::ALL {
                     for &k in &steps {
                         for c in &choices {
+                            // --eta is a DDIM option (and refused by the others).
                             let choice = SamplerChoice {
                                 steps: k,
+                                eta: if kind == SamplerKind::Ddim {
+                                    c.eta
+                                } else {
+                                    0.0
+                                },
                                 ..c.clone()
                             };
                             let Ok(sampler) = s.sampler(kind, &choice) else {

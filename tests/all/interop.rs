@@ -1,5 +1,6 @@
 //! diffusers pipeline folders: UNet2DModel outputs, the DDIM loop, export, and bad folders.
-//! Fixtures are made by tests/fixtures/diffusers/make_pipeline_fixtures.py.
+//! Fixtures are made by tests/fixtures/diffusers/make_pipeline_fixtures.py and
+//! make_flow_export_fixture.py.
 
 use super::cli::{fails, ok, ok_with_env};
 use super::data::fixture;
@@ -66,6 +67,19 @@ fn unet2d_models_match_diffusers_outputs() {
 
 /// `--init-noise` / `--save-tensor`: the whole DDIM loop against DDIMScheduler.from_config.
 fn ddim_matches(model: &str, fixture_file: &Path, noise_key: &str, sample_key: &str) {
+    let ddim = ["--sampler", "ddim", "--steps", "10", "--eta", "0"];
+    loop_matches(model, fixture_file, noise_key, sample_key, &ddim, "DDIM");
+}
+
+/// A sampling loop (`sampler`: its options) from the fixture's noise against diffusers' result.
+fn loop_matches(
+    model: &str,
+    fixture_file: &Path,
+    noise_key: &str,
+    sample_key: &str,
+    sampler: &[&str],
+    what: &str,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let (t, _) = read_safetensors(fixture_file).unwrap();
     let noise = tmp.path().join("noise.safetensors");
@@ -83,24 +97,18 @@ fn ddim_matches(model: &str, fixture_file: &Path, noise_key: &str, sample_key: &
     ok_with_env(
         &[("DIFFUSE_KERNELS", "conv,norm,winograd")],
         &[
-            "sample",
-            "--precision",
-            "f32",
-            "--model",
-            model,
-            "--sampler",
-            "ddim",
-            "--steps",
-            "10",
-            "--eta",
-            "0",
-            "--init-noise",
-            noise.to_str().unwrap(),
-            "--save-tensor",
-            out.to_str().unwrap(),
-            "--out",
-            png.to_str().unwrap(),
-        ],
+            ["sample", "--precision", "f32", "--model", model].as_slice(),
+            sampler,
+            &[
+                "--init-noise",
+                noise.to_str().unwrap(),
+                "--save-tensor",
+                out.to_str().unwrap(),
+                "--out",
+                png.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
     );
     assert!(png.exists());
     let (got, _) = read_safetensors(&out).unwrap();
@@ -110,10 +118,10 @@ fn ddim_matches(model: &str, fixture_file: &Path, noise_key: &str, sample_key: &
     // chaotic: errors about double per step); ours is about as far from exact, so the two f32
     // results may be up to ~2 spreads apart, plus what another CPU's rounding adds.
     let bound = (3.0 * t["f64_spread"].data[0]).max(1e-4);
-    eprintln!("{model}: DDIM loop relative error {e} (bound {bound})");
+    eprintln!("{model}: {what} loop relative error {e} (bound {bound})");
     assert!(
         e < bound,
-        "{model}: DDIM loop relative error {e} (bound {bound})"
+        "{model}: {what} loop relative error {e} (bound {bound})"
     );
 }
 
@@ -189,6 +197,51 @@ fn exported_models_are_what_diffusers_loads_and_runs() {
             out.to_str().unwrap(),
         ],
         "already exists",
+    );
+}
+
+/// A flow-matching model exported to diffusers (make_flow_export_fixture.py): diffusers'
+/// UNet2DModel gives the same outputs, DDPMPipeline ran it with FlowMatchEulerDiscreteScheduler,
+/// and that scheduler's Euler loop at diffuse's times is what `sample` computes from the run and
+/// from the exported folder read back.
+#[test]
+fn exported_flow_models_run_in_diffusers() {
+    let dev = inference_device();
+    let tiny = fixture("diffusers/tiny-flow.safetensors");
+    let m = diffuse::pipeline::load_model(tiny.to_str(), &dev).unwrap();
+    assert!(m.config.prediction.is_flow());
+    let f = fixture("diffusers/tiny-flow_io.safetensors");
+    let (io, _) = read_safetensors(&f).unwrap();
+    let e = forward_error(&m, &io);
+    assert!(e < 1e-4, "tiny flow model vs diffusers: {e}");
+    let euler = ["--sampler", "euler", "--steps", "4"];
+    loop_matches(
+        tiny.to_str().unwrap(),
+        &f,
+        "noise",
+        "euler_sample",
+        &euler,
+        "flow Euler",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pipe");
+    let out = out.to_str().unwrap();
+    ok(&[
+        "export",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--diffusers",
+        out,
+    ]);
+    let back = load_pipeline(Path::new(out), &dev).unwrap();
+    assert!(back.config.prediction.is_flow());
+    loop_matches(
+        out,
+        &f,
+        "noise",
+        "euler_sample",
+        &euler,
+        "flow Euler, exported",
     );
 }
 

@@ -163,6 +163,18 @@ fn superres_trains_and_upscales_from_the_cli() {
     assert!(j["diffusion"]["ssim"].as_f64().unwrap() <= 1.0);
     assert_eq!(image::image_dimensions(t("cmp.png")).unwrap().1 % 4, 0);
     // Bad input.
+    fails(
+        &[
+            "upscale",
+            "--model",
+            &t("sr"),
+            "--eval",
+            &folder,
+            "--steps",
+            "2",
+        ],
+        "give --n of at least 2 (got 1)",
+    );
     let tiny_img = t("tiny.png");
     img.resize_exact(4, 4, image::imageops::FilterType::Triangle)
         .save(&tiny_img)
