@@ -18,7 +18,7 @@ for r in $(seq 1 "$ROUNDS"); do
     for p in $PRECISIONS; do
       run="$out/run"
       rm -rf "$run"
-      "$bin" train --data fashion-mnist --cond class --steps 40 --precision "$p" --out "$run" \
+      "$bin" train --data fashion-mnist --cond class --objective epsilon --steps 40 --precision "$p" --out "$run" \
         > "$out/log" 2>&1 || { echo "error: $bin train failed:" >&2; tail -3 "$out/log" >&2; exit 1; }
       python3 - "$run/metrics.jsonl" "$r" "$bin" "$p" <<'PY'
 import json, sys

@@ -3,7 +3,8 @@
 # recipe trained for the same 1,900 steps (20 minutes of this project's 2-core machine at the
 # default width), then judged by `diffuse eval` at n=1000 (classifier features, guidance 1, seed
 # 0) with its objective's best cheap sampler: heun at 10 steps (19 evaluations) for flow models,
-# DPM-Solver++(2M) at 20 for diffusion ones. Also writes the floor: 1,000 test images judged the
+# DPM-Solver++(2M) at 20 and Euler-ancestral at 50 for
+# diffusion ones. Also writes the floor: 1,000 test images judged the
 # same way (`diffuse eval --real`).
 #
 #   scripts/recipe_study.sh [RUNS_DIR] [JSON_DIR]      (defaults: runs/recipe, docs/recipe)
@@ -21,28 +22,29 @@ mkdir -p "$RUNS" "$OUT"
 
 FLOW_EVAL="--sampler heun --steps 10"
 DIFF_EVAL="--sampler dpmpp-2m --steps 20"
-# name | eval sampler | training options beyond the defaults
+# name | eval sampler | training options beyond the defaults | run (default: the name)
 ROWS=(
   "epsilon|$DIFF_EVAL|--objective epsilon"
-  "v|$DIFF_EVAL|--objective v"
+  "epsilon-euler-a|--sampler euler-a --steps 50|--objective epsilon|epsilon"
   "flow|$FLOW_EVAL|--objective flow"
   "flow-lr8e-4|$FLOW_EVAL|--objective flow --lr 8e-4"
   "flow-edm-sigmas|$FLOW_EVAL|--objective flow --flow-loc -1.2 --flow-scale 1.2"
 )
 
 for row in "${ROWS[@]}"; do
-  IFS='|' read -r name sampler opts <<<"$row"
+  IFS='|' read -r name sampler opts run <<<"$row"
   if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $name "* ]]; then continue; fi
   [ -f "$OUT/$name.json" ] && continue
-  if [ ! -f "$RUNS/$name/model.safetensors" ]; then
+  run=${run:-$name}
+  if [ ! -f "$RUNS/$run/model.safetensors" ]; then
     start=$(date +%s)
     # shellcheck disable=SC2086
-    "$D" train --data fashion-mnist --cond class --out "$RUNS/$name" --seed 0 --steps "$STEPS" \
-      --sample-every 0 $opts > "$RUNS/$name.log" 2>&1
-    echo "$name: trained in $(( $(date +%s) - start )) s" | tee -a "$RUNS/$name.log"
+    "$D" train --data fashion-mnist --cond class --out "$RUNS/$run" --seed 0 --steps "$STEPS" \
+      --sample-every 0 $opts > "$RUNS/$run.log" 2>&1
+    echo "$run: trained in $(( $(date +%s) - start )) s" | tee -a "$RUNS/$run.log"
   fi
   # shellcheck disable=SC2086
-  "$D" eval --data fashion-mnist --features fashion-mnist --n 1000 --model "$RUNS/$name" \
+  "$D" eval --data fashion-mnist --features fashion-mnist --n 1000 --model "$RUNS/$run" \
     $sampler --json "$OUT/$name.json" | grep FID | sed "s/^/$name: /"
 done
 

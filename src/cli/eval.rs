@@ -114,6 +114,15 @@ pub struct FidArgs {
 }
 
 fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) -> Result<()> {
+    // The file first: what is printed may go to a pipe that closes early.
+    if let Some(path) = json {
+        let mut v = serde_json::to_value(r)?;
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        let text = serde_json::to_string_pretty(&v)? + "\n";
+        diffuse::files::write_atomic(path, text.as_bytes())?;
+    }
     println!("FID       {:.4}", r.fid);
     println!("KID       {:.6} ± {:.6}", r.kid_mean, r.kid_std);
     println!("precision {:.4}", r.precision);
@@ -133,12 +142,6 @@ fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) ->
         r.n_a, r.n_b, r.feature_dim, r.features
     );
     if let Some(path) = json {
-        let mut v = serde_json::to_value(r)?;
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            o.extend(e.clone());
-        }
-        let text = serde_json::to_string_pretty(&v)? + "\n";
-        diffuse::files::write_atomic(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(())

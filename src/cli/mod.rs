@@ -141,6 +141,16 @@ pub fn main() {
             std::process::exit(1);
         }
     };
+    // A closed pipe (`diffuse eval | head -3`) ends the process quietly, as it does other Unix
+    // tools, instead of a panic in `println!` (Rust ignores SIGPIPE by default). Not for
+    // `serve`, whose sockets must report a vanished client as an error, not end the server.
+    #[cfg(unix)]
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        // SAFETY: restoring a signal's default disposition touches no memory of this process.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = set_precision(cli.precision).and_then(|()| match cli.cmd {
         Cmd::Sample(a) => sample::run(*a),
         Cmd::Train(a) => train::run(*a),

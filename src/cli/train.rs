@@ -93,13 +93,15 @@ pub struct TrainArgs {
     /// Random horizontal flips.
     #[arg(long)]
     hflip: bool,
-    /// Min-SNR-gamma loss weighting (Hang et al. 2023); 0 for plain MSE [default: 5; not
-    /// with --objective flow].
+    /// Diffusion objectives: Min-SNR-gamma loss weighting (Hang et al. 2023); 0 for plain MSE
+    /// [default: 5; not with --objective flow].
     #[arg(long)]
     min_snr: Option<f64>,
-    /// Objective: the diffusion model's output (epsilon, v, x0), or flow for flow matching
-    /// (rectified flow: x_t = (1 - t) x0 + t eps, velocity target; sampled by euler or heun).
-    #[arg(long, value_enum, default_value_t = Prediction::Epsilon)]
+    /// Objective: flow for flow matching (rectified flow: x_t = (1 - t) x0 + t eps, velocity
+    /// target; sampled by euler or heun; the default, the best per training minute measured in
+    /// docs/fast-generation.md), or a diffusion model's output (epsilon, v, x0; the DDPM-style
+    /// samplers and diffusers' DDPMScheduler).
+    #[arg(long, value_enum, default_value_t = Prediction::Flow)]
     objective: Prediction,
     /// Flow matching: how training times are drawn [default: logit-normal].
     #[arg(long, value_enum)]

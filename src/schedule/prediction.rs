@@ -18,7 +18,7 @@ use std::ops::{Add, Div, Mul};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Prediction {
-    /// The noise `eps` that was added (DDPM, eq. 14; the default).
+    /// The noise `eps` that was added (DDPM, eq. 14; the embedded model's).
     #[value(alias = "eps")]
     Epsilon,
     /// The velocity `v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0` (Salimans & Ho 2022,
@@ -30,7 +30,8 @@ pub enum Prediction {
     X0,
     /// Flow matching: the rectified-flow forward process `x_t = (1 - t) x0 + t eps` and its
     /// velocity `eps - x0` ([`super::flow`]). A model trained so samples by integrating that
-    /// velocity from `t = 1` to `0` (the flow Euler and Heun samplers).
+    /// velocity from `t = 1` to `0` (the flow Euler and Heun samplers). `diffuse train`'s
+    /// default.
     #[value(aliases = ["rectified-flow", "flow-matching"])]
     Flow,
 }

@@ -98,7 +98,10 @@ fn train_then_sample_on_the_digits_fixture() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let (data, runs) = (fixture("digits.csv.gz"), run.to_str().unwrap().to_string());
-    ok(&tiny_train_args(data.to_str().unwrap(), &runs, "24"));
+    // A diffusion model: every DDPM-style sampler runs on it below.
+    let mut args = tiny_train_args(data.to_str().unwrap(), &runs, "24");
+    args.extend(["--objective", "epsilon"]);
+    ok(&args);
     for f in [
         "config.json",
         "checkpoint.safetensors",
@@ -699,4 +702,26 @@ fn precision_is_recorded_and_kept_on_resume() {
     if !diffuse::kernels::bf16_available() {
         fails(&["sample", "--precision", "bf16"], "AMX");
     }
+}
+
+/// Output into a closed pipe (`diffuse fid ... | head -1`) ends the process without a panic.
+#[test]
+fn a_closed_pipe_is_no_panic() {
+    let digits = super::data::fixture("digits.csv.gz");
+    let d = digits.to_str().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["fid", d, d, "--features", "fashion-mnist"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is written
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !o.status.success(),
+        "its output went nowhere: {:?}",
+        o.status
+    );
 }

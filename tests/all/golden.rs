@@ -217,7 +217,15 @@ fn outputs() -> BTreeMap<String, String> {
             "--out".into(),
         ];
         a.push(out.to_string());
-        let mut more = vec!["--precision", "f32", "--image-size", "16"];
+        // The pinned runs are diffusion models (epsilon, the default until 2026-12).
+        let mut more = vec![
+            "--precision",
+            "f32",
+            "--image-size",
+            "16",
+            "--objective",
+            "epsilon",
+        ];
         more.extend(extra);
         a.extend(super::superres::tiny(&more));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();

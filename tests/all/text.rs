@@ -214,7 +214,7 @@ fn text_model_trains_and_samples_from_prompts() {
             "--steps",
             "4",
             "--sampler",
-            "ddim",
+            "euler",
             "--out",
             &format!("{out}.png"),
             "--save-tensor",
