@@ -52,3 +52,17 @@ if [ ! -f "$OUT/real.json" ]; then
   "$D" eval --real fashion-mnist:test --data fashion-mnist --features fashion-mnist --n 1000 \
     --json "$OUT/real.json" | grep FID | sed "s/^/floor: /"
 fi
+
+# The table of docs/fast-generation.md: each row's figures and its FID over the floor's.
+python3 - "$OUT" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+rows = {f[:-5]: json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if f.endswith(".json")}
+floor = rows.pop("real")["fid"]
+print("| variant | sampler | FID | FID / floor | precision | recall | class accuracy |")
+print("|---|---|---|---|---|---|---|")
+for name, r in sorted(rows.items(), key=lambda kv: kv[1]["fid"]):
+    print(f"| {name} | {r['sampler']} {r['steps']} | {r['fid']:.3f} | {r['fid'] / floor:.1f} | "
+          f"{r['precision']:.3f} | {r['recall']:.3f} | {r['class_accuracy']:.3f} |")
+print(f"| real (floor: 1,000 test images) | - | {floor:.3f} | 1.0 | - | - | - |")
+PY
