@@ -211,12 +211,11 @@ fn eval_real(a: &EvalArgs, held_out: &str) -> Result<()> {
             judged.n, a.n
         );
     }
-    let labels = judged.labels.clone();
     let r = eval::compare(
         &ext,
         &reference,
         &judged,
-        labels.as_deref(),
+        judged.labels.as_deref(),
         &MetricOptions::default(),
         &dev,
     )?;

@@ -655,7 +655,8 @@ pub const FLOW_SCHEDULER: &str = "FlowMatchEulerDiscreteScheduler";
 
 /// Refuses the `FlowMatchEulerDiscreteScheduler` settings whose sampling times or updates
 /// differ from the flow samplers here (resolution-dependent shifting, other sigma spacings,
-/// inverted or stochastic sampling); `shift` and `num_train_timesteps` are read.
+/// inverted or stochastic sampling); `shift` and `num_train_timesteps` are read (and checked)
+/// by [`SchedulerConfig`].
 fn check_flow_scheduler(raw: &Value) -> Result<()> {
     for key in [
         "use_dynamic_shifting",
@@ -675,10 +676,6 @@ fn check_flow_scheduler(raw: &Value) -> Result<()> {
         bail!(
             "scheduler key shift_terminal is not supported ({FLOW_SCHEDULER} with even times and a fixed shift only)"
         );
-    }
-    let shift = raw["shift"].as_f64().unwrap_or(1.0);
-    if !(shift.is_finite() && shift > 0.0) {
-        bail!("scheduler key shift must be positive (got {shift})");
     }
     Ok(())
 }
