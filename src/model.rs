@@ -22,7 +22,7 @@ pub static EMBEDDED_MODEL: &[u8] = include_bytes!("../models/fashion-mnist.safet
 pub static EMOJI_MODEL: &[u8] = include_bytes!("../models/emoji.safetensors");
 
 /// The Fashion-MNIST student distilled from a flow-matching teacher (`diffuse distill`),
-/// sampling in 2 model evaluations by default (`--model fashion-mnist-fast`; docs/fast-generation.md).
+/// sampling in 4 model evaluations by default (`--model fashion-mnist-fast`; docs/fast-generation.md).
 pub static FAST_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-fast.safetensors");
 
 /// Models shipped inside the binary, by the name `--model` takes.

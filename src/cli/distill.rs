@@ -11,7 +11,7 @@ use diffuse::kernels;
 use diffuse::model::SamplingConfig;
 use diffuse::pipeline::load_model;
 use diffuse::sampler::SamplerKind;
-use diffuse::train::distill::{self, DistillConfig, MAX_GRID};
+use diffuse::train::distill::{self, DistillConfig, MAX_GRID, TeacherSolver};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig};
 use diffuse::unet::UNet;
 use std::path::PathBuf;
@@ -38,6 +38,14 @@ pub struct DistillArgs {
     /// N: the time grid t = k/N the student learns consistency on (the most steps it samples in).
     #[arg(long, default_value_t = 32)]
     grid: usize,
+    /// S: the pieces of time the student is consistent within (multistep consistency; 1: a
+    /// plain consistency model) [default: --steps, so that each sampling step is one piece].
+    #[arg(long)]
+    segments: Option<usize>,
+    /// The teacher's step between neighbouring grid times (heun: one more evaluation, a
+    /// target on the teacher's path to second order).
+    #[arg(long, value_enum, default_value_t = TeacherSolver::Heun)]
+    teacher_solver: TeacherSolver,
     /// Training steps (with --resume: a new total to train to).
     #[arg(long)]
     train_steps: Option<usize>,
@@ -186,6 +194,8 @@ fn fresh_run(a: &DistillArgs) -> Result<(RunConfig, UNet)> {
             teacher: spec.clone(),
             grid: a.grid,
             guidance,
+            segments: a.segments.unwrap_or(a.steps),
+            solver: a.teacher_solver,
         }),
     };
     Ok((cfg, m.unet))

@@ -20,6 +20,20 @@
 //! sampling with the predicted noise re-used (`x_{t'} = (1 - t') f + t' eps_hat`, since an
 //! Euler step from `t` to `t'` with velocity `v` is exactly that), on the grid when `N` is a
 //! multiple of `K`.
+//!
+//! **Segments** (multistep consistency models, Heek et al. 2024, "Multistep Consistency
+//! Models", section 3): with `S` segments the times split into `S` equal pieces and the
+//! student is consistent only within each, mapping `x_t` to the state at the bottom of its
+//! piece, `s(t) = floor(t S) / S` (the grid point below `t` when `t` is on a boundary):
+//! `f(x, t) = x + (s - t) v_s(x, t)`, exact at `t = s`. One segment is the plain consistency
+//! model above (`s = 0`). A student with `S` segments samples in `S` Euler steps exactly as it
+//! learned (each step goes from the top of a piece to its bottom), and each piece spans a
+//! shorter stretch of the teacher's path, which is easier to learn than the whole of it.
+//!
+//! **The teacher's step** is Euler, or Heun (the second-order step the consistency models
+//! paper uses for its teacher, Song et al. 2023 section 6): `x_e = x_t + (t' - t) v(x_t, t)`,
+//! `x' = x_t + (t' - t) (v(x_t, t) + v(x_e, t')) / 2`, one more teacher evaluation for a
+//! target on the teacher's path to second order in `1 / N`.
 
 use super::RunConfig;
 use crate::data::HostBatch;
@@ -41,6 +55,37 @@ pub struct DistillConfig {
     pub grid: usize,
     /// The guidance weight of the teacher's steps, distilled into the student (1: none).
     pub guidance: f64,
+    /// `S`: the pieces of time the student is consistent within (1: a plain consistency
+    /// model, what runs made before segments existed learned).
+    #[serde(default = "one")]
+    pub segments: usize,
+    /// How the teacher steps from `t_k` to `t_{k-1}` (runs made before this was a choice
+    /// used Euler).
+    #[serde(default)]
+    pub solver: TeacherSolver,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The teacher's ODE step between neighbouring grid times.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TeacherSolver {
+    /// One evaluation, first order.
+    #[default]
+    Euler,
+    /// Two evaluations, second order.
+    Heun,
+}
+
+/// The bottom of the segment holding grid time `t_k = k / n` when `[0, 1]` is cut into
+/// `segments` equal pieces, as a grid index: `floor((k - 1) / m) m` with `m = n / segments`
+/// (`segments` divides `n`; `k >= 1`), so that a piece's top `k = (j + 1) m` belongs to it.
+pub fn segment_floor(k: usize, n: usize, segments: usize) -> usize {
+    let m = n / segments;
+    (k - 1) / m * m
 }
 
 /// The prefix of the teacher's weights in a distillation checkpoint.
@@ -55,6 +100,13 @@ impl DistillConfig {
             bail!(
                 "--grid must be between 1 and {MAX_GRID} (got {})",
                 self.grid
+            );
+        }
+        if self.segments == 0 || !self.grid.is_multiple_of(self.segments) {
+            bail!(
+                "--segments must divide --grid {} (got {})",
+                self.grid,
+                self.segments
             );
         }
         crate::pipeline::check_guidance(self.guidance as f32)
@@ -142,6 +194,12 @@ impl Consistency<'_> {
         let idev = dev.clone().inner();
         let t: Vec<f64> = k.iter().map(|&k| k as f64 / n as f64).collect();
         let t_prev: Vec<f64> = k.iter().map(|&k| (k - 1) as f64 / n as f64).collect();
+        let floor: Vec<f64> = k
+            .iter()
+            .map(|&k| segment_floor(k, n, self.distill.segments) as f64 / n as f64)
+            .collect();
+        let to_floor =
+            |from: &[f64]| -> Vec<f64> { floor.iter().zip(from).map(|(s, t)| s - t).collect() };
         let per_item = |v: &[f64], d: &Device| {
             let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
             Tensor::<4>::from_data(TensorData::new(v, [b, 1, 1, 1]), d)
@@ -151,19 +209,27 @@ impl Consistency<'_> {
         let ti = per_item(&t, &idev);
         let x_t = x0 * (ti.clone().neg() + 1.0) + eps * ti;
 
-        // The teacher's guided Euler step, then the student's own estimate there, no gradient.
+        // The teacher's guided step, then the student's own estimate there, no gradient.
         let times = |v: &[f64]| -> Vec<f64> { v.iter().map(|&t| model_time(t, steps)).collect() };
         let v_teacher = self.guided_velocity(x_t.clone(), &times(&t), labels.as_deref());
         let dt: Vec<f64> = t.iter().zip(&t_prev).map(|(a, b)| b - a).collect();
-        let x_prev = x_t.clone() + v_teacher * per_item(&dt, &idev);
+        let dt = per_item(&dt, &idev);
+        let euler = x_t.clone() + v_teacher.clone() * dt.clone();
+        let x_prev = match self.distill.solver {
+            TeacherSolver::Euler => euler,
+            TeacherSolver::Heun => {
+                let v_end = self.guided_velocity(euler, &times(&t_prev), labels.as_deref());
+                x_t.clone() + (v_teacher + v_end) * dt * 0.5
+            }
+        };
         let target_net = student.valid();
         let v_prev = target_net.forward(x_prev.clone(), &times(&t_prev), labels.as_deref());
-        let target = x_prev - v_prev * per_item(&t_prev, &idev);
+        let target = x_prev + v_prev * per_item(&to_floor(&t_prev), &idev);
 
         // The student's estimate at t, with gradient.
         let x_t = Tensor::<4>::from_inner(x_t);
         let v = student.forward(x_t.clone(), &times(&t), labels.as_deref());
-        let f = x_t - v * per_item(&t, dev);
+        let f = x_t + v * per_item(&to_floor(&t), dev);
         let diff = (f - Tensor::<4>::from_inner(target)).reshape([b, dim]);
         let c = huber_c(dim) as f32;
         let sq = diff.square().sum_dim(1);

@@ -6,7 +6,7 @@ use super::data::fixture;
 use diffuse::device::inference_device;
 use diffuse::pipeline::{Conditioning, Pipeline, Request, Seeds, load_model};
 use diffuse::sampler::SamplerKind;
-use diffuse::train::distill::huber_c;
+use diffuse::train::distill::{DistillConfig, TeacherSolver, huber_c, segment_floor};
 use std::path::Path;
 
 fn losses(run: &Path) -> Vec<f64> {
@@ -81,8 +81,11 @@ fn rms(a: &[f32], b: &[f32]) -> f64 {
     (s / a.len() as f64).sqrt()
 }
 
-/// What both the test student and the shipped one sample with by default.
+/// What the test student samples with by default.
 const EULER_2_UNGUIDED: &[&str] = &["--sampler", "euler", "--steps", "2", "--guidance", "1"];
+
+/// What the shipped student samples with by default.
+const EULER_4_UNGUIDED: &[&str] = &["--sampler", "euler", "--steps", "4", "--guidance", "1"];
 
 /// `diffuse sample --model M COMMON` writes the bits of `... COMMON EXPLICIT` (into `a`, `b`).
 fn defaults_are(model: &str, common: &[&str], explicit: &[&str], a: &Path, b: &Path) {
@@ -118,7 +121,10 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
     };
     let run = tmp.path().join("student");
     let run_s = run.to_str().unwrap();
-    let args = with_data(distill_args(&t, run_s, "150"));
+    // The plain consistency model (one segment, Euler teacher steps) here; the defaults
+    // (as many segments as --steps, Heun teacher steps) below and in the resume test.
+    let mut args = with_data(distill_args(&t, run_s, "150"));
+    args.extend(["--segments", "1", "--teacher-solver", "euler"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let said = ok(&args);
     assert!(said.contains("trained to step 150"), "{said}");
@@ -148,6 +154,29 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
             "{k} steps: the student is {ds:.4} from the teacher's 32-step images, the teacher {dt:.4}"
         );
     }
+
+    // Two segments with Heun's teacher steps (the defaults at --steps 2): recorded, and in
+    // its two steps closer to the teacher's ODE solution than the teacher in as many.
+    let run2 = tmp.path().join("student2");
+    let args = with_data(distill_args(&t, run2.to_str().unwrap(), "150"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args);
+    let l = losses(&run2);
+    assert!(
+        mean(&l[120..]) < 0.8 * mean(&l[..10]),
+        "the two-segment distillation loss falls: {l:?}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run2.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["distill"]["segments"], 2);
+    assert_eq!(cfg["distill"]["solver"], "heun");
+    let s2 = run2.join("model.safetensors");
+    let dt = rms(&images(&t, 2), &reference);
+    let ds = rms(&images(s2.to_str().unwrap(), 2), &reference);
+    assert!(
+        ds < dt,
+        "2 steps: the two-segment student is {ds:.4} from the teacher's 32-step images, the teacher {dt:.4}"
+    );
 
     // Its own sampler and steps by default: the bits of --sampler euler --steps 2 --guidance 1.
     let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
@@ -306,7 +335,7 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
     assert!(said.contains("trained to step 150"), "{said}");
     assert_eq!(
         std::fs::read(split.join("model.safetensors")).unwrap(),
-        std::fs::read(&student).unwrap(),
+        std::fs::read(&s2).unwrap(),
         "a resumed distillation ends with the bits of an uninterrupted one"
     );
 
@@ -390,7 +419,11 @@ fn distill_refuses_what_it_cannot_distil() {
         "--teacher is needed",
     );
     let t = teacher(tmp.path(), "4");
-    let bad: [(&[&str], &str); 6] = [
+    let bad: [(&[&str], &str); 7] = [
+        (
+            &["--steps", "2", "--grid", "8", "--segments", "3"],
+            "--segments must divide --grid 8 (got 3)",
+        ),
         (
             &["--steps", "3", "--grid", "8"],
             "must be a multiple of --steps 3",
@@ -474,17 +507,17 @@ fn distill_refuses_what_it_cannot_distil() {
     assert!((huber_c(784) - 0.01512).abs() < 1e-9);
 }
 
-/// The shipped student: loads by name with the embedded model's classes, samples in its 2
-/// steps by default (the bits of `--sampler euler --steps 2 --guidance 1`), refuses more than
+/// The shipped student: loads by name with the embedded model's classes, samples in its 4
+/// steps by default (the bits of `--sampler euler --steps 4 --guidance 1`), refuses more than
 /// its grid, and its sneakers are sneakers to the embedded classifier.
 #[test]
-fn the_shipped_fast_model_samples_sneakers_in_two_steps() {
+fn the_shipped_fast_model_samples_sneakers_in_four_steps() {
     let dev = inference_device();
     let fast = load_model(Some("fashion-mnist-fast"), &dev).unwrap();
     let embedded = load_model(None, &dev).unwrap();
     assert_eq!(fast.config.class_names, embedded.config.class_names);
     let sampling = fast.config.sampling.clone().unwrap();
-    assert_eq!((sampling.sampler, sampling.steps), (SamplerKind::Euler, 2));
+    assert_eq!((sampling.sampler, sampling.steps), (SamplerKind::Euler, 4));
     assert!(sampling.max_steps >= 4);
 
     let tmp = tempfile::tempdir().unwrap();
@@ -492,7 +525,7 @@ fn the_shipped_fast_model_samples_sneakers_in_two_steps() {
     defaults_are(
         "fashion-mnist-fast",
         &["--class", "sneaker", "--n", "8"],
-        EULER_2_UNGUIDED,
+        EULER_4_UNGUIDED,
         &a,
         &b,
     );
@@ -517,7 +550,7 @@ fn the_shipped_fast_model_samples_sneakers_in_two_steps() {
         .unwrap();
     let pipe = Pipeline::new(fast, None, dev.clone());
     let mut req = Request::new(16, SamplerKind::Euler);
-    req.steps = Some(2);
+    req.steps = Some(4);
     req.guidance = 1.0;
     req.conditioning = Conditioning::Classes(vec![sneaker; 16]);
     req.seeds = Seeds::One(0);
@@ -539,6 +572,40 @@ fn the_shipped_fast_model_samples_sneakers_in_two_steps() {
     let hits = predicted.iter().filter(|&&p| p == sneaker).count();
     assert!(
         hits >= 12,
-        "{hits} of 16 two-step sneakers are sneakers: {predicted:?}"
+        "{hits} of 16 four-step sneakers are sneakers: {predicted:?}"
     );
+}
+
+/// The segment floor: one segment ends at 0, `n` segments at the grid point below, the top of
+/// each piece maps to its own bottom and the next grid point up to that top.
+#[test]
+fn segment_floors_cut_time_into_equal_pieces() {
+    let n = 16;
+    for k in 1..=n {
+        assert_eq!(segment_floor(k, n, 1), 0, "one segment: k = {k}");
+        assert_eq!(segment_floor(k, n, n), k - 1, "n segments: k = {k}");
+    }
+    for j in 0..4 {
+        let (bottom, top) = (4 * j, 4 * j + 4);
+        assert_eq!(segment_floor(top, n, 4), bottom, "the top of piece {j}");
+        assert_eq!(
+            segment_floor(bottom + 1, n, 4),
+            bottom,
+            "the lowest step of piece {j}"
+        );
+        if top < n {
+            assert_eq!(
+                segment_floor(top + 1, n, 4),
+                top,
+                "the step above piece {j}"
+            );
+        }
+    }
+    // Runs made before segments and solvers existed read as what they learned.
+    let old: DistillConfig =
+        serde_json::from_str(r#"{"teacher":"t","grid":16,"guidance":1.0}"#).unwrap();
+    assert_eq!((old.segments, old.solver), (1, TeacherSolver::Euler));
+    let bad = DistillConfig { segments: 3, ..old };
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("--segments must divide --grid 16"), "{e}");
 }
