@@ -213,7 +213,7 @@ fn fmt_tick(v: f64) -> String {
 /// linear y axis, with a legend and axis titles, into `path`.
 pub fn save_line_chart(series: &[Series], x_title: &str, y_title: &str, path: &Path) -> Result<()> {
     let (w, h) = (760u32, 460u32);
-    let (l, r, t, b) = (70.0, 170.0, 20.0, 60.0);
+    let (l, r, t, b) = (70.0, 190.0, 20.0, 60.0);
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
     let (pw, ph) = (w as f64 - l - r, h as f64 - t - b);
     let black = Rgb([0, 0, 0]);
@@ -247,16 +247,17 @@ pub fn save_line_chart(series: &[Series], x_title: &str, y_title: &str, path: &P
         let mut xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
         xs.sort_by(f64::total_cmp);
         xs.dedup();
+        // Every x gets a tick; a label that would run into the one before it is left out.
+        let mut free_from = i64::MIN;
         for x in xs {
             let xx = px(x);
             line(&mut img, (xx, t + ph), (xx, t + ph + 5.0), black);
-            text(
-                &mut img,
-                xx as i64 - 8,
-                (t + ph + 10.0) as i64,
-                &fmt_step(x),
-                2,
-            );
+            let label = fmt_step(x);
+            let start = xx as i64 - 8;
+            if start >= free_from {
+                text(&mut img, start, (t + ph + 10.0) as i64, &label, 2);
+                free_from = start + 8 * label.chars().count() as i64 + 6;
+            }
         }
         for i in 0..=5 {
             let y = ymin + (ymax - ymin) * i as f64 / 5.0;
