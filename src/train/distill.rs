@@ -24,7 +24,7 @@
 //! **Segments** (multistep consistency models, Heek et al. 2024, "Multistep Consistency
 //! Models", section 3): with `S` segments the times split into `S` equal pieces and the
 //! student is consistent only within each, mapping `x_t` to the state at the bottom of its
-//! piece, `s(t) = floor(t S) / S` (the grid point below `t` when `t` is on a boundary):
+//! piece, `s(t) = (ceil(t S) - 1) / S` (so a piece's top belongs to it):
 //! `f(x, t) = x + (s - t) v_s(x, t)`, exact at `t = s`. One segment is the plain consistency
 //! model above (`s = 0`). A student with `S` segments samples in `S` Euler steps exactly as it
 //! learned (each step goes from the top of a piece to its bottom), and each piece spans a

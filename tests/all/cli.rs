@@ -11,6 +11,11 @@ pub fn diffuse(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run diffuse")
 }
 
+/// The `config.json` of a run folder, as JSON.
+pub fn run_config(run: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+}
+
 pub fn ok(args: &[&str]) -> String {
     ok_with_env(&[], args)
 }
@@ -307,8 +312,7 @@ fn trains_resumes_and_samples_on_an_image_folder() {
     more.extend(["--steps", "5", "--resume"]);
     ok(&more);
     assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5]);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let cfg = run_config(&run);
     assert_eq!(
         cfg["model"]["class_names"],
         serde_json::json!(["circle", "square"])
@@ -670,9 +674,7 @@ fn precision_is_recorded_and_kept_on_resume() {
     let data = fixture("digits.csv.gz");
     let data = data.to_str().unwrap();
     let precision_of = |run: &Path| -> String {
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
-                .unwrap();
+        let cfg = run_config(run);
         cfg["train"]["precision"].as_str().unwrap().to_string()
     };
     let default = match std::env::var("DIFFUSE_MATMUL") {

@@ -134,8 +134,7 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
         mean(&l[120..]) < 0.8 * mean(&l[..10]),
         "the distillation loss falls: {l:?}"
     );
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let cfg = super::cli::run_config(&run);
     assert_eq!(cfg["model"]["sampling"]["steps"], 2);
     assert_eq!(cfg["model"]["sampling"]["max_steps"], 8);
     assert_eq!(cfg["distill"]["grid"], 8);
@@ -166,8 +165,7 @@ fn distilled_students_sample_in_few_steps_close_to_their_teacher() {
         mean(&l[120..]) < 0.8 * mean(&l[..10]),
         "the two-segment distillation loss falls: {l:?}"
     );
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run2.join("config.json")).unwrap()).unwrap();
+    let cfg = super::cli::run_config(&run2);
     assert_eq!(cfg["distill"]["segments"], 2);
     assert_eq!(cfg["distill"]["solver"], "heun");
     let s2 = run2.join("model.safetensors");

@@ -329,8 +329,7 @@ fn flow_trains_samples_edits_and_resumes_from_the_cli() {
     let data = data.to_str().unwrap();
     // Flow is `diffuse train`'s default objective.
     ok(&tiny_train_args(data, run_s, "40"));
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let cfg = super::cli::run_config(&run);
     assert_eq!(cfg["model"]["prediction"], "flow");
     assert_eq!(cfg["train"]["loss_weighting"], "uniform");
     assert_eq!(cfg["train"]["flow_time"]["logit-normal"]["scale"], 1.0);
