@@ -14,7 +14,7 @@ use anyhow::Result;
 use diffuse::data;
 use diffuse::device::inference_device;
 use diffuse::eval::{self, SampleSpec, compare, evaluate, real_subset};
-use diffuse::pipeline::{Pipeline, Request};
+use diffuse::pipeline::{Generator, Pipeline, Request};
 use diffuse::plot::{PALETTE, Series, save_line_chart};
 use diffuse::sampler::SamplerKind;
 use serde_json::{Value, json};
@@ -36,7 +36,7 @@ fn main() -> Result<()> {
     let guidance: f32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1.0);
 
     let dev = inference_device();
-    let pipe = Pipeline::load(None, &dev)?;
+    let generator = Generator::Diffusion(Pipeline::load(None, &dev)?);
     let ext = eval::load_features("fashion-mnist", &dev)?;
     let dir = data::resolve("fashion-mnist")?;
     let test = eval::load_images(
@@ -106,7 +106,7 @@ fn main() -> Result<()> {
             batch: 250,
             seed: 0,
         };
-        let out = evaluate(&pipe, &test, &ext, &spec, &mut |_| {})?;
+        let out = evaluate(&generator, &test, &ext, &spec, &mut |_| {})?;
         println!(
             "{:8} {:5} steps: FID {:.3}  KID {:.4}  P {:.3} R {:.3}  acc {:.3}  ({:.0} s)",
             kind.name(),

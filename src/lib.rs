@@ -14,6 +14,7 @@ pub mod device;
 pub mod eval;
 pub mod fetch;
 pub mod files;
+pub mod gan;
 pub mod imageio;
 pub mod interop;
 pub mod kernels;

@@ -1,6 +1,11 @@
-//! A trained diffusion model as a file: the U-Net's weights in safetensors, with the full
-//! [`ModelConfig`] as JSON in the file's metadata (key `diffuse.config`) and beside it in
-//! `config.json` inside a run folder. Also the model embedded in the binary.
+//! A trained model as a file: its weights in safetensors, with its config as JSON in the
+//! file's metadata (key `diffuse.config`) and beside it in `config.json` inside a run folder.
+//! Also the models embedded in the binary.
+//!
+//! One format for every family ([`Family`]): the config of a diffusion model is a
+//! [`ModelConfig`] with no `family` key (every file written before families existed, so their
+//! bits are unchanged); any other family's config carries `"family": "<name>"` beside its own
+//! fields ([`FamilyConfig`]).
 
 use crate::sampler::{SamplerKind, Scheduler};
 use crate::schedule::{Prediction, ScheduleConfig};
@@ -38,6 +43,73 @@ pub fn named_model(name: &str) -> Option<&'static [u8]> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, bytes)| *bytes)
+}
+
+/// The kinds of generative model a file can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// Denoising diffusion or flow matching: a U-Net and a noise schedule.
+    Diffusion,
+    /// A generative adversarial network ([`crate::gan`]).
+    Gan,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Diffusion, Family::Gan];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Diffusion => "diffusion",
+            Self::Gan => "gan",
+        }
+    }
+
+    /// How messages call a model of the family ("a GAN").
+    pub fn article_name(self) -> &'static str {
+        match self {
+            Self::Diffusion => "a diffusion model",
+            Self::Gan => "a GAN",
+        }
+    }
+}
+
+/// The config of a model of a family other than diffusion, as files store it: the family's
+/// own fields with `"family": "<name>"` beside them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "kebab-case")]
+pub enum FamilyConfig {
+    Gan(crate::gan::GanConfig),
+}
+
+impl FamilyConfig {
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Gan(_) => Family::Gan,
+        }
+    }
+}
+
+/// Which family a config's JSON belongs to: its `family` key, absent for diffusion. `what`
+/// names the source in errors.
+pub fn family_of(json: &str, what: &str) -> Result<Family> {
+    let v: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| anyhow!("{what}: the model config in its metadata is invalid ({e})"))?;
+    let Some(f) = v.get("family") else {
+        return Ok(Family::Diffusion);
+    };
+    let name = f.as_str().unwrap_or("");
+    Family::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Family::ALL.iter().map(|k| k.name()).collect();
+            let shown: String = name.chars().take(40).collect();
+            anyhow!(
+                "{what}: model family '{shown}' is unknown to this build ({})",
+                names.join(", ")
+            )
+        })
 }
 
 /// Everything needed to rebuild and sample a model.
@@ -175,10 +247,35 @@ impl ModelConfig {
         }
     }
 
+    /// What the model is conditioned on.
+    pub fn cond(&self) -> CondSpec<'_> {
+        CondSpec {
+            num_classes: self.unet.num_classes,
+            text: self.unet.text_dim.is_some(),
+            class_names: &self.class_names,
+        }
+    }
+
+    /// Resolves a class option ([`CondSpec::class_index`]).
+    pub fn class_index(&self, spec: &str, flag: &str) -> Result<usize> {
+        self.cond().class_index(spec, flag)
+    }
+}
+
+/// What a model of any family is conditioned on: classes (with their names), text, or
+/// nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct CondSpec<'a> {
+    pub num_classes: Option<usize>,
+    pub text: bool,
+    pub class_names: &'a [String],
+}
+
+impl CondSpec<'_> {
     /// Resolves a class option (`flag` names it in errors): an index, or a class name
     /// (case-insensitive; `-`, `_`, spaces and `/` ignored).
     pub fn class_index(&self, spec: &str, flag: &str) -> Result<usize> {
-        let Some(k) = self.unet.num_classes else {
+        let Some(k) = self.num_classes else {
             bail!("{flag} was given, but this model is not class-conditioned");
         };
         if let Ok(i) = spec.parse::<usize>() {
@@ -263,8 +360,63 @@ pub fn model_bytes(
     weights::to_safetensors(tensors, &meta, dtype)
 }
 
-/// Builds a model from safetensors bytes that carry their config.
+/// Serialises a model of another family (weights and tagged config) as safetensors bytes.
+pub fn family_model_bytes(
+    config: &FamilyConfig,
+    tensors: &NamedTensors,
+    dtype: StoreDtype,
+) -> Result<Vec<u8>> {
+    let mut meta = HashMap::new();
+    meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(config)?);
+    weights::to_safetensors(tensors, &meta, dtype)
+}
+
+/// A loaded model of any family.
+#[derive(Debug)]
+// One or two per process: the size of the diffusion variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Loaded {
+    Diffusion(LoadedModel),
+    Gan(crate::gan::LoadedGan),
+}
+
+impl Loaded {
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Diffusion(_) => Family::Diffusion,
+            Self::Gan(_) => Family::Gan,
+        }
+    }
+
+    /// Where it came from, for messages.
+    pub fn source(&self) -> &str {
+        match self {
+            Self::Diffusion(m) => &m.source,
+            Self::Gan(m) => &m.source,
+        }
+    }
+
+    /// A diffusion model, or one line saying that `command` takes only those.
+    pub fn into_diffusion(self, command: &str) -> Result<LoadedModel> {
+        match self {
+            Self::Diffusion(m) => Ok(m),
+            other => bail!(
+                "{} is {}; {command} takes diffusion models",
+                other.source(),
+                other.family().article_name()
+            ),
+        }
+    }
+}
+
+/// Builds a diffusion model from safetensors bytes that carry their config; a model of another
+/// family is refused with one line ([`load_any_from_bytes`] takes every family).
 pub fn load_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<LoadedModel> {
+    load_any_from_bytes(bytes, what, device)?.into_diffusion("this command")
+}
+
+/// Builds a model of any family from safetensors bytes that carry their config.
+pub fn load_any_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<Loaded> {
     let (tensors, meta) = weights::from_safetensors(bytes, what)?;
     if meta.contains_key(crate::train::checkpoint::RUN_KEY) {
         bail!(
@@ -274,14 +426,23 @@ pub fn load_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<Load
     let Some(cfg_json) = meta.get(CONFIG_KEY) else {
         bail!("{what} has no diffuse model config in its metadata (not a diffuse model file)");
     };
-    let config: ModelConfig = serde_json::from_str(cfg_json)
-        .map_err(|e| anyhow!("{what}: the model config in its metadata is invalid ({e})"))?;
+    let family = family_of(cfg_json, what)?;
     weights::note_if_unverified(
         &meta,
         what,
         "`diffuse convert --model FILE --out NEW.safetensors --dtype f32` writes a copy with one",
     );
-    build(config, &tensors, "", what, device)
+    let invalid =
+        |e: serde_json::Error| anyhow!("{what}: the model config in its metadata is invalid ({e})");
+    Ok(match family {
+        Family::Diffusion => {
+            let config: ModelConfig = serde_json::from_str(cfg_json).map_err(invalid)?;
+            Loaded::Diffusion(build(config, &tensors, "", what, device)?)
+        }
+        Family::Gan => match serde_json::from_str(cfg_json).map_err(invalid)? {
+            FamilyConfig::Gan(c) => Loaded::Gan(crate::gan::build(c, &tensors, what, device)?),
+        },
+    })
 }
 
 /// Builds a model from a config and named tensors (`prefix` in front of every name).

@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use diffuse::device::inference_device;
 use diffuse::model;
-use diffuse::pipeline::load_model;
+use diffuse::pipeline::load_generator;
 use diffuse::weights::{self, NamedTensors, StoreDtype};
 use std::path::Path;
 
@@ -11,7 +11,7 @@ use std::path::Path;
 /// sampling steps (at most the grid it was distilled on).
 pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usize>) -> Result<()> {
     let dev = inference_device();
-    let mut m = load_model(Some(spec), &dev)?;
+    let mut m = load_generator(Some(spec), &dev)?.into_diffusion("diffuse convert")?;
     if let Some(k) = default_steps {
         let Some(s) = m.config.sampling.as_mut() else {
             bail!("--default-steps is for distilled students (diffuse distill); {spec} is not one");

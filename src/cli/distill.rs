@@ -9,7 +9,7 @@ use clap::Args;
 use diffuse::device::inference_device;
 use diffuse::kernels;
 use diffuse::model::SamplingConfig;
-use diffuse::pipeline::load_model;
+use diffuse::pipeline::load_generator;
 use diffuse::sampler::SamplerKind;
 use diffuse::train::distill::{self, DistillConfig, MAX_GRID, TeacherSolver};
 use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig};
@@ -116,13 +116,20 @@ pub fn run(a: DistillArgs) -> Result<()> {
         }
         (None, None) => unreachable!("a fresh run builds its teacher"),
     };
-    let ds = load_data(&cfg)?;
+    let ds = load_data(
+        &cfg.data,
+        cfg.model.output_shape(),
+        cfg.model.unet.num_classes,
+    )?;
     let with = train::With {
         vae: None,
         teacher: Some(&teacher),
         minutes: a.minutes,
     };
-    train_with_bar(&cfg, ds, &a.out, resume, with)
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+        train::train(&cfg, ds, &a.out, resume, with, on_step)
+    })
 }
 
 /// The run of a fresh distillation and its teacher, from the options.
@@ -130,7 +137,8 @@ fn fresh_run(a: &DistillArgs) -> Result<(RunConfig, UNet)> {
     let Some(spec) = &a.teacher else {
         bail!("--teacher is needed: the flow-matching model to distil");
     };
-    let m = load_model(Some(spec), &inference_device())?;
+    let m = load_generator(Some(spec), &inference_device())?
+        .into_diffusion("diffuse distill (as a teacher)")?;
     if let Some(why) = distill::unsupported_teacher(&m.config) {
         bail!("--teacher {spec} cannot be distilled: {why}");
     }

@@ -8,7 +8,7 @@ use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
 use diffuse::pipeline::{
     CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
-    check_guidance, load_model,
+    check_guidance, load_generator,
 };
 use diffuse::sampler::edit::{EditOptions, start_position};
 use std::path::{Path, PathBuf};
@@ -70,7 +70,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     // The output path is checked before any work.
     diffuse::imageio::output_format(&a.out)?;
     let dev = inference_device();
-    let m = load_model(a.model.as_deref(), &dev)?;
+    let m = load_generator(a.model.as_deref(), &dev)?.into_diffusion("diffuse edit")?;
     let cfg = m.config.clone();
     if cfg.superres.is_some() {
         bail!(
@@ -97,7 +97,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
         prompt: a.prompt.as_deref(),
         negative: None,
     };
-    req.conditioning = match flags.resolve(&cfg, FlagNames::CLI)? {
+    req.conditioning = match flags.resolve(cfg.cond(), FlagNames::CLI)? {
         Resolved::Class(c) => Conditioning::Classes(vec![c; a.n]),
         Resolved::Prompt { prompt, .. } => Conditioning::Prompts {
             prompts: vec![(prompt, a.n)],

@@ -7,7 +7,8 @@ use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::eval::classifier::{self, ClassifierTraining};
 use diffuse::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
-use diffuse::pipeline::{Pipeline, SamplerDefaults, generates_from_noise, load_model};
+use diffuse::model::Loaded;
+use diffuse::pipeline::{Generator, SamplerDefaults, generates_from_noise, load_generator};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -233,6 +234,19 @@ fn eval_real(a: &EvalArgs, held_out: &str) -> Result<()> {
     print_report(&r, a.json.as_ref(), extra)
 }
 
+/// Options of `eval` that only diffusion models take (field names).
+const DIFFUSION_ONLY: &[&str] = &[
+    "sampler",
+    "steps",
+    "eta",
+    "spacing",
+    "variance",
+    "karras",
+    "clip_sample",
+    "guidance_interval",
+    "guidance",
+];
+
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     if a.n < 4 || a.n > 100_000 {
         bail!("--n must be between 4 and 100000 (got {})", a.n);
@@ -243,43 +257,58 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     if let Some(held_out) = &a.real {
         return eval_real(&a, held_out);
     }
-    diffuse::pipeline::check_guidance(a.guidance)?;
     let dev = inference_device();
     // Samples are unconditional or per class: no text encoder.
-    let m = load_model(a.model.as_deref(), &dev)?;
-    generates_from_noise(&m)?;
-    let pipe = Pipeline::new(m, None, dev.clone());
-    let m = &pipe.model;
+    let loaded = load_generator(a.model.as_deref(), &dev)?;
+    match &loaded {
+        Loaded::Diffusion(m) => {
+            diffuse::pipeline::check_guidance(a.guidance)?;
+            generates_from_noise(m)?
+        }
+        other => super::refuse_given(DIFFUSION_ONLY, other.family(), other.source())?,
+    }
+    let generator = Generator::from_loaded(loaded, &dev, false)?;
     let data_spec = match (&a.data, &a.model) {
         (Some(d), _) => d.clone(),
         (None, None) => "fashion-mnist".into(),
         (None, Some(_)) => bail!("--data is needed: the real images to compare the samples with"),
     };
     let ext = eval::load_features(&a.features, &dev)?;
-    let mut request = a
-        .sampler
-        .request(a.n, SamplerDefaults::EVAL.for_model(&m.config));
+    let defaults = match generator.as_diffusion() {
+        Some(p) => SamplerDefaults::EVAL.for_model(&p.model.config),
+        None => SamplerDefaults::EVAL,
+    };
+    let mut request = a.sampler.request(a.n, defaults);
     request.guidance = a.guidance;
-    pipe.sampler(&request)?; // option errors before any work
-    let (kind, steps) = (request.sampler, pipe.steps(&request));
+    // What the JSON says of the sampling: the sampler, steps and model evaluations of a
+    // diffusion model; one evaluation of the generator otherwise.
+    let (sampler, steps, evaluations) = match generator.as_diffusion() {
+        Some(pipe) => {
+            pipe.sampler(&request)?; // option errors before any work
+            let (kind, steps) = (request.sampler, pipe.steps(&request));
+            (kind.name(), steps, kind.evaluations(steps))
+        }
+        None => (generator.family().name(), 1, 1),
+    };
     let t0 = Instant::now();
     let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
     let pb = bar(a.n as u64, "{bar:40} {pos}/{len} images  ETA {eta}");
     let spec = SampleSpec {
-        batch: pipe.batch(&request),
+        batch: generator.batch(&request),
         request,
         n: a.n,
         seed: a.seed,
     };
-    let out = evaluate(&pipe, &real, &ext, &spec, &mut |b| pb.inc(b as u64))?;
+    let out = evaluate(&generator, &real, &ext, &spec, &mut |b| pb.inc(b as u64))?;
     pb.finish_and_clear();
     let total = t0.elapsed().as_secs_f64();
-    let extra = serde_json::json!({
-        "model": m.source,
+    let diffusion = generator.as_diffusion().is_some();
+    let mut extra = serde_json::json!({
+        "model": generator.source(),
         "data": data_spec,
-        "sampler": kind.name(),
+        "sampler": sampler,
         "steps": steps,
-        "evaluations": kind.evaluations(steps),
+        "evaluations": evaluations,
         "guidance": a.guidance,
         "guidance_interval": a.sampler.guidance_interval.map(|(lo, hi)| vec![lo, hi]),
         "eta": a.sampler.eta,
@@ -289,13 +318,23 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         "sample_seconds": out.sample_seconds,
         "seconds": total,
     });
-    println!(
-        "{} {} steps, guidance {}: {} images in {:.1} s",
-        kind.name(),
-        steps,
-        a.guidance,
-        a.n,
-        out.sample_seconds
-    );
+    if diffusion {
+        println!(
+            "{sampler} {steps} steps, guidance {}: {} images in {:.1} s",
+            a.guidance, a.n, out.sample_seconds
+        );
+    } else {
+        let fields = extra.as_object_mut().expect("an object");
+        for k in ["guidance", "guidance_interval", "eta", "clip_sample"] {
+            fields.remove(k);
+        }
+        fields.insert("family".into(), generator.family().name().into());
+        println!(
+            "{}: {} images in {:.1} s",
+            generator.source(),
+            a.n,
+            out.sample_seconds
+        );
+    }
     print_report(&out.report, a.json.as_ref(), extra)
 }

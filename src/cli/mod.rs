@@ -17,7 +17,7 @@ pub mod train;
 pub mod upscale;
 pub mod vae;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use diffuse::imageio::save_image;
 use diffuse::kernels::MatmulMode;
@@ -129,9 +129,10 @@ pub fn main() {
     let command = <Cli as clap::CommandFactory>::command()
         .allow_negative_numbers(true)
         .mut_subcommands(|c| c.allow_negative_numbers(true));
-    let parsed = command
-        .try_get_matches()
-        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let parsed = command.try_get_matches().and_then(|m| {
+        record_given(&m);
+        <Cli as clap::FromArgMatches>::from_arg_matches(&m)
+    });
     let cli = match parsed {
         Ok(c) => c,
         // Help and version go to stdout with status 0; a bad option is one error line, status 1.
@@ -328,6 +329,50 @@ pub fn write_image_dir(dir: &Path, images: &[DynamicImage]) -> Result<()> {
         d.write(img)?;
     }
     d.finish();
+    Ok(())
+}
+
+/// The ids of the subcommand's options given on the command line (not defaults).
+static GIVEN: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
+
+fn record_given(m: &clap::ArgMatches) {
+    let mut ids = std::collections::BTreeSet::new();
+    if let Some((_, sub)) = m.subcommand() {
+        for id in sub.ids() {
+            if sub.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine) {
+                ids.insert(id.as_str().to_string());
+            }
+        }
+    }
+    GIVEN.set(ids).ok();
+}
+
+/// Whether the option with field name `id` (`min_snr` for `--min-snr`) was given on the
+/// command line, as opposed to taking its default.
+pub fn given(id: &str) -> bool {
+    GIVEN.get().is_some_and(|g| g.contains(id))
+}
+
+/// Refuses, with one line, the options in `ids` (field names) that were given on the command
+/// line for a model or run of `family` that does not take them.
+pub fn refuse_given(ids: &[&str], family: diffuse::model::Family, what: &str) -> Result<()> {
+    let flags: Vec<String> = ids
+        .iter()
+        .filter(|id| given(id))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if !flags.is_empty() {
+        bail!(
+            "{} {} of diffusion models; {what} is {}",
+            flags.join(", "),
+            if flags.len() == 1 {
+                "is an option"
+            } else {
+                "are options"
+            },
+            family.article_name()
+        );
+    }
     Ok(())
 }
 

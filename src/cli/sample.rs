@@ -7,9 +7,10 @@ use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use diffuse::device::inference_device;
 use diffuse::imageio::{ImageBatch, display_factor, grid, output_format, save_image, upscale};
+use diffuse::model::Loaded;
 use diffuse::pipeline::{
-    CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
-    check_guidance, generates_from_noise, load_model,
+    CondFlags, Conditioning, FlagNames, Generator, Request, Resolved, SamplerDefaults, Seeds,
+    Start, check_guidance, generates_from_noise, load_generator,
 };
 use diffuse::weights::{self, NamedTensors, StoreDtype};
 use std::path::{Path, PathBuf};
@@ -63,6 +64,22 @@ pub struct SampleArgs {
     save_tensor: Option<PathBuf>,
 }
 
+/// Options of `sample` that only diffusion models take (field names).
+const DIFFUSION_ONLY: &[&str] = &[
+    "sampler",
+    "steps",
+    "eta",
+    "spacing",
+    "variance",
+    "karras",
+    "clip_sample",
+    "guidance_interval",
+    "guidance",
+    "trajectory",
+    "init_noise",
+    "save_tensor",
+];
+
 /// The largest grid `sample` holds, in bytes of 8-bit pixels (before display scaling).
 const MAX_GRID_BYTES: usize = 512 << 20;
 
@@ -94,13 +111,22 @@ fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor
 
 pub fn run(a: SampleArgs) -> Result<()> {
     let dev = inference_device();
-    let m = load_model(a.model.as_deref(), &dev)?;
-    generates_from_noise(&m)?;
-    let guidance = a.guidance.unwrap_or(Request::default_guidance(&m.config));
-    check_guidance(guidance)?;
-    let cfg = m.config.clone();
+    let loaded = load_generator(a.model.as_deref(), &dev)?;
+    let (guidance, defaults, image_shape) = match &loaded {
+        Loaded::Diffusion(m) => {
+            generates_from_noise(m)?;
+            let g = a.guidance.unwrap_or(Request::default_guidance(&m.config));
+            check_guidance(g)?;
+            let defaults = SamplerDefaults::GENERATE.for_model(&m.config);
+            (g, defaults, m.config.image_shape())
+        }
+        other => {
+            super::refuse_given(DIFFUSION_ONLY, other.family(), other.source())?;
+            (1.0, SamplerDefaults::GENERATE, [0; 3])
+        }
+    };
     let init = match &a.init_noise {
-        Some(p) => Some(read_init_noise(p, cfg.image_shape())?),
+        Some(p) => Some(read_init_noise(p, image_shape)?),
         None => None,
     };
     let n = match &init {
@@ -124,8 +150,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
         negative: a.negative_prompt.as_deref(),
     };
     // A class, rows of every class, or one prompt for all images.
-    let (n, conditioning, cols) = match (flags.resolve(&cfg, FlagNames::CLI)?, cfg.unet.num_classes)
-    {
+    let generator = Generator::from_loaded(loaded, &dev, true)?;
+    let cond = generator.cond();
+    let (n, conditioning, cols) = match (flags.resolve(cond, FlagNames::CLI)?, cond.num_classes) {
         (Resolved::Class(c), _) => {
             let n = n.unwrap_or(16);
             (
@@ -160,10 +187,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             (n, c, cols)
         }
     };
-    let pipe = Pipeline::with_text_encoder(m, &dev)?;
-    let mut req = a
-        .sampler
-        .request(n, SamplerDefaults::GENERATE.for_model(&pipe.model.config));
+    let mut req = a.sampler.request(n, defaults);
     req.conditioning = conditioning;
     req.guidance = guidance;
     req.seeds = Seeds::One(a.seed);
@@ -184,7 +208,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         output_format(p)?;
     }
     // The grid is held whole: bound it (one file per image has no such limit).
-    let [oc, oh, ow] = cfg.output_shape();
+    let [oc, oh, ow] = generator.output_shape();
     let grid_bytes = n * oc.max(3) * oh * ow;
     if grid_out.is_some() && grid_bytes > MAX_GRID_BYTES {
         bail!(
@@ -212,7 +236,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut tensor: Vec<f32> = Vec::new();
     let mut trajectory = Vec::new();
     let keep_grid = grid_out.is_some();
-    let summary = pipe.run_chunks(
+    let summary = generator.run_chunks(
         &req,
         &mut |s| {
             if s.index == 0 && s.chunk == 0 {
@@ -248,7 +272,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    if let Some(enc) = &pipe.text_encoder {
+    if let Some(enc) = generator
+        .as_diffusion()
+        .and_then(|p| p.text_encoder.as_ref())
+    {
         let max = enc.max_len;
         for (cut, what) in [
             (summary.negative_truncated, "--negative-prompt"),
@@ -262,7 +289,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     if let Some(path) = &a.save_tensor {
-        let [c, h, w] = cfg.image_shape();
+        let [c, h, w] = image_shape;
         let mut t = NamedTensors::new();
         t.insert(
             "sample".into(),
@@ -275,14 +302,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
         diffuse::files::write_atomic(path, &bytes)?;
         println!("wrote {}", path.display());
     }
-    let f = display_factor(cfg.output_shape()[1]);
+    let f = display_factor(oh);
     if let Some(path) = &grid_out {
         save_image(&upscale(&grid(&imgs, cols), f), path)?;
         println!(
             "wrote {} ({} images from {})",
             path.display(),
             n,
-            pipe.source()
+            generator.source()
         );
     }
     if let Some(d) = dir {

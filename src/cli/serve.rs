@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use clap::Args;
 use diffuse::device::inference_device;
-use diffuse::pipeline::{Pipeline, load_model};
+use diffuse::pipeline::{Pipeline, load_generator};
 use diffuse::serve::{self, ServeConfig, load};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -64,7 +64,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         );
     }
     let dev = inference_device();
-    let m = load_model(a.model.as_deref(), &dev)?;
+    let m = load_generator(a.model.as_deref(), &dev)?.into_diffusion("diffuse serve")?;
     if m.config.superres.is_some() {
         anyhow::bail!(
             "{} is a super-resolution model; serve generates images (use `diffuse upscale`)",

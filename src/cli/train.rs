@@ -1,15 +1,19 @@
 //! `diffuse train`: the run's configuration from the options (or the checkpoint, to resume),
 //! checks of the data against it, and the training loop with a progress bar.
 
-use super::{parse_list, precision_arg};
+use super::{given, parse_list, precision_arg, refuse_given};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
+use diffuse::gan::GanConfig;
 use diffuse::kernels;
-use diffuse::model::{self, ModelConfig};
+use diffuse::model::{self, Family, ModelConfig};
 use diffuse::schedule::{BetaSchedule, FlowTime, Prediction, ScheduleConfig};
-use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig, checkpoint};
+use diffuse::train::gan::{GanRun, GanTrainConfig};
+use diffuse::train::{
+    self, LossWeighting, RunConfig, RunPaths, RunSpec, StepReport, TrainConfig, checkpoint,
+};
 use diffuse::unet::UNetConfig;
 use std::path::PathBuf;
 
@@ -41,6 +45,23 @@ pub struct TrainArgs {
     /// Continue the checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Model family: diffusion (denoising diffusion or flow matching) or gan (a generator
+    /// against a spectrally normalised discriminator, docs/FAMILIES.md).
+    #[arg(long, value_enum, default_value_t = Family::Diffusion)]
+    family: Family,
+    /// GAN: width of the noise z [default: 64].
+    #[arg(long)]
+    z_dim: Option<usize>,
+    /// GAN: the generator's channels at full resolution (2x and 4x below) [default: 32].
+    #[arg(long)]
+    g_channels: Option<usize>,
+    /// GAN: the discriminator's channels at full resolution [default: 32].
+    #[arg(long)]
+    d_channels: Option<usize>,
+    /// GAN: the discriminator's learning rate (--lr is the generator's; a GAN's defaults are
+    /// --lr 1e-4, --batch 64, --warmup 0, --grad-clip 0, --ema-decay 0.999) [default: 4e-4].
+    #[arg(long)]
+    lr_d: Option<f64>,
     /// Image side length (default: the data's own for IDX/digits, 32 for folders).
     #[arg(long)]
     image_size: Option<usize>,
@@ -150,9 +171,66 @@ pub struct TrainArgs {
     minutes: Option<f64>,
 }
 
+/// Options of `train` that only diffusion runs take (field names).
+const DIFFUSION_ONLY: &[&str] = &[
+    "cross_attention",
+    "task",
+    "scale",
+    "latent",
+    "min_snr",
+    "objective",
+    "flow_time",
+    "flow_loc",
+    "flow_scale",
+    "schedule",
+    "timesteps",
+    "base_channels",
+    "channel_mult",
+    "res_blocks",
+    "attention",
+    "dropout",
+    "norm_groups",
+];
+
+/// Options of `train` that only GAN runs take.
+const GAN_ONLY: &[&str] = &["z_dim", "g_channels", "d_channels", "lr_d"];
+
 pub fn run(a: TrainArgs) -> Result<()> {
     // One writer per run folder, from before anything is read (train::train holds it too).
     let _lock = train::claim_run_folder(&a.out)?;
+    let ckpt = RunPaths::new(&a.out).checkpoint();
+    let family = if a.resume && ckpt.exists() {
+        let f = checkpoint::family(&ckpt)?;
+        if given("family") && f != a.family {
+            bail!(
+                "--family {}: {} holds {} run",
+                a.family.name(),
+                a.out.display(),
+                f.article_name()
+            );
+        }
+        f
+    } else {
+        a.family
+    };
+    match family {
+        Family::Diffusion => {
+            let extra: Vec<String> = GAN_ONLY
+                .iter()
+                .filter(|id| given(id))
+                .map(|id| format!("--{}", id.replace('_', "-")))
+                .collect();
+            if !extra.is_empty() {
+                let verb = if extra.len() == 1 {
+                    "is an option"
+                } else {
+                    "are options"
+                };
+                bail!("{} {verb} of --family gan", extra.join(", "));
+            }
+        }
+        Family::Gan => return run_gan(&a),
+    }
     let (cfg, resume) =
         start_or_resume(&a.out, a.resume, a.steps, &a.data, || build_run_config(&a))?;
     if cfg.distill.is_some() {
@@ -164,7 +242,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let ckpt_path = RunPaths::new(&a.out).checkpoint();
     let u = &cfg.model.unet;
-    let ds = load_data(&cfg)?;
+    let ds = load_data(&cfg.data, cfg.model.output_shape(), u.num_classes)?;
     // A latent model's VAE: from --latent for a new run, from the checkpoint when resuming.
     let vae = match (&cfg.model.latent, &resume, &a.latent) {
         (None, _, _) => None,
@@ -195,19 +273,90 @@ pub fn run(a: TrainArgs) -> Result<()> {
         teacher: None,
         minutes: a.minutes,
     };
-    train_with_bar(&cfg, ds, &a.out, resume, with)
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+        train::train(&cfg, ds, &a.out, resume, with, on_step)
+    })
+}
+
+/// `diffuse train --family gan`: a new GAN run from the options, or the checkpoint's.
+fn run_gan(a: &TrainArgs) -> Result<()> {
+    refuse_given(DIFFUSION_ONLY, Family::Gan, "this run")?;
+    if a.cond == CondKind::Text {
+        bail!("--cond text is for diffusion models; a GAN takes --cond class or none");
+    }
+    let (cfg, resume) =
+        start_or_resume::<GanRun>(&a.out, a.resume, a.steps, &a.data, || gan_run_config(a))?;
+    let m = &cfg.model;
+    let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+        train::gan::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
+    })
+}
+
+/// A new GAN run from the options: the data's shape and classes, the GAN's own defaults where
+/// an option shared with diffusion was not given.
+fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
+    let path = data::resolve(&a.data)?;
+    let native = data::idx::is_digits_csv(&path) || data::idx::is_idx(&path)?;
+    let with_classes = a.cond == CondKind::Class;
+    let (size, channels, class_names) = data_shape(a, &path, native, with_classes)?;
+    if with_classes && class_names.is_empty() {
+        bail!("--cond class: {} has no class labels", a.data);
+    }
+    let recipe = GanConfig::recipe(size, channels);
+    let model = GanConfig {
+        z_dim: a.z_dim.unwrap_or(recipe.z_dim),
+        g_channels: a.g_channels.unwrap_or(recipe.g_channels),
+        d_channels: a.d_channels.unwrap_or(recipe.d_channels),
+        num_classes: with_classes.then_some(class_names.len()),
+        class_names: if with_classes {
+            class_names
+        } else {
+            Vec::new()
+        },
+        ..recipe
+    };
+    let pick = |id: &str, v: f64, gan: f64| if given(id) { v } else { gan };
+    let train = TrainConfig {
+        steps: a.steps.unwrap_or(TrainConfig::default().steps),
+        batch_size: if given("batch") { a.batch } else { 64 },
+        lr: pick("lr", a.lr, 1e-4),
+        warmup_steps: if given("warmup") { a.warmup } else { 0 },
+        weight_decay: a.weight_decay,
+        grad_clip: pick("grad_clip", a.grad_clip, 0.0),
+        ema_decay: pick("ema_decay", a.ema_decay, 0.999),
+        label_dropout: a.label_dropout,
+        hflip: a.hflip,
+        loss_weighting: LossWeighting::Uniform,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        sample_every: a.sample_every,
+        precision: precision_arg().unwrap_or_else(kernels::matmul_mode),
+        flow_time: FlowTime::default(),
+    };
+    Ok(GanRun {
+        model,
+        train,
+        data: a.data.clone(),
+        gan: GanTrainConfig {
+            lr_d: a.lr_d.unwrap_or(GanTrainConfig::default().lr_d),
+            ..GanTrainConfig::default()
+        },
+    })
 }
 
 /// The run's configuration and checkpoint: from the checkpoint in `out` with `resume` (a new
 /// `steps` target, `--data` and `--precision` read from the command line), else `fresh()`
 /// for a folder without one. The caller holds the folder's lock.
-pub(super) fn start_or_resume(
+pub(super) fn start_or_resume<R: RunSpec>(
     out: &std::path::Path,
     resume: bool,
     steps: Option<usize>,
     data: &str,
-    fresh: impl FnOnce() -> Result<RunConfig>,
-) -> Result<(RunConfig, Option<checkpoint::Checkpoint>)> {
+    fresh: impl FnOnce() -> Result<R>,
+) -> Result<(R, Option<checkpoint::Checkpoint<R>>)> {
     let ckpt_path = RunPaths::new(out).checkpoint();
     if !resume {
         if ckpt_path.exists() {
@@ -226,58 +375,58 @@ pub(super) fn start_or_resume(
             out.display()
         );
     }
-    let ck = checkpoint::load(&ckpt_path)?;
+    let ck = checkpoint::load_run::<R>(&ckpt_path)?;
     eprintln!(
         "note: --resume continues with the settings saved in the checkpoint; only the step target, --data, --minutes and --precision are read from the command line"
     );
     let mut cfg = ck.run.clone();
     if let Some(s) = steps {
-        cfg.train.steps = s;
+        cfg.train_mut().steps = s;
     }
-    train::check_resume_target(ck.step, cfg.train.steps, out)?;
+    train::check_resume_target(ck.step, cfg.train().steps, out)?;
     if let Some(p) = precision_arg() {
-        cfg.train.precision = p;
+        cfg.train_mut().precision = p;
     }
-    if cfg.data != data {
+    if cfg.data_mut() != data {
         eprintln!(
             "note: the run was started with --data {}; continuing with {data}",
-            cfg.data
+            cfg.data_mut()
         );
-        cfg.data = data.to_string();
+        *cfg.data_mut() = data.to_string();
     }
     // The one check of the whole configuration, before the data is read.
     cfg.validate()?;
     Ok((cfg, Some(ck)))
 }
 
-/// The run's data, read at its model's shape, with its classes checked against the model's.
-pub(super) fn load_data(cfg: &RunConfig) -> Result<data::Dataset> {
-    let u = &cfg.model.unet;
-    let with_classes = u.num_classes.is_some();
-    let [channels, size, _] = cfg.model.output_shape();
-    let ds = data::load(&cfg.data, Shape { size, channels }, with_classes)?;
-    if let (Some(k), true) = (u.num_classes, with_classes)
+/// A run's data (`spec`), read at its model's output shape, with its classes checked
+/// against the model's.
+pub(super) fn load_data(
+    spec: &str,
+    [channels, size, _]: [usize; 3],
+    num_classes: Option<usize>,
+) -> Result<data::Dataset> {
+    let ds = data::load(spec, Shape { size, channels }, num_classes.is_some())?;
+    if let Some(k) = num_classes
         && ds.num_classes() != k
     {
         bail!(
-            "{} has {} classes, the run was configured for {}",
-            cfg.data,
-            ds.num_classes(),
-            k
+            "{spec} has {} classes, the run was configured for {k}",
+            ds.num_classes()
         );
     }
     Ok(ds)
 }
 
-/// Runs [`train::train`] with a progress bar and reports where the model is.
+/// Runs a training loop (`train`, given the data and a step callback) from step `start` with
+/// a progress bar, and reports where the model is.
 pub(super) fn train_with_bar(
-    cfg: &RunConfig,
+    tc: &TrainConfig,
     ds: data::Dataset,
     out: &std::path::Path,
-    resume: Option<checkpoint::Checkpoint>,
-    with: train::With,
+    start: usize,
+    train: impl FnOnce(data::Dataset, &mut dyn FnMut(&StepReport)) -> Result<usize>,
 ) -> Result<()> {
-    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     eprintln!(
         "training on {} images ({}x{}x{}) from {}, steps {}..{}, run folder {}",
         ds.len(),
@@ -286,25 +435,25 @@ pub(super) fn train_with_bar(
         ds.size,
         ds.source,
         start,
-        cfg.train.steps,
+        tc.steps,
         out.display()
     );
     let pb = super::bar(
-        cfg.train.steps as u64,
+        tc.steps as u64,
         "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
     );
     pb.set_position(start as u64);
     pb.reset_eta();
-    let done = train::train(cfg, ds, out, resume, with, &mut |r| {
+    let done = train(ds, &mut |r| {
         pb.set_position(r.step as u64);
         pb.set_message(format!("{:.4}", r.loss));
     })?;
     pb.finish_and_clear();
     let model = RunPaths::new(out).model();
-    if done < cfg.train.steps {
+    if done < tc.steps {
         println!(
             "stopped at step {done} of {} (--minutes); model in {}; --resume continues",
-            cfg.train.steps,
+            tc.steps,
             model.display()
         );
     } else {

@@ -10,7 +10,7 @@ use diffuse::device::inference_device;
 use diffuse::eval::superres::{psnr, ssim};
 use diffuse::eval::{self, Images, MetricOptions, compare, to_extractor};
 use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
-use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds, load_model};
+use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds, load_generator};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -53,7 +53,11 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     // The output path is checked before any work.
     diffuse::imageio::output_format(&a.out)?;
     let dev = inference_device();
-    let pipe = Pipeline::new(load_model(Some(&a.model), &dev)?, None, dev.clone());
+    let pipe = Pipeline::new(
+        load_generator(Some(&a.model), &dev)?.into_diffusion("diffuse upscale")?,
+        None,
+        dev.clone(),
+    );
     let m = &pipe.model;
     let Some(scale) = m.config.superres.as_ref().map(|s| s.scale) else {
         bail!(

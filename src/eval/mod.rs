@@ -10,7 +10,7 @@ pub mod pickle;
 pub mod superres;
 
 use crate::data::{self, Dataset, Shape};
-use crate::pipeline::{Conditioning, Pipeline, Request, Seeds};
+use crate::pipeline::{Conditioning, Generator, Request, Seeds};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use classifier::{LoadedClassifier, dataset_pixels};
@@ -389,7 +389,7 @@ pub struct SampleSpec {
 /// Generates `n` images with the given sampler, in batches, classes spread evenly for a
 /// class-conditioned model. Returns the images in `[-1, 1]` and the classes asked for.
 pub fn sample_images(
-    pipe: &Pipeline,
+    pipe: &Generator,
     spec: &SampleSpec,
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<(Vec<f32>, Option<Vec<usize>>)> {
@@ -402,9 +402,16 @@ pub fn sample_images(
     if batch == 0 {
         bail!("the sampling batch must be at least 1");
     }
-    let k = pipe.model.config.unet.num_classes;
+    let k = pipe.cond().num_classes;
     let classes: Option<Vec<usize>> = k.map(|k| (0..n).map(|i| i % k).collect());
-    let steps = pipe.steps(request);
+    let how = match pipe.as_diffusion() {
+        Some(p) => format!(
+            "{} with {} steps produced NaN or infinite pixels; try another sampler or more steps",
+            request.sampler.name(),
+            p.steps(request)
+        ),
+        None => format!("{} produced NaN or infinite pixels", pipe.source()),
+    };
     let req = Request {
         n,
         conditioning: match &classes {
@@ -424,10 +431,7 @@ pub fn sample_images(
             .try_into_vec()
             .expect("f32");
         if v.iter().any(|p| !p.is_finite()) {
-            bail!(
-                "{} with {steps} steps produced NaN or infinite pixels; try another sampler or more steps",
-                request.sampler.name(),
-            );
+            bail!("{how}");
         }
         let b = g.sample.dims()[0];
         pixels.extend(v.iter().map(|p| p.clamp(-1.0, 1.0)));
@@ -479,7 +483,7 @@ pub fn to_extractor(pixels: Vec<f32>, n: usize, shape: [usize; 3], ext: &Extract
 
 /// Samples from a model and compares with real data.
 pub fn evaluate(
-    pipe: &Pipeline,
+    pipe: &Generator,
     real: &Images,
     ext: &Extractor,
     spec: &SampleSpec,
@@ -487,13 +491,12 @@ pub fn evaluate(
 ) -> Result<EvalOutcome> {
     let dev = crate::device::inference_device();
     let t0 = Instant::now();
-    let m = &pipe.model;
     let (pixels, classes) = sample_images(pipe, spec, on_batch)?;
     let sample_seconds = t0.elapsed().as_secs_f64();
-    let gen_imgs = to_extractor(pixels, spec.n, m.config.output_shape(), ext);
+    let gen_imgs = to_extractor(pixels, spec.n, pipe.output_shape(), ext);
     // Class accuracy only where the model's classes are the classifier's.
-    let same_classes =
-        m.config.unet.num_classes.is_some() && m.config.unet.num_classes == ext.classes();
+    let k = pipe.cond().num_classes;
+    let same_classes = k.is_some() && k == ext.classes();
     let wanted = classes.filter(|_| same_classes);
     let report = compare(
         ext,

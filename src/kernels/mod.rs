@@ -326,6 +326,44 @@ pub fn try_conv2d(module: &Conv2d, x: Tensor<4>) -> Option<Tensor<4>> {
     )
 }
 
+/// A convolution with a computed weight `[c_out, c_in, k, k]` (a spectrally normalised one,
+/// say), stride `s` and zero padding `p` on every side: on the project's kernel where it
+/// applies (as [`try_conv2d`]), burn's `conv2d` otherwise.
+pub fn conv2d_weighted(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    stride: usize,
+    pad: usize,
+) -> Tensor<4> {
+    let [batch, c_in, h, w] = x.dims();
+    let [c_out, per_group, kh, kw] = weight.dims();
+    let g = ConvGeometry {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        stride: [stride, stride],
+        pad: [pad, pad],
+    };
+    if enabled("conv")
+        && per_group == c_in
+        && g.is_valid()
+        && let Some(y) = conv2d_with(x.clone(), weight.clone(), bias.clone(), &g)
+    {
+        return y;
+    }
+    burn::tensor::module::conv2d(
+        x,
+        weight,
+        bias,
+        burn::tensor::ops::ConvOptions::new([stride, stride], [pad, pad], [1, 1], 1),
+    )
+}
+
 /// Backward node of [`conv2d`]: state is (input, weight, geometry, whether a bias took part).
 #[derive(Debug)]
 struct Conv2dBackward;

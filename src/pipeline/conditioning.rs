@@ -3,7 +3,7 @@
 //! takes a class index or name, or a class name given as the prompt; an unconditioned model
 //! takes neither. An empty prompt means "unconditional" everywhere.
 
-use crate::model::ModelConfig;
+use crate::model::CondSpec;
 use anyhow::{Result, bail};
 
 /// The names of the options in messages (`--class` on the command line, `class` in JSON).
@@ -50,8 +50,8 @@ pub enum Resolved {
 
 impl CondFlags<'_> {
     /// Reads the options against the model; errors name the options by `names`.
-    pub fn resolve(&self, cfg: &ModelConfig, names: FlagNames) -> Result<Resolved> {
-        let text_model = cfg.unet.text_dim.is_some();
+    pub fn resolve(&self, cfg: CondSpec, names: FlagNames) -> Result<Resolved> {
+        let text_model = cfg.text;
         let FlagNames {
             class: cf,
             prompt: pf,
@@ -75,7 +75,7 @@ impl CondFlags<'_> {
         match (self.class, self.prompt) {
             (Some(c), _) => Ok(Resolved::Class(cfg.class_index(c, cf)?)),
             (None, Some(p)) if p.trim().is_empty() => Ok(Resolved::Nothing),
-            (None, Some(p)) if cfg.unet.num_classes.is_some() => {
+            (None, Some(p)) if cfg.num_classes.is_some() => {
                 Ok(Resolved::Class(cfg.class_index(p.trim(), pf)?))
             }
             (None, Some(_)) => bail!("{pf} was given, but this model is unconditioned"),

@@ -9,10 +9,12 @@
 //! noise comes from) is written once. Same components, request and build: the same bits out.
 
 pub mod conditioning;
+pub mod generator;
 pub mod load;
 
 pub use conditioning::{CondFlags, FlagNames, Resolved};
-pub use load::load_model;
+pub use generator::Generator;
+pub use load::{load_generator, load_model};
 
 use crate::conditioning::lowres;
 use crate::conditioning::text::TextEncoder;
@@ -315,6 +317,60 @@ pub const MAX_BATCH: usize = 4096;
 /// The memory [`Pipeline::default_batch`] sizes a chunk's activations to.
 pub const BATCH_MEMORY_BYTES: usize = 1 << 30;
 
+/// The checks every family makes of a request before any work (a count of images, a batch
+/// in range, given inputs and seeds that cover the images); returns the seeds per part.
+pub(crate) fn check_request(req: &Request) -> Result<Vec<(usize, u64)>> {
+    let n = req.n;
+    if n == 0 {
+        bail!("the request is for no images");
+    }
+    if let Some(b) = req.batch.filter(|b| !(1..=MAX_BATCH).contains(b)) {
+        bail!("the batch must be between 1 and {MAX_BATCH} images (got {b})");
+    }
+    let given = match &req.start {
+        Start::Noise => None,
+        Start::GivenNoise(x) => Some(x.dims()),
+        Start::Edit { images, .. } => Some(images.dims()),
+    };
+    if let Some(d) = given.filter(|d| d[0] != n) {
+        bail!("the request is for {n} images but {} were given", d[0]);
+    }
+    let seed_parts = match &req.seeds {
+        Seeds::One(s) => vec![(n, *s)],
+        Seeds::Parts(p) => p.clone(),
+    };
+    let covered: usize = seed_parts.iter().map(|p| p.0).sum();
+    if covered != n {
+        bail!("the seeds cover {covered} images, the request {n}");
+    }
+    Ok(seed_parts)
+}
+
+/// Runs `run_chunks` and joins its chunks into one [`Generated`].
+pub(crate) fn gather(
+    run_chunks: impl FnOnce(&mut dyn FnMut(usize, Generated) -> Result<()>) -> Result<RunSummary>,
+) -> Result<Generated> {
+    let mut parts: Vec<Generated> = Vec::new();
+    let summary = run_chunks(&mut |_, g| {
+        parts.push(g);
+        Ok(())
+    })?;
+    let mut first = parts.remove(0);
+    if !parts.is_empty() {
+        let mut samples = vec![first.sample];
+        let mut images = vec![first.images];
+        for g in parts {
+            samples.push(g.sample);
+            images.push(g.images);
+        }
+        first.sample = Tensor::cat(samples, 0);
+        first.images = Tensor::cat(images, 0);
+    }
+    first.prompt_truncated = summary.prompt_truncated;
+    first.negative_truncated = summary.negative_truncated;
+    Ok(first)
+}
+
 impl Pipeline {
     /// Components as they are; the text encoder is loaded by [`Pipeline::load`] or given here.
     pub fn new(model: LoadedModel, text_encoder: Option<TextEncoder>, device: Device) -> Self {
@@ -406,25 +462,7 @@ impl Pipeline {
     /// Runs a request; `on_step` sees every step. The whole result is held at once: for many
     /// images, [`Pipeline::run_chunks`] hands each chunk over as it is done.
     pub fn run(&self, req: &Request, on_step: &mut dyn FnMut(&Step)) -> Result<Generated> {
-        let mut parts: Vec<Generated> = Vec::new();
-        let summary = self.run_chunks(req, on_step, &mut |_, g| {
-            parts.push(g);
-            Ok(())
-        })?;
-        let mut first = parts.remove(0);
-        if !parts.is_empty() {
-            let mut samples = vec![first.sample];
-            let mut images = vec![first.images];
-            for g in parts {
-                samples.push(g.sample);
-                images.push(g.images);
-            }
-            first.sample = Tensor::cat(samples, 0);
-            first.images = Tensor::cat(images, 0);
-        }
-        first.prompt_truncated = summary.prompt_truncated;
-        first.negative_truncated = summary.negative_truncated;
-        Ok(first)
+        gather(|on_chunk| self.run_chunks(req, on_step, on_chunk))
     }
 
     /// Runs a request in chunks of [`Pipeline::batch`] images, giving each to
@@ -449,21 +487,8 @@ impl Pipeline {
         if let Some((lo, hi)) = req.guidance_interval {
             crate::sampler::check_guidance_interval(lo, hi)?;
         }
+        let seed_parts = check_request(req)?;
         let n = req.n;
-        if n == 0 {
-            bail!("the request is for no images");
-        }
-        if let Some(b) = req.batch.filter(|b| !(1..=MAX_BATCH).contains(b)) {
-            bail!("the batch must be between 1 and {MAX_BATCH} images (got {b})");
-        }
-        let given = match &req.start {
-            Start::Noise => None,
-            Start::GivenNoise(x) => Some(x.dims()),
-            Start::Edit { images, .. } => Some(images.dims()),
-        };
-        if let Some(d) = given.filter(|d| d[0] != n) {
-            bail!("the request is for {n} images but {} were given", d[0]);
-        }
         if let Some(low) = &req.low_res
             && low.dims()[0] != n
         {
@@ -471,14 +496,6 @@ impl Pipeline {
                 "the request is for {n} images but {} low-resolution inputs were given",
                 low.dims()[0]
             );
-        }
-        let seed_parts = match &req.seeds {
-            Seeds::One(s) => vec![(n, *s)],
-            Seeds::Parts(p) => p.clone(),
-        };
-        let covered: usize = seed_parts.iter().map(|p| p.0).sum();
-        if covered != n {
-            bail!("the seeds cover {covered} images, the request {n}");
         }
         self.check_conditioning(&req.conditioning, n)?;
         let batch = self.batch(req);

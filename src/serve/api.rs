@@ -136,7 +136,7 @@ pub fn validate(
         negative: None,
     };
     let (classes, prompt) = match flags
-        .resolve(model, FlagNames::JSON)
+        .resolve(model.cond(), FlagNames::JSON)
         .map_err(|e| e.to_string())?
     {
         Resolved::Class(c) => (Some(vec![c; n]), String::new()),

@@ -211,6 +211,18 @@ impl AdamW {
 
     /// Restores moments written by [`AdamW::export`] (kept on the host).
     pub fn import(&mut self, prefix: &str, t: u64, src: &NamedTensors) -> Result<()> {
+        self.import_for(prefix, "model.", t, src)
+    }
+
+    /// [`AdamW::import`] for the parameters saved under `params` (`disc.` for a GAN's
+    /// discriminator), whose sizes the moments are checked against.
+    pub fn import_for(
+        &mut self,
+        prefix: &str,
+        params: &str,
+        t: u64,
+        src: &NamedTensors,
+    ) -> Result<()> {
         self.t = t;
         self.moments.clear();
         let mp = format!("{prefix}m.");
@@ -221,7 +233,7 @@ impl AdamW {
             let Some(v) = src.get(&format!("{prefix}v.{key}")) else {
                 bail!("optimizer state for '{key}' has no second moment");
             };
-            let want = src.get(&format!("model.{key}")).map(|p| p.data.len());
+            let want = src.get(&format!("{params}{key}")).map(|p| p.data.len());
             if want != Some(m.data.len()) || v.data.len() != m.data.len() {
                 bail!("optimizer state for '{key}' does not match the model's parameter");
             }

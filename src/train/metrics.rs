@@ -15,6 +15,9 @@ pub struct MetricLine {
     pub lr: f64,
     pub grad_norm: f64,
     pub elapsed: f64,
+    /// A family's further figures (a GAN's discriminator loss and scores); none for diffusion.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// Reads a run's metrics, keeping only lines up to `max_step`.

@@ -5,16 +5,18 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod distill;
 pub mod ema;
+pub mod gan;
 mod metrics;
 pub mod objective;
 mod preview;
+mod run;
 
 use crate::files::RunLock;
 use preview::{Preview, preview, preview_lowres};
 pub mod vae;
 
 use crate::conditioning::text::CaptionBank;
-use crate::data::{self, Dataset, HostBatch};
+use crate::data::{Dataset, HostBatch};
 use crate::device::{inference_device, training_device};
 use crate::model::ModelConfig;
 use crate::schedule::NoiseSchedule;
@@ -197,6 +199,34 @@ impl RunConfig {
     }
 }
 
+/// A run config of some family, as checkpoints and `--resume` handle it.
+pub trait RunSpec: Clone + Serialize + serde::de::DeserializeOwned {
+    /// The family of the model it trains.
+    const FAMILY: crate::model::Family;
+    fn train(&self) -> &TrainConfig;
+    fn train_mut(&mut self) -> &mut TrainConfig;
+    /// The `--data` argument.
+    fn data_mut(&mut self) -> &mut String;
+    /// Checks the whole run before anything is built.
+    fn validate(&self) -> Result<()>;
+}
+
+impl RunSpec for RunConfig {
+    const FAMILY: crate::model::Family = crate::model::Family::Diffusion;
+    fn train(&self) -> &TrainConfig {
+        &self.train
+    }
+    fn train_mut(&mut self) -> &mut TrainConfig {
+        &mut self.train
+    }
+    fn data_mut(&mut self) -> &mut String {
+        &mut self.data
+    }
+    fn validate(&self) -> Result<()> {
+        RunConfig::validate(self)
+    }
+}
+
 /// The model, its EMA copy and the optimiser at the first step of a run: fresh from the seed,
 /// or as a checkpoint left them.
 struct State {
@@ -307,6 +337,16 @@ pub fn check_resume_target(step: usize, target: usize, out: &Path) -> Result<()>
     Ok(())
 }
 
+/// Refuses a `--minutes` budget that is not a positive number.
+pub fn check_minutes(minutes: Option<f64>) -> Result<()> {
+    if let Some(m) = minutes
+        && !(m.is_finite() && m > 0.0)
+    {
+        bail!("--minutes must be a positive number (got {m})");
+    }
+    Ok(())
+}
+
 /// What a run trains with besides its config and data.
 #[derive(Clone, Copy, Default)]
 pub struct With<'a> {
@@ -340,11 +380,7 @@ pub fn train(
     if cfg.distill.is_some() != with.teacher.is_some() {
         bail!("a distillation run trains with its teacher, and only a distillation run does");
     }
-    if let Some(m) = with.minutes
-        && !(m.is_finite() && m > 0.0)
-    {
-        bail!("--minutes must be a positive number (got {m})");
-    }
+    check_minutes(with.minutes)?;
     let tc = &cfg.train;
     crate::kernels::set_matmul_mode(tc.precision)
         .with_context(|| format!("{}: the run's precision", out.display()))?;
@@ -363,12 +399,12 @@ pub fn train(
     let sched = NoiseSchedule::new(&cfg.model.schedule)?;
 
     let State {
-        mut model,
-        mut ema_model,
-        mut opt,
+        model,
+        ema_model,
+        opt,
         start,
     } = State::init(cfg, resume, with.teacher, &dev)?;
-    let (mut metrics, elapsed_before) = metrics::restore(&paths, start)?;
+    let metrics = metrics::restore(&paths, start)?;
     if start >= tc.steps {
         return Ok(start);
     }
@@ -410,38 +446,69 @@ pub fn train(
         captions: bank.as_ref(),
     };
     let preview_cond = preview_lowres(cfg, &ds);
-    // Batches are built on a separate thread, two steps ahead of the training step.
-    let ds = Arc::new(ds);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(2);
-    {
-        let ds = ds.clone();
-        let (b, seed, flip, end) = (tc.batch_size, tc.seed, tc.hflip, tc.steps);
-        std::thread::spawn(move || {
-            for s in start..end {
-                if tx
-                    .send(data::batch_for_step(&ds, s, b, seed, flip))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-    }
+    let mut learner = DiffusionLearner {
+        cfg,
+        objective,
+        consistency,
+        model: Some(model),
+        ema_model: Some(ema_model),
+        opt,
+        dev,
+        extra,
+        private,
+        preview: Preview {
+            text: preview_text,
+            lowres: preview_cond,
+            vae,
+        },
+    };
+    run::run_loop(
+        tc,
+        Arc::new(ds),
+        &paths,
+        run::Span {
+            start,
+            metrics,
+            minutes: with.minutes,
+        },
+        &mut learner,
+        on_step,
+    )
+}
 
-    let t0 = Instant::now();
-    for step in start..tc.steps {
-        let batch = rx.recv().context("the data loader stopped")?;
-        let loss = match &consistency {
-            Some(c) => c.loss(&model, batch, step, &dev),
+/// A diffusion (or distillation) run's state and step.
+struct DiffusionLearner<'a> {
+    cfg: &'a RunConfig,
+    objective: Objective<'a>,
+    consistency: Option<distill::Consistency<'a>>,
+    /// Always `Some` between steps (taken and put back by each update).
+    model: Option<UNet>,
+    ema_model: Option<UNet>,
+    opt: AdamW,
+    dev: burn::tensor::Device,
+    /// Tensors into the checkpoint and the model file (a latent model's VAE).
+    extra: crate::weights::NamedTensors,
+    /// Tensors into the checkpoint only (a distillation run's teacher).
+    private: crate::weights::NamedTensors,
+    preview: Preview<'a>,
+}
+
+impl run::Learner for DiffusionLearner<'_> {
+    fn step(&mut self, batch: HostBatch, step: usize) -> Result<run::StepOutcome> {
+        let tc = &self.cfg.train;
+        let dev = &self.dev;
+        let model = self.model.take().expect("the model between steps");
+        let loss = match &self.consistency {
+            Some(c) => c.loss(&model, batch, step, dev),
             None => {
-                let ex = objective.example(batch, step, &dev);
+                let ex = self.objective.example(batch, step, dev);
                 let out = match &ex.text {
                     Some(tc) => {
                         model.forward_cond(ex.x_t.clone(), &ex.t_model, crate::unet::Cond::Text(tc))
                     }
                     None => model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref()),
                 };
-                objective.loss(out, &ex, &dev)
+                self.objective.loss(out, &ex, dev)
             }
         };
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -452,59 +519,41 @@ pub fn train(
         let gnorm = adamw::grad_norm(&model, &grads);
         let scale = adamw::clip_scale(gnorm, tc.grad_clip);
         let lr = tc.lr_at(step);
-        model = opt.step(model, &grads, lr, scale);
-        ema_model = ema::update(ema_model, &model, ema::decay_at(tc.ema_decay, step as u64));
-
-        let done = step + 1;
-        let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
-        let line = MetricLine {
-            step: done,
+        let model = self.opt.step(model, &grads, lr, scale);
+        let ema = self.ema_model.take().expect("the EMA between steps");
+        self.ema_model = Some(ema::update(
+            ema,
+            &model,
+            ema::decay_at(tc.ema_decay, step as u64),
+        ));
+        self.model = Some(model);
+        Ok(run::StepOutcome {
             loss: loss_v,
             lr,
             grad_norm: gnorm,
-            elapsed,
-        };
-        metrics::append(&mut metrics, &line)?;
-        on_step(&StepReport {
-            step: done,
-            total: tc.steps,
-            loss: loss_v,
-            lr,
-            elapsed,
-        });
-        let out_of_time = with
-            .minutes
-            .is_some_and(|m| t0.elapsed().as_secs_f64() >= m * 60.0);
-        let last = done == tc.steps || out_of_time;
-        if done % tc.checkpoint_every == 0 || last {
-            let files = checkpoint::Files {
-                both: &extra,
-                checkpoint_only: &private,
-            };
-            checkpoint::save(&paths, cfg, &model, &ema_model, &opt, done, files)?;
-        }
-        if tc.sample_every > 0 && (done % tc.sample_every == 0 || last) {
-            let p = Preview {
-                text: preview_text.clone(),
-                lowres: preview_cond.clone(),
-                vae,
-            };
-            preview(cfg, &ema_model, &paths, done, p)?;
-        }
-        if out_of_time && done < tc.steps {
-            save_loss_plot(&paths, done)?;
-            return Ok(done);
-        }
+            extra: Vec::new(),
+        })
     }
-    save_loss_plot(&paths, tc.steps)?;
-    Ok(tc.steps)
-}
 
-/// `loss.png` from the metrics up to `step`.
-fn save_loss_plot(paths: &RunPaths, step: usize) -> Result<()> {
-    let all = read_metrics(&paths.metrics(), step);
-    let pts: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
-    crate::plot::save_loss_curve(&pts, &paths.loss_plot())
+    fn save(&self, paths: &RunPaths, step: usize) -> Result<()> {
+        let files = checkpoint::Files {
+            both: &self.extra,
+            checkpoint_only: &self.private,
+        };
+        let model = self.model.as_ref().expect("the model between steps");
+        let ema = self.ema_model.as_ref().expect("the EMA between steps");
+        checkpoint::save(paths, self.cfg, model, ema, &self.opt, step, files)
+    }
+
+    fn preview(&self, paths: &RunPaths, step: usize) -> Result<()> {
+        let p = Preview {
+            text: self.preview.text.clone(),
+            lowres: self.preview.lowres.clone(),
+            vae: self.preview.vae,
+        };
+        let ema = self.ema_model.as_ref().expect("the EMA between steps");
+        preview(self.cfg, ema, paths, step, p)
+    }
 }
 
 /// The VAE's tensors under [`crate::model::VAE_PREFIX`], for model files and checkpoints.

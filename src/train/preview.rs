@@ -23,12 +23,7 @@ pub(super) fn preview(
 ) -> Result<()> {
     let idev = inference_device();
     let (n, conditioning, cols) = match (cfg.model.unet.num_classes, p.text) {
-        (Some(k), _) => {
-            let per = (16 / k).clamp(1, 4);
-            let classes: Vec<usize> = (0..k).flat_map(|c| std::iter::repeat_n(c, per)).collect();
-            let cols = if per == 1 { k } else { per };
-            (classes.len(), Conditioning::Classes(classes), cols)
-        }
+        (Some(k), _) => class_layout(Some(k)),
         (None, Some(text)) => (
             text.null.len(),
             Conditioning::Encoded {
@@ -37,7 +32,7 @@ pub(super) fn preview(
             },
             4,
         ),
-        (None, None) => (16, Conditioning::None, 4),
+        (None, None) => class_layout(None),
     };
     let (n, low_res) = match &p.lowres {
         Some((v, shape)) => (
@@ -75,12 +70,29 @@ pub(super) fn preview(
         }
         _ => x,
     };
+    save_grid(x, cols, paths, step)
+}
+
+/// The preview's images: one per class (up to 4 of each where there are few classes), a row
+/// per class when there are more than 4, or 16 for an unconditioned model.
+pub(super) fn class_layout(num_classes: Option<usize>) -> (usize, Conditioning, usize) {
+    match num_classes {
+        Some(k) => {
+            let per = (16 / k).clamp(1, 4);
+            let classes: Vec<usize> = (0..k).flat_map(|c| std::iter::repeat_n(c, per)).collect();
+            let cols = if per == 1 { k } else { per };
+            (classes.len(), Conditioning::Classes(classes), cols)
+        }
+        None => (16, Conditioning::None, 4),
+    }
+}
+
+/// Saves images `[n, C, S, S]` as the grid `samples/step-NNNNNN.png`, `cols` to a row.
+pub(super) fn save_grid(x: Tensor<4>, cols: usize, paths: &RunPaths, step: usize) -> Result<()> {
+    let size = x.dims()[2];
     let batch = ImageBatch::from_tensor(x);
     let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
-    let g = upscale(
-        &grid(&imgs, cols),
-        display_factor(cfg.model.output_shape()[1]),
-    );
+    let g = upscale(&grid(&imgs, cols), display_factor(size));
     save_image(&g, &paths.samples().join(format!("step-{step:06}.png")))
 }
 

@@ -7,6 +7,7 @@ mod distill;
 mod eval;
 mod flow;
 mod fuzz;
+mod gan;
 mod golden;
 mod hardening;
 mod interop;

@@ -1,0 +1,330 @@
+//! Training a GAN ([`crate::gan`]) in the shared loop ([`super::run`]): per step one
+//! discriminator update on the hinge loss, then one generator update, then the EMA of the
+//! generator (the model file's weights).
+//!
+//! Every draw of step `s` (label dropout, then the noise of the D update, then that of the G
+//! update) comes from `rng_for(seed, TrainStep, s)`, and the checkpoint holds both networks,
+//! the EMA, both optimisers' moments and the spectral-norm vectors, so a resumed run makes the
+//! same bits as an uninterrupted one. Both optimisers update once a step, so both counts equal
+//! the step (saved once, as `diffuse.adam_t`).
+
+use super::adamw::{self, AdamW};
+use super::checkpoint::{self, Checkpoint, Parts};
+use super::preview::{class_layout, save_grid};
+use super::run::{self, Learner, StepOutcome};
+use super::{RunPaths, RunSpec, StepReport, TrainConfig, ema, metrics, warmup_lr};
+use crate::data::{Dataset, HostBatch};
+use crate::gan::{Discriminator, GanConfig, Generator, LoadedGan};
+use crate::model::{Family, FamilyConfig};
+use crate::pipeline::{Request, Seeds};
+use crate::rng::{Stream, normal_vec, rng_for};
+use crate::sampler::SamplerKind;
+use crate::weights::{self, NamedTensors, StoreDtype};
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The adversarial game's own hyperparameters (the generator's learning rate is
+/// `train.lr`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GanTrainConfig {
+    /// The discriminator's learning rate.
+    pub lr_d: f64,
+    /// Adam's `beta1` and `beta2` for both networks (SNGAN: 0 and 0.9).
+    pub beta1: f64,
+    pub beta2: f64,
+}
+
+impl Default for GanTrainConfig {
+    fn default() -> Self {
+        Self {
+            lr_d: 4e-4,
+            beta1: 0.0,
+            beta2: 0.9,
+        }
+    }
+}
+
+/// Everything that defines a GAN run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GanRun {
+    /// The networks, stored with `"family": "gan"`.
+    #[serde(with = "tagged")]
+    pub model: GanConfig,
+    pub train: TrainConfig,
+    /// The `--data` argument the run was started with.
+    pub data: String,
+    pub gan: GanTrainConfig,
+}
+
+/// [`GanConfig`] as files store it: tagged with its family.
+mod tagged {
+    use super::{FamilyConfig, GanConfig};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &GanConfig, s: S) -> Result<S::Ok, S::Error> {
+        FamilyConfig::Gan(c.clone()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GanConfig, D::Error> {
+        match FamilyConfig::deserialize(d)? {
+            FamilyConfig::Gan(c) => Ok(c),
+        }
+    }
+}
+
+impl GanTrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr_d > 0.0 && self.lr_d.is_finite()) {
+            bail!("--lr-d must be a positive number (got {})", self.lr_d);
+        }
+        for (b, flag) in [(self.beta1, "beta1"), (self.beta2, "beta2")] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("Adam's {flag} must be in [0, 1) (got {b})");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RunSpec for GanRun {
+    const FAMILY: Family = Family::Gan;
+    fn train(&self) -> &TrainConfig {
+        &self.train
+    }
+    fn train_mut(&mut self) -> &mut TrainConfig {
+        &mut self.train
+    }
+    fn data_mut(&mut self) -> &mut String {
+        &mut self.data
+    }
+    fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        self.model.validate()?;
+        self.gan.validate()?;
+        if self.train.loss_weighting != super::LossWeighting::Uniform {
+            bail!("a GAN's loss has no timesteps to weight: leave out --min-snr");
+        }
+        Ok(())
+    }
+}
+
+/// A loss beyond this is taken as divergence (the hinge losses of a working GAN stay near 1).
+const DIVERGED: f64 = 1e4;
+
+/// Trains a GAN run to `cfg.train.steps`, fresh or from `resume`, as [`super::train`] does a
+/// diffusion run. Returns the final step (less than the target when `minutes` ran out).
+pub fn train(
+    cfg: &GanRun,
+    ds: Dataset,
+    out: &Path,
+    resume: Option<Checkpoint<GanRun>>,
+    minutes: Option<f64>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<usize> {
+    cfg.validate()?;
+    crate::device::check_training_backend()?;
+    super::check_minutes(minutes)?;
+    let tc = &cfg.train;
+    crate::kernels::set_matmul_mode(tc.precision)?;
+    let paths = RunPaths::new(out);
+    let _lock = super::claim_run_folder(out)?;
+    if let Some(ck) = &resume {
+        super::check_resume_target(ck.step, tc.steps, out)?;
+    }
+    crate::files::write_atomic(
+        &paths.config(),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+    let dev = crate::device::training_device();
+    dev.seed(tc.seed);
+    let mut g = Generator::new(&cfg.model, &dev)?;
+    let mut d = Discriminator::new(&cfg.model, &dev)?;
+    let mut g_ema = g.valid();
+    let adam = || AdamW::new(cfg.gan.beta1, cfg.gan.beta2, 1e-8, tc.weight_decay);
+    let (mut opt_g, mut opt_d) = (adam(), adam());
+    let mut start = 0;
+    if let Some(ck) = resume {
+        g = weights::apply(g, &ck.tensors, "model.")?;
+        g_ema = weights::apply(g_ema, &ck.tensors, "ema.")?;
+        d = weights::apply(d, &ck.tensors, "disc.")?;
+        opt_g.import_for("opt.", "model.", ck.adam_t, &ck.tensors)?;
+        opt_d.import_for("opt_d.", "disc.", ck.adam_t, &ck.tensors)?;
+        start = ck.step;
+    }
+    let metrics = metrics::restore(&paths, start)?;
+    if start >= tc.steps {
+        return Ok(start);
+    }
+    let mut learner = GanLearner {
+        cfg,
+        g: Some(g),
+        d: Some(d),
+        g_ema: Some(g_ema),
+        opt_g,
+        opt_d,
+        dev,
+        saved: Cell::new(start),
+    };
+    run::run_loop(
+        tc,
+        Arc::new(ds),
+        &paths,
+        run::Span {
+            start,
+            metrics,
+            minutes,
+        },
+        &mut learner,
+        on_step,
+    )
+}
+
+/// A GAN run's state.
+struct GanLearner<'a> {
+    cfg: &'a GanRun,
+    /// Always `Some` between steps (taken and put back by each update).
+    g: Option<Generator>,
+    d: Option<Discriminator>,
+    g_ema: Option<Generator>,
+    opt_g: AdamW,
+    opt_d: AdamW,
+    dev: Device,
+    /// The step of the last checkpoint written (or resumed from).
+    saved: Cell<usize>,
+}
+
+/// The hinge losses and scores of one step, as numbers.
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_scalar::<f32>() as f64
+}
+
+impl Learner for GanLearner<'_> {
+    fn step(&mut self, batch: HostBatch, step: usize) -> Result<StepOutcome> {
+        let (cfg, tc) = (self.cfg, &self.cfg.train);
+        let dev = &self.dev;
+        let b = batch.shape[0];
+        let z_dim = cfg.model.z_dim;
+        let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
+        let labels: Option<Vec<usize>> = match (cfg.model.num_classes, &batch.labels) {
+            (Some(k), Some(l)) => Some(
+                l.iter()
+                    .map(|&y| if rng.gen_bool(tc.label_dropout) { k } else { y })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let noise = |rng: &mut rand_chacha::ChaCha8Rng| {
+            Tensor::<2>::from_data(TensorData::new(normal_vec(rng, b * z_dim), [b, z_dim]), dev)
+        };
+        let (z_d, z_g) = (noise(&mut rng), noise(&mut rng));
+        let real = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), dev);
+        let l = labels.as_deref();
+
+        // Discriminator: hinge loss on real and generated images, one forward for both.
+        let g = self.g.take().expect("G between steps");
+        let d = self.d.take().expect("D between steps").power_iterate();
+        let fake = g.forward(z_d, l).detach();
+        let both: Option<Vec<usize>> = labels.as_ref().map(|l| [l.as_slice(), l].concat());
+        let scores = d.forward(Tensor::cat(vec![real, fake], 0), both.as_deref());
+        let (s_real, s_fake) = (scores.clone().narrow(0, 0, b), scores.narrow(0, b, b));
+        let (d_real, d_fake) = (scalar(s_real.clone().mean()), scalar(s_fake.clone().mean()));
+        let loss_d =
+            relu(s_real.neg().add_scalar(1.0)).mean() + relu(s_fake.add_scalar(1.0)).mean();
+        let grads_d = GradientsParams::from_grads(loss_d.backward(), &d);
+        let d_loss = scalar(loss_d);
+        let gn_d = adamw::grad_norm(&d, &grads_d);
+        let lr_d = warmup_lr(cfg.gan.lr_d, tc.warmup_steps, step);
+        let d = self
+            .opt_d
+            .step(d, &grads_d, lr_d, adamw::clip_scale(gn_d, tc.grad_clip));
+
+        // Generator: raise D's score of fresh samples.
+        let loss_g = d.forward(g.forward(z_g, l), l).mean().neg();
+        let grads_g = GradientsParams::from_grads(loss_g.backward(), &g);
+        let g_loss = scalar(loss_g);
+        if !(d_loss.is_finite() && g_loss.is_finite())
+            || d_loss.abs() > DIVERGED
+            || g_loss.abs() > DIVERGED
+        {
+            bail!(
+                "GAN training diverged at step {step} (d_loss {d_loss}, g_loss {g_loss}); the checkpoint of step {} is kept; try a lower --lr and --lr-d",
+                self.saved.get()
+            );
+        }
+        let gn_g = adamw::grad_norm(&g, &grads_g);
+        let lr = tc.lr_at(step);
+        let g = self
+            .opt_g
+            .step(g, &grads_g, lr, adamw::clip_scale(gn_g, tc.grad_clip));
+        let ema = self.g_ema.take().expect("EMA between steps");
+        self.g_ema = Some(ema::update(
+            ema,
+            &g,
+            ema::decay_at(tc.ema_decay, step as u64),
+        ));
+        self.g = Some(g);
+        self.d = Some(d);
+        Ok(StepOutcome {
+            loss: d_loss,
+            lr,
+            grad_norm: gn_g,
+            extra: vec![
+                ("g_loss", g_loss),
+                ("d_real", d_real),
+                ("d_fake", d_fake),
+                ("grad_norm_d", gn_d),
+            ],
+        })
+    }
+
+    fn save(&self, paths: &RunPaths, step: usize) -> Result<()> {
+        let (g, d) = (self.g.as_ref().expect("G"), self.d.as_ref().expect("D"));
+        let ema = self.g_ema.as_ref().expect("EMA");
+        let mut t = NamedTensors::new();
+        weights::collect(g, "model.", &mut t);
+        weights::collect(ema, "ema.", &mut t);
+        weights::collect(d, "disc.", &mut t);
+        self.opt_g.export("opt.", &mut t);
+        self.opt_d.export("opt_d.", &mut t);
+        let config = FamilyConfig::Gan(self.cfg.model.clone());
+        let mut e = NamedTensors::new();
+        weights::collect(ema, "", &mut e);
+        let model_file = crate::model::family_model_bytes(&config, &e, StoreDtype::F32)?;
+        let parts = Parts {
+            run_json: serde_json::to_string(self.cfg)?,
+            config_json: serde_json::to_string(&config)?,
+            step,
+            adam_t: self.opt_g.t,
+        };
+        checkpoint::write(paths, &parts, &t, &model_file)?;
+        self.saved.set(step);
+        Ok(())
+    }
+
+    fn preview(&self, paths: &RunPaths, step: usize) -> Result<()> {
+        let idev = crate::device::inference_device();
+        let ema = self.g_ema.as_ref().expect("EMA").clone();
+        let generator = crate::pipeline::Generator::Gan {
+            model: LoadedGan {
+                config: self.cfg.model.clone(),
+                generator: ema,
+                source: "the training run".into(),
+            },
+            device: idev,
+        };
+        let (n, conditioning, cols) = class_layout(self.cfg.model.num_classes);
+        let mut req = Request::new(n, SamplerKind::Ddpm);
+        req.conditioning = conditioning;
+        req.seeds = Seeds::One(self.cfg.train.seed);
+        let x = generator.run(&req, &mut |_| {})?.images;
+        save_grid(x, cols, paths, step)
+    }
+}

@@ -1,0 +1,120 @@
+//! The training loop every family shares: batches built two steps ahead on a loader thread,
+//! one [`Learner::step`] per batch, a line of `metrics.jsonl` per step, checkpoints every N
+//! steps and at the end (or when `--minutes` run out), preview grids, and the loss plot. What a
+//! step does (the objective, the optimisers, the EMA) is the family's, behind [`Learner`].
+
+use super::metrics::{self, MetricLine};
+use super::{RunPaths, StepReport, TrainConfig};
+use crate::data::{self, Dataset, HostBatch};
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What one step reports.
+pub(crate) struct StepOutcome {
+    /// The loss the progress bar and the loss plot show.
+    pub loss: f64,
+    /// The learning rate of the step.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Further figures of the family, into `metrics.jsonl` by name.
+    pub extra: Vec<(&'static str, f64)>,
+}
+
+/// One family's training state and step.
+pub(crate) trait Learner {
+    /// Trains on `batch` as step `step`; errors name the step.
+    fn step(&mut self, batch: HostBatch, step: usize) -> Result<StepOutcome>;
+    /// Writes the checkpoint and the model file at `step` (atomically).
+    fn save(&self, paths: &RunPaths, step: usize) -> Result<()>;
+    /// Saves the preview grid of `step`.
+    fn preview(&self, paths: &RunPaths, step: usize) -> Result<()>;
+}
+
+/// Where a loop starts and how long it may run.
+pub(crate) struct Span {
+    /// The first step to train.
+    pub start: usize,
+    /// `metrics.jsonl` as [`metrics::restore`] opened it, with the training time its lines had
+    /// taken.
+    pub metrics: (File, f64),
+    /// Stop after the first step that ends past this many minutes.
+    pub minutes: Option<f64>,
+}
+
+/// Trains from `span.start` to `tc.steps` (or until the minutes run out), appending to the
+/// metrics. Returns the last step done.
+pub(crate) fn run_loop(
+    tc: &TrainConfig,
+    ds: Arc<Dataset>,
+    paths: &RunPaths,
+    span: Span,
+    learner: &mut dyn Learner,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<usize> {
+    let Span {
+        start,
+        metrics: (mut metrics, elapsed_before),
+        minutes,
+    } = span;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(2);
+    {
+        let (b, seed, flip, end) = (tc.batch_size, tc.seed, tc.hflip, tc.steps);
+        std::thread::spawn(move || {
+            for s in start..end {
+                if tx
+                    .send(data::batch_for_step(&ds, s, b, seed, flip))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    let t0 = Instant::now();
+    for step in start..tc.steps {
+        let batch = rx.recv().context("the data loader stopped")?;
+        let out = learner.step(batch, step)?;
+        let done = step + 1;
+        let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
+        let line = MetricLine {
+            step: done,
+            loss: out.loss,
+            lr: out.lr,
+            grad_norm: out.grad_norm,
+            elapsed,
+            extra: out.extra.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        metrics::append(&mut metrics, &line)?;
+        on_step(&StepReport {
+            step: done,
+            total: tc.steps,
+            loss: out.loss,
+            lr: out.lr,
+            elapsed,
+        });
+        let out_of_time = minutes.is_some_and(|m| t0.elapsed().as_secs_f64() >= m * 60.0);
+        let last = done == tc.steps || out_of_time;
+        if done % tc.checkpoint_every == 0 || last {
+            learner.save(paths, done)?;
+        }
+        if tc.sample_every > 0 && (done % tc.sample_every == 0 || last) {
+            learner.preview(paths, done)?;
+        }
+        if out_of_time && done < tc.steps {
+            save_loss_plot(paths, done)?;
+            return Ok(done);
+        }
+    }
+    save_loss_plot(paths, tc.steps)?;
+    Ok(tc.steps)
+}
+
+/// `loss.png` from the metrics up to `step`.
+fn save_loss_plot(paths: &RunPaths, step: usize) -> Result<()> {
+    let all = super::read_metrics(&paths.metrics(), step);
+    let pts: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
+    crate::plot::save_loss_curve(&pts, &paths.loss_plot())
+}

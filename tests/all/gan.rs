@@ -1,0 +1,436 @@
+//! The GAN family: a tiny class-conditioned GAN on the digits fixture trains, resumes to the
+//! same bits, samples the same images at any batch and evaluates; the discriminator's hinge
+//! loss falls on one batch; options of the other family and files of an unknown family are
+//! refused with one line.
+
+use super::cli::{fails, ok, run_config};
+use super::data::fixture;
+use burn::optim::GradientsParams;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Distribution, Tensor};
+use diffuse::gan::spectral::SnLinear;
+use diffuse::gan::{Discriminator, GanConfig, Generator};
+use diffuse::train::adamw::AdamW;
+use diffuse::weights::{HostTensor, NamedTensors};
+use std::path::Path;
+
+fn gan_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--family",
+        "gan",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--cond",
+        "class",
+        "--steps",
+        steps,
+        "--batch",
+        "8",
+        "--g-channels",
+        "8",
+        "--d-channels",
+        "8",
+        "--z-dim",
+        "8",
+        "--checkpoint-every",
+        "3",
+        "--sample-every",
+        "6",
+    ]
+}
+
+fn tensors(p: &Path) -> diffuse::weights::NamedTensors {
+    diffuse::weights::read_safetensors(p).unwrap().0
+}
+
+fn files_in(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn a_tiny_gan_trains_resumes_samples_and_evaluates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let whole = tmp.path().join("whole");
+    let w = whole.to_str().unwrap();
+    ok(&gan_args(data, w, "6"));
+    for f in [
+        "config.json",
+        "checkpoint.safetensors",
+        "model.safetensors",
+        "loss.png",
+        "samples/step-000006.png",
+    ] {
+        assert!(whole.join(f).is_file(), "missing {f}");
+    }
+    let cfg = run_config(&whole);
+    assert_eq!(cfg["model"]["family"], "gan");
+    assert_eq!(cfg["model"]["num_classes"], 10);
+    assert_eq!(cfg["train"]["lr"], 1e-4, "a GAN's own default --lr");
+    assert_eq!(cfg["gan"]["lr_d"], 4e-4);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(whole.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for k in ["loss", "g_loss", "d_real", "d_fake", "grad_norm_d"] {
+        assert!(lines[5][k].as_f64().unwrap().is_finite(), "{k}");
+    }
+    // The checkpoint holds both networks, the EMA and both optimisers.
+    let ck = tensors(&whole.join("checkpoint.safetensors"));
+    for prefix in ["model.", "ema.", "disc.", "opt.m.", "opt_d.m."] {
+        assert!(ck.keys().any(|k| k.starts_with(prefix)), "no {prefix}*");
+    }
+    assert!(
+        ck.contains_key("disc.convs.0.u"),
+        "the spectral norm's vector"
+    );
+
+    // Three steps, then --resume to six: the same bits as six at once.
+    let cut = tmp.path().join("cut");
+    let c = cut.to_str().unwrap();
+    ok(&gan_args(data, c, "3"));
+    let mut resume = gan_args(data, c, "6");
+    resume.push("--resume");
+    ok(&resume);
+    assert_eq!(
+        tensors(&whole.join("checkpoint.safetensors")),
+        tensors(&cut.join("checkpoint.safetensors"))
+    );
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(cut.join("model.safetensors")).unwrap()
+    );
+
+    // Sampling: one class, the same images whatever the batch.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let grid = tmp.path().join("grid.png");
+    for (dir, batch) in [(&a, "2"), (&b, "7")] {
+        ok(&[
+            "sample",
+            "--model",
+            w,
+            "--class",
+            "3",
+            "--n",
+            "5",
+            "--batch",
+            batch,
+            "--seed",
+            "4",
+            "--out-dir",
+            dir.to_str().unwrap(),
+            "--out",
+            grid.to_str().unwrap(),
+        ]);
+    }
+    assert_eq!(files_in(&a).len(), 5);
+    assert_eq!(files_in(&a), files_in(&b));
+    // Without --class: rows of every class.
+    let out = ok(&["sample", "--model", w, "--out", grid.to_str().unwrap()]);
+    assert!(out.contains("40 images"), "{out}");
+
+    // eval: one generator evaluation per image, no sampler or guidance in its JSON.
+    let j = tmp.path().join("eval.json");
+    ok(&[
+        "eval",
+        "--model",
+        w,
+        "--data",
+        data,
+        "--n",
+        "20",
+        "--n-real",
+        "100",
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    assert_eq!(v["family"], "gan", "{v}");
+    assert_eq!(v["evaluations"], 1);
+    assert!(v.get("guidance").is_none());
+    assert!(v["fid"].as_f64().unwrap().is_finite(), "{v}");
+
+    // Options of diffusion models, and commands that take only those, are refused.
+    fails(
+        &["sample", "--model", w, "--steps", "4"],
+        "--steps is an option of diffusion models",
+    );
+    fails(
+        &[
+            "sample",
+            "--model",
+            w,
+            "--sampler",
+            "ddim",
+            "--guidance",
+            "3",
+        ],
+        "--sampler, --guidance are options of diffusion models",
+    );
+    fails(
+        &["eval", "--model", w, "--data", data, "--eta", "1"],
+        "--eta",
+    );
+    fails(
+        &["edit", "--model", w, "--image", grid.to_str().unwrap()],
+        "is a GAN; diffuse edit takes diffusion models",
+    );
+    fails(
+        &["sample", "--model", w, "--class", "sneaker"],
+        "'sneaker' is not a class of this model",
+    );
+    // The run is a GAN's: --resume as another family, or with diffusion options, is refused.
+    let mut wrong = gan_args(data, w, "9");
+    wrong.push("--resume");
+    wrong[2] = "diffusion";
+    fails(&wrong, "holds a GAN run");
+}
+
+#[test]
+fn options_of_the_other_family_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let with = |extra: &[&'static str]| {
+        let mut a = gan_args(data, o, "2");
+        a.extend_from_slice(extra);
+        a
+    };
+    fails(
+        &with(&["--objective", "flow"]),
+        "--objective is an option of diffusion models",
+    );
+    fails(
+        &with(&["--base-channels", "16", "--min-snr", "5"]),
+        "--min-snr, --base-channels are options of diffusion models",
+    );
+    let mut text = gan_args(data, o, "2");
+    text[8] = "text";
+    fails(&text, "--cond text is for diffusion models");
+    fails(&with(&["--lr-d", "0"]), "--lr-d must be a positive number");
+    let mut narrow = gan_args(data, o, "2");
+    narrow[14] = "10";
+    fails(&narrow, "multiple of the 8 GroupNorm groups");
+    fails(
+        &["train", "--data", data, "--out", o, "--z-dim", "8"],
+        "--z-dim is an option of --family gan",
+    );
+    assert!(
+        !out.join("config.json").exists(),
+        "nothing is written for a refused run"
+    );
+}
+
+/// A model file whose config names a family this build does not know is refused with one
+/// line naming it, by every command that loads models.
+#[test]
+fn a_model_of_an_unknown_family_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, mut meta) =
+        diffuse::weights::read_safetensors(&fixture("../../models/fashion-mnist-fast.safetensors"))
+            .unwrap();
+    let key = diffuse::model::CONFIG_KEY.to_string();
+    let mut cfg: serde_json::Value = serde_json::from_str(&meta[&key]).unwrap();
+    cfg["family"] = "vq-vae".into();
+    meta.insert(key, cfg.to_string());
+    let bytes =
+        diffuse::weights::to_safetensors(&t, &meta, diffuse::weights::StoreDtype::F16).unwrap();
+    let f = tmp.path().join("odd.safetensors");
+    std::fs::write(&f, bytes).unwrap();
+    let f = f.to_str().unwrap();
+    for cmd in ["sample", "edit", "serve", "export"] {
+        let mut args = vec![cmd, "--model", f];
+        if cmd == "edit" {
+            args.extend(["--image", "x.png"]);
+        }
+        if cmd == "export" {
+            args.extend(["--diffusers", "out"]);
+        }
+        fails(
+            &args,
+            "model family 'vq-vae' is unknown to this build (diffusion, gan)",
+        );
+    }
+}
+
+/// The discriminator alone, on one fixed batch of "real" and "generated" images, learns to
+/// tell them apart: its hinge loss falls.
+#[test]
+fn the_discriminator_hinge_loss_falls_on_one_batch() {
+    let dev = Device::flex().autodiff();
+    dev.seed(3);
+    let cfg = GanConfig {
+        g_channels: 8,
+        d_channels: 8,
+        norm_groups: 4,
+        num_classes: Some(2),
+        ..GanConfig::recipe(8, 1)
+    };
+    let mut d = Discriminator::new(&cfg, &dev).unwrap();
+    let real = Tensor::<4>::random([8, 1, 8, 8], Distribution::Uniform(0.0, 1.0), &dev);
+    let fake = Tensor::<4>::random([8, 1, 8, 8], Distribution::Uniform(-1.0, 0.0), &dev);
+    let labels: Vec<usize> = (0..16).map(|i| i % 2).collect();
+    let mut opt = AdamW::new(0.0, 0.9, 1e-8, 0.0);
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        d = d.power_iterate();
+        let s = d.forward(
+            Tensor::cat(vec![real.clone(), fake.clone()], 0),
+            Some(&labels),
+        );
+        let (r, f) = (s.clone().narrow(0, 0, 8), s.narrow(0, 8, 8));
+        let loss = relu(r.neg().add_scalar(1.0)).mean() + relu(f.add_scalar(1.0)).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &d);
+        losses.push(loss.into_scalar::<f32>());
+        d = opt.step(d, &grads, 2e-3, 1.0);
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(
+        first > 1.5,
+        "an untrained D scores both sets alike: {first}"
+    );
+    assert!(
+        last < 0.5 * first,
+        "the hinge loss fell from {first} to {last}"
+    );
+}
+
+fn tiny(classes: Option<usize>) -> GanConfig {
+    GanConfig {
+        num_classes: classes,
+        g_channels: 8,
+        d_channels: 8,
+        z_dim: 4,
+        norm_groups: 4,
+        ..GanConfig::recipe(8, 1)
+    }
+}
+
+#[test]
+fn generator_and_discriminator_shapes() {
+    let dev = Device::flex();
+    let cfg = tiny(Some(3));
+    let g = Generator::new(&cfg, &dev).unwrap();
+    let d = Discriminator::new(&cfg, &dev).unwrap();
+    let labels = [0, 1, 2, 3, 0];
+    let x = g.forward(Tensor::<2>::zeros([5, 4], &dev), Some(&labels));
+    assert_eq!(x.dims(), [5, 1, 8, 8]);
+    let v: Vec<f32> = x.clone().into_data().try_to_vec::<f32>().unwrap();
+    assert!(v.iter().all(|p| (-1.0..=1.0).contains(p)), "tanh pixels");
+    assert_eq!(d.forward(x, Some(&labels)).dims(), [5]);
+    // The size check at load is a lower bound of what G holds.
+    let mut held = NamedTensors::new();
+    diffuse::weights::collect(&g, "", &mut held);
+    let n: usize = held.values().map(|t| t.data.len()).sum();
+    assert!(cfg.min_generator_parameters() <= n);
+    assert!(cfg.min_generator_parameters() * 10 > n * 9, "a tight bound");
+}
+
+/// Each image depends on its own noise and class only: the rows of a batch of 3 are what a
+/// batch of 1 gives.
+#[test]
+fn a_generated_image_does_not_depend_on_its_batch() {
+    let dev = Device::flex();
+    let g = Generator::new(&tiny(Some(2)), &dev).unwrap();
+    let z = Tensor::<2>::random([3, 4], Distribution::Normal(0.0, 1.0), &dev);
+    let all: Vec<f32> = g
+        .forward(z.clone(), Some(&[0, 1, 2]))
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let one: Vec<f32> = g
+        .forward(z.slice([1..2, 0..4]), Some(&[1]))
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    for (a, b) in all[64..128].iter().zip(&one) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn bad_gan_configs_are_refused() {
+    for bad in [
+        GanConfig {
+            image_size: 30,
+            ..tiny(None)
+        },
+        GanConfig {
+            channels: 2,
+            ..tiny(None)
+        },
+        GanConfig {
+            z_dim: 0,
+            ..tiny(None)
+        },
+        GanConfig {
+            g_channels: 10,
+            ..tiny(None)
+        },
+        GanConfig {
+            class_names: vec!["a".into()],
+            ..tiny(Some(2))
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
+
+/// Spectral normalisation against the closed form: for `W = diag(3, 2, 1)` (in a 3x4 matrix)
+/// the largest singular value is 3, so after enough power iterations the layer computes
+/// `x W / 3`: the identity's rows come out as `diag(1, 2/3, 1/3)`.
+#[test]
+fn spectral_norm_divides_by_the_largest_singular_value() {
+    let dev = Device::flex();
+    let mut layer = SnLinear::new(3, 4, &dev);
+    let mut w = NamedTensors::new();
+    let diag = vec![
+        3.0f32, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0,
+    ];
+    w.insert(
+        "linear.weight".into(),
+        HostTensor {
+            shape: vec![3, 4],
+            data: diag.clone(),
+        },
+    );
+    w.insert(
+        "linear.bias".into(),
+        HostTensor {
+            shape: vec![4],
+            data: vec![0.0; 4],
+        },
+    );
+    w.insert(
+        "u".into(),
+        HostTensor {
+            shape: vec![3],
+            data: vec![0.3, 0.5, 0.8],
+        },
+    );
+    layer = diffuse::weights::apply(layer, &w, "").unwrap();
+    for _ in 0..40 {
+        layer = layer.power_iterate();
+    }
+    let eye = Tensor::<2>::from_data(
+        burn::tensor::TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], [3, 3]),
+        &dev,
+    );
+    let y: Vec<f32> = layer.forward(eye).into_data().try_to_vec::<f32>().unwrap();
+    for (got, want) in y.iter().zip(diag.iter().map(|v| v / 3.0)) {
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+}
