@@ -1,4 +1,5 @@
-//! `diffuse convert`: a model file rewritten, e.g. in half precision for shipping.
+//! `diffuse convert`: a model file (of any family) rewritten, e.g. in half precision for
+//! shipping.
 
 use anyhow::{Result, bail};
 use diffuse::device::inference_device;
@@ -11,7 +12,20 @@ use std::path::Path;
 /// sampling steps (at most the grid it was distilled on).
 pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usize>) -> Result<()> {
     let dev = inference_device();
-    let mut m = load_generator(Some(spec), &dev)?.into_diffusion("diffuse convert")?;
+    let mut m = match load_generator(Some(spec), &dev)? {
+        model::Loaded::Diffusion(m) => m,
+        model::Loaded::Gan(g) => {
+            if default_steps.is_some() {
+                bail!(
+                    "--default-steps is for distilled students (diffuse distill); {spec} is a GAN"
+                );
+            }
+            let mut t = NamedTensors::new();
+            weights::collect(&g.generator, "", &mut t);
+            let config = model::FamilyConfig::Gan(g.config);
+            return write(out, &model::family_model_bytes(&config, &t, dtype)?);
+        }
+    };
     if let Some(k) = default_steps {
         let Some(s) = m.config.sampling.as_mut() else {
             bail!("--default-steps is for distilled students (diffuse distill); {spec} is not one");
@@ -40,8 +54,11 @@ pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usiz
                 .map(|(k, x)| (format!("{}{k}", model::VAE_PREFIX), x)),
         );
     }
-    let bytes = model::model_bytes(&m.config, &t, dtype)?;
-    diffuse::files::write_atomic(out, &bytes)?;
+    write(out, &model::model_bytes(&m.config, &t, dtype)?)
+}
+
+fn write(out: &Path, bytes: &[u8]) -> Result<()> {
+    diffuse::files::write_atomic(out, bytes)?;
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
     Ok(())
 }

@@ -257,14 +257,12 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     if let Some(held_out) = &a.real {
         return eval_real(&a, held_out);
     }
+    diffuse::pipeline::check_guidance(a.guidance)?;
     let dev = inference_device();
     // Samples are unconditional or per class: no text encoder.
     let loaded = load_generator(a.model.as_deref(), &dev)?;
     match &loaded {
-        Loaded::Diffusion(m) => {
-            diffuse::pipeline::check_guidance(a.guidance)?;
-            generates_from_noise(m)?
-        }
+        Loaded::Diffusion(m) => generates_from_noise(m)?,
         other => super::refuse_given(DIFFUSION_ONLY, other.family(), other.source())?,
     }
     let generator = Generator::from_loaded(loaded, &dev, false)?;

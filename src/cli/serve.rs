@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use clap::Args;
 use diffuse::device::inference_device;
-use diffuse::pipeline::{Pipeline, load_generator};
+use diffuse::pipeline::{Generator, load_generator};
 use diffuse::serve::{self, ServeConfig, load};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -64,11 +64,13 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         );
     }
     let dev = inference_device();
-    let m = load_generator(a.model.as_deref(), &dev)?.into_diffusion("diffuse serve")?;
-    if m.config.superres.is_some() {
+    let m = load_generator(a.model.as_deref(), &dev)?;
+    if let diffuse::model::Loaded::Diffusion(d) = &m
+        && d.config.superres.is_some()
+    {
         anyhow::bail!(
             "{} is a super-resolution model; serve generates images (use `diffuse upscale`)",
-            m.source
+            d.source
         );
     }
 
@@ -82,7 +84,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         batch: a.batch,
         ..Default::default()
     };
-    serve::serve(Pipeline::with_text_encoder(m, &dev)?, cfg)
+    serve::serve(Generator::from_loaded(m, &dev, true)?, cfg)
 }
 
 #[derive(Args)]

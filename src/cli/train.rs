@@ -62,6 +62,9 @@ pub struct TrainArgs {
     /// --lr 1e-4, --batch 64, --warmup 0, --grad-clip 0, --ema-decay 0.999) [default: 4e-4].
     #[arg(long)]
     lr_d: Option<f64>,
+    /// GAN: Adam's beta1 and beta2 for both networks [default: 0,0.9 (SNGAN)].
+    #[arg(long, value_name = "B1,B2", value_parser = parse_betas)]
+    adam_betas: Option<(f64, f64)>,
     /// Image side length (default: the data's own for IDX/digits, 32 for folders).
     #[arg(long)]
     image_size: Option<usize>,
@@ -193,7 +196,20 @@ const DIFFUSION_ONLY: &[&str] = &[
 ];
 
 /// Options of `train` that only GAN runs take.
-const GAN_ONLY: &[&str] = &["z_dim", "g_channels", "d_channels", "lr_d"];
+const GAN_ONLY: &[&str] = &["z_dim", "g_channels", "d_channels", "lr_d", "adam_betas"];
+
+/// `B1,B2` of `--adam-betas` (checked with the run config).
+fn parse_betas(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected B1,B2 (two numbers), got '{s}'"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("'{}' is not a number", v.trim()))
+    };
+    Ok((num(a)?, num(b)?))
+}
 
 pub fn run(a: TrainArgs) -> Result<()> {
     // One writer per run folder, from before anything is read (train::train holds it too).
@@ -340,9 +356,14 @@ fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
         model,
         train,
         data: a.data.clone(),
-        gan: GanTrainConfig {
-            lr_d: a.lr_d.unwrap_or(GanTrainConfig::default().lr_d),
-            ..GanTrainConfig::default()
+        gan: {
+            let d = GanTrainConfig::default();
+            let (beta1, beta2) = a.adam_betas.unwrap_or((d.beta1, d.beta2));
+            GanTrainConfig {
+                lr_d: a.lr_d.unwrap_or(d.lr_d),
+                beta1,
+                beta2,
+            }
         },
     })
 }

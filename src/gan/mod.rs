@@ -10,7 +10,9 @@
 //!   each image is generated independently of the others in its batch, so the same seed gives
 //!   the same image at any batch size.
 //! - **D**: five convolutions (3x3, 4x4 stride 2, 3x3, 4x4 stride 2, 3x3) with leaky ReLU,
-//!   summed over space to features `phi(x)`, then `w^T phi(x) + embed(y)^T phi(x)`: the
+//!   the last also reading the minibatch standard deviation (Karras et al. 2018; without it
+//!   G made one image per class: recall 0.03 at 20 minutes, docs/FAMILIES.md), summed over
+//!   space to features `phi(x)`, then `w^T phi(x) + embed(y)^T phi(x)`: the
 //!   projection discriminator (Miyato & Koyama 2018, eq. 3). Every weight of D is spectrally
 //!   normalised ([`spectral`]).
 //! - **Loss**: the hinge loss (Lim & Ye 2017; SNGAN, BigGAN):
@@ -220,13 +222,15 @@ impl Generator {
     pub fn forward(&self, z: Tensor<2>, labels: Option<&[usize]>) -> Tensor<4> {
         let n = z.dims()[0];
         let dev = z.device();
-        let h = match (&self.class_embed, labels) {
-            (Some(e), Some(l)) => {
-                let emb: Tensor<3> = e.forward(class_ids(l, &dev));
+        let h = match &self.class_embed {
+            Some(e) => {
+                // No classes given: the null class (the last embedding) for every image.
+                let null = vec![e.weight.dims()[0] - 1; n];
+                let emb: Tensor<3> = e.forward(class_ids(labels.unwrap_or(&null), &dev));
                 let [b, _, d] = emb.dims();
                 Tensor::cat(vec![z, emb.reshape([b, d])], 1)
             }
-            _ => z,
+            None => z,
         };
         let h = self.input.forward(h);
         let c = h.dims()[1] / (self.base * self.base);
@@ -264,7 +268,8 @@ impl Discriminator {
                 SnConv::new(d, 2 * d, 4, 2, 1, dev),
                 SnConv::new(2 * d, 2 * d, 3, 1, 1, dev),
                 SnConv::new(2 * d, 4 * d, 4, 2, 1, dev),
-                SnConv::new(4 * d, 4 * d, 3, 1, 1, dev),
+                // One more input channel: the minibatch standard deviation.
+                SnConv::new(4 * d + 1, 4 * d, 3, 1, 1, dev),
             ],
             head: SnLinear::new(4 * d, 1, dev),
             class_embed: cfg
@@ -273,11 +278,18 @@ impl Discriminator {
         })
     }
 
-    /// Scores `[n]` for images `[n, C, S, S]` (and a class per image).
-    pub fn forward(&self, x: Tensor<4>, labels: Option<&[usize]>) -> Tensor<1> {
+    /// Scores `[n]` for images `[n, C, S, S]` (and a class per image), with the minibatch
+    /// standard deviation taken over consecutive groups of `group` images (which must divide
+    /// `n`; [`mbstd_group`]), so a batch of real images followed by one of generated images
+    /// is scored as the two would be apart.
+    pub fn forward(&self, x: Tensor<4>, labels: Option<&[usize]>, group: usize) -> Tensor<1> {
         let dev = x.device();
         let mut h = x;
-        for c in &self.convs {
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            if i == last {
+                h = minibatch_std(h, group);
+            }
             h = leaky_relu(c.forward(h), LEAK);
         }
         let [n, ch, _, _] = h.dims();
@@ -297,6 +309,35 @@ impl Discriminator {
         self.head = self.head.power_iterate();
         self
     }
+}
+
+/// The minibatch group of a batch of `n` (4, 2 or 1, whichever divides `n` first).
+pub fn mbstd_group(n: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|g| n.is_multiple_of(*g))
+        .unwrap_or(1)
+}
+
+/// Appends the minibatch standard deviation as a channel (Karras et al. 2018, "Progressive
+/// Growing of GANs", section 3): over each group of `g` consecutive images, the standard
+/// deviation of every feature at every position, averaged to one number, given to each image
+/// of the group. A generator that makes the same image for every noise shows D a deviation
+/// of 0 where real images show more, so D can punish the collapse.
+fn minibatch_std(h: Tensor<4>, g: usize) -> Tensor<4> {
+    let [n, c, hh, ww] = h.dims();
+    let g = if g == 0 || !n.is_multiple_of(g) { 1 } else { g };
+    let x: Tensor<5> = h.clone().reshape([n / g, g, c, hh, ww]);
+    let centred = x.clone() - x.mean_dim(1);
+    let std = centred.powi_scalar(2).mean_dim(1).add_scalar(1e-8).sqrt();
+    let s: Tensor<2> = std.reshape([n / g, c * hh * ww]).mean_dim(1);
+    let s: Tensor<4> = s
+        .reshape([n / g, 1, 1, 1])
+        .repeat_dim(1, g)
+        .reshape([n, 1, 1, 1])
+        .repeat_dim(2, hh)
+        .repeat_dim(3, ww);
+    Tensor::cat(vec![h, s], 1)
 }
 
 /// A GAN's generator ready to sample.

@@ -92,7 +92,13 @@ impl SnConv {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let b = self.conv.bias.as_ref().map(|b| b.val());
-        crate::kernels::conv2d_weighted(x, self.normalized_weight(), b, self.stride, self.pad)
+        crate::kernels::conv2d_weighted(
+            x,
+            self.normalized_weight(),
+            b,
+            self.stride,
+            [self.pad, self.pad],
+        )
     }
 
     /// One power iteration on `u` (untracked).

@@ -326,15 +326,16 @@ pub fn try_conv2d(module: &Conv2d, x: Tensor<4>) -> Option<Tensor<4>> {
     )
 }
 
-/// A convolution with a computed weight `[c_out, c_in, k, k]` (a spectrally normalised one,
-/// say), stride `s` and zero padding `p` on every side: on the project's kernel where it
-/// applies (as [`try_conv2d`]), burn's `conv2d` otherwise.
+/// A convolution with a computed weight `[c_out, c_in, kh, kw]` (a spectrally normalised or
+/// masked one, say), stride `s` and zero padding `pad` (rows, columns) on both sides of each
+/// axis: on the project's kernel where it applies (as [`try_conv2d`]), burn's `conv2d`
+/// otherwise.
 pub fn conv2d_weighted(
     x: Tensor<4>,
     weight: Tensor<4>,
     bias: Option<Tensor<1>>,
     stride: usize,
-    pad: usize,
+    pad: [usize; 2],
 ) -> Tensor<4> {
     let [batch, c_in, h, w] = x.dims();
     let [c_out, per_group, kh, kw] = weight.dims();
@@ -347,7 +348,7 @@ pub fn conv2d_weighted(
         kh,
         kw,
         stride: [stride, stride],
-        pad: [pad, pad],
+        pad,
     };
     if enabled("conv")
         && per_group == c_in
@@ -360,7 +361,7 @@ pub fn conv2d_weighted(
         x,
         weight,
         bias,
-        burn::tensor::ops::ConvOptions::new([stride, stride], [pad, pad], [1, 1], 1),
+        burn::tensor::ops::ConvOptions::new([stride, stride], pad, [1, 1], 1),
     )
 }
 

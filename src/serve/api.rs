@@ -2,7 +2,7 @@
 //! server's limits, and the error body every 4xx/5xx carries (`{"error": "..."}`).
 
 use super::jobs::JobSpec;
-use crate::model::ModelConfig;
+use crate::model::{Family, ModelConfig};
 use crate::pipeline::{CondFlags, FlagNames, Resolved, SamplerDefaults, shown};
 use crate::sampler::SamplerKind;
 use serde::{Deserialize, Serialize};
@@ -64,14 +64,7 @@ pub fn validate(
     limits: &Limits,
     default_seed: u64,
 ) -> Result<JobSpec, String> {
-    let n = req.n.unwrap_or(1);
-    if n == 0 || n > limits.max_n as u64 {
-        return Err(format!(
-            "n must be between 1 and {} (got {n})",
-            limits.max_n
-        ));
-    }
-    let n = n as usize;
+    let n = check_n(req, limits)?;
     let sampler: SamplerKind = match &req.sampler {
         None => SamplerDefaults::SERVE.for_model(model).sampler,
         Some(s) => s.parse().map_err(|e| format!("sampler: {e}"))?,
@@ -111,6 +104,26 @@ pub fn validate(
     if !(eta.is_finite() && (0.0..=1.0).contains(&eta)) {
         return Err(format!("eta must be between 0 and 1 (got {})", shown(eta)));
     }
+    let (classes, prompt) = conditioning(req, model.cond(), n)?;
+    Ok(JobSpec {
+        n,
+        classes,
+        prompt,
+        steps: steps as usize,
+        sampler,
+        eta,
+        guidance: guidance as f32,
+        guidance_interval: req.guidance_interval.map(|[lo, hi]| (lo, hi)),
+        seed: req.seed.unwrap_or(default_seed),
+    })
+}
+
+/// The class or prompt of a request for `n` images, read against the model's conditioning.
+fn conditioning(
+    req: &GenerateRequest,
+    cond: crate::model::CondSpec,
+    n: usize,
+) -> Result<(Option<Vec<usize>>, String), String> {
     if let Some(p) = req.prompt.as_ref().filter(|p| p.len() > MAX_PROMPT_BYTES) {
         return Err(format!(
             "prompt is {} bytes; the limit is {MAX_PROMPT_BYTES}",
@@ -135,61 +148,181 @@ pub fn validate(
         prompt,
         negative: None,
     };
-    let (classes, prompt) = match flags
-        .resolve(model.cond(), FlagNames::JSON)
-        .map_err(|e| e.to_string())?
-    {
-        Resolved::Class(c) => (Some(vec![c; n]), String::new()),
-        Resolved::Prompt { prompt, .. } => (None, prompt),
-        Resolved::Nothing => (None, String::new()),
+    Ok(
+        match flags
+            .resolve(cond, FlagNames::JSON)
+            .map_err(|e| e.to_string())?
+        {
+            Resolved::Class(c) => (Some(vec![c; n]), String::new()),
+            Resolved::Prompt { prompt, .. } => (None, prompt),
+            Resolved::Nothing => (None, String::new()),
+        },
+    )
+}
+
+/// What the server serves, as its request checks and `/v1/models` see it.
+#[derive(Clone, Debug)]
+pub enum Served {
+    /// A diffusion model, with its sampler options.
+    Diffusion(ModelConfig),
+    /// A model of another family: classes or nothing, no sampler options.
+    Other {
+        family: Family,
+        num_classes: Option<usize>,
+        class_names: Vec<String>,
+        output_shape: [usize; 3],
+    },
+}
+
+impl Served {
+    pub fn of(g: &crate::pipeline::Generator) -> Self {
+        match g.as_diffusion() {
+            Some(p) => Self::Diffusion(p.model.config.clone()),
+            None => {
+                let c = g.cond();
+                Self::Other {
+                    family: g.family(),
+                    num_classes: c.num_classes,
+                    class_names: c.class_names.to_vec(),
+                    output_shape: g.output_shape(),
+                }
+            }
+        }
+    }
+
+    pub fn cond(&self) -> crate::model::CondSpec<'_> {
+        match self {
+            Self::Diffusion(m) => m.cond(),
+            Self::Other {
+                num_classes,
+                class_names,
+                ..
+            } => crate::model::CondSpec {
+                num_classes: *num_classes,
+                text: false,
+                class_names,
+            },
+        }
+    }
+}
+
+/// [`validate`] for whatever is served: a model of another family takes `n`, `class`,
+/// `prompt` (a class name) and `seed`, and refuses the sampler options by name.
+pub fn validate_served(
+    req: &GenerateRequest,
+    served: &Served,
+    schedule_len: usize,
+    limits: &Limits,
+    default_seed: u64,
+) -> Result<JobSpec, String> {
+    let family = match served {
+        Served::Diffusion(m) => return validate(req, m, schedule_len, limits, default_seed),
+        Served::Other { family, .. } => *family,
     };
+    let given: Vec<&str> = [
+        ("steps", req.steps.is_some()),
+        ("sampler", req.sampler.is_some()),
+        ("guidance", req.guidance.is_some()),
+        ("guidance_interval", req.guidance_interval.is_some()),
+        ("eta", req.eta.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, g)| g.then_some(k))
+    .collect();
+    if !given.is_empty() {
+        return Err(format!(
+            "{} {} of diffusion models; the served model is {}",
+            given.join(", "),
+            if given.len() == 1 {
+                "is an option"
+            } else {
+                "are options"
+            },
+            family.article_name()
+        ));
+    }
+    let n = check_n(req, limits)?;
+    let (classes, prompt) = conditioning(req, served.cond(), n)?;
     Ok(JobSpec {
         n,
         classes,
         prompt,
-        steps: steps as usize,
-        sampler,
-        eta,
-        guidance: guidance as f32,
-        guidance_interval: req.guidance_interval.map(|[lo, hi]| (lo, hi)),
+        steps: 1,
+        sampler: SamplerKind::Ddpm,
+        eta: 0.0,
+        guidance: 1.0,
+        guidance_interval: None,
         seed: req.seed.unwrap_or(default_seed),
     })
+}
+
+/// `n` (default 1) within the server's limit.
+fn check_n(req: &GenerateRequest, limits: &Limits) -> Result<usize, String> {
+    let n = req.n.unwrap_or(1);
+    if n == 0 || n > limits.max_n as u64 {
+        return Err(format!(
+            "n must be between 1 and {} (got {n})",
+            limits.max_n
+        ));
+    }
+    Ok(n as usize)
 }
 
 /// `GET /v1/models`: what the served model generates and takes.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelInfo {
     pub id: String,
+    /// `diffusion`, or the family of another model (which takes no sampler options).
+    pub family: &'static str,
     pub image_size: usize,
     pub channels: usize,
     /// `class`, `text`, or `none` for an unconditioned model.
     pub conditioning: &'static str,
     pub classes: Vec<String>,
+    /// The samplers a diffusion model takes (none for another family).
     pub samplers: Vec<&'static str>,
+    /// A diffusion model's training steps T (0 for another family).
     pub timesteps: usize,
     pub limits: Limits,
 }
 
 impl ModelInfo {
-    pub fn new(id: &str, cfg: &ModelConfig, timesteps: usize, limits: Limits) -> Self {
-        let classes = match cfg.unet.num_classes {
-            Some(k) if cfg.class_names.len() == k => cfg.class_names.clone(),
+    pub fn new(id: &str, served: &Served, timesteps: usize, limits: Limits) -> Self {
+        let cond = served.cond();
+        let classes = match cond.num_classes {
+            Some(k) if cond.class_names.len() == k => cond.class_names.to_vec(),
             Some(k) => (0..k).map(|i| i.to_string()).collect(),
             None => Vec::new(),
         };
+        let conditioning = if cond.num_classes.is_some() {
+            "class"
+        } else if cond.text {
+            "text"
+        } else {
+            "none"
+        };
+        let (family, image_size, channels, samplers, timesteps) = match served {
+            Served::Diffusion(cfg) => (
+                Family::Diffusion,
+                cfg.output_shape()[1],
+                cfg.unet.in_channels,
+                SamplerKind::ALL.iter().map(|k| k.name()).collect(),
+                timesteps,
+            ),
+            Served::Other {
+                family,
+                output_shape,
+                ..
+            } => (*family, output_shape[1], output_shape[0], Vec::new(), 0),
+        };
         Self {
             id: id.to_string(),
-            image_size: cfg.output_shape()[1],
-            channels: cfg.unet.in_channels,
-            conditioning: if cfg.unet.num_classes.is_some() {
-                "class"
-            } else if cfg.unet.text_dim.is_some() {
-                "text"
-            } else {
-                "none"
-            },
+            family: family.name(),
+            image_size,
+            channels,
+            conditioning,
             classes,
-            samplers: SamplerKind::ALL.iter().map(|k| k.name()).collect(),
+            samplers,
             timesteps,
             limits,
         }

@@ -6,7 +6,7 @@
 //! full: progress is advisory) and a one-shot channel for its result.
 
 use crate::imageio::png_bytes;
-use crate::pipeline::{Conditioning, Pipeline, Request, Seeds};
+use crate::pipeline::{Conditioning, Generator, Request, Seeds};
 use crate::sampler::{SamplerChoice, SamplerKind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -138,13 +138,13 @@ impl Queue {
     /// Starts the worker thread that owns the pipeline and returns the queue that feeds it,
     /// holding at most `capacity` waiting jobs; `batch` images are denoised at once (`None`:
     /// the pipeline's default).
-    pub fn start(pipeline: Pipeline, capacity: usize, batch: Option<usize>) -> Self {
+    pub fn start(generator: Generator, capacity: usize, batch: Option<usize>) -> Self {
         let (tx, rx) = sync_channel::<Job>(capacity);
         let stats = Arc::new(Stats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("diffuse-worker".into())
-            .spawn(move || worker(pipeline, rx, s, batch))
+            .spawn(move || worker(generator, rx, s, batch))
             .expect("cannot start the generation thread");
         Self {
             tx: Mutex::new(Some(tx)),
@@ -213,7 +213,7 @@ fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
         && a.classes.is_some() == b.classes.is_some()
 }
 
-fn worker(pipeline: Pipeline, rx: Receiver<Job>, stats: Arc<Stats>, chunk: Option<usize>) {
+fn worker(generator: Generator, rx: Receiver<Job>, stats: Arc<Stats>, chunk: Option<usize>) {
     // A job taken off the channel that could not join the last batch starts the next one.
     let mut next: Option<Job> = None;
     loop {
@@ -253,7 +253,7 @@ fn worker(pipeline: Pipeline, rx: Receiver<Job>, stats: Arc<Stats>, chunk: Optio
             continue;
         }
         stats.running.fetch_add(live.len(), Ordering::Relaxed);
-        let outcomes = run(&pipeline, &live, &stats, chunk);
+        let outcomes = run(&generator, &live, &stats, chunk);
         stats.running.fetch_sub(live.len(), Ordering::Relaxed);
         for (j, o) in live.into_iter().zip(outcomes) {
             finish(j, o, &stats);
@@ -279,7 +279,7 @@ fn finish(job: Job, outcome: Result<JobOutput, JobError>, stats: &Stats) {
 
 /// Runs compatible jobs as one batch; one outcome per job, in order.
 fn run(
-    pipe: &Pipeline,
+    generator: &Generator,
     jobs: &[Job],
     stats: &Stats,
     batch: Option<usize>,
@@ -303,7 +303,7 @@ fn run(
     req.seeds = Seeds::Parts(jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect());
     req.cancel = Some(cancel_all.clone());
     req.batch = batch;
-    req.conditioning = if pipe.model.config.unet.text_dim.is_some() {
+    req.conditioning = if generator.cond().text {
         Conditioning::Prompts {
             prompts: jobs
                 .iter()
@@ -321,7 +321,7 @@ fn run(
         Conditioning::None
     };
     // Option errors before the jobs are told they started.
-    if let Err(e) = pipe.sampler(&req) {
+    if let Some(Err(e)) = generator.as_diffusion().map(|p| p.sampler(&req)) {
         return fail(e);
     }
     for j in jobs {
@@ -350,7 +350,7 @@ fn run(
             cancel_all.store(true, Ordering::Relaxed);
         }
     };
-    let out = match pipe.run(&req, &mut on_step) {
+    let out = match generator.run(&req, &mut on_step) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };

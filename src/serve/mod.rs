@@ -15,7 +15,7 @@ pub mod api;
 pub mod jobs;
 pub mod load;
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::Generator;
 use api::{ErrorBody, GenerateRequest, GenerateResponse, Limits, ModelInfo};
 use axum::Router;
 use axum::body::Bytes;
@@ -67,7 +67,7 @@ impl Default for ServeConfig {
 pub struct AppState {
     queue: Queue,
     info: ModelInfo,
-    config: crate::model::ModelConfig,
+    served: api::Served,
     timeout: Duration,
     limits: Limits,
     next_seed: AtomicU64,
@@ -77,25 +77,26 @@ pub struct AppState {
 const PAGE: &str = include_str!("page.html");
 
 /// Builds the router for a loaded model, starting its worker thread.
-pub fn app(pipeline: Pipeline, cfg: &ServeConfig) -> Router {
+pub fn app(generator: Generator, cfg: &ServeConfig) -> Router {
     let limits = Limits {
         max_n: cfg.max_n,
         max_steps: cfg.max_steps,
         max_body_bytes: cfg.max_body_bytes,
         timeout_s: cfg.timeout.as_secs(),
     };
-    let model = &pipeline.model;
-    let timesteps = model.scheduler.len();
-    let info = ModelInfo::new(&model.source, &model.config, timesteps, limits.clone());
-    let config = model.config.clone();
+    let timesteps = generator
+        .as_diffusion()
+        .map_or(0, |p| p.model.scheduler.len());
+    let served = api::Served::of(&generator);
+    let info = ModelInfo::new(generator.source(), &served, timesteps, limits.clone());
     let seed0 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let state = Arc::new(AppState {
-        queue: Queue::start(pipeline, cfg.queue, cfg.batch),
+        queue: Queue::start(generator, cfg.queue, cfg.batch),
         info,
-        config,
+        served,
         timeout: cfg.timeout,
         limits,
         next_seed: AtomicU64::new(seed0 % 1_000_000_007),
@@ -112,7 +113,7 @@ pub fn app(pipeline: Pipeline, cfg: &ServeConfig) -> Router {
 }
 
 /// Binds, prints the address (`listening on http://HOST:PORT`) and serves until Ctrl-C.
-pub fn serve(pipeline: Pipeline, cfg: ServeConfig) -> anyhow::Result<()> {
+pub fn serve(generator: Generator, cfg: ServeConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -123,7 +124,7 @@ pub fn serve(pipeline: Pipeline, cfg: ServeConfig) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local: SocketAddr = listener.local_addr()?;
-        let router = app(pipeline, &cfg);
+        let router = app(generator, &cfg);
         println!("listening on http://{local}");
         if !local.ip().is_loopback() {
             eprintln!(
@@ -227,7 +228,7 @@ async fn generate(
         }
     };
     let seed = s.next_seed.fetch_add(1, Ordering::Relaxed);
-    let spec = match api::validate(&req, &s.config, s.info.timesteps, &s.limits, seed) {
+    let spec = match api::validate_served(&req, &s.served, s.info.timesteps, &s.limits, seed) {
         Ok(spec) => spec,
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, msg),
     };

@@ -233,7 +233,8 @@ impl Learner for GanLearner<'_> {
         let d = self.d.take().expect("D between steps").power_iterate();
         let fake = g.forward(z_d, l).detach();
         let both: Option<Vec<usize>> = labels.as_ref().map(|l| [l.as_slice(), l].concat());
-        let scores = d.forward(Tensor::cat(vec![real, fake], 0), both.as_deref());
+        let group = crate::gan::mbstd_group(b);
+        let scores = d.forward(Tensor::cat(vec![real, fake], 0), both.as_deref(), group);
         let (s_real, s_fake) = (scores.clone().narrow(0, 0, b), scores.narrow(0, b, b));
         let (d_real, d_fake) = (scalar(s_real.clone().mean()), scalar(s_fake.clone().mean()));
         let loss_d =
@@ -247,16 +248,20 @@ impl Learner for GanLearner<'_> {
             .step(d, &grads_d, lr_d, adamw::clip_scale(gn_d, tc.grad_clip));
 
         // Generator: raise D's score of fresh samples.
-        let loss_g = d.forward(g.forward(z_g, l), l).mean().neg();
+        let loss_g = d.forward(g.forward(z_g, l), l, group).mean().neg();
         let grads_g = GradientsParams::from_grads(loss_g.backward(), &g);
         let g_loss = scalar(loss_g);
         if !(d_loss.is_finite() && g_loss.is_finite())
             || d_loss.abs() > DIVERGED
             || g_loss.abs() > DIVERGED
         {
+            let kept = match self.saved.get() {
+                0 => "no checkpoint was written yet".to_string(),
+                s => format!("the checkpoint of step {s} is kept"),
+            };
             bail!(
-                "GAN training diverged at step {step} (d_loss {d_loss}, g_loss {g_loss}); the checkpoint of step {} is kept; try a lower --lr and --lr-d",
-                self.saved.get()
+                "GAN training diverged at step {} (d_loss {d_loss}, g_loss {g_loss}); {kept}; try a lower --lr and --lr-d",
+                step + 1
             );
         }
         let gn_g = adamw::grad_norm(&g, &grads_g);

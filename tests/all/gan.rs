@@ -290,6 +290,7 @@ fn the_discriminator_hinge_loss_falls_on_one_batch() {
         let s = d.forward(
             Tensor::cat(vec![real.clone(), fake.clone()], 0),
             Some(&labels),
+            diffuse::gan::mbstd_group(8),
         );
         let (r, f) = (s.clone().narrow(0, 0, 8), s.narrow(0, 8, 8));
         let loss = relu(r.neg().add_scalar(1.0)).mean() + relu(f.add_scalar(1.0)).mean();
@@ -330,7 +331,7 @@ fn generator_and_discriminator_shapes() {
     assert_eq!(x.dims(), [5, 1, 8, 8]);
     let v: Vec<f32> = x.clone().into_data().try_to_vec::<f32>().unwrap();
     assert!(v.iter().all(|p| (-1.0..=1.0).contains(p)), "tanh pixels");
-    assert_eq!(d.forward(x, Some(&labels)).dims(), [5]);
+    assert_eq!(d.forward(x, Some(&labels), 1).dims(), [5]);
     // The size check at load is a lower bound of what G holds.
     let mut held = NamedTensors::new();
     diffuse::weights::collect(&g, "", &mut held);
@@ -433,4 +434,94 @@ fn spectral_norm_divides_by_the_largest_singular_value() {
     for (got, want) in y.iter().zip(diag.iter().map(|v| v / 3.0)) {
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     }
+}
+
+/// `diffuse serve` serves a GAN: `/v1/models` says its family and lists no samplers, a class
+/// request gives the PNG `diffuse sample` gives, and sampler options are a 400 naming them.
+#[test]
+fn serve_takes_a_gan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    ok(&gan_args(data.to_str().unwrap(), r, "3"));
+    let s = super::serve::start(&["--model", r]);
+    let t = std::time::Duration::from_secs(120);
+    let get = |p: &str| diffuse::serve::load::request(s.addr, "GET", p, &[], &[], t).unwrap();
+    let post = |body: &str| {
+        let h = [("Content-Type", "application/json")];
+        diffuse::serve::load::request(s.addr, "POST", "/v1/generate", &h, body.as_bytes(), t)
+            .unwrap()
+    };
+    let m: serde_json::Value = get("/v1/models").json().unwrap();
+    let m = &m["models"][0];
+    assert_eq!(m["family"], "gan");
+    assert_eq!(m["samplers"], serde_json::json!([]));
+    assert_eq!(m["conditioning"], "class");
+    assert_eq!(m["image_size"], 8);
+    let one = post(r#"{"class": 3, "n": 1, "seed": 5}"#);
+    assert_eq!(one.status, 200, "{}", String::from_utf8_lossy(&one.body));
+    let out = tmp.path().join("cli");
+    ok(&[
+        "sample",
+        "--model",
+        r,
+        "--class",
+        "3",
+        "--n",
+        "1",
+        "--seed",
+        "5",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(one.body, std::fs::read(out.join("00000.png")).unwrap());
+    let bad = post(r#"{"class": 3, "steps": 10, "guidance": 2}"#);
+    assert_eq!(bad.status, 400);
+    let e: serde_json::Value = bad.json().unwrap();
+    assert_eq!(
+        e["error"],
+        "steps, guidance are options of diffusion models; the served model is a GAN"
+    );
+    assert_eq!(post(r#"{"class": 10}"#).status, 400, "a class out of range");
+}
+
+/// A GAN that diverges (here a discriminator learning rate far too large, written into a
+/// one-step run's checkpoint: its scores explode at its first update) stops with one line
+/// naming the step and the checkpoint kept, and that checkpoint still loads and samples.
+#[test]
+fn a_diverging_gan_stops_naming_the_step_and_keeps_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let run = tmp.path().join("run");
+    let r = run.to_str().unwrap();
+    let d = data.to_str().unwrap();
+    let mut args = gan_args(d, r, "1");
+    args[20] = "1"; // --checkpoint-every 1
+    ok(&args);
+    let ck = run.join("checkpoint.safetensors");
+    let (t, mut meta) = diffuse::weights::read_safetensors(&ck).unwrap();
+    let mut run_cfg: serde_json::Value = serde_json::from_str(&meta["diffuse.run"]).unwrap();
+    run_cfg["gan"]["lr_d"] = 1e30.into();
+    meta.insert("diffuse.run".into(), run_cfg.to_string());
+    let bytes =
+        diffuse::weights::to_safetensors(&t, &meta, diffuse::weights::StoreDtype::F32).unwrap();
+    std::fs::write(&ck, bytes).unwrap();
+    let model = std::fs::read(run.join("model.safetensors")).unwrap();
+    let mut resume = gan_args(d, r, "6");
+    resume.push("--resume");
+    fails(&resume, "GAN training diverged at step 2 (d_loss");
+    fails(&resume, "the checkpoint of step 1 is kept");
+    assert_eq!(tensors(&ck), t, "the checkpoint is the good one");
+    assert_eq!(std::fs::read(run.join("model.safetensors")).unwrap(), model);
+    let png = tmp.path().join("s.png");
+    ok(&[
+        "sample",
+        "--model",
+        r,
+        "--n",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
 }
