@@ -20,6 +20,7 @@ pub mod interop;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;
+pub mod pixelcnn;
 pub mod plot;
 pub mod rng;
 pub mod sampler;

@@ -53,15 +53,27 @@ pub enum Family {
     Diffusion,
     /// A generative adversarial network ([`crate::gan`]).
     Gan,
+    /// An autoregressive model over pixels, a gated PixelCNN ([`crate::pixelcnn`]).
+    Autoregressive,
 }
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::Diffusion, Family::Gan];
+    pub const ALL: [Family; 3] = [Family::Diffusion, Family::Gan, Family::Autoregressive];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Diffusion => "diffusion",
             Self::Gan => "gan",
+            Self::Autoregressive => "autoregressive",
+        }
+    }
+
+    /// How messages call models of the family ("GANs").
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Diffusion => "diffusion models",
+            Self::Gan => "GANs",
+            Self::Autoregressive => "autoregressive models",
         }
     }
 
@@ -70,6 +82,7 @@ impl Family {
         match self {
             Self::Diffusion => "a diffusion model",
             Self::Gan => "a GAN",
+            Self::Autoregressive => "an autoregressive model",
         }
     }
 }
@@ -80,13 +93,64 @@ impl Family {
 #[serde(tag = "family", rename_all = "kebab-case")]
 pub enum FamilyConfig {
     Gan(crate::gan::GanConfig),
+    Autoregressive(crate::pixelcnn::PixelCnnConfig),
 }
 
 impl FamilyConfig {
     pub fn family(&self) -> Family {
         match self {
             Self::Gan(_) => Family::Gan,
+            Self::Autoregressive(_) => Family::Autoregressive,
         }
+    }
+}
+
+/// A family's own config, which files store inside [`FamilyConfig`] (tagged with the family).
+pub trait FamilyPart: Sized + Clone {
+    fn wrap(self) -> FamilyConfig;
+    fn unwrap(c: FamilyConfig) -> Option<Self>;
+}
+
+impl FamilyPart for crate::gan::GanConfig {
+    fn wrap(self) -> FamilyConfig {
+        FamilyConfig::Gan(self)
+    }
+    fn unwrap(c: FamilyConfig) -> Option<Self> {
+        match c {
+            FamilyConfig::Gan(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl FamilyPart for crate::pixelcnn::PixelCnnConfig {
+    fn wrap(self) -> FamilyConfig {
+        FamilyConfig::Autoregressive(self)
+    }
+    fn unwrap(c: FamilyConfig) -> Option<Self> {
+        match c {
+            FamilyConfig::Autoregressive(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// serde's `with` for a family's own config in a run config: stored as [`FamilyConfig`], so
+/// with its `"family"` tag.
+pub mod tagged {
+    use super::{FamilyConfig, FamilyPart};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<C: FamilyPart, S: Serializer>(c: &C, s: S) -> Result<S::Ok, S::Error> {
+        c.clone().wrap().serialize(s)
+    }
+
+    pub fn deserialize<'de, C: FamilyPart, D: Deserializer<'de>>(d: D) -> Result<C, D::Error> {
+        let c = FamilyConfig::deserialize(d)?;
+        let family = c.family().name();
+        C::unwrap(c).ok_or_else(|| {
+            serde::de::Error::custom(format!("the run's model is of another family ({family})"))
+        })
     }
 }
 
@@ -378,6 +442,7 @@ pub fn family_model_bytes(
 pub enum Loaded {
     Diffusion(LoadedModel),
     Gan(crate::gan::LoadedGan),
+    Autoregressive(crate::pixelcnn::LoadedPixelCnn),
 }
 
 impl Loaded {
@@ -385,6 +450,7 @@ impl Loaded {
         match self {
             Self::Diffusion(_) => Family::Diffusion,
             Self::Gan(_) => Family::Gan,
+            Self::Autoregressive(_) => Family::Autoregressive,
         }
     }
 
@@ -393,6 +459,7 @@ impl Loaded {
         match self {
             Self::Diffusion(m) => &m.source,
             Self::Gan(m) => &m.source,
+            Self::Autoregressive(m) => &m.source,
         }
     }
 
@@ -439,9 +506,14 @@ pub fn load_any_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<
             let config: ModelConfig = serde_json::from_str(cfg_json).map_err(invalid)?;
             Loaded::Diffusion(build(config, &tensors, "", what, device)?)
         }
-        Family::Gan => match serde_json::from_str(cfg_json).map_err(invalid)? {
-            FamilyConfig::Gan(c) => Loaded::Gan(crate::gan::build(c, &tensors, what, device)?),
-        },
+        Family::Gan | Family::Autoregressive => {
+            match serde_json::from_str(cfg_json).map_err(invalid)? {
+                FamilyConfig::Gan(c) => Loaded::Gan(crate::gan::build(c, &tensors, what, device)?),
+                FamilyConfig::Autoregressive(c) => {
+                    Loaded::Autoregressive(crate::pixelcnn::build(c, &tensors, what, device)?)
+                }
+            }
+        }
     })
 }
 

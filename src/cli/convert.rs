@@ -14,15 +14,25 @@ pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usiz
     let dev = inference_device();
     let mut m = match load_generator(Some(spec), &dev)? {
         model::Loaded::Diffusion(m) => m,
-        model::Loaded::Gan(g) => {
+        other => {
             if default_steps.is_some() {
                 bail!(
-                    "--default-steps is for distilled students (diffuse distill); {spec} is a GAN"
+                    "--default-steps is for distilled students (diffuse distill); {spec} is {}",
+                    other.family().article_name()
                 );
             }
             let mut t = NamedTensors::new();
-            weights::collect(&g.generator, "", &mut t);
-            let config = model::FamilyConfig::Gan(g.config);
+            let config = match other {
+                model::Loaded::Gan(g) => {
+                    weights::collect(&g.generator, "", &mut t);
+                    model::FamilyConfig::Gan(g.config)
+                }
+                model::Loaded::Autoregressive(m) => {
+                    weights::collect(&m.net, "", &mut t);
+                    model::FamilyConfig::Autoregressive(m.config)
+                }
+                model::Loaded::Diffusion(_) => unreachable!("matched above"),
+            };
             return write(out, &model::family_model_bytes(&config, &t, dtype)?);
         }
     };

@@ -7,7 +7,7 @@ use diffuse::data::{self, Shape};
 use diffuse::device::inference_device;
 use diffuse::eval::classifier::{self, ClassifierTraining};
 use diffuse::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
-use diffuse::model::Loaded;
+use diffuse::model::{Family, Loaded};
 use diffuse::pipeline::{Generator, SamplerDefaults, generates_from_noise, load_generator};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -178,6 +178,14 @@ pub struct EvalArgs {
     n_real: usize,
     #[command(flatten)]
     sampler: super::SamplerArgs,
+    /// Autoregressive models: the sampling temperature (logits divided by it) [default: 1].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Autoregressive models: held-out images whose likelihood is reported in bits per
+    /// dimension (`--n` of them, evenly strided) [default: DATA:test where the data has a test
+    /// split, else --data].
+    #[arg(long, value_name = "DATA")]
+    nll_data: Option<String>,
     /// Classifier-free guidance weight.
     #[arg(long, default_value_t = 1.0)]
     guidance: f32,
@@ -263,8 +271,19 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let loaded = load_generator(a.model.as_deref(), &dev)?;
     match &loaded {
         Loaded::Diffusion(m) => generates_from_noise(m)?,
-        other => super::refuse_given(DIFFUSION_ONLY, other.family(), other.source())?,
+        other => super::refuse_given(
+            DIFFUSION_ONLY,
+            Family::Diffusion,
+            other.family(),
+            other.source(),
+        )?,
     }
+    super::refuse_unless(
+        super::AUTOREGRESSIVE_ONLY,
+        Family::Autoregressive,
+        loaded.family(),
+        loaded.source(),
+    )?;
     let generator = Generator::from_loaded(loaded, &dev, false)?;
     let data_spec = match (&a.data, &a.model) {
         (Some(d), _) => d.clone(),
@@ -278,6 +297,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     };
     let mut request = a.sampler.request(a.n, defaults);
     request.guidance = a.guidance;
+    request.temperature = a.temperature;
     // What the JSON says of the sampling: the sampler, steps and model evaluations of a
     // diffusion model; one evaluation of the generator otherwise.
     let (sampler, steps, evaluations) = match generator.as_diffusion() {
@@ -286,7 +306,14 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             let (kind, steps) = (request.sampler, pipe.steps(&request));
             (kind.name(), steps, kind.evaluations(steps))
         }
-        None => (generator.family().name(), 1, 1),
+        // An autoregressive model runs once per sub-pixel (each run a sliver of the network).
+        None => {
+            let sequential = match generator.family() {
+                Family::Autoregressive => generator.output_shape().iter().product(),
+                _ => 1,
+            };
+            (generator.family().name(), 1, sequential)
+        }
     };
     let t0 = Instant::now();
     let real = real_subset(eval::load_images(&data_spec, &ext, false)?, a.n_real);
@@ -327,6 +354,28 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             fields.remove(k);
         }
         fields.insert("family".into(), generator.family().name().into());
+        if let Generator::Autoregressive { model, .. } = &generator {
+            fields.insert("temperature".into(), a.temperature.unwrap_or(1.0).into());
+            let spec = match &a.nll_data {
+                Some(d) => d.clone(),
+                None => {
+                    let test = format!("{data_spec}:test");
+                    if data::resolve(&test).is_ok() {
+                        test
+                    } else {
+                        data_spec.clone()
+                    }
+                }
+            };
+            let [c, size, _] = model.config.output_shape();
+            let with_classes = model.config.num_classes.is_some();
+            let ds = data::load(&spec, Shape { size, channels: c }, with_classes)?;
+            let (bpd, scored) = eval::bits_per_dim(model, &ds, a.n)?;
+            println!("negative log-likelihood on {scored} images of {spec}: {bpd:.4} bits/dim");
+            fields.insert("bits_per_dim".into(), bpd.into());
+            fields.insert("nll_data".into(), spec.into());
+            fields.insert("nll_images".into(), scored.into());
+        }
         println!(
             "{}: {} images in {:.1} s",
             generator.source(),

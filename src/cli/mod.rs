@@ -353,9 +353,14 @@ pub fn given(id: &str) -> bool {
     GIVEN.get().is_some_and(|g| g.contains(id))
 }
 
-/// Refuses, with one line, the options in `ids` (field names) that were given on the command
-/// line for a model or run of `family` that does not take them.
-pub fn refuse_given(ids: &[&str], family: diffuse::model::Family, what: &str) -> Result<()> {
+/// Refuses, with one line, the options in `ids` (field names: options of `owner`'s models)
+/// that were given on the command line for `what`, a model or run of `family`.
+pub fn refuse_given(
+    ids: &[&str],
+    owner: diffuse::model::Family,
+    family: diffuse::model::Family,
+    what: &str,
+) -> Result<()> {
     let flags: Vec<String> = ids
         .iter()
         .filter(|id| given(id))
@@ -363,18 +368,35 @@ pub fn refuse_given(ids: &[&str], family: diffuse::model::Family, what: &str) ->
         .collect();
     if !flags.is_empty() {
         bail!(
-            "{} {} of diffusion models; {what} is {}",
+            "{} {} of {}; {what} is {}",
             flags.join(", "),
             if flags.len() == 1 {
                 "is an option"
             } else {
                 "are options"
             },
+            owner.plural(),
             family.article_name()
         );
     }
     Ok(())
 }
+
+/// [`refuse_given`] for options of `owner`'s models when `family` is another.
+pub fn refuse_unless(
+    ids: &[&str],
+    owner: diffuse::model::Family,
+    family: diffuse::model::Family,
+    what: &str,
+) -> Result<()> {
+    if owner == family {
+        return Ok(());
+    }
+    refuse_given(ids, owner, family, what)
+}
+
+/// Options of `sample` and `eval` that only autoregressive models take (field names).
+pub const AUTOREGRESSIVE_ONLY: &[&str] = &["temperature", "nll_data"];
 
 /// `--precision` as given (None: not given; the process then runs in the default mode,
 /// `kernels::matmul_mode()`).

@@ -34,6 +34,10 @@ pub struct SampleArgs {
     /// Text models: what guidance steers away from (default: the null text).
     #[arg(long)]
     negative_prompt: Option<String>,
+    /// Autoregressive models: the sampling temperature (logits divided by it; below 1 sharper,
+    /// above 1 more varied) [default: 1].
+    #[arg(long)]
+    temperature: Option<f32>,
     /// Classifier-free guidance weight (1 = none) [default: 2; a distilled student: its own].
     #[arg(long)]
     guidance: Option<f32>,
@@ -121,10 +125,21 @@ pub fn run(a: SampleArgs) -> Result<()> {
             (g, defaults, m.config.image_shape())
         }
         other => {
-            super::refuse_given(DIFFUSION_ONLY, other.family(), other.source())?;
+            super::refuse_given(
+                DIFFUSION_ONLY,
+                diffuse::model::Family::Diffusion,
+                other.family(),
+                other.source(),
+            )?;
             (1.0, SamplerDefaults::GENERATE, [0; 3])
         }
     };
+    super::refuse_unless(
+        &["temperature"],
+        diffuse::model::Family::Autoregressive,
+        loaded.family(),
+        loaded.source(),
+    )?;
     let init = match &a.init_noise {
         Some(p) => Some(read_init_noise(p, image_shape)?),
         None => None,
@@ -192,6 +207,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     req.guidance = guidance;
     req.seeds = Seeds::One(a.seed);
     req.trajectory = a.trajectory.is_some();
+    req.temperature = a.temperature;
     if let Some(noise) = init {
         let shape: [usize; 4] = noise.shape.clone().try_into().expect("checked 4-d");
         req.start = Start::GivenNoise(Tensor::<4>::from_data(

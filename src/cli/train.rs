@@ -9,8 +9,10 @@ use diffuse::device::inference_device;
 use diffuse::gan::GanConfig;
 use diffuse::kernels;
 use diffuse::model::{self, Family, ModelConfig};
+use diffuse::pixelcnn::PixelCnnConfig;
 use diffuse::schedule::{BetaSchedule, FlowTime, Prediction, ScheduleConfig};
 use diffuse::train::gan::{GanRun, GanTrainConfig};
+use diffuse::train::pixelcnn::PixelCnnRun;
 use diffuse::train::{
     self, LossWeighting, RunConfig, RunPaths, RunSpec, StepReport, TrainConfig, checkpoint,
 };
@@ -45,8 +47,9 @@ pub struct TrainArgs {
     /// Continue the checkpoint in --out.
     #[arg(long)]
     resume: bool,
-    /// Model family: diffusion (denoising diffusion or flow matching) or gan (a generator
-    /// against a spectrally normalised discriminator, docs/FAMILIES.md).
+    /// Model family: diffusion (denoising diffusion or flow matching), gan (a generator
+    /// against a spectrally normalised discriminator) or autoregressive (a gated PixelCNN,
+    /// pixel by pixel); docs/FAMILIES.md.
     #[arg(long, value_enum, default_value_t = Family::Diffusion)]
     family: Family,
     /// GAN: width of the noise z [default: 64].
@@ -65,6 +68,12 @@ pub struct TrainArgs {
     /// GAN: Adam's beta1 and beta2 for both networks [default: 0,0.9 (SNGAN)].
     #[arg(long, value_name = "B1,B2", value_parser = parse_betas)]
     adam_betas: Option<(f64, f64)>,
+    /// Autoregressive: feature channels of the PixelCNN's stacks [default: 48].
+    #[arg(long)]
+    features: Option<usize>,
+    /// Autoregressive: gated layers (a 7x7 first, then 3x3) [default: 8].
+    #[arg(long)]
+    layers: Option<usize>,
     /// Image side length (default: the data's own for IDX/digits, 32 for folders).
     #[arg(long)]
     image_size: Option<usize>,
@@ -198,6 +207,38 @@ const DIFFUSION_ONLY: &[&str] = &[
 /// Options of `train` that only GAN runs take.
 const GAN_ONLY: &[&str] = &["z_dim", "g_channels", "d_channels", "lr_d", "adam_betas"];
 
+/// Options of `train` that only autoregressive runs take.
+const AUTOREGRESSIVE_ONLY: &[&str] = &["features", "layers"];
+
+/// Refuses, with one line, options of another family's runs than `family`'s.
+fn refuse_other_families(family: Family) -> Result<()> {
+    for (ids, owner) in [
+        (GAN_ONLY, Family::Gan),
+        (AUTOREGRESSIVE_ONLY, Family::Autoregressive),
+    ] {
+        if owner == family {
+            continue;
+        }
+        let extra: Vec<String> = ids
+            .iter()
+            .filter(|id| given(id))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !extra.is_empty() {
+            let verb = if extra.len() == 1 {
+                "is an option"
+            } else {
+                "are options"
+            };
+            bail!("{} {verb} of --family {}", extra.join(", "), owner.name());
+        }
+    }
+    if family != Family::Diffusion {
+        refuse_given(DIFFUSION_ONLY, Family::Diffusion, family, "this run")?;
+    }
+    Ok(())
+}
+
 /// `B1,B2` of `--adam-betas` (checked with the run config).
 fn parse_betas(s: &str) -> Result<(f64, f64), String> {
     let (a, b) = s
@@ -229,23 +270,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         a.family
     };
+    refuse_other_families(family)?;
+    if family != Family::Diffusion && a.cond == CondKind::Text {
+        bail!(
+            "--cond text is for diffusion models; {} takes --cond class or none",
+            family.article_name()
+        );
+    }
     match family {
-        Family::Diffusion => {
-            let extra: Vec<String> = GAN_ONLY
-                .iter()
-                .filter(|id| given(id))
-                .map(|id| format!("--{}", id.replace('_', "-")))
-                .collect();
-            if !extra.is_empty() {
-                let verb = if extra.len() == 1 {
-                    "is an option"
-                } else {
-                    "are options"
-                };
-                bail!("{} {verb} of --family gan", extra.join(", "));
-            }
-        }
+        Family::Diffusion => {}
         Family::Gan => return run_gan(&a),
+        Family::Autoregressive => return run_autoregressive(&a),
     }
     let (cfg, resume) =
         start_or_resume(&a.out, a.resume, a.steps, &a.data, || build_run_config(&a))?;
@@ -297,10 +332,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
 /// `diffuse train --family gan`: a new GAN run from the options, or the checkpoint's.
 fn run_gan(a: &TrainArgs) -> Result<()> {
-    refuse_given(DIFFUSION_ONLY, Family::Gan, "this run")?;
-    if a.cond == CondKind::Text {
-        bail!("--cond text is for diffusion models; a GAN takes --cond class or none");
-    }
     let (cfg, resume) =
         start_or_resume::<GanRun>(&a.out, a.resume, a.steps, &a.data, || gan_run_config(a))?;
     let m = &cfg.model;
@@ -311,9 +342,28 @@ fn run_gan(a: &TrainArgs) -> Result<()> {
     })
 }
 
-/// A new GAN run from the options: the data's shape and classes, the GAN's own defaults where
-/// an option shared with diffusion was not given.
-fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
+/// `diffuse train --family autoregressive`: a new PixelCNN run from the options, or the
+/// checkpoint's.
+fn run_autoregressive(a: &TrainArgs) -> Result<()> {
+    let (cfg, resume) =
+        start_or_resume::<PixelCnnRun>(&a.out, a.resume, a.steps, &a.data, || ar_run_config(a))?;
+    let m = &cfg.model;
+    let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+        train::pixelcnn::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
+    })
+}
+
+/// What a run of another family than diffusion reads from the data: side, channels and (with
+/// `--cond class`) the class names.
+struct DataShape {
+    size: usize,
+    channels: usize,
+    class_names: Option<Vec<String>>,
+}
+
+fn family_data_shape(a: &TrainArgs) -> Result<DataShape> {
     let path = data::resolve(&a.data)?;
     let native = data::idx::is_digits_csv(&path) || data::idx::is_idx(&path)?;
     let with_classes = a.cond == CondKind::Class;
@@ -321,28 +371,34 @@ fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
     if with_classes && class_names.is_empty() {
         bail!("--cond class: {} has no class labels", a.data);
     }
-    let recipe = GanConfig::recipe(size, channels);
-    let model = GanConfig {
-        z_dim: a.z_dim.unwrap_or(recipe.z_dim),
-        g_channels: a.g_channels.unwrap_or(recipe.g_channels),
-        d_channels: a.d_channels.unwrap_or(recipe.d_channels),
-        num_classes: with_classes.then_some(class_names.len()),
-        class_names: if with_classes {
-            class_names
-        } else {
-            Vec::new()
-        },
-        ..recipe
-    };
-    let pick = |id: &str, v: f64, gan: f64| if given(id) { v } else { gan };
-    let train = TrainConfig {
+    Ok(DataShape {
+        size,
+        channels,
+        class_names: with_classes.then_some(class_names),
+    })
+}
+
+/// A family's defaults for the options it shares with diffusion.
+struct SharedDefaults {
+    batch: usize,
+    lr: f64,
+    warmup: usize,
+    grad_clip: f64,
+    ema_decay: f64,
+}
+
+/// The training options of a run of another family: given options, else the family's
+/// defaults.
+fn family_train_config(a: &TrainArgs, d: SharedDefaults) -> TrainConfig {
+    let pick = |id: &str, v: f64, family: f64| if given(id) { v } else { family };
+    TrainConfig {
         steps: a.steps.unwrap_or(TrainConfig::default().steps),
-        batch_size: if given("batch") { a.batch } else { 64 },
-        lr: pick("lr", a.lr, 1e-4),
-        warmup_steps: if given("warmup") { a.warmup } else { 0 },
+        batch_size: if given("batch") { a.batch } else { d.batch },
+        lr: pick("lr", a.lr, d.lr),
+        warmup_steps: if given("warmup") { a.warmup } else { d.warmup },
         weight_decay: a.weight_decay,
-        grad_clip: pick("grad_clip", a.grad_clip, 0.0),
-        ema_decay: pick("ema_decay", a.ema_decay, 0.999),
+        grad_clip: pick("grad_clip", a.grad_clip, d.grad_clip),
+        ema_decay: pick("ema_decay", a.ema_decay, d.ema_decay),
         label_dropout: a.label_dropout,
         hflip: a.hflip,
         loss_weighting: LossWeighting::Uniform,
@@ -351,20 +407,72 @@ fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
         sample_every: a.sample_every,
         precision: precision_arg().unwrap_or_else(kernels::matmul_mode),
         flow_time: FlowTime::default(),
+    }
+}
+
+/// A new GAN run from the options: the data's shape and classes, the GAN's own defaults where
+/// an option shared with diffusion was not given.
+fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
+    let shape = family_data_shape(a)?;
+    let recipe = GanConfig::recipe(shape.size, shape.channels);
+    let model = GanConfig {
+        z_dim: a.z_dim.unwrap_or(recipe.z_dim),
+        g_channels: a.g_channels.unwrap_or(recipe.g_channels),
+        d_channels: a.d_channels.unwrap_or(recipe.d_channels),
+        num_classes: shape.class_names.as_ref().map(|c| c.len()),
+        class_names: shape.class_names.unwrap_or_default(),
+        ..recipe
     };
+    let train = family_train_config(
+        a,
+        SharedDefaults {
+            batch: 64,
+            lr: 1e-4,
+            warmup: 0,
+            grad_clip: 0.0,
+            ema_decay: 0.999,
+        },
+    );
+    let d = GanTrainConfig::default();
+    let (beta1, beta2) = a.adam_betas.unwrap_or((d.beta1, d.beta2));
     Ok(GanRun {
         model,
         train,
         data: a.data.clone(),
-        gan: {
-            let d = GanTrainConfig::default();
-            let (beta1, beta2) = a.adam_betas.unwrap_or((d.beta1, d.beta2));
-            GanTrainConfig {
-                lr_d: a.lr_d.unwrap_or(d.lr_d),
-                beta1,
-                beta2,
-            }
+        gan: GanTrainConfig {
+            lr_d: a.lr_d.unwrap_or(d.lr_d),
+            beta1,
+            beta2,
         },
+    })
+}
+
+/// A new autoregressive run from the options: the data's shape and classes, the PixelCNN's
+/// own defaults where an option shared with diffusion was not given.
+fn ar_run_config(a: &TrainArgs) -> Result<PixelCnnRun> {
+    let shape = family_data_shape(a)?;
+    let recipe = PixelCnnConfig::recipe(shape.size, shape.channels);
+    let model = PixelCnnConfig {
+        features: a.features.unwrap_or(recipe.features),
+        layers: a.layers.unwrap_or(recipe.layers),
+        num_classes: shape.class_names.as_ref().map(|c| c.len()),
+        class_names: shape.class_names.unwrap_or_default(),
+        ..recipe
+    };
+    let train = family_train_config(
+        a,
+        SharedDefaults {
+            batch: 32,
+            lr: 1e-3,
+            warmup: 100,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+        },
+    );
+    Ok(PixelCnnRun {
+        model,
+        train,
+        data: a.data.clone(),
     })
 }
 

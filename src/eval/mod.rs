@@ -12,7 +12,7 @@ pub mod superres;
 use crate::data::{self, Dataset, Shape};
 use crate::pipeline::{Conditioning, Generator, Request, Seeds};
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use classifier::{LoadedClassifier, dataset_pixels};
 use inception::InceptionV3;
 use metrics::{FeatureStats, frechet_distance, kid, precision_recall};
@@ -513,6 +513,62 @@ pub fn evaluate(
 }
 
 /// An evenly strided subset of at most `max` real images.
+/// Images scored at once by [`bits_per_dim`].
+const LIKELIHOOD_BATCH: usize = 100;
+
+/// The negative log-likelihood an autoregressive model gives held-out images, in bits per
+/// dimension (`sum NLL / (images C H W ln 2)`, [`crate::pixelcnn::bits_per_dim`]), over at
+/// most `max` images of `ds` evenly strided, each given its class when the model is
+/// class-conditioned and the data labelled (the null class otherwise). `ds` must be at the
+/// model's shape. Returns the figure and the images scored.
+pub fn bits_per_dim(
+    model: &crate::pixelcnn::LoadedPixelCnn,
+    ds: &Dataset,
+    max: usize,
+) -> Result<(f64, usize)> {
+    let [c, s, _] = model.config.output_shape();
+    if ds.channels != c || ds.size != s {
+        bail!(
+            "{} is {c}x{s}x{s}; {} was read as {}x{}x{}",
+            model.source,
+            ds.source,
+            ds.channels,
+            ds.size,
+            ds.size
+        );
+    }
+    let n = ds.len();
+    if n == 0 || max == 0 {
+        bail!("no images to score the likelihood of");
+    }
+    let stride = n.div_ceil(max.min(n));
+    let idx: Vec<usize> = (0..n).step_by(stride).collect();
+    let per = c * s * s;
+    let dev = crate::device::inference_device();
+    let labels = match (model.config.num_classes, &ds.labels) {
+        (Some(_), Some(l)) => Some(l),
+        _ => None,
+    };
+    let mut nats = 0.0;
+    for part in idx.chunks(LIKELIHOOD_BATCH) {
+        let px: Vec<f32> = part
+            .iter()
+            .flat_map(|&i| ds.pixels[i * per..(i + 1) * per].iter())
+            .map(|&p| f32::from(p) / 127.5 - 1.0)
+            .collect();
+        let x = Tensor::<4>::from_data(TensorData::new(px, [part.len(), c, s, s]), &dev);
+        let y: Option<Vec<usize>> = labels.map(|l| part.iter().map(|&i| l[i]).collect());
+        nats += model.nll(x, y.as_deref()).iter().sum::<f64>();
+    }
+    if !nats.is_finite() {
+        bail!("{} gave a likelihood that is not finite", model.source);
+    }
+    Ok((
+        crate::pixelcnn::bits_per_dim(nats, idx.len() * per),
+        idx.len(),
+    ))
+}
+
 pub fn real_subset(all: Images, max: usize) -> Images {
     if all.n <= max {
         return all;

@@ -1,4 +1,5 @@
-//! A model of any family ready to generate: a diffusion [`Pipeline`], or a GAN's generator.
+//! A model of any family ready to generate: a diffusion [`Pipeline`], a GAN's generator, or an
+//! autoregressive model.
 //! Every family takes the same [`Request`] (how many images, which classes, the seeds, the
 //! batch) and hands its images over chunk by chunk as the pipeline does, with the same rule
 //! for the noise: image `i` draws what a single run of all `n` would draw, so the images do
@@ -11,20 +12,35 @@ use super::{
 };
 use crate::gan::LoadedGan;
 use crate::model::{CondSpec, Family, Loaded};
+use crate::pixelcnn::LoadedPixelCnn;
 use crate::sampler::{NoiseSource, SeededNoise};
 use anyhow::{Result, bail};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 
 /// A model of any family with what it generates with.
 // One or two per process: the size of the diffusion variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Generator {
     Diffusion(Pipeline),
-    Gan { model: LoadedGan, device: Device },
+    Gan {
+        model: LoadedGan,
+        device: Device,
+    },
+    Autoregressive {
+        model: LoadedPixelCnn,
+        device: Device,
+    },
 }
 
 /// Images a GAN generates at once when a request does not say (one forward pass each).
 const GAN_BATCH: usize = 256;
+
+/// Images an autoregressive model draws at once when a request does not say: its cost is a
+/// few small operations per sub-pixel, so wide batches pay.
+const AUTOREGRESSIVE_BATCH: usize = 500;
+
+/// The temperatures [`Request::temperature`] may take.
+pub const TEMPERATURES: std::ops::RangeInclusive<f32> = 0.01..=10.0;
 
 impl Generator {
     /// Loads `--model` of any family ([`super::load_generator`]) and, for a text-conditioned
@@ -45,6 +61,10 @@ impl Generator {
                 model,
                 device: device.clone(),
             },
+            Loaded::Autoregressive(model) => Self::Autoregressive {
+                model,
+                device: device.clone(),
+            },
         })
     }
 
@@ -52,6 +72,7 @@ impl Generator {
         match self {
             Self::Diffusion(_) => Family::Diffusion,
             Self::Gan { .. } => Family::Gan,
+            Self::Autoregressive { .. } => Family::Autoregressive,
         }
     }
 
@@ -68,6 +89,7 @@ impl Generator {
         match self {
             Self::Diffusion(p) => p.source(),
             Self::Gan { model, .. } => &model.source,
+            Self::Autoregressive { model, .. } => &model.source,
         }
     }
 
@@ -76,6 +98,7 @@ impl Generator {
         match self {
             Self::Diffusion(p) => p.model.config.output_shape(),
             Self::Gan { model, .. } => model.config.output_shape(),
+            Self::Autoregressive { model, .. } => model.config.output_shape(),
         }
     }
 
@@ -88,6 +111,11 @@ impl Generator {
                 text: false,
                 class_names: &model.config.class_names,
             },
+            Self::Autoregressive { model, .. } => CondSpec {
+                num_classes: model.config.num_classes,
+                text: false,
+                class_names: &model.config.class_names,
+            },
         }
     }
 
@@ -96,6 +124,7 @@ impl Generator {
         match self {
             Self::Diffusion(p) => p.batch(req),
             Self::Gan { .. } => req.batch.unwrap_or(GAN_BATCH).max(1),
+            Self::Autoregressive { .. } => req.batch.unwrap_or(AUTOREGRESSIVE_BATCH).max(1),
         }
     }
 
@@ -106,11 +135,22 @@ impl Generator {
         on_step: &mut dyn FnMut(&Step),
         on_chunk: &mut dyn FnMut(usize, Generated) -> Result<()>,
     ) -> Result<RunSummary> {
-        let (model, device) = match self {
-            Self::Diffusion(p) => return p.run_chunks(req, on_step, on_chunk),
-            Self::Gan { model, device } => (model, device),
-        };
         let what = self.family().article_name();
+        match (self, req.temperature) {
+            (Self::Autoregressive { .. }, Some(t)) if !TEMPERATURES.contains(&t) => bail!(
+                "the temperature must be between {} and {} (got {t})",
+                TEMPERATURES.start(),
+                TEMPERATURES.end()
+            ),
+            (Self::Autoregressive { .. }, _) | (_, None) => {}
+            (_, Some(_)) => bail!(
+                "{} is {what}: the temperature is an option of autoregressive models",
+                self.source()
+            ),
+        }
+        if let Self::Diffusion(p) = self {
+            return p.run_chunks(req, on_step, on_chunk);
+        }
         if !matches!(req.start, Start::Noise) {
             bail!(
                 "{} is {what}: it generates from its own noise only (no given noise, no editing)",
@@ -125,13 +165,14 @@ impl Generator {
         }
         let seed_parts = check_request(req)?;
         let n = req.n;
+        let num_classes = self.cond().num_classes;
         let classes = match &req.conditioning {
             Conditioning::None => None,
-            Conditioning::Classes(_) if model.config.num_classes.is_none() => {
+            Conditioning::Classes(_) if num_classes.is_none() => {
                 bail!("{} is not class-conditioned", self.source())
             }
             Conditioning::Classes(c) => {
-                let k = model.config.num_classes.unwrap_or(0);
+                let k = num_classes.unwrap_or(0);
                 if c.len() != n {
                     bail!(
                         "the request is for {n} images but {} classes were given",
@@ -150,26 +191,57 @@ impl Generator {
                 bail!("{} is {what} without text conditioning", self.source())
             }
         };
-        // A class-conditioned GAN without a class asked for samples its null class.
-        let classes = classes.or_else(|| model.config.num_classes.map(|k| vec![k; n]));
+        // A class-conditioned model without a class asked for samples its null class.
+        let classes = classes.or_else(|| num_classes.map(|k| vec![k; n]));
         let batch = self.batch(req);
         let chunks = n.div_ceil(batch);
-        let z_dim = model.config.z_dim;
+        let cancelled = || {
+            req.cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        };
         let mut summary = RunSummary::default();
         for chunk in 0..chunks {
             let (lo, hi) = (chunk * batch, ((chunk + 1) * batch).min(n));
             let mut noise = SeededNoise::window(&seed_parts, lo..hi);
-            let z = noise
-                .normal([hi - lo, z_dim, 1, 1], device)
-                .reshape([hi - lo, z_dim]);
-            let images = model.generate(z, classes.as_ref().map(|c| &c[lo..hi]));
-            on_step(&Step {
-                index: 0,
-                total: 1,
-                chunk,
-                chunks,
-                sample: &images,
-            });
+            let labels = classes.as_ref().map(|c| &c[lo..hi]);
+            let images = match self {
+                Self::Gan { model, device } => {
+                    let z_dim = model.config.z_dim;
+                    let z = noise
+                        .normal([hi - lo, z_dim, 1, 1], device)
+                        .reshape([hi - lo, z_dim]);
+                    let images = model.generate(z, labels);
+                    on_step(&Step {
+                        index: 0,
+                        total: 1,
+                        chunk,
+                        chunks,
+                        sample: &images,
+                    });
+                    images
+                }
+                Self::Autoregressive { model, .. } => {
+                    // One uniform number per sub-pixel, in the images' layout.
+                    let per: usize = model.config.output_shape().iter().product();
+                    let u = noise.uniform(per);
+                    let rows = model.config.image_size;
+                    let t = req.temperature.unwrap_or(1.0);
+                    let mut on_row = |row: usize, x: &Tensor<4>| {
+                        on_step(&Step {
+                            index: row - 1,
+                            total: rows,
+                            chunk,
+                            chunks,
+                            sample: x,
+                        })
+                    };
+                    model
+                        .sample(&u, hi - lo, labels, t, &cancelled, &mut on_row)
+                        .0
+                }
+                Self::Diffusion(_) => unreachable!("diffusion ran above"),
+            };
             summary.chunks += 1;
             on_chunk(
                 lo,
@@ -181,11 +253,7 @@ impl Generator {
                     negative_truncated: false,
                 },
             )?;
-            if req
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            {
+            if cancelled() {
                 break;
             }
         }

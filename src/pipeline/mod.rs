@@ -118,6 +118,8 @@ pub struct Request {
     /// chunks of this many, so memory is bounded by the batch, not by `n`; the images are the
     /// same bits whatever the batch.
     pub batch: Option<usize>,
+    /// Autoregressive models: the sampling temperature `T` (logits divided by it; `None`: 1).
+    pub temperature: Option<f32>,
 }
 
 impl Request {
@@ -149,6 +151,7 @@ impl Request {
             trajectory: false,
             cancel: None,
             batch: None,
+            temperature: None,
         }
     }
 }

@@ -82,6 +82,28 @@ impl SeededNoise {
     }
 }
 
+impl SeededNoise {
+    /// `per` independent uniform draws in `[0, 1)` for each row of the window, row after row,
+    /// with the window rule of [`NoiseSource::normal`] (rows outside are drawn and dropped).
+    pub fn uniform(&mut self, per: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.len() * per);
+        let mut row = 0;
+        for (n, rng) in &mut self.parts {
+            for r in row..row + *n {
+                let keep = self.window.contains(&r);
+                for _ in 0..per {
+                    let u: f32 = rand::Rng::r#gen(rng);
+                    if keep {
+                        v.push(u);
+                    }
+                }
+            }
+            row += *n;
+        }
+        v
+    }
+}
+
 impl NoiseSource for SeededNoise {
     fn normal(&mut self, dims: [usize; 4], device: &Device) -> Tensor<4> {
         assert_eq!(dims[0], self.len(), "noise batch size");

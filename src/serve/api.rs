@@ -162,6 +162,8 @@ fn conditioning(
 
 /// What the server serves, as its request checks and `/v1/models` see it.
 #[derive(Clone, Debug)]
+// One per server: the size of the diffusion variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Served {
     /// A diffusion model, with its sampler options.
     Diffusion(ModelConfig),

@@ -25,7 +25,6 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::path::Path;
@@ -56,28 +55,12 @@ impl Default for GanTrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GanRun {
     /// The networks, stored with `"family": "gan"`.
-    #[serde(with = "tagged")]
+    #[serde(with = "crate::model::tagged")]
     pub model: GanConfig,
     pub train: TrainConfig,
     /// The `--data` argument the run was started with.
     pub data: String,
     pub gan: GanTrainConfig,
-}
-
-/// [`GanConfig`] as files store it: tagged with its family.
-mod tagged {
-    use super::{FamilyConfig, GanConfig};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(c: &GanConfig, s: S) -> Result<S::Ok, S::Error> {
-        FamilyConfig::Gan(c.clone()).serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GanConfig, D::Error> {
-        match FamilyConfig::deserialize(d)? {
-            FamilyConfig::Gan(c) => Ok(c),
-        }
-    }
 }
 
 impl GanTrainConfig {
@@ -129,20 +112,8 @@ pub fn train(
     minutes: Option<f64>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<usize> {
-    cfg.validate()?;
-    crate::device::check_training_backend()?;
-    super::check_minutes(minutes)?;
     let tc = &cfg.train;
-    crate::kernels::set_matmul_mode(tc.precision)?;
-    let paths = RunPaths::new(out);
-    let _lock = super::claim_run_folder(out)?;
-    if let Some(ck) = &resume {
-        super::check_resume_target(ck.step, tc.steps, out)?;
-    }
-    crate::files::write_atomic(
-        &paths.config(),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    let (paths, _lock) = run::open_run(cfg, out, resume.as_ref().map(|c| c.step), minutes)?;
     let dev = crate::device::training_device();
     dev.seed(tc.seed);
     let mut g = Generator::new(&cfg.model, &dev)?;
@@ -213,14 +184,12 @@ impl Learner for GanLearner<'_> {
         let b = batch.shape[0];
         let z_dim = cfg.model.z_dim;
         let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
-        let labels: Option<Vec<usize>> = match (cfg.model.num_classes, &batch.labels) {
-            (Some(k), Some(l)) => Some(
-                l.iter()
-                    .map(|&y| if rng.gen_bool(tc.label_dropout) { k } else { y })
-                    .collect(),
-            ),
-            _ => None,
-        };
+        let labels = run::dropped_labels(
+            cfg.model.num_classes,
+            &batch.labels,
+            tc.label_dropout,
+            &mut rng,
+        );
         let noise = |rng: &mut rand_chacha::ChaCha8Rng| {
             Tensor::<2>::from_data(TensorData::new(normal_vec(rng, b * z_dim), [b, z_dim]), dev)
         };

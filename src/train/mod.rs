@@ -8,6 +8,7 @@ pub mod ema;
 pub mod gan;
 mod metrics;
 pub mod objective;
+pub mod pixelcnn;
 mod preview;
 mod run;
 

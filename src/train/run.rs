@@ -4,7 +4,7 @@
 //! step does (the objective, the optimisers, the EMA) is the family's, behind [`Learner`].
 
 use super::metrics::{self, MetricLine};
-use super::{RunPaths, StepReport, TrainConfig};
+use super::{RunLock, RunPaths, RunSpec, StepReport, TrainConfig};
 use crate::data::{self, Dataset, HostBatch};
 use anyhow::{Context, Result};
 use std::fs::File;
@@ -117,4 +117,48 @@ fn save_loss_plot(paths: &RunPaths, step: usize) -> Result<()> {
     let all = super::read_metrics(&paths.metrics(), step);
     let pts: Vec<(f64, f64)> = all.iter().map(|m| (m.step as f64, m.loss)).collect();
     crate::plot::save_loss_curve(&pts, &paths.loss_plot())
+}
+
+/// What every family's `train` does before building its networks: checks the run (its
+/// config, the backend, `--minutes`, a resume target of `resume_step`), sets the matmul
+/// precision, takes the run folder's lock and writes `config.json` atomically.
+pub(crate) fn open_run<R: RunSpec>(
+    cfg: &R,
+    out: &std::path::Path,
+    resume_step: Option<usize>,
+    minutes: Option<f64>,
+) -> Result<(RunPaths, RunLock)> {
+    cfg.validate()?;
+    crate::device::check_training_backend()?;
+    super::check_minutes(minutes)?;
+    let tc = cfg.train();
+    crate::kernels::set_matmul_mode(tc.precision)?;
+    let paths = RunPaths::new(out);
+    let lock = super::claim_run_folder(out)?;
+    if let Some(step) = resume_step {
+        super::check_resume_target(step, tc.steps, out)?;
+    }
+    crate::files::write_atomic(
+        &paths.config(),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+    Ok((paths, lock))
+}
+
+/// A batch's classes with label dropout: each replaced by the null class `K` with probability
+/// `p` (one draw per image from `rng`); `None` for an unconditioned model.
+pub(crate) fn dropped_labels(
+    num_classes: Option<usize>,
+    labels: &Option<Vec<usize>>,
+    p: f64,
+    rng: &mut impl rand::Rng,
+) -> Option<Vec<usize>> {
+    match (num_classes, labels) {
+        (Some(k), Some(l)) => Some(
+            l.iter()
+                .map(|&y| if rng.gen_bool(p) { k } else { y })
+                .collect(),
+        ),
+        _ => None,
+    }
 }

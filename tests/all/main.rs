@@ -1,5 +1,6 @@
 //! The test suite, as one binary: `cargo test --release`.
 
+mod autoregressive;
 mod browser;
 mod cli;
 mod data;
