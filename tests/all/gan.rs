@@ -261,7 +261,7 @@ fn a_model_of_an_unknown_family_is_refused() {
         }
         fails(
             &args,
-            "model family 'vq-vae' is unknown to this build (diffusion, gan)",
+            "model family 'vq-vae' is unknown to this build (diffusion, gan, autoregressive)",
         );
     }
 }
