@@ -13,7 +13,7 @@ pub mod generator;
 pub mod load;
 
 pub use conditioning::{CondFlags, FlagNames, Resolved};
-pub use generator::Generator;
+pub use generator::{Generator, TEMPERATURES};
 pub use load::{load_generator, load_model};
 
 use crate::conditioning::lowres;

@@ -33,6 +33,8 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// DDIM noise weight, 0 to 1 (default 0).
     pub eta: Option<f64>,
+    /// Autoregressive models: the sampling temperature, 0.01 to 10 (default 1).
+    pub temperature: Option<f64>,
 }
 
 /// A class given as its index or its name.
@@ -64,6 +66,7 @@ pub fn validate(
     limits: &Limits,
     default_seed: u64,
 ) -> Result<JobSpec, String> {
+    refuse_temperature(req, Family::Diffusion)?;
     let n = check_n(req, limits)?;
     let sampler: SamplerKind = match &req.sampler {
         None => SamplerDefaults::SERVE.for_model(model).sampler,
@@ -114,8 +117,20 @@ pub fn validate(
         eta,
         guidance: guidance as f32,
         guidance_interval: req.guidance_interval.map(|[lo, hi]| (lo, hi)),
+        temperature: None,
         seed: req.seed.unwrap_or(default_seed),
     })
+}
+
+/// A temperature is refused for a model of a family other than autoregressive.
+fn refuse_temperature(req: &GenerateRequest, family: Family) -> Result<(), String> {
+    if req.temperature.is_some() && family != Family::Autoregressive {
+        return Err(format!(
+            "temperature is an option of autoregressive models; the served model is {}",
+            family.article_name()
+        ));
+    }
+    Ok(())
 }
 
 /// The class or prompt of a request for `n` images, read against the model's conditioning.
@@ -243,6 +258,19 @@ pub fn validate_served(
             family.article_name()
         ));
     }
+    refuse_temperature(req, family)?;
+    let range = crate::pipeline::TEMPERATURES;
+    let temperature = match req.temperature {
+        Some(t) if !(t.is_finite() && range.contains(&(t as f32))) => {
+            return Err(format!(
+                "temperature must be between {} and {} (got {})",
+                range.start(),
+                range.end(),
+                shown(t)
+            ));
+        }
+        t => t.map(|t| t as f32),
+    };
     let n = check_n(req, limits)?;
     let (classes, prompt) = conditioning(req, served.cond(), n)?;
     Ok(JobSpec {
@@ -254,6 +282,7 @@ pub fn validate_served(
         eta: 0.0,
         guidance: 1.0,
         guidance_interval: None,
+        temperature,
         seed: req.seed.unwrap_or(default_seed),
     })
 }

@@ -28,6 +28,8 @@ pub struct JobSpec {
     pub guidance: f32,
     /// Guidance only at noise levels sigma in `[lo, hi]`.
     pub guidance_interval: Option<(f64, f64)>,
+    /// Autoregressive models: the sampling temperature (`None`: 1).
+    pub temperature: Option<f32>,
     pub seed: u64,
 }
 
@@ -201,8 +203,7 @@ impl Queue {
 pub const MAX_BATCH_IMAGES: usize = 32;
 
 /// Jobs that can share one sampling loop: same sampler, steps, eta, guidance (and its
-/// interval), and all with
-/// or all without classes. Seeds, classes and sizes may differ.
+/// interval), temperature, and all with or all without classes. Seeds, classes and sizes may differ.
 fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
     a.sampler == b.sampler
         && a.steps == b.steps
@@ -210,6 +211,7 @@ fn compatible(a: &JobSpec, b: &JobSpec) -> bool {
         && a.guidance.to_bits() == b.guidance.to_bits()
         && a.guidance_interval.map(|(l, h)| (l.to_bits(), h.to_bits()))
             == b.guidance_interval.map(|(l, h)| (l.to_bits(), h.to_bits()))
+        && a.temperature.map(f32::to_bits) == b.temperature.map(f32::to_bits)
         && a.classes.is_some() == b.classes.is_some()
 }
 
@@ -300,6 +302,7 @@ fn run(
     };
     req.guidance = spec.guidance;
     req.guidance_interval = spec.guidance_interval;
+    req.temperature = spec.temperature;
     req.seeds = Seeds::Parts(jobs.iter().map(|j| (j.spec.n, j.spec.seed)).collect());
     req.cancel = Some(cancel_all.clone());
     req.batch = batch;

@@ -220,6 +220,13 @@ fn serve_answers_bad_requests_with_4xx_json_and_stays_up() {
         (
             "POST",
             "/v1/generate",
+            "{\"temperature\": 0.5}",
+            400,
+            "temperature is an option of autoregressive models; the served model is a diffusion model",
+        ),
+        (
+            "POST",
+            "/v1/generate",
             "{\"sampler\": \"magic\"}",
             400,
             "unknown sampler 'magic'",
