@@ -55,16 +55,24 @@ pub enum Family {
     Gan,
     /// An autoregressive model over pixels, a gated PixelCNN ([`crate::pixelcnn`]).
     Autoregressive,
+    /// A variational autoencoder sampled from its prior ([`crate::vae::generator`]).
+    Vae,
 }
 
 impl Family {
-    pub const ALL: [Family; 3] = [Family::Diffusion, Family::Gan, Family::Autoregressive];
+    pub const ALL: [Family; 4] = [
+        Family::Diffusion,
+        Family::Gan,
+        Family::Autoregressive,
+        Family::Vae,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Diffusion => "diffusion",
             Self::Gan => "gan",
             Self::Autoregressive => "autoregressive",
+            Self::Vae => "vae",
         }
     }
 
@@ -74,6 +82,7 @@ impl Family {
             Self::Diffusion => "diffusion models",
             Self::Gan => "GANs",
             Self::Autoregressive => "autoregressive models",
+            Self::Vae => "VAEs",
         }
     }
 
@@ -83,6 +92,7 @@ impl Family {
             Self::Diffusion => "a diffusion model",
             Self::Gan => "a GAN",
             Self::Autoregressive => "an autoregressive model",
+            Self::Vae => "a VAE",
         }
     }
 }
@@ -94,6 +104,7 @@ impl Family {
 pub enum FamilyConfig {
     Gan(crate::gan::GanConfig),
     Autoregressive(crate::pixelcnn::PixelCnnConfig),
+    Vae(crate::vae::generator::VaeGenConfig),
 }
 
 impl FamilyConfig {
@@ -101,6 +112,7 @@ impl FamilyConfig {
         match self {
             Self::Gan(_) => Family::Gan,
             Self::Autoregressive(_) => Family::Autoregressive,
+            Self::Vae(_) => Family::Vae,
         }
     }
 }
@@ -130,6 +142,18 @@ impl FamilyPart for crate::pixelcnn::PixelCnnConfig {
     fn unwrap(c: FamilyConfig) -> Option<Self> {
         match c {
             FamilyConfig::Autoregressive(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl FamilyPart for crate::vae::generator::VaeGenConfig {
+    fn wrap(self) -> FamilyConfig {
+        FamilyConfig::Vae(self)
+    }
+    fn unwrap(c: FamilyConfig) -> Option<Self> {
+        match c {
+            FamilyConfig::Vae(c) => Some(c),
             _ => None,
         }
     }
@@ -443,6 +467,7 @@ pub enum Loaded {
     Diffusion(LoadedModel),
     Gan(crate::gan::LoadedGan),
     Autoregressive(crate::pixelcnn::LoadedPixelCnn),
+    Vae(crate::vae::generator::LoadedVaeGen),
 }
 
 impl Loaded {
@@ -451,6 +476,7 @@ impl Loaded {
             Self::Diffusion(_) => Family::Diffusion,
             Self::Gan(_) => Family::Gan,
             Self::Autoregressive(_) => Family::Autoregressive,
+            Self::Vae(_) => Family::Vae,
         }
     }
 
@@ -460,6 +486,7 @@ impl Loaded {
             Self::Diffusion(m) => &m.source,
             Self::Gan(m) => &m.source,
             Self::Autoregressive(m) => &m.source,
+            Self::Vae(m) => &m.source,
         }
     }
 
@@ -506,11 +533,14 @@ pub fn load_any_from_bytes(bytes: &[u8], what: &str, device: &Device) -> Result<
             let config: ModelConfig = serde_json::from_str(cfg_json).map_err(invalid)?;
             Loaded::Diffusion(build(config, &tensors, "", what, device)?)
         }
-        Family::Gan | Family::Autoregressive => {
+        Family::Gan | Family::Autoregressive | Family::Vae => {
             match serde_json::from_str(cfg_json).map_err(invalid)? {
                 FamilyConfig::Gan(c) => Loaded::Gan(crate::gan::build(c, &tensors, what, device)?),
                 FamilyConfig::Autoregressive(c) => {
                     Loaded::Autoregressive(crate::pixelcnn::build(c, &tensors, what, device)?)
+                }
+                FamilyConfig::Vae(c) => {
+                    Loaded::Vae(crate::vae::generator::build(c, &tensors, what, device)?)
                 }
             }
         }

@@ -31,6 +31,10 @@ pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usiz
                     weights::collect(&m.net, "", &mut t);
                     model::FamilyConfig::Autoregressive(m.config)
                 }
+                model::Loaded::Vae(m) => {
+                    weights::collect(&m.net, "", &mut t);
+                    model::FamilyConfig::Vae(m.config)
+                }
                 model::Loaded::Diffusion(_) => unreachable!("matched above"),
             };
             return write(out, &model::family_model_bytes(&config, &t, dtype)?);

@@ -1,6 +1,6 @@
 //! `diffuse train-classifier`, `diffuse fid` and `diffuse eval`.
 
-use super::bar;
+use super::{bar, given};
 use anyhow::{Result, bail};
 use clap::Args;
 use diffuse::data::{self, Shape};
@@ -279,11 +279,18 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         )?,
     }
     super::refuse_unless(
-        super::AUTOREGRESSIVE_ONLY,
+        &["temperature"],
         Family::Autoregressive,
         loaded.family(),
         loaded.source(),
     )?;
+    if !matches!(loaded.family(), Family::Autoregressive | Family::Vae) && given("nll_data") {
+        bail!(
+            "--nll-data is an option of models with a likelihood (autoregressive models and VAEs); {} is {}",
+            loaded.source(),
+            loaded.family().article_name()
+        );
+    }
     let generator = Generator::from_loaded(loaded, &dev, false)?;
     let data_spec = match (&a.data, &a.model) {
         (Some(d), _) => d.clone(),
@@ -354,27 +361,38 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
             fields.remove(k);
         }
         fields.insert("family".into(), generator.family().name().into());
-        if let Generator::Autoregressive { model, .. } = &generator {
+        if let Generator::Autoregressive { .. } = &generator {
             fields.insert("temperature".into(), a.temperature.unwrap_or(1.0).into());
-            let spec = match &a.nll_data {
-                Some(d) => d.clone(),
-                None => {
-                    let test = format!("{data_spec}:test");
-                    if data::resolve(&test).is_ok() {
-                        test
-                    } else {
-                        data_spec.clone()
-                    }
+        }
+        let spec = match &a.nll_data {
+            Some(d) => d.clone(),
+            None => {
+                let test = format!("{data_spec}:test");
+                if data::resolve(&test).is_ok() {
+                    test
+                } else {
+                    data_spec.clone()
                 }
-            };
-            let [c, size, _] = model.config.output_shape();
-            let with_classes = model.config.num_classes.is_some();
-            let ds = data::load(&spec, Shape { size, channels: c }, with_classes)?;
-            let (bpd, scored) = eval::bits_per_dim(model, &ds, a.n)?;
-            println!("negative log-likelihood on {scored} images of {spec}: {bpd:.4} bits/dim");
-            fields.insert("bits_per_dim".into(), bpd.into());
-            fields.insert("nll_data".into(), spec.into());
-            fields.insert("nll_images".into(), scored.into());
+            }
+        };
+        let [channels, size, _] = generator.output_shape();
+        let with_classes = generator.cond().num_classes.is_some();
+        if matches!(
+            generator,
+            Generator::Autoregressive { .. } | Generator::Vae { .. }
+        ) {
+            let ds = data::load(&spec, Shape { size, channels }, with_classes)?;
+            if let Some((bpd, kind, scored)) = eval::bits_per_dim(&generator, &ds, a.n, a.seed)? {
+                let what = match kind {
+                    eval::Likelihood::Exact => "negative log-likelihood",
+                    eval::Likelihood::Elbo => "negative ELBO (a bound of the NLL)",
+                };
+                println!("{what} on {scored} images of {spec}: {bpd:.4} bits/dim");
+                fields.insert("bits_per_dim".into(), bpd.into());
+                fields.insert("likelihood".into(), kind.name().into());
+                fields.insert("nll_data".into(), spec.into());
+                fields.insert("nll_images".into(), scored.into());
+            }
         }
         println!(
             "{}: {} images in {:.1} s",

@@ -395,9 +395,6 @@ pub fn refuse_unless(
     refuse_given(ids, owner, family, what)
 }
 
-/// Options of `sample` and `eval` that only autoregressive models take (field names).
-pub const AUTOREGRESSIVE_ONLY: &[&str] = &["temperature", "nll_data"];
-
 /// `--precision` as given (None: not given; the process then runs in the default mode,
 /// `kernels::matmul_mode()`).
 static PRECISION: std::sync::OnceLock<Option<MatmulMode>> = std::sync::OnceLock::new();

@@ -13,10 +13,12 @@ use diffuse::pixelcnn::PixelCnnConfig;
 use diffuse::schedule::{BetaSchedule, FlowTime, Prediction, ScheduleConfig};
 use diffuse::train::gan::{GanRun, GanTrainConfig};
 use diffuse::train::pixelcnn::PixelCnnRun;
+use diffuse::train::vae_generator::VaeGenRun;
 use diffuse::train::{
     self, LossWeighting, RunConfig, RunPaths, RunSpec, StepReport, TrainConfig, checkpoint,
 };
 use diffuse::unet::UNetConfig;
+use diffuse::vae::generator::VaeGenConfig;
 use std::path::PathBuf;
 
 /// What the denoiser is conditioned on.
@@ -49,7 +51,8 @@ pub struct TrainArgs {
     resume: bool,
     /// Model family: diffusion (denoising diffusion or flow matching), gan (a generator
     /// against a spectrally normalised discriminator) or autoregressive (a gated PixelCNN,
-    /// pixel by pixel); docs/FAMILIES.md.
+    /// pixel by pixel) or vae (a variational autoencoder sampled from its prior);
+    /// docs/FAMILIES.md.
     #[arg(long, value_enum, default_value_t = Family::Diffusion)]
     family: Family,
     /// GAN: width of the noise z [default: 64].
@@ -74,6 +77,16 @@ pub struct TrainArgs {
     /// Autoregressive: gated layers (a 7x7 first, then 3x3) [default: 8].
     #[arg(long)]
     layers: Option<usize>,
+    /// VAE: channels of the autoencoder's levels, each after the first at half the
+    /// resolution [default: 32,64,64].
+    #[arg(long)]
+    vae_widths: Option<String>,
+    /// VAE: channels of the latent [default: 4].
+    #[arg(long)]
+    latent_channels: Option<usize>,
+    /// VAE: steps over which the KL weight rises from 0 to 1 (0: 1 throughout) [default: 500].
+    #[arg(long)]
+    kl_anneal: Option<usize>,
     /// Image side length (default: the data's own for IDX/digits, 32 for folders).
     #[arg(long)]
     image_size: Option<usize>,
@@ -210,11 +223,15 @@ const GAN_ONLY: &[&str] = &["z_dim", "g_channels", "d_channels", "lr_d", "adam_b
 /// Options of `train` that only autoregressive runs take.
 const AUTOREGRESSIVE_ONLY: &[&str] = &["features", "layers"];
 
+/// Options of `train` that only VAE runs take.
+const VAE_ONLY: &[&str] = &["vae_widths", "latent_channels", "kl_anneal"];
+
 /// Refuses, with one line, options of another family's runs than `family`'s.
 fn refuse_other_families(family: Family) -> Result<()> {
     for (ids, owner) in [
         (GAN_ONLY, Family::Gan),
         (AUTOREGRESSIVE_ONLY, Family::Autoregressive),
+        (VAE_ONLY, Family::Vae),
     ] {
         if owner == family {
             continue;
@@ -281,6 +298,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Family::Diffusion => {}
         Family::Gan => return run_gan(&a),
         Family::Autoregressive => return run_autoregressive(&a),
+        Family::Vae => return run_vae(&a),
     }
     let (cfg, resume) =
         start_or_resume(&a.out, a.resume, a.steps, &a.data, || build_run_config(&a))?;
@@ -352,6 +370,54 @@ fn run_autoregressive(a: &TrainArgs) -> Result<()> {
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
         train::pixelcnn::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
+    })
+}
+
+/// `diffuse train --family vae`: a new VAE run from the options, or the checkpoint's.
+fn run_vae(a: &TrainArgs) -> Result<()> {
+    let (cfg, resume) =
+        start_or_resume::<VaeGenRun>(&a.out, a.resume, a.steps, &a.data, || vae_run_config(a))?;
+    let m = &cfg.model;
+    let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
+    let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
+    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+        train::vae_generator::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
+    })
+}
+
+/// A new VAE run from the options: the data's shape and classes, the VAE's own defaults where
+/// an option shared with diffusion was not given.
+fn vae_run_config(a: &TrainArgs) -> Result<VaeGenRun> {
+    let shape = family_data_shape(a)?;
+    let widths = match &a.vae_widths {
+        Some(s) => parse_list(s, "--vae-widths")?,
+        None => vec![32, 64, 64],
+    };
+    let model = VaeGenConfig {
+        num_classes: shape.class_names.as_ref().map(|c| c.len()),
+        class_names: shape.class_names.unwrap_or_default(),
+        ..VaeGenConfig::recipe(
+            shape.size,
+            shape.channels,
+            &widths,
+            a.latent_channels.unwrap_or(4),
+        )
+    };
+    let train = family_train_config(
+        a,
+        SharedDefaults {
+            batch: 64,
+            lr: 5e-4,
+            warmup: 100,
+            grad_clip: 1.0,
+            ema_decay: 0.999,
+        },
+    );
+    Ok(VaeGenRun {
+        model,
+        train,
+        data: a.data.clone(),
+        kl_anneal: a.kl_anneal.unwrap_or(500),
     })
 }
 

@@ -516,21 +516,47 @@ pub fn evaluate(
 /// Images scored at once by [`bits_per_dim`].
 const LIKELIHOOD_BATCH: usize = 100;
 
-/// The negative log-likelihood an autoregressive model gives held-out images, in bits per
-/// dimension (`sum NLL / (images C H W ln 2)`, [`crate::pixelcnn::bits_per_dim`]), over at
-/// most `max` images of `ds` evenly strided, each given its class when the model is
-/// class-conditioned and the data labelled (the null class otherwise). `ds` must be at the
-/// model's shape. Returns the figure and the images scored.
+/// How a family's likelihood of held-out images is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Likelihood {
+    /// An autoregressive model's exact negative log-likelihood.
+    Exact,
+    /// A VAE's negative ELBO (one draw of the latent per image), an upper bound of it.
+    Elbo,
+}
+
+impl Likelihood {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Elbo => "elbo",
+        }
+    }
+}
+
+/// The negative log-likelihood a model gives held-out images, in bits per dimension
+/// (`sum NLL / (images C H W ln 2)`, [`crate::pixelcnn::bits_per_dim`]), over at most `max`
+/// images of `ds` evenly strided, each given its class when the model is class-conditioned and
+/// the data labelled (the null class otherwise): exact for an autoregressive model, the
+/// negative ELBO for a VAE (its latent drawn with `seed`). `ds` must be at the model's shape.
+/// Returns the figure, what it is and the images scored; `None` for a family without a
+/// likelihood.
 pub fn bits_per_dim(
-    model: &crate::pixelcnn::LoadedPixelCnn,
+    generator: &Generator,
     ds: &Dataset,
     max: usize,
-) -> Result<(f64, usize)> {
-    let [c, s, _] = model.config.output_shape();
+    seed: u64,
+) -> Result<Option<(f64, Likelihood, usize)>> {
+    let kind = match generator {
+        Generator::Autoregressive { .. } => Likelihood::Exact,
+        Generator::Vae { .. } => Likelihood::Elbo,
+        _ => return Ok(None),
+    };
+    let [c, s, _] = generator.output_shape();
     if ds.channels != c || ds.size != s {
         bail!(
             "{} is {c}x{s}x{s}; {} was read as {}x{}x{}",
-            model.source,
+            generator.source(),
             ds.source,
             ds.channels,
             ds.size,
@@ -545,10 +571,11 @@ pub fn bits_per_dim(
     let idx: Vec<usize> = (0..n).step_by(stride).collect();
     let per = c * s * s;
     let dev = crate::device::inference_device();
-    let labels = match (model.config.num_classes, &ds.labels) {
+    let labels = match (generator.cond().num_classes, &ds.labels) {
         (Some(_), Some(l)) => Some(l),
         _ => None,
     };
+    let mut rng = crate::rng::rng_for(seed, crate::rng::Stream::Sample, 1);
     let mut nats = 0.0;
     for part in idx.chunks(LIKELIHOOD_BATCH) {
         let px: Vec<f32> = part
@@ -558,15 +585,30 @@ pub fn bits_per_dim(
             .collect();
         let x = Tensor::<4>::from_data(TensorData::new(px, [part.len(), c, s, s]), &dev);
         let y: Option<Vec<usize>> = labels.map(|l| part.iter().map(|&i| l[i]).collect());
-        nats += model.nll(x, y.as_deref()).iter().sum::<f64>();
+        let scores = match generator {
+            Generator::Autoregressive { model, .. } => model.nll(x, y.as_deref()),
+            Generator::Vae { model, .. } => {
+                let [l, h, w] = model.config.latent_shape();
+                let shape = [part.len(), l, h, w];
+                let v = crate::rng::normal_vec(&mut rng, shape.iter().product());
+                let eps = Tensor::<4>::from_data(TensorData::new(v, shape), &dev);
+                model.neg_elbo(x, y.as_deref(), eps)
+            }
+            _ => unreachable!("families without a likelihood returned above"),
+        };
+        nats += scores.iter().sum::<f64>();
     }
     if !nats.is_finite() {
-        bail!("{} gave a likelihood that is not finite", model.source);
+        bail!(
+            "{} gave a likelihood that is not finite",
+            generator.source()
+        );
     }
-    Ok((
+    Ok(Some((
         crate::pixelcnn::bits_per_dim(nats, idx.len() * per),
+        kind,
         idx.len(),
-    ))
+    )))
 }
 
 pub fn real_subset(all: Images, max: usize) -> Images {

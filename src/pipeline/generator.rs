@@ -1,5 +1,5 @@
-//! A model of any family ready to generate: a diffusion [`Pipeline`], a GAN's generator, or an
-//! autoregressive model.
+//! A model of any family ready to generate: a diffusion [`Pipeline`], a GAN's generator, an
+//! autoregressive model, or a VAE's decoder.
 //! Every family takes the same [`Request`] (how many images, which classes, the seeds, the
 //! batch) and hands its images over chunk by chunk as the pipeline does, with the same rule
 //! for the noise: image `i` draws what a single run of all `n` would draw, so the images do
@@ -14,6 +14,7 @@ use crate::gan::LoadedGan;
 use crate::model::{CondSpec, Family, Loaded};
 use crate::pixelcnn::LoadedPixelCnn;
 use crate::sampler::{NoiseSource, SeededNoise};
+use crate::vae::generator::LoadedVaeGen;
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
 
@@ -30,9 +31,14 @@ pub enum Generator {
         model: LoadedPixelCnn,
         device: Device,
     },
+    Vae {
+        model: LoadedVaeGen,
+        device: Device,
+    },
 }
 
-/// Images a GAN generates at once when a request does not say (one forward pass each).
+/// Images a GAN or a VAE generates at once when a request does not say (one forward pass
+/// each).
 const GAN_BATCH: usize = 256;
 
 /// Images an autoregressive model draws at once when a request does not say: its cost is a
@@ -65,6 +71,10 @@ impl Generator {
                 model,
                 device: device.clone(),
             },
+            Loaded::Vae(model) => Self::Vae {
+                model,
+                device: device.clone(),
+            },
         })
     }
 
@@ -73,6 +83,7 @@ impl Generator {
             Self::Diffusion(_) => Family::Diffusion,
             Self::Gan { .. } => Family::Gan,
             Self::Autoregressive { .. } => Family::Autoregressive,
+            Self::Vae { .. } => Family::Vae,
         }
     }
 
@@ -90,6 +101,7 @@ impl Generator {
             Self::Diffusion(p) => p.source(),
             Self::Gan { model, .. } => &model.source,
             Self::Autoregressive { model, .. } => &model.source,
+            Self::Vae { model, .. } => &model.source,
         }
     }
 
@@ -99,6 +111,7 @@ impl Generator {
             Self::Diffusion(p) => p.model.config.output_shape(),
             Self::Gan { model, .. } => model.config.output_shape(),
             Self::Autoregressive { model, .. } => model.config.output_shape(),
+            Self::Vae { model, .. } => model.config.output_shape(),
         }
     }
 
@@ -116,6 +129,11 @@ impl Generator {
                 text: false,
                 class_names: &model.config.class_names,
             },
+            Self::Vae { model, .. } => CondSpec {
+                num_classes: model.config.num_classes,
+                text: false,
+                class_names: &model.config.class_names,
+            },
         }
     }
 
@@ -123,7 +141,7 @@ impl Generator {
     pub fn batch(&self, req: &Request) -> usize {
         match self {
             Self::Diffusion(p) => p.batch(req),
-            Self::Gan { .. } => req.batch.unwrap_or(GAN_BATCH).max(1),
+            Self::Gan { .. } | Self::Vae { .. } => req.batch.unwrap_or(GAN_BATCH).max(1),
             Self::Autoregressive { .. } => req.batch.unwrap_or(AUTOREGRESSIVE_BATCH).max(1),
         }
     }
@@ -211,6 +229,19 @@ impl Generator {
                     let z = noise
                         .normal([hi - lo, z_dim, 1, 1], device)
                         .reshape([hi - lo, z_dim]);
+                    let images = model.generate(z, labels);
+                    on_step(&Step {
+                        index: 0,
+                        total: 1,
+                        chunk,
+                        chunks,
+                        sample: &images,
+                    });
+                    images
+                }
+                Self::Vae { model, device } => {
+                    let [l, h, w] = model.config.latent_shape();
+                    let z = noise.normal([hi - lo, l, h, w], device);
                     let images = model.generate(z, labels);
                     on_step(&Step {
                         index: 0,

@@ -15,6 +15,7 @@ mod run;
 use crate::files::RunLock;
 use preview::{Preview, preview, preview_lowres};
 pub mod vae;
+pub mod vae_generator;
 
 use crate::conditioning::text::CaptionBank;
 use crate::data::{Dataset, HostBatch};

@@ -9,6 +9,8 @@
 //! so a diffusers `AutoencoderKL` folder (`config.json` + `diffusion_pytorch_model.safetensors`)
 //! loads here and a folder written here loads in diffusers.
 
+pub mod generator;
+
 use crate::data::Dataset;
 use crate::kernels;
 use crate::unet::blocks::{Downsample, Norm, Upsample, conv, group_norm};

@@ -370,7 +370,7 @@ fn a_tiny_autoregressive_model_trains_resumes_samples_and_evaluates() {
     );
     fails(
         &["eval", "--nll-data", data, "--n", "8"],
-        "--nll-data is an option of autoregressive models",
+        "--nll-data is an option of models with a likelihood",
     );
     let other = tmp.path().join("other");
     let o = other.to_str().unwrap();

@@ -22,3 +22,4 @@ mod superres;
 mod text;
 mod unet;
 mod vae;
+mod vae_generator;
