@@ -2,8 +2,9 @@
 # The family comparison of docs/FAMILIES.md: each generation family trained on class-conditioned
 # Fashion-MNIST for the same wall-clock budget (MINUTES, default 20, on an otherwise idle
 # machine), then judged by `diffuse eval` at n=1000 (classifier features, seed 0; guidance 1 and
-# the flow model's best cheap sampler, Heun at 10 steps, for diffusion), with a 10x10 grid (one
-# row per class) of each.
+# the flow model's best cheap sampler, Heun at 10 steps, for diffusion; bits per dimension on
+# fashion-mnist:test for the families with a likelihood), with a 10x10 grid (one row per class)
+# of each.
 #
 #   scripts/families.sh [RUNS_DIR] [OUT_DIR]      (defaults: runs/families, docs/families)
 #
@@ -21,6 +22,8 @@ mkdir -p "$RUNS" "$OUT"
 # name | training options | eval and grid options
 ROWS=(
   "gan|--family gan --steps 100000|"
+  "autoregressive|--family autoregressive --steps 100000|"
+  "vae|--family vae --steps 100000|"
   "diffusion|--steps 100000|--sampler heun --steps 10 --guidance 1"
 )
 

@@ -159,6 +159,41 @@ impl FamilyPart for crate::vae::generator::VaeGenConfig {
     }
 }
 
+/// Checks the classes of a family's config: a class count from 1 to 100,000 and, where names
+/// are given, one name per class.
+pub fn check_classes(num_classes: Option<usize>, class_names: &[String]) -> Result<()> {
+    let k = num_classes.unwrap_or(0);
+    if num_classes.is_some_and(|k| !(1..=100_000).contains(&k)) {
+        bail!("the class count must be between 1 and 100000 (got {k})");
+    }
+    if !class_names.is_empty() && class_names.len() != k {
+        bail!("it names {} classes for a model of {k}", class_names.len());
+    }
+    Ok(())
+}
+
+/// Builds a family's network from a model file's tensors (`what` names the file): its config
+/// checked by `validate`, a file holding fewer than `least` weights refused before the network
+/// is allocated (a damaged or hostile config cannot make it allocate far more than the file
+/// holds), then `make` and the weights applied.
+pub fn build_network<M: burn::module::Module>(
+    validate: Result<()>,
+    least: usize,
+    tensors: &NamedTensors,
+    what: &str,
+    make: impl FnOnce() -> Result<M>,
+) -> Result<M> {
+    validate.map_err(|e| anyhow!("{what}: the model config it carries is invalid: {e}"))?;
+    let held: usize = tensors.values().map(|t| t.data.len()).sum();
+    if least > held {
+        bail!(
+            "{what} does not match its config: the config describes at least {least} weights, the file holds {held}"
+        );
+    }
+    weights::apply(make()?, tensors, "")
+        .map_err(|e| anyhow!("{what} does not match its config: {e}"))
+}
+
 /// serde's `with` for a family's own config in a run config: stored as [`FamilyConfig`], so
 /// with its `"family"` tag.
 pub mod tagged {

@@ -369,7 +369,7 @@ fn run_autoregressive(a: &TrainArgs) -> Result<()> {
     let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
-        train::pixelcnn::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
+        train::single::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
     })
 }
 
@@ -381,7 +381,7 @@ fn run_vae(a: &TrainArgs) -> Result<()> {
     let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
-        train::vae_generator::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
+        train::single::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
     })
 }
 

@@ -105,20 +105,7 @@ impl GanConfig {
                 self.norm_groups
             );
         }
-        let k = self.num_classes.unwrap_or(0);
-        if self
-            .num_classes
-            .is_some_and(|k| !(1..=100_000).contains(&k))
-        {
-            bail!("a GAN's class count must be between 1 and 100000 (got {k})");
-        }
-        if !self.class_names.is_empty() && self.class_names.len() != k {
-            bail!(
-                "it names {} classes for a model of {k}",
-                self.class_names.len()
-            );
-        }
-        Ok(())
+        crate::model::check_classes(self.num_classes, &self.class_names)
     }
 
     /// `[channels, size, size]` of the images.
@@ -363,19 +350,10 @@ pub fn build(
     what: &str,
     dev: &Device,
 ) -> Result<LoadedGan> {
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{what}: the model config it carries is invalid: {e}"))?;
-    let held: usize = tensors.values().map(|t| t.data.len()).sum();
     let least = config.min_generator_parameters();
-    if least > held {
-        bail!(
-            "{what} does not match its config: the config describes a generator of at least {least} weights, the file holds {held}"
-        );
-    }
-    let g = Generator::new(&config, dev)?;
-    let generator = crate::weights::apply(g, tensors, "")
-        .map_err(|e| anyhow::anyhow!("{what} does not match its config: {e}"))?;
+    let generator = crate::model::build_network(config.validate(), least, tensors, what, || {
+        Generator::new(&config, dev)
+    })?;
     Ok(LoadedGan {
         config,
         generator,

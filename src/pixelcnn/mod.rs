@@ -112,20 +112,7 @@ impl PixelCnnConfig {
                 bail!("the {what} size must be odd, between 3 and 15 (got {k})");
             }
         }
-        let k = self.num_classes.unwrap_or(0);
-        if self
-            .num_classes
-            .is_some_and(|k| !(1..=100_000).contains(&k))
-        {
-            bail!("the class count must be between 1 and 100000 (got {k})");
-        }
-        if !self.class_names.is_empty() && self.class_names.len() != k {
-            bail!(
-                "it names {} classes for a model of {k}",
-                self.class_names.len()
-            );
-        }
-        Ok(())
+        crate::model::check_classes(self.num_classes, &self.class_names)
     }
 
     /// `[channels, size, size]` of the images.
@@ -690,19 +677,10 @@ pub fn build(
     what: &str,
     dev: &Device,
 ) -> Result<LoadedPixelCnn> {
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{what}: the model config it carries is invalid: {e}"))?;
-    let held: usize = tensors.values().map(|t| t.data.len()).sum();
-    let want = config.parameters();
-    if want > held {
-        bail!(
-            "{what} does not match its config: the config describes {want} weights, the file holds {held}"
-        );
-    }
-    let net = PixelCnn::new(&config, dev)?;
-    let net = crate::weights::apply(net, tensors, "")
-        .map_err(|e| anyhow::anyhow!("{what} does not match its config: {e}"))?;
+    let least = config.parameters();
+    let net = crate::model::build_network(config.validate(), least, tensors, what, || {
+        PixelCnn::new(&config, dev)
+    })?;
     Ok(LoadedPixelCnn {
         config,
         net,

@@ -79,15 +79,7 @@ impl GanTrainConfig {
 
 impl RunSpec for GanRun {
     const FAMILY: Family = Family::Gan;
-    fn train(&self) -> &TrainConfig {
-        &self.train
-    }
-    fn train_mut(&mut self) -> &mut TrainConfig {
-        &mut self.train
-    }
-    fn data_mut(&mut self) -> &mut String {
-        &mut self.data
-    }
+    super::run_spec_parts!();
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.model.validate()?;

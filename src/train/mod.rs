@@ -11,6 +11,7 @@ pub mod objective;
 pub mod pixelcnn;
 mod preview;
 mod run;
+pub mod single;
 
 use crate::files::RunLock;
 use preview::{Preview, preview, preview_lowres};
@@ -213,17 +214,25 @@ pub trait RunSpec: Clone + Serialize + serde::de::DeserializeOwned {
     fn validate(&self) -> Result<()>;
 }
 
+/// [`RunSpec`]'s accessors for a run config with `train` and `data` fields.
+macro_rules! run_spec_parts {
+    () => {
+        fn train(&self) -> &TrainConfig {
+            &self.train
+        }
+        fn train_mut(&mut self) -> &mut TrainConfig {
+            &mut self.train
+        }
+        fn data_mut(&mut self) -> &mut String {
+            &mut self.data
+        }
+    };
+}
+pub(crate) use run_spec_parts;
+
 impl RunSpec for RunConfig {
     const FAMILY: crate::model::Family = crate::model::Family::Diffusion;
-    fn train(&self) -> &TrainConfig {
-        &self.train
-    }
-    fn train_mut(&mut self) -> &mut TrainConfig {
-        &mut self.train
-    }
-    fn data_mut(&mut self) -> &mut String {
-        &mut self.data
-    }
+    run_spec_parts!();
     fn validate(&self) -> Result<()> {
         RunConfig::validate(self)
     }

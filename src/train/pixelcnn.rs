@@ -1,32 +1,20 @@
-//! Training an autoregressive model ([`crate::pixelcnn`]) in the shared loop ([`super::run`]):
-//! per step, the exact negative log-likelihood of the batch (every sub-pixel's 256-way softmax
-//! at once: the masks make one pass a teacher-forced pass over all positions), AdamW, then the
-//! EMA (the model file's weights). The loss is in nats per sub-pixel; `metrics.jsonl` also
-//! has it in bits per dimension (`bits_per_dim`), the figure this family is judged by.
-//!
-//! The draws of step `s` (label dropout) come from `rng_for(seed, TrainStep, s)` and the
-//! checkpoint holds the network, the EMA and the optimiser's moments, so a resumed run makes
-//! the same bits as an uninterrupted one.
+//! Training an autoregressive model ([`crate::pixelcnn`]) as a one-network family
+//! ([`super::single`]): per step, the exact negative log-likelihood of the batch (every
+//! sub-pixel's 256-way softmax at once: the masks make one pass a teacher-forced pass over all
+//! positions). The loss is in nats per sub-pixel; `metrics.jsonl` also has it in bits per
+//! dimension (`bits_per_dim`), the figure this family is judged by. The draws of a step are
+//! the label dropout's only.
 
-use super::adamw::{self, AdamW};
-use super::checkpoint::{self, Checkpoint, Parts};
-use super::preview::{class_layout, save_grid};
-use super::run::{self, Learner, StepOutcome};
-use super::{RunPaths, RunSpec, StepReport, TrainConfig, ema, metrics};
-use crate::data::{Dataset, HostBatch};
+use super::single::{Loss, SingleNet};
+use super::{RunSpec, TrainConfig};
+use crate::data::HostBatch;
 use crate::model::{Family, FamilyConfig};
-use crate::pipeline::{Request, Seeds};
+use crate::pipeline::Generator;
 use crate::pixelcnn::{LoadedPixelCnn, PixelCnn, PixelCnnConfig, levels, nll_per_image};
-use crate::rng::{Stream, rng_for};
-use crate::sampler::SamplerKind;
-use crate::weights::{self, NamedTensors, StoreDtype};
 use anyhow::{Result, bail};
-use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
-use std::sync::Arc;
 
 /// Everything that defines an autoregressive run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,15 +29,7 @@ pub struct PixelCnnRun {
 
 impl RunSpec for PixelCnnRun {
     const FAMILY: Family = Family::Autoregressive;
-    fn train(&self) -> &TrainConfig {
-        &self.train
-    }
-    fn train_mut(&mut self) -> &mut TrainConfig {
-        &mut self.train
-    }
-    fn data_mut(&mut self) -> &mut String {
-        &mut self.data
-    }
+    super::run_spec_parts!();
     fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.model.validate()?;
@@ -60,147 +40,51 @@ impl RunSpec for PixelCnnRun {
     }
 }
 
-/// Trains an autoregressive run to `cfg.train.steps`, fresh or from `resume`, as
-/// [`super::train`] does a diffusion run. Returns the final step (less than the target when
-/// `minutes` ran out).
-pub fn train(
-    cfg: &PixelCnnRun,
-    ds: Dataset,
-    out: &Path,
-    resume: Option<Checkpoint<PixelCnnRun>>,
-    minutes: Option<f64>,
-    on_step: &mut dyn FnMut(&StepReport),
-) -> Result<usize> {
-    let tc = &cfg.train;
-    let (paths, _lock) = run::open_run(cfg, out, resume.as_ref().map(|c| c.step), minutes)?;
-    let dev = crate::device::training_device();
-    dev.seed(tc.seed);
-    let mut net = PixelCnn::new(&cfg.model, &dev)?;
-    let mut net_ema = net.valid();
-    let mut opt = AdamW::new(0.9, 0.999, 1e-8, tc.weight_decay);
-    let mut start = 0;
-    if let Some(ck) = resume {
-        net = weights::apply(net, &ck.tensors, "model.")?;
-        net_ema = weights::apply(net_ema, &ck.tensors, "ema.")?;
-        opt.import_for("opt.", "model.", ck.adam_t, &ck.tensors)?;
-        start = ck.step;
-    }
-    let metrics = metrics::restore(&paths, start)?;
-    if start >= tc.steps {
-        return Ok(start);
-    }
-    let mut learner = PixelCnnLearner {
-        cfg,
-        net: Some(net),
-        ema: Some(net_ema),
-        opt,
-        dev,
-    };
-    run::run_loop(
-        tc,
-        Arc::new(ds),
-        &paths,
-        run::Span {
-            start,
-            metrics,
-            minutes,
-        },
-        &mut learner,
-        on_step,
-    )
-}
+impl SingleNet for PixelCnnRun {
+    type Net = PixelCnn;
 
-/// An autoregressive run's state.
-struct PixelCnnLearner<'a> {
-    cfg: &'a PixelCnnRun,
-    /// Always `Some` between steps (taken and put back by each update).
-    net: Option<PixelCnn>,
-    ema: Option<PixelCnn>,
-    opt: AdamW,
-    dev: Device,
-}
+    fn network(&self, dev: &Device) -> Result<PixelCnn> {
+        PixelCnn::new(&self.model, dev)
+    }
 
-impl Learner for PixelCnnLearner<'_> {
-    fn step(&mut self, batch: HostBatch, step: usize) -> Result<StepOutcome> {
-        let (cfg, tc) = (self.cfg, &self.cfg.train);
-        let mut rng = rng_for(tc.seed, Stream::TrainStep, step as u64);
-        let labels = run::dropped_labels(
-            cfg.model.num_classes,
-            &batch.labels,
-            tc.label_dropout,
-            &mut rng,
-        );
+    fn loss(
+        &self,
+        net: &PixelCnn,
+        batch: HostBatch,
+        labels: Option<&[usize]>,
+        _step: usize,
+        _rng: &mut ChaCha8Rng,
+        dev: &Device,
+    ) -> Loss {
         let values = levels(&batch.images);
         let dims: usize = batch.shape[1..].iter().product();
-        let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &self.dev);
-        let net = self.net.take().expect("the network between steps");
-        let loss = nll_per_image(net.forward(x, labels.as_deref()), &values)
+        let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), dev);
+        let loss = nll_per_image(net.forward(x, labels), &values)
             .mean()
             .div_scalar(dims as f64);
-        let grads = GradientsParams::from_grads(loss.backward(), &net);
-        let loss_v = loss.into_scalar::<f32>() as f64;
-        if !loss_v.is_finite() {
-            bail!(
-                "the loss became {loss_v} at step {}: try a lower --lr",
-                step + 1
-            );
+        let nats = loss.clone().into_scalar::<f32>() as f64;
+        Loss {
+            loss,
+            extra: vec![("bits_per_dim", nats / std::f64::consts::LN_2)],
         }
-        let gn = adamw::grad_norm(&net, &grads);
-        let lr = tc.lr_at(step);
-        let net = self
-            .opt
-            .step(net, &grads, lr, adamw::clip_scale(gn, tc.grad_clip));
-        let e = self.ema.take().expect("EMA between steps");
-        self.ema = Some(ema::update(
-            e,
-            &net,
-            ema::decay_at(tc.ema_decay, step as u64),
-        ));
-        self.net = Some(net);
-        Ok(StepOutcome {
-            loss: loss_v,
-            lr,
-            grad_norm: gn,
-            extra: vec![("bits_per_dim", loss_v / std::f64::consts::LN_2)],
-        })
     }
 
-    fn save(&self, paths: &RunPaths, step: usize) -> Result<()> {
-        let (net, e) = (
-            self.net.as_ref().expect("network"),
-            self.ema.as_ref().expect("EMA"),
-        );
-        let mut t = NamedTensors::new();
-        weights::collect(net, "model.", &mut t);
-        weights::collect(e, "ema.", &mut t);
-        self.opt.export("opt.", &mut t);
-        let config = FamilyConfig::Autoregressive(self.cfg.model.clone());
-        let mut m = NamedTensors::new();
-        weights::collect(e, "", &mut m);
-        let model_file = crate::model::family_model_bytes(&config, &m, StoreDtype::F32)?;
-        let parts = Parts {
-            run_json: serde_json::to_string(self.cfg)?,
-            config_json: serde_json::to_string(&config)?,
-            step,
-            adam_t: self.opt.t,
-        };
-        checkpoint::write(paths, &parts, &t, &model_file)
+    fn family_config(&self) -> FamilyConfig {
+        FamilyConfig::Autoregressive(self.model.clone())
     }
 
-    fn preview(&self, paths: &RunPaths, step: usize) -> Result<()> {
-        let generator = crate::pipeline::Generator::Autoregressive {
+    fn generator(&self, ema: PixelCnn, device: Device) -> Generator {
+        Generator::Autoregressive {
             model: LoadedPixelCnn {
-                config: self.cfg.model.clone(),
-                net: self.ema.as_ref().expect("EMA").clone(),
+                config: self.model.clone(),
+                net: ema,
                 source: "the training run".into(),
             },
-            device: crate::device::inference_device(),
-        };
-        let (n, conditioning, cols) = class_layout(self.cfg.model.num_classes);
-        let mut req = Request::new(n, SamplerKind::Ddpm);
-        req.conditioning = conditioning;
-        req.seeds = Seeds::One(self.cfg.train.seed);
-        let x = generator.run(&req, &mut |_| {})?.images;
-        save_grid(x, cols, paths, step)
+            device,
+        }
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.model.num_classes
     }
 }

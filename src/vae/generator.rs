@@ -75,20 +75,7 @@ impl VaeGenConfig {
                 "a VAE's image size must be between 4 and 256 and a multiple of its downscale {d} (got {s})"
             );
         }
-        let k = self.num_classes.unwrap_or(0);
-        if self
-            .num_classes
-            .is_some_and(|k| !(1..=100_000).contains(&k))
-        {
-            bail!("the class count must be between 1 and 100000 (got {k})");
-        }
-        if !self.class_names.is_empty() && self.class_names.len() != k {
-            bail!(
-                "it names {} classes for a model of {k}",
-                self.class_names.len()
-            );
-        }
-        Ok(())
+        crate::model::check_classes(self.num_classes, &self.class_names)
     }
 
     /// `[channels, size, size]` of the images.
@@ -234,21 +221,12 @@ pub fn build(
     what: &str,
     dev: &Device,
 ) -> Result<LoadedVaeGen> {
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{what}: the model config it carries is invalid: {e}"))?;
-    let held: usize = tensors.values().map(|t| t.data.len()).sum();
     // A lower bound of what the config asks for: the encoder's and decoder's outer convolutions.
-    let widths = &config.vae.block_out_channels;
-    let least = 9 * (config.channels * widths[0] + widths[0] * 2 * config.channels);
-    if least > held {
-        bail!(
-            "{what} does not match its config: the config describes at least {least} weights, the file holds {held}"
-        );
-    }
-    let net = VaeGenerator::new(&config, dev)?;
-    let net = crate::weights::apply(net, tensors, "")
-        .map_err(|e| anyhow::anyhow!("{what} does not match its config: {e}"))?;
+    let w0 = config.vae.block_out_channels.first().copied().unwrap_or(0);
+    let least = 9 * (config.channels * w0 + w0 * 2 * config.channels);
+    let net = crate::model::build_network(config.validate(), least, tensors, what, || {
+        VaeGenerator::new(&config, dev)
+    })?;
     Ok(LoadedVaeGen {
         config,
         net,

@@ -727,3 +727,73 @@ fn a_closed_pipe_is_no_panic() {
         o.status
     );
 }
+
+/// The tensors of a safetensors file.
+pub fn tensors(p: &Path) -> diffuse::weights::NamedTensors {
+    diffuse::weights::read_safetensors(p).unwrap().0
+}
+
+/// The bytes of every file in `dir`, in name order.
+pub fn files_in(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// A run trained for 3 steps and then resumed to 6 in `cut` ends in the same bits (checkpoint
+/// and model file) as `whole`, trained for 6 at once. `train(out, steps)` gives the options of
+/// a fresh run.
+pub fn resumes_to_the_same_bits(
+    whole: &Path,
+    cut: &Path,
+    train: &dyn Fn(&str, &str) -> Vec<String>,
+) {
+    let c = cut.to_str().unwrap();
+    let args = |steps: &str| train(c, steps);
+    ok(&args("3").iter().map(String::as_str).collect::<Vec<_>>());
+    let mut resume = args("6");
+    resume.push("--resume".into());
+    ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        tensors(&whole.join("checkpoint.safetensors")),
+        tensors(&cut.join("checkpoint.safetensors"))
+    );
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(cut.join("model.safetensors")).unwrap()
+    );
+}
+
+/// Five images of class 3 with seed 4 from `model` (and `extra` options), at batch 2 and at
+/// batch 7: the same files. Returns them.
+pub fn same_images_at_any_batch(model: &str, dir: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
+    let (a, b) = (dir.join("batch2"), dir.join("batch7"));
+    let grid = dir.join("grid.png");
+    for (out, batch) in [(&a, "2"), (&b, "7")] {
+        let mut args = vec![
+            "sample",
+            "--model",
+            model,
+            "--class",
+            "3",
+            "--n",
+            "5",
+            "--batch",
+            batch,
+            "--seed",
+            "4",
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--out",
+            grid.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+    }
+    assert_eq!(files_in(&a).len(), 5);
+    assert_eq!(files_in(&a), files_in(&b));
+    files_in(&a)
+}

@@ -1,11 +1,10 @@
 //! The VAE family: the discretised logistic likelihood and the ELBO against closed forms, and
 //! training, resume, sampling, eval and refusals from the CLI on the committed digits.
 
-use super::cli::{fails, ok, run_config};
+use super::cli::{fails, ok, resumes_to_the_same_bits, run_config, same_images_at_any_batch};
 use super::data::fixture;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use diffuse::vae::generator::{VaeGenConfig, VaeGenerator, discretized_logistic_nll};
-use std::path::Path;
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -136,19 +135,6 @@ fn vae_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn tensors(p: &Path) -> diffuse::weights::NamedTensors {
-    diffuse::weights::read_safetensors(p).unwrap().0
-}
-
-fn files_in(dir: &Path) -> Vec<Vec<u8>> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    names.iter().map(|p| std::fs::read(p).unwrap()).collect()
-}
-
 #[test]
 fn a_tiny_vae_trains_resumes_samples_and_evaluates() {
     let tmp = tempfile::tempdir().unwrap();
@@ -190,45 +176,16 @@ fn a_tiny_vae_trains_resumes_samples_and_evaluates() {
     }
 
     // Three steps, then --resume to six: the same bits as six at once.
-    let cut = tmp.path().join("cut");
-    let c = cut.to_str().unwrap();
-    ok(&vae_args(data, c, "3"));
-    let mut resume = vae_args(data, c, "6");
-    resume.push("--resume");
-    ok(&resume);
-    assert_eq!(
-        tensors(&whole.join("checkpoint.safetensors")),
-        tensors(&cut.join("checkpoint.safetensors"))
-    );
-    assert_eq!(
-        std::fs::read(whole.join("model.safetensors")).unwrap(),
-        std::fs::read(cut.join("model.safetensors")).unwrap()
-    );
+    let train = |out: &str, steps: &str| -> Vec<String> {
+        vae_args(data, out, steps)
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    resumes_to_the_same_bits(&whole, &tmp.path().join("cut"), &train);
 
     // Sampling from the prior: the same images whatever the batch.
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let grid = tmp.path().join("grid.png");
-    for (dir, batch) in [(&a, "2"), (&b, "7")] {
-        ok(&[
-            "sample",
-            "--model",
-            w,
-            "--class",
-            "3",
-            "--n",
-            "5",
-            "--batch",
-            batch,
-            "--seed",
-            "4",
-            "--out-dir",
-            dir.to_str().unwrap(),
-            "--out",
-            grid.to_str().unwrap(),
-        ]);
-    }
-    assert_eq!(files_in(&a).len(), 5);
-    assert_eq!(files_in(&a), files_in(&b));
+    same_images_at_any_batch(w, tmp.path(), &[]);
 
     // eval: FID and friends, and the negative ELBO in bits per dimension.
     let j = tmp.path().join("eval.json");
