@@ -30,11 +30,17 @@ pub static EMOJI_MODEL: &[u8] = include_bytes!("../models/emoji.safetensors");
 /// sampling in 4 model evaluations by default (`--model fashion-mnist-fast`; docs/fast-generation.md).
 pub static FAST_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-fast.safetensors");
 
+/// The class-conditioned Fashion-MNIST gated PixelCNN (`--model fashion-mnist-autoregressive`;
+/// docs/FAMILIES.md).
+pub static AUTOREGRESSIVE_MODEL: &[u8] =
+    include_bytes!("../models/fashion-mnist-autoregressive.safetensors");
+
 /// Models shipped inside the binary, by the name `--model` takes.
 pub const NAMED_MODELS: &[(&str, &[u8])] = &[
     ("fashion-mnist", EMBEDDED_MODEL),
     ("fashion-mnist-fast", FAST_MODEL),
     ("emoji", EMOJI_MODEL),
+    ("fashion-mnist-autoregressive", AUTOREGRESSIVE_MODEL),
 ];
 
 /// The bytes of a shipped model, by name.

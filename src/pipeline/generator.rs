@@ -224,33 +224,15 @@ impl Generator {
             let mut noise = SeededNoise::window(&seed_parts, lo..hi);
             let labels = classes.as_ref().map(|c| &c[lo..hi]);
             let images = match self {
+                // One pass from Gaussian noise: the GAN's z, the VAE's latent.
                 Self::Gan { model, device } => {
                     let z_dim = model.config.z_dim;
-                    let z = noise
-                        .normal([hi - lo, z_dim, 1, 1], device)
-                        .reshape([hi - lo, z_dim]);
-                    let images = model.generate(z, labels);
-                    on_step(&Step {
-                        index: 0,
-                        total: 1,
-                        chunk,
-                        chunks,
-                        sample: &images,
-                    });
-                    images
+                    let z = noise.normal([hi - lo, z_dim, 1, 1], device);
+                    model.generate(z.reshape([hi - lo, z_dim]), labels)
                 }
                 Self::Vae { model, device } => {
                     let [l, h, w] = model.config.latent_shape();
-                    let z = noise.normal([hi - lo, l, h, w], device);
-                    let images = model.generate(z, labels);
-                    on_step(&Step {
-                        index: 0,
-                        total: 1,
-                        chunk,
-                        chunks,
-                        sample: &images,
-                    });
-                    images
+                    model.generate(noise.normal([hi - lo, l, h, w], device), labels)
                 }
                 Self::Autoregressive { model, .. } => {
                     // One uniform number per sub-pixel, in the images' layout.
@@ -273,6 +255,15 @@ impl Generator {
                 }
                 Self::Diffusion(_) => unreachable!("diffusion ran above"),
             };
+            if !matches!(self, Self::Autoregressive { .. }) {
+                on_step(&Step {
+                    index: 0,
+                    total: 1,
+                    chunk,
+                    chunks,
+                    sample: &images,
+                });
+            }
             summary.chunks += 1;
             on_chunk(
                 lo,

@@ -81,13 +81,8 @@ impl RunSpec for GanRun {
     const FAMILY: Family = Family::Gan;
     super::run_spec_parts!();
     fn validate(&self) -> Result<()> {
-        self.train.validate()?;
-        self.model.validate()?;
         self.gan.validate()?;
-        if self.train.loss_weighting != super::LossWeighting::Uniform {
-            bail!("a GAN's loss has no timesteps to weight: leave out --min-snr");
-        }
-        Ok(())
+        super::check_family_run(&self.train, self.model.validate(), Self::FAMILY)
     }
 }
 

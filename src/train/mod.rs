@@ -230,6 +230,25 @@ macro_rules! run_spec_parts {
 }
 pub(crate) use run_spec_parts;
 
+/// The checks of a run of a family other than diffusion: its training options, its model
+/// (`model`, the model config's own check) and no loss weighting, which only diffusion's
+/// timesteps have.
+pub(crate) fn check_family_run(
+    train: &TrainConfig,
+    model: Result<()>,
+    family: crate::model::Family,
+) -> Result<()> {
+    train.validate()?;
+    model?;
+    if train.loss_weighting != LossWeighting::Uniform {
+        bail!(
+            "{} has no timesteps to weight its loss by: leave out --min-snr",
+            family.article_name()
+        );
+    }
+    Ok(())
+}
+
 impl RunSpec for RunConfig {
     const FAMILY: crate::model::Family = crate::model::Family::Diffusion;
     run_spec_parts!();

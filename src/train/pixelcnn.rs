@@ -11,7 +11,7 @@ use crate::data::HostBatch;
 use crate::model::{Family, FamilyConfig};
 use crate::pipeline::Generator;
 use crate::pixelcnn::{LoadedPixelCnn, PixelCnn, PixelCnnConfig, levels, nll_per_image};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -31,12 +31,7 @@ impl RunSpec for PixelCnnRun {
     const FAMILY: Family = Family::Autoregressive;
     super::run_spec_parts!();
     fn validate(&self) -> Result<()> {
-        self.train.validate()?;
-        self.model.validate()?;
-        if self.train.loss_weighting != super::LossWeighting::Uniform {
-            bail!("an autoregressive model's loss has no timesteps to weight: leave out --min-snr");
-        }
-        Ok(())
+        super::check_family_run(&self.train, self.model.validate(), Self::FAMILY)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::pipeline::Generator;
 use crate::pixelcnn::bits_per_dim;
 use crate::rng::normal_vec;
 use crate::vae::generator::{LoadedVaeGen, VaeGenConfig, VaeGenerator};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -46,12 +46,7 @@ impl RunSpec for VaeGenRun {
     const FAMILY: Family = Family::Vae;
     super::run_spec_parts!();
     fn validate(&self) -> Result<()> {
-        self.train.validate()?;
-        self.model.validate()?;
-        if self.train.loss_weighting != super::LossWeighting::Uniform {
-            bail!("a VAE's loss has no timesteps to weight: leave out --min-snr");
-        }
-        Ok(())
+        super::check_family_run(&self.train, self.model.validate(), Self::FAMILY)
     }
 }
 

@@ -2,7 +2,10 @@
 //! sampler against the full network, training, resume, sampling, eval and refusals from the
 //! CLI on the committed digits.
 
-use super::cli::{fails, ok, resumes_to_the_same_bits, run_config, same_images_at_any_batch};
+use super::cli::{
+    fails, family_train_args, ok, resumes_to_the_same_bits, run_config, run_folder_is_complete,
+    same_images_at_any_batch,
+};
 use super::data::fixture;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
@@ -207,29 +210,13 @@ fn the_negative_log_likelihood_falls_on_one_batch() {
 }
 
 fn ar_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--family",
+    family_train_args(
         "autoregressive",
-        "--data",
         data,
-        "--out",
         out,
-        "--cond",
-        "class",
-        "--steps",
         steps,
-        "--batch",
-        "8",
-        "--features",
-        "8",
-        "--layers",
-        "2",
-        "--checkpoint-every",
-        "3",
-        "--sample-every",
-        "6",
-    ]
+        &["--features", "8", "--layers", "2"],
+    )
 }
 
 #[test]
@@ -240,25 +227,12 @@ fn a_tiny_autoregressive_model_trains_resumes_samples_and_evaluates() {
     let whole = tmp.path().join("whole");
     let w = whole.to_str().unwrap();
     ok(&ar_args(data, w, "6"));
-    for f in [
-        "config.json",
-        "checkpoint.safetensors",
-        "model.safetensors",
-        "loss.png",
-        "samples/step-000006.png",
-    ] {
-        assert!(whole.join(f).is_file(), "missing {f}");
-    }
+    let lines = run_folder_is_complete(&whole);
     let cfg = run_config(&whole);
     assert_eq!(cfg["model"]["family"], "autoregressive");
     assert_eq!(cfg["model"]["num_classes"], 10);
     assert_eq!(cfg["model"]["features"], 8);
     assert_eq!(cfg["train"]["lr"], 1e-3, "the family's own default --lr");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(whole.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 6);
     let (loss, bpd) = (
         lines[5]["loss"].as_f64().unwrap(),

@@ -446,7 +446,7 @@ fn bad_input_gives_one_clear_error_line() {
     );
     fails(
         &["sample", "--model", &t("missing.safetensors")],
-        "neither a file or folder nor a shipped model (fashion-mnist, fashion-mnist-fast, emoji)",
+        "neither a file or folder nor a shipped model (fashion-mnist, fashion-mnist-fast, emoji, fashion-mnist-autoregressive",
     );
     fails(
         &["sample", "--model", &t("empty")],
@@ -796,4 +796,42 @@ pub fn same_images_at_any_batch(model: &str, dir: &Path, extra: &[&str]) -> Vec<
     assert_eq!(files_in(&a).len(), 5);
     assert_eq!(files_in(&a), files_in(&b));
     files_in(&a)
+}
+
+/// `diffuse train` of a tiny class-conditioned run of `family` on `data` into `out`: batch 8,
+/// a checkpoint every 3 steps, a preview every 6, the family's own options `extra` before
+/// those two (so a GAN's `--checkpoint-every` value stays at index 20).
+pub fn family_train_args<'a>(
+    family: &'a str,
+    data: &'a str,
+    out: &'a str,
+    steps: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "train", "--family", family, "--data", data, "--out", out, "--cond", "class", "--steps",
+        steps, "--batch", "8",
+    ];
+    a.extend_from_slice(extra);
+    a.extend(["--checkpoint-every", "3", "--sample-every", "6"]);
+    a
+}
+
+/// A finished run folder of 6 steps holds its config, checkpoint, model, loss plot and the
+/// preview of step 6; returns its metrics lines.
+pub fn run_folder_is_complete(run: &Path) -> Vec<serde_json::Value> {
+    for f in [
+        "config.json",
+        "checkpoint.safetensors",
+        "model.safetensors",
+        "loss.png",
+        "samples/step-000006.png",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

@@ -4,7 +4,8 @@
 //! refused with one line.
 
 use super::cli::{
-    fails, ok, resumes_to_the_same_bits, run_config, same_images_at_any_batch, tensors,
+    fails, family_train_args, ok, resumes_to_the_same_bits, run_config, run_folder_is_complete,
+    same_images_at_any_batch, tensors,
 };
 use super::data::fixture;
 use burn::optim::GradientsParams;
@@ -16,31 +17,13 @@ use diffuse::train::adamw::AdamW;
 use diffuse::weights::{HostTensor, NamedTensors};
 
 fn gan_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--family",
+    family_train_args(
         "gan",
-        "--data",
         data,
-        "--out",
         out,
-        "--cond",
-        "class",
-        "--steps",
         steps,
-        "--batch",
-        "8",
-        "--g-channels",
-        "8",
-        "--d-channels",
-        "8",
-        "--z-dim",
-        "8",
-        "--checkpoint-every",
-        "3",
-        "--sample-every",
-        "6",
-    ]
+        &["--g-channels", "8", "--d-channels", "8", "--z-dim", "8"],
+    )
 }
 
 #[test]
@@ -51,25 +34,12 @@ fn a_tiny_gan_trains_resumes_samples_and_evaluates() {
     let whole = tmp.path().join("whole");
     let w = whole.to_str().unwrap();
     ok(&gan_args(data, w, "6"));
-    for f in [
-        "config.json",
-        "checkpoint.safetensors",
-        "model.safetensors",
-        "loss.png",
-        "samples/step-000006.png",
-    ] {
-        assert!(whole.join(f).is_file(), "missing {f}");
-    }
+    let lines = run_folder_is_complete(&whole);
     let cfg = run_config(&whole);
     assert_eq!(cfg["model"]["family"], "gan");
     assert_eq!(cfg["model"]["num_classes"], 10);
     assert_eq!(cfg["train"]["lr"], 1e-4, "a GAN's own default --lr");
     assert_eq!(cfg["gan"]["lr_d"], 4e-4);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(whole.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 6);
     for k in ["loss", "g_loss", "d_real", "d_fake", "grad_norm_d"] {
         assert!(lines[5][k].as_f64().unwrap().is_finite(), "{k}");

@@ -6,6 +6,7 @@ mod cli;
 mod data;
 mod distill;
 mod eval;
+mod families;
 mod flow;
 mod fuzz;
 mod gan;

@@ -1,7 +1,10 @@
 //! The VAE family: the discretised logistic likelihood and the ELBO against closed forms, and
 //! training, resume, sampling, eval and refusals from the CLI on the committed digits.
 
-use super::cli::{fails, ok, resumes_to_the_same_bits, run_config, same_images_at_any_batch};
+use super::cli::{
+    fails, family_train_args, ok, resumes_to_the_same_bits, run_config, run_folder_is_complete,
+    same_images_at_any_batch,
+};
 use super::data::fixture;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use diffuse::vae::generator::{VaeGenConfig, VaeGenerator, discretized_logistic_nll};
@@ -108,31 +111,20 @@ fn the_elbo_is_its_closed_form_terms() {
 }
 
 fn vae_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--family",
+    family_train_args(
         "vae",
-        "--data",
         data,
-        "--out",
         out,
-        "--cond",
-        "class",
-        "--steps",
         steps,
-        "--batch",
-        "8",
-        "--vae-widths",
-        "8,8",
-        "--latent-channels",
-        "2",
-        "--kl-anneal",
-        "4",
-        "--checkpoint-every",
-        "3",
-        "--sample-every",
-        "6",
-    ]
+        &[
+            "--vae-widths",
+            "8,8",
+            "--latent-channels",
+            "2",
+            "--kl-anneal",
+            "4",
+        ],
+    )
 }
 
 #[test]
@@ -143,24 +135,11 @@ fn a_tiny_vae_trains_resumes_samples_and_evaluates() {
     let whole = tmp.path().join("whole");
     let w = whole.to_str().unwrap();
     ok(&vae_args(data, w, "6"));
-    for f in [
-        "config.json",
-        "checkpoint.safetensors",
-        "model.safetensors",
-        "loss.png",
-        "samples/step-000006.png",
-    ] {
-        assert!(whole.join(f).is_file(), "missing {f}");
-    }
+    let lines = run_folder_is_complete(&whole);
     let cfg = run_config(&whole);
     assert_eq!(cfg["model"]["family"], "vae");
     assert_eq!(cfg["model"]["vae"]["out_channels"], 2, "location and scale");
     assert_eq!(cfg["kl_anneal"], 4);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(whole.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 6);
     // The KL weight rises to 1 over --kl-anneal steps; the loss weighs the KL by it.
     let betas: Vec<f64> = lines.iter().map(|l| l["beta"].as_f64().unwrap()).collect();
