@@ -35,11 +35,15 @@ pub static FAST_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-fast.safe
 pub static AUTOREGRESSIVE_MODEL: &[u8] =
     include_bytes!("../models/fashion-mnist-autoregressive.safetensors");
 
+/// The class-conditioned Fashion-MNIST GAN (`--model fashion-mnist-gan`; docs/FAMILIES.md).
+pub static GAN_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-gan.safetensors");
+
 /// Models shipped inside the binary, by the name `--model` takes.
 pub const NAMED_MODELS: &[(&str, &[u8])] = &[
     ("fashion-mnist", EMBEDDED_MODEL),
     ("fashion-mnist-fast", FAST_MODEL),
     ("emoji", EMOJI_MODEL),
+    ("fashion-mnist-gan", GAN_MODEL),
     ("fashion-mnist-autoregressive", AUTOREGRESSIVE_MODEL),
 ];
 

@@ -11,12 +11,15 @@ use diffuse::sampler::SamplerKind;
 /// The shipped models of other families, each with a class it draws well (docs/FAMILIES.md has
 /// each model's accuracy per class at n = 1000) and the least share of 20 images of it the
 /// classifier must read as that class (chance: 10%).
-const SHIPPED: &[(&str, Family, &str, f64)] = &[(
-    "fashion-mnist-autoregressive",
-    Family::Autoregressive,
-    "sandal",
-    0.3,
-)];
+const SHIPPED: &[(&str, Family, &str, f64)] = &[
+    ("fashion-mnist-gan", Family::Gan, "trouser", 0.8),
+    (
+        "fashion-mnist-autoregressive",
+        Family::Autoregressive,
+        "sandal",
+        0.3,
+    ),
+];
 
 #[test]
 fn the_shipped_models_of_other_families_load_by_name_and_make_their_class() {
