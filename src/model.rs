@@ -38,6 +38,9 @@ pub static AUTOREGRESSIVE_MODEL: &[u8] =
 /// The class-conditioned Fashion-MNIST GAN (`--model fashion-mnist-gan`; docs/FAMILIES.md).
 pub static GAN_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-gan.safetensors");
 
+/// The class-conditioned Fashion-MNIST VAE (`--model fashion-mnist-vae`; docs/FAMILIES.md).
+pub static VAE_MODEL: &[u8] = include_bytes!("../models/fashion-mnist-vae.safetensors");
+
 /// Models shipped inside the binary, by the name `--model` takes.
 pub const NAMED_MODELS: &[(&str, &[u8])] = &[
     ("fashion-mnist", EMBEDDED_MODEL),
@@ -45,6 +48,7 @@ pub const NAMED_MODELS: &[(&str, &[u8])] = &[
     ("emoji", EMOJI_MODEL),
     ("fashion-mnist-gan", GAN_MODEL),
     ("fashion-mnist-autoregressive", AUTOREGRESSIVE_MODEL),
+    ("fashion-mnist-vae", VAE_MODEL),
 ];
 
 /// The bytes of a shipped model, by name.

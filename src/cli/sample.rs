@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 pub struct SampleArgs {
     /// Run folder, model .safetensors file, diffusers pipeline folder, or a shipped model by
     /// name: fashion-mnist (the default), fashion-mnist-fast (4 steps), emoji, or one model of
-    /// each other family: fashion-mnist-gan, fashion-mnist-autoregressive.
+    /// each other family: fashion-mnist-gan, fashion-mnist-autoregressive, fashion-mnist-vae.
     #[arg(long)]
     model: Option<String>,
     /// Number of images (default: 16, or 4 per class for a class-conditioned model without --class).

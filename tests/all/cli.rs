@@ -446,7 +446,7 @@ fn bad_input_gives_one_clear_error_line() {
     );
     fails(
         &["sample", "--model", &t("missing.safetensors")],
-        "neither a file or folder nor a shipped model (fashion-mnist, fashion-mnist-fast, emoji, fashion-mnist-gan, fashion-mnist-autoregressive",
+        "neither a file or folder nor a shipped model (fashion-mnist, fashion-mnist-fast, emoji, fashion-mnist-gan, fashion-mnist-autoregressive, fashion-mnist-vae)",
     );
     fails(
         &["sample", "--model", &t("empty")],

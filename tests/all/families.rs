@@ -19,6 +19,7 @@ const SHIPPED: &[(&str, Family, &str, f64)] = &[
         "sandal",
         0.3,
     ),
+    ("fashion-mnist-vae", Family::Vae, "ankle boot", 0.2),
 ];
 
 #[test]
