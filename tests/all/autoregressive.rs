@@ -336,51 +336,20 @@ fn serve_takes_an_autoregressive_model() {
     let run = tmp.path().join("run");
     let r = run.to_str().unwrap();
     ok(&ar_args(data.to_str().unwrap(), r, "3"));
-    let s = super::serve::start(&["--model", r]);
-    let t = std::time::Duration::from_secs(120);
-    let get = |p: &str| diffuse::serve::load::request(s.addr, "GET", p, &[], &[], t).unwrap();
-    let post = |body: &str| {
-        let h = [("Content-Type", "application/json")];
-        diffuse::serve::load::request(s.addr, "POST", "/v1/generate", &h, body.as_bytes(), t)
-            .unwrap()
-    };
-    let m: serde_json::Value = get("/v1/models").json().unwrap();
-    let m = &m["models"][0];
-    assert_eq!(m["family"], "autoregressive");
-    assert_eq!(m["samplers"], serde_json::json!([]));
-    assert_eq!(m["image_size"], 8);
-    let one = post(r#"{"class": 3, "n": 1, "seed": 5, "temperature": 0.8}"#);
-    assert_eq!(one.status, 200, "{}", String::from_utf8_lossy(&one.body));
-    let out = tmp.path().join("cli");
-    ok(&[
-        "sample",
-        "--model",
+    super::serve::serves_like_sample(
         r,
-        "--class",
-        "3",
-        "--n",
-        "1",
-        "--seed",
-        "5",
-        "--temperature",
-        "0.8",
-        "--out-dir",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(one.body, std::fs::read(out.join("00000.png")).unwrap());
-    for (body, msg) in [
-        (
-            r#"{"temperature": 0}"#,
-            "temperature must be between 0.01 and 10 (got 0)",
-        ),
-        (
-            r#"{"sampler": "ddim"}"#,
-            "sampler is an option of diffusion models; the served model is an autoregressive model",
-        ),
-    ] {
-        let bad = post(body);
-        assert_eq!(bad.status, 400, "{body}");
-        let e: serde_json::Value = bad.json().unwrap();
-        assert_eq!(e["error"], msg);
-    }
+        "autoregressive",
+        r#", "temperature": 0.8"#,
+        &["--temperature", "0.8"],
+        &[
+            (
+                r#"{"temperature": 0}"#,
+                "temperature must be between 0.01 and 10 (got 0)",
+            ),
+            (
+                r#"{"sampler": "ddim"}"#,
+                "sampler is an option of diffusion models; the served model is an autoregressive model",
+            ),
+        ],
+    );
 }

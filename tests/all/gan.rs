@@ -375,45 +375,22 @@ fn serve_takes_a_gan() {
     let run = tmp.path().join("run");
     let r = run.to_str().unwrap();
     ok(&gan_args(data.to_str().unwrap(), r, "3"));
-    let s = super::serve::start(&["--model", r]);
-    let t = std::time::Duration::from_secs(120);
-    let get = |p: &str| diffuse::serve::load::request(s.addr, "GET", p, &[], &[], t).unwrap();
-    let post = |body: &str| {
-        let h = [("Content-Type", "application/json")];
-        diffuse::serve::load::request(s.addr, "POST", "/v1/generate", &h, body.as_bytes(), t)
-            .unwrap()
-    };
-    let m: serde_json::Value = get("/v1/models").json().unwrap();
-    let m = &m["models"][0];
-    assert_eq!(m["family"], "gan");
-    assert_eq!(m["samplers"], serde_json::json!([]));
-    assert_eq!(m["conditioning"], "class");
-    assert_eq!(m["image_size"], 8);
-    let one = post(r#"{"class": 3, "n": 1, "seed": 5}"#);
-    assert_eq!(one.status, 200, "{}", String::from_utf8_lossy(&one.body));
-    let out = tmp.path().join("cli");
-    ok(&[
-        "sample",
-        "--model",
+    super::serve::serves_like_sample(
         r,
-        "--class",
-        "3",
-        "--n",
-        "1",
-        "--seed",
-        "5",
-        "--out-dir",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(one.body, std::fs::read(out.join("00000.png")).unwrap());
-    let bad = post(r#"{"class": 3, "steps": 10, "guidance": 2}"#);
-    assert_eq!(bad.status, 400);
-    let e: serde_json::Value = bad.json().unwrap();
-    assert_eq!(
-        e["error"],
-        "steps, guidance are options of diffusion models; the served model is a GAN"
+        "gan",
+        "",
+        &[],
+        &[
+            (
+                r#"{"class": 3, "steps": 10, "guidance": 2}"#,
+                "steps, guidance are options of diffusion models; the served model is a GAN",
+            ),
+            (
+                r#"{"class": 10}"#,
+                "class 10 is out of range: this model has classes 0..9",
+            ),
+        ],
     );
-    assert_eq!(post(r#"{"class": 10}"#).status, 400, "a class out of range");
 }
 
 /// A GAN that diverges (here a discriminator learning rate far too large, written into a

@@ -44,6 +44,50 @@ pub fn start(args: &[&str]) -> Server {
     Server { child, addr }
 }
 
+/// Serves the run `run` of another family than diffusion and checks what every such server
+/// does: `/v1/models` names the family (`family`), lists no samplers and the 8x8 class
+/// model's shape; one image of class 3 with seed 5 and the JSON options `options` is the PNG
+/// `diffuse sample` writes with the CLI options `cli`; and each `(body, error)` of `refused`
+/// is a 400 with that error.
+pub fn serves_like_sample(
+    run: &str,
+    family: &str,
+    options: &str,
+    cli: &[&str],
+    refused: &[(&str, &str)],
+) {
+    let s = start(&["--model", run]);
+    let m: serde_json::Value = get(s.addr, "/v1/models").json().unwrap();
+    let m = &m["models"][0];
+    assert_eq!(m["family"], family);
+    assert_eq!(m["samplers"], serde_json::json!([]));
+    assert_eq!(m["conditioning"], "class");
+    assert_eq!(m["image_size"], 8);
+    let one = post(
+        s.addr,
+        &format!(r#"{{"class": 3, "n": 1, "seed": 5{options}}}"#),
+        None,
+    );
+    assert_eq!(one.status, 200, "{}", String::from_utf8_lossy(&one.body));
+    let out = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "sample", "--model", run, "--class", "3", "--n", "1", "--seed", "5",
+    ];
+    args.extend_from_slice(cli);
+    args.extend(["--out-dir", out.path().to_str().unwrap()]);
+    super::cli::ok(&args);
+    assert_eq!(
+        one.body,
+        std::fs::read(out.path().join("00000.png")).unwrap()
+    );
+    for (body, error) in refused {
+        let bad = post(s.addr, body, None);
+        assert_eq!(bad.status, 400, "{body}");
+        let e: serde_json::Value = bad.json().unwrap();
+        assert_eq!(e["error"], *error, "{body}");
+    }
+}
+
 fn post(addr: SocketAddr, body: &str, accept: Option<&str>) -> HttpResponse {
     let mut h = vec![("Content-Type", "application/json")];
     if let Some(a) = accept {
