@@ -835,3 +835,27 @@ pub fn run_folder_is_complete(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `diffuse eval` of `model` on 20 samples against 100 images of `data`, its JSON report
+/// (written into `dir`), which must name the family `family` and have a finite FID.
+pub fn eval_json(model: &str, data: &str, dir: &Path, family: &str) -> serde_json::Value {
+    let j = dir.join("eval.json");
+    let args = [
+        "eval",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--n",
+        "20",
+        "--n-real",
+        "100",
+        "--json",
+        j.to_str().unwrap(),
+    ];
+    ok(&args);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    assert_eq!(v["family"], family, "{v}");
+    assert!(v["fid"].as_f64().unwrap().is_finite(), "{v}");
+    v
+}

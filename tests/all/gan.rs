@@ -4,8 +4,8 @@
 //! refused with one line.
 
 use super::cli::{
-    fails, family_train_args, ok, resumes_to_the_same_bits, run_config, run_folder_is_complete,
-    same_images_at_any_batch, tensors,
+    eval_json, fails, family_train_args, ok, resumes_to_the_same_bits, run_config,
+    run_folder_is_complete, same_images_at_any_batch, tensors,
 };
 use super::data::fixture;
 use burn::optim::GradientsParams;
@@ -71,25 +71,9 @@ fn a_tiny_gan_trains_resumes_samples_and_evaluates() {
     assert!(out.contains("40 images"), "{out}");
 
     // eval: one generator evaluation per image, no sampler or guidance in its JSON.
-    let j = tmp.path().join("eval.json");
-    ok(&[
-        "eval",
-        "--model",
-        w,
-        "--data",
-        data,
-        "--n",
-        "20",
-        "--n-real",
-        "100",
-        "--json",
-        j.to_str().unwrap(),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
-    assert_eq!(v["family"], "gan", "{v}");
+    let v = eval_json(w, data, tmp.path(), "gan");
     assert_eq!(v["evaluations"], 1);
     assert!(v.get("guidance").is_none());
-    assert!(v["fid"].as_f64().unwrap().is_finite(), "{v}");
 
     // Options of diffusion models, and commands that take only those, are refused.
     fails(

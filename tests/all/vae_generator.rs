@@ -2,8 +2,8 @@
 //! training, resume, sampling, eval and refusals from the CLI on the committed digits.
 
 use super::cli::{
-    fails, family_train_args, ok, resumes_to_the_same_bits, run_config, run_folder_is_complete,
-    same_images_at_any_batch,
+    eval_json, fails, family_train_args, ok, resumes_to_the_same_bits, run_config,
+    run_folder_is_complete, same_images_at_any_batch,
 };
 use super::data::fixture;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
@@ -167,22 +167,7 @@ fn a_tiny_vae_trains_resumes_samples_and_evaluates() {
     same_images_at_any_batch(w, tmp.path(), &[]);
 
     // eval: FID and friends, and the negative ELBO in bits per dimension.
-    let j = tmp.path().join("eval.json");
-    ok(&[
-        "eval",
-        "--model",
-        w,
-        "--data",
-        data,
-        "--n",
-        "20",
-        "--n-real",
-        "100",
-        "--json",
-        j.to_str().unwrap(),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
-    assert_eq!(v["family"], "vae", "{v}");
+    let v = eval_json(w, data, tmp.path(), "vae");
     assert_eq!(v["likelihood"], "elbo");
     assert_eq!(v["nll_images"], 20);
     let bpd = v["bits_per_dim"].as_f64().unwrap();
