@@ -12,7 +12,7 @@ use super::adamw::{self, AdamW};
 use super::checkpoint::{self, Checkpoint, Parts};
 use super::preview::{class_layout, save_grid};
 use super::run::{self, Learner, StepOutcome};
-use super::{RunPaths, RunSpec, StepReport, TrainConfig, ema, metrics, warmup_lr};
+use super::{RunPaths, RunSpec, StepReport, TrainConfig, metrics, warmup_lr};
 use crate::data::{Dataset, HostBatch};
 use crate::gan::{Discriminator, GanConfig, Generator, LoadedGan};
 use crate::model::{Family, FamilyConfig};
@@ -220,17 +220,9 @@ impl Learner for GanLearner<'_> {
                 step + 1
             );
         }
-        let gn_g = adamw::grad_norm(&g, &grads_g);
-        let lr = tc.lr_at(step);
-        let g = self
-            .opt_g
-            .step(g, &grads_g, lr, adamw::clip_scale(gn_g, tc.grad_clip));
         let ema = self.g_ema.take().expect("EMA between steps");
-        self.g_ema = Some(ema::update(
-            ema,
-            &g,
-            ema::decay_at(tc.ema_decay, step as u64),
-        ));
+        let (g, ema, lr, gn_g) = run::update_with_ema(&mut self.opt_g, g, ema, &grads_g, tc, step);
+        self.g_ema = Some(ema);
         self.g = Some(g);
         self.d = Some(d);
         Ok(StepOutcome {

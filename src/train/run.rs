@@ -162,3 +162,22 @@ pub(crate) fn dropped_labels(
         _ => None,
     }
 }
+
+/// One optimiser update of a network that keeps an EMA: the global gradient norm, the AdamW
+/// step at `step`'s learning rate with the gradients clipped to `tc.grad_clip`, then the EMA
+/// moved towards the new weights. Returns the network, its EMA, the learning rate and the norm.
+pub(crate) fn update_with_ema<M: burn::module::Module>(
+    opt: &mut super::adamw::AdamW,
+    net: M,
+    ema: M,
+    grads: &burn::optim::GradientsParams,
+    tc: &TrainConfig,
+    step: usize,
+) -> (M, M, f64, f64) {
+    use super::{adamw, ema as avg};
+    let gn = adamw::grad_norm(&net, grads);
+    let lr = tc.lr_at(step);
+    let net = opt.step(net, grads, lr, adamw::clip_scale(gn, tc.grad_clip));
+    let ema = avg::update(ema, &net, avg::decay_at(tc.ema_decay, step as u64));
+    (net, ema, lr, gn)
+}

@@ -7,11 +7,11 @@
 //! that generator) and the checkpoint holds the network, the EMA and the optimiser's moments,
 //! so a resumed run makes the same bits as an uninterrupted one.
 
-use super::adamw::{self, AdamW};
+use super::adamw::AdamW;
 use super::checkpoint::{self, Checkpoint, Parts};
 use super::preview::{class_layout, save_grid};
 use super::run::{self, Learner, StepOutcome};
-use super::{RunPaths, RunSpec, StepReport, ema, metrics};
+use super::{RunPaths, RunSpec, StepReport, metrics};
 use crate::data::{Dataset, HostBatch};
 use crate::model::FamilyConfig;
 use crate::pipeline::{Generator, Request, Seeds};
@@ -132,17 +132,9 @@ impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
                 step + 1
             );
         }
-        let gn = adamw::grad_norm(&net, &grads);
-        let lr = tc.lr_at(step);
-        let net = self
-            .opt
-            .step(net, &grads, lr, adamw::clip_scale(gn, tc.grad_clip));
         let e = self.ema.take().expect("EMA between steps");
-        self.ema = Some(ema::update(
-            e,
-            &net,
-            ema::decay_at(tc.ema_decay, step as u64),
-        ));
+        let (net, e, lr, gn) = run::update_with_ema(&mut self.opt, net, e, &grads, tc, step);
+        self.ema = Some(e);
         self.net = Some(net);
         Ok(StepOutcome {
             loss: loss_v,

@@ -552,21 +552,7 @@ fn the_shipped_fast_model_samples_sneakers_in_four_steps() {
     req.guidance = 1.0;
     req.conditioning = Conditioning::Classes(vec![sneaker; 16]);
     req.seeds = Seeds::One(0);
-    let x: Vec<f32> = pipe
-        .run(&req, &mut |_| {})
-        .unwrap()
-        .images
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec()
-        .unwrap();
-    let classifier = diffuse::eval::classifier::load_classifier_bytes(
-        diffuse::eval::EMBEDDED_FASHION_CLASSIFIER,
-        "the embedded classifier",
-        &dev,
-    )
-    .unwrap();
-    let (_, predicted) = classifier.run(&x, 16, &dev);
+    let predicted = super::families::embedded_classes(pipe.run(&req, &mut |_| {}).unwrap().images);
     let hits = predicted.iter().filter(|&&p| p == sneaker).count();
     assert!(
         hits >= 12,

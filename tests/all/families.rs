@@ -26,12 +26,6 @@ const SHIPPED: &[(&str, Family, &str, f64)] = &[
 fn the_shipped_models_of_other_families_load_by_name_and_make_their_class() {
     let dev = inference_device();
     let embedded = load_model(None, &dev).unwrap();
-    let classifier = diffuse::eval::classifier::load_classifier_bytes(
-        diffuse::eval::EMBEDDED_FASHION_CLASSIFIER,
-        "the embedded classifier",
-        &dev,
-    )
-    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     for &(name, family, class, least) in SHIPPED {
         let g = Generator::load(Some(name), &dev).unwrap();
@@ -54,19 +48,26 @@ fn the_shipped_models_of_other_families_load_by_name_and_make_their_class() {
         let mut req = Request::new(20, SamplerKind::Ddpm);
         req.conditioning = Conditioning::Classes(vec![c; 20]);
         req.seeds = Seeds::One(0);
-        let x: Vec<f32> = g
-            .run(&req, &mut |_| {})
-            .unwrap()
-            .images
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .unwrap();
-        let (_, predicted) = classifier.run(&x, 20, &dev);
+        let predicted = embedded_classes(g.run(&req, &mut |_| {}).unwrap().images);
         let hits = predicted.iter().filter(|&&p| p == c).count();
         assert!(
             hits as f64 >= least * 20.0,
             "{name}: {hits} of 20 images of class {class} read as that class"
         );
     }
+}
+
+/// The embedded Fashion-MNIST classifier's class for each of `images` `[n, 1, 28, 28]` in
+/// `[-1, 1]`.
+pub fn embedded_classes(images: burn::tensor::Tensor<4>) -> Vec<usize> {
+    let dev = inference_device();
+    let n = images.dims()[0];
+    let x: Vec<f32> = images.into_data().convert::<f32>().try_into_vec().unwrap();
+    let classifier = diffuse::eval::classifier::load_classifier_bytes(
+        diffuse::eval::EMBEDDED_FASHION_CLASSIFIER,
+        "the embedded classifier",
+        &dev,
+    )
+    .unwrap();
+    classifier.run(&x, n, &dev).1
 }
