@@ -126,18 +126,44 @@ pub const LOCK_FILE: &str = ".diffuse.lock";
 /// it exits, so the lock a killed process leaves never blocks; the file holds the holder's
 /// pid for the message a second writer gets. Within one process the lock is shared: taking
 /// it again (the CLI, then the library's training loop) returns the lock already held.
+/// A folder the lock created is removed again when the last holder lets go and nothing but
+/// the lock file is in it (a command that failed before writing anything leaves no trace).
 #[derive(Debug)]
 pub struct RunLock {
-    _file: Arc<File>,
+    _held: Arc<HeldLock>,
+}
+
+/// The open lock file, and the folder when taking the lock created it.
+#[derive(Debug)]
+struct HeldLock {
+    _file: File,
+    created: Option<PathBuf>,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let Some(dir) = &self.created else { return };
+        let only_lock = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .all(|e| e.file_name().to_str() == Some(LOCK_FILE))
+        });
+        if only_lock {
+            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+            // Fails harmlessly if another process put something there meanwhile.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// The run folders this process holds, by canonical path.
-static HELD: Mutex<Vec<(PathBuf, Weak<File>)>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<(PathBuf, Weak<HeldLock>)>> = Mutex::new(Vec::new());
 
 impl RunLock {
     /// Takes the lock of `dir` (created if missing), or fails at once naming the pid that
     /// holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {
+        let existed = dir.exists();
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow!("cannot create folder {}: {}", dir.display(), io_reason(&e)))?;
         let key = dir
@@ -150,7 +176,7 @@ impl RunLock {
             .find(|(k, _)| *k == key)
             .and_then(|(_, f)| f.upgrade())
         {
-            return Ok(Self { _file: f });
+            return Ok(Self { _held: f });
         }
         let path = dir.join(LOCK_FILE);
         let mut file = OpenOptions::new()
@@ -182,8 +208,11 @@ impl RunLock {
         let _ = file.set_len(0);
         let _ = writeln!(file, "{}", std::process::id());
         let _ = file.flush();
-        let file = Arc::new(file);
-        held.push((key, Arc::downgrade(&file)));
-        Ok(Self { _file: file })
+        let held_lock = Arc::new(HeldLock {
+            _file: file,
+            created: (!existed).then(|| key.clone()),
+        });
+        held.push((key, Arc::downgrade(&held_lock)));
+        Ok(Self { _held: held_lock })
     }
 }

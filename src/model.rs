@@ -235,7 +235,9 @@ pub fn family_of(json: &str, what: &str) -> Result<Family> {
     let Some(f) = v.get("family") else {
         return Ok(Family::Diffusion);
     };
-    let name = f.as_str().unwrap_or("");
+    let Some(name) = f.as_str() else {
+        bail!("{what}: the model config's family key is {f}, not a family name");
+    };
     Family::ALL
         .into_iter()
         .find(|k| k.name() == name)

@@ -11,6 +11,13 @@ use std::path::Path;
 /// Rewrites `spec` to `out` in `dtype`; `default_steps` changes a distilled student's default
 /// sampling steps (at most the grid it was distilled on).
 pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usize>) -> Result<()> {
+    let given = Path::new(spec);
+    let input = if given.is_dir() {
+        given.join("model.safetensors")
+    } else {
+        given.to_path_buf()
+    };
+    super::check_output("--out", out, "safetensors", &[&input])?;
     let dev = inference_device();
     let mut m = match load_generator(Some(spec), &dev)? {
         model::Loaded::Diffusion(m) => m,

@@ -149,6 +149,9 @@ fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) ->
 }
 
 pub fn fid(a: FidArgs) -> Result<()> {
+    if let Some(j) = &a.json {
+        super::check_output("--json", j, "json", &[])?;
+    }
     let dev = inference_device();
     let ext = eval::load_features(&a.features, &dev)?;
     let t0 = Instant::now();
@@ -256,6 +259,9 @@ const DIFFUSION_ONLY: &[&str] = &[
 ];
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
+    if let Some(j) = &a.json {
+        super::check_output("--json", j, "json", &[])?;
+    }
     if a.n < 4 || a.n > 100_000 {
         bail!("--n must be between 4 and 100000 (got {})", a.n);
     }

@@ -289,6 +289,49 @@ pub fn parse_list(s: &str, what: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// Checks a file a command is about to write: its extension must be `ext` (so that a slip
+/// such as `--json model.safetensors` cannot replace a file of another kind), it must not be
+/// one of the command's `inputs`, and it must not be a run folder's checkpoint (next to a
+/// `config.json`), which `--resume` needs.
+pub fn check_output(flag: &str, out: &Path, ext: &str, inputs: &[&Path]) -> Result<()> {
+    let has_ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext));
+    if !has_ext {
+        bail!("{flag} {}: the file written is .{ext}", out.display());
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if inputs.iter().any(|i| same(out, i)) {
+        bail!(
+            "{flag} {}: that is the input; write to another file",
+            out.display()
+        );
+    }
+    let in_run = out.parent().map(|d| {
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
+        d.join("config.json").is_file()
+    });
+    if out
+        .file_name()
+        .is_some_and(|n| n == "checkpoint.safetensors")
+        && in_run == Some(true)
+    {
+        bail!(
+            "{flag} {}: that is a run's checkpoint, which --resume needs; write elsewhere",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// A folder that images are written to one at a time, as `00000.png`, `00001.png`, ...
 pub struct ImageDir {
     dir: PathBuf,

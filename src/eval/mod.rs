@@ -567,12 +567,21 @@ pub fn bits_per_dim(
     if n == 0 || max == 0 {
         bail!("no images to score the likelihood of");
     }
-    let stride = n.div_ceil(max.min(n));
-    let idx: Vec<usize> = (0..n).step_by(stride).collect();
+    let idx = evenly_spaced(n, max);
     let per = c * s * s;
     let dev = crate::device::inference_device();
     let labels = match (generator.cond().num_classes, &ds.labels) {
-        (Some(_), Some(l)) => Some(l),
+        (Some(k), Some(l)) => {
+            if let Some(&bad) = l.iter().max().filter(|&&m| m >= k) {
+                bail!(
+                    "{} has labels up to {bad}; {} has classes 0..{}",
+                    ds.source,
+                    generator.source(),
+                    k - 1
+                );
+            }
+            Some(l)
+        }
         _ => None,
     };
     let mut rng = crate::rng::rng_for(seed, crate::rng::Stream::Sample, 1);
@@ -611,13 +620,20 @@ pub fn bits_per_dim(
     )))
 }
 
+/// `min(n, m)` indices spread evenly over `0..n`: `floor(i n / m)` for `i < m` (every
+/// `n/m`-th when `m` divides `n`), so that a subset of a class-ordered set keeps every class.
+pub fn evenly_spaced(n: usize, m: usize) -> Vec<usize> {
+    let m = m.min(n);
+    (0..m).map(|i| i * n / m).collect()
+}
+
+/// At most `max` images of `all`, evenly spaced ([`evenly_spaced`]).
 pub fn real_subset(all: Images, max: usize) -> Images {
     if all.n <= max {
         return all;
     }
     let per = all.pixels.len() / all.n;
-    let stride = all.n.div_ceil(max);
-    let idx: Vec<usize> = (0..all.n).step_by(stride).collect();
+    let idx = evenly_spaced(all.n, max);
     Images {
         shape: all.shape,
         pixels: idx

@@ -140,7 +140,10 @@ fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
                     let dst = &mut row[oy * ow..(oy + 1) * ow];
                     dst[..ox0].fill(0.0);
                     dst[ox1..].fill(0.0);
-                    if sw == 1 {
+                    if ox0 == ox1 {
+                        // This tap sees no column of the image (the kernel is wider than
+                        // the padded image reaches); `ox0 + kx - pw` may then be negative.
+                    } else if sw == 1 {
                         let start = ox0 + kx - pw;
                         dst[ox0..ox1].copy_from_slice(&src[start..start + (ox1 - ox0)]);
                     } else {
@@ -171,7 +174,9 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
                 for oy in oy0..oy1 {
                     let dst = &mut plane[(oy * sh + ky - ph) * g.w..][..g.w];
                     let src = &row[oy * ow..(oy + 1) * ow];
-                    if sw == 1 {
+                    if ox0 == ox1 {
+                        // No column of the image under this tap (see `im2col`).
+                    } else if sw == 1 {
                         let start = ox0 + kx - pw;
                         for (d, s) in dst[start..start + (ox1 - ox0)]
                             .iter_mut()

@@ -38,11 +38,43 @@ pub struct GenerateRequest {
 }
 
 /// A class given as its index or its name.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ClassSpec {
     Index(u64),
     Name(String),
+}
+
+/// By hand rather than `#[serde(untagged)]`, whose error for `-1` or `2.5` ("did not match
+/// any variant") names neither the field nor what it takes.
+impl<'de> Deserialize<'de> for ClassSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ClassSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a class index (0, 1, ...) or a class name")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ClassSpec, E> {
+                Ok(ClassSpec::Index(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ClassSpec, E> {
+                u64::try_from(v).map(ClassSpec::Index).map_err(|_| {
+                    E::custom(format!(
+                        "class {v} is negative: give a class index (0, 1, ...) or a class name"
+                    ))
+                })
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ClassSpec, E> {
+                Err(E::custom(format!(
+                    "class {v} is not a whole number: give a class index (0, 1, ...) or a class name"
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ClassSpec, E> {
+                Ok(ClassSpec::Name(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Per-request limits (`diffuse serve --max-n ...`).
@@ -112,6 +144,7 @@ pub fn validate(
         n,
         classes,
         prompt,
+        diffusion: true,
         steps: steps as usize,
         sampler,
         eta,
@@ -277,12 +310,14 @@ pub fn validate_served(
         n,
         classes,
         prompt,
+        diffusion: false,
         steps: 1,
         sampler: SamplerKind::Ddpm,
         eta: 0.0,
         guidance: 1.0,
         guidance_interval: None,
-        temperature,
+        // Echoed in the answer: an autoregressive model's temperature, 1 when not given.
+        temperature: (family == Family::Autoregressive).then(|| temperature.unwrap_or(1.0)),
         seed: req.seed.unwrap_or(default_seed),
     })
 }
@@ -372,8 +407,14 @@ pub struct GenerateResponse {
     /// Base64 PNGs, one per image.
     pub images: Vec<String>,
     pub seed: u64,
-    pub steps: usize,
-    pub sampler: &'static str,
+    /// Diffusion models: the sampling steps and the sampler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<&'static str>,
+    /// Autoregressive models: the sampling temperature.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
     pub classes: Option<Vec<usize>>,
     /// Text models: the prompt used.
     pub prompt: Option<String>,

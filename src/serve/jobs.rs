@@ -22,6 +22,8 @@ pub struct JobSpec {
     pub classes: Option<Vec<usize>>,
     /// Text models: the prompt (empty: unconditional).
     pub prompt: String,
+    /// Diffusion models: the sampler and its steps (other families ignore them).
+    pub diffusion: bool,
     pub steps: usize,
     pub sampler: SamplerKind,
     pub eta: f64,
@@ -255,7 +257,22 @@ fn worker(generator: Generator, rx: Receiver<Job>, stats: Arc<Stats>, chunk: Opt
             continue;
         }
         stats.running.fetch_add(live.len(), Ordering::Relaxed);
-        let outcomes = run(&generator, &live, &stats, chunk);
+        // A panic in generation (a bug) fails this batch's jobs with a 500 naming it; the
+        // worker lives on, so later requests are answered and /health stays true.
+        let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(&generator, &live, &stats, chunk)
+        }))
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            let e = format!("internal error (a bug in diffuse): generation panicked: {what}");
+            live.iter()
+                .map(|_| Err(JobError::Failed(e.clone())))
+                .collect()
+        });
         stats.running.fetch_sub(live.len(), Ordering::Relaxed);
         for (j, o) in live.into_iter().zip(outcomes) {
             finish(j, o, &stats);

@@ -307,8 +307,9 @@ fn response_body(spec: &JobSpec, out: JobOutput) -> GenerateResponse {
     GenerateResponse {
         images: out.pngs.iter().map(|p| b64.encode(p)).collect(),
         seed: spec.seed,
-        steps: spec.steps,
-        sampler: spec.sampler.name(),
+        steps: spec.diffusion.then_some(spec.steps),
+        sampler: spec.diffusion.then(|| spec.sampler.name()),
+        temperature: spec.temperature,
         classes: spec.classes.clone(),
         prompt: (!spec.prompt.is_empty()).then(|| spec.prompt.clone()),
         prompt_truncated: out.prompt_truncated,

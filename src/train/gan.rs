@@ -86,9 +86,6 @@ impl RunSpec for GanRun {
     }
 }
 
-/// A loss beyond this is taken as divergence (the hinge losses of a working GAN stay near 1).
-const DIVERGED: f64 = 1e4;
-
 /// Trains a GAN run to `cfg.train.steps`, fresh or from `resume`, as [`super::train`] does a
 /// diffusion run. Returns the final step (less than the target when `minutes` ran out).
 pub fn train(
@@ -207,19 +204,13 @@ impl Learner for GanLearner<'_> {
         let loss_g = d.forward(g.forward(z_g, l), l, group).mean().neg();
         let grads_g = GradientsParams::from_grads(loss_g.backward(), &g);
         let g_loss = scalar(loss_g);
-        if !(d_loss.is_finite() && g_loss.is_finite())
-            || d_loss.abs() > DIVERGED
-            || g_loss.abs() > DIVERGED
-        {
-            let kept = match self.saved.get() {
-                0 => "no checkpoint was written yet".to_string(),
-                s => format!("the checkpoint of step {s} is kept"),
-            };
-            bail!(
-                "GAN training diverged at step {} (d_loss {d_loss}, g_loss {g_loss}); {kept}; try a lower --lr and --lr-d",
-                step + 1
-            );
-        }
+        run::check_diverged(
+            "GAN training",
+            &[("d_loss", d_loss), ("g_loss", g_loss)],
+            step,
+            self.saved.get(),
+            "try a lower --lr and --lr-d",
+        )?;
         let ema = self.g_ema.take().expect("EMA between steps");
         let (g, ema, lr, gn_g) = run::update_with_ema(&mut self.opt_g, g, ema, &grads_g, tc, step);
         self.g_ema = Some(ema);

@@ -181,3 +181,35 @@ pub(crate) fn update_with_ema<M: burn::module::Module>(
     let ema = avg::update(ema, &net, avg::decay_at(tc.ema_decay, step as u64));
     (net, ema, lr, gn)
 }
+
+/// A loss beyond this is taken as divergence: a working GAN's hinge losses stay near 1 and a
+/// likelihood family's loss (nats per sub-pixel) below ln 256 = 5.5 once it has started.
+pub(crate) const DIVERGED: f64 = 1e4;
+
+/// Stops a run whose losses are non-finite or beyond [`DIVERGED`], naming the (1-based) step,
+/// the losses and the checkpoint that is kept (`saved`: the step of the last one written, 0
+/// for none); `advice` says what to change.
+pub(crate) fn check_diverged(
+    what: &str,
+    losses: &[(&str, f64)],
+    step: usize,
+    saved: usize,
+    advice: &str,
+) -> Result<()> {
+    if losses
+        .iter()
+        .all(|(_, v)| v.is_finite() && v.abs() <= DIVERGED)
+    {
+        return Ok(());
+    }
+    let shown: Vec<String> = losses.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let kept = match saved {
+        0 => "no checkpoint was written yet".to_string(),
+        s => format!("the checkpoint of step {s} is kept"),
+    };
+    anyhow::bail!(
+        "{what} diverged at step {} ({}); {kept}; {advice}",
+        step + 1,
+        shown.join(", ")
+    )
+}

@@ -18,11 +18,12 @@ use crate::pipeline::{Generator, Request, Seeds};
 use crate::rng::{Stream, rng_for};
 use crate::sampler::SamplerKind;
 use crate::weights::{self, NamedTensors, StoreDtype};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -90,6 +91,7 @@ pub fn train<R: SingleNet>(
         ema: Some(net_ema),
         opt,
         dev,
+        saved: Cell::new(start),
     };
     run::run_loop(
         tc,
@@ -113,6 +115,8 @@ struct SingleNetLearner<'a, R: SingleNet> {
     ema: Option<R::Net>,
     opt: AdamW,
     dev: Device,
+    /// The step of the last checkpoint written (the resumed one at first; 0: none).
+    saved: Cell<usize>,
 }
 
 impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
@@ -126,12 +130,13 @@ impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
             cfg.loss(&net, batch, labels.as_deref(), step, &mut rng, &self.dev);
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         let loss_v = loss.into_scalar::<f32>() as f64;
-        if !loss_v.is_finite() {
-            bail!(
-                "the loss became {loss_v} at step {}: try a lower --lr",
-                step + 1
-            );
-        }
+        run::check_diverged(
+            "training",
+            &[("loss", loss_v)],
+            step,
+            self.saved.get(),
+            "try a lower --lr",
+        )?;
         let e = self.ema.take().expect("EMA between steps");
         let (net, e, lr, gn) = run::update_with_ema(&mut self.opt, net, e, &grads, tc, step);
         self.ema = Some(e);
@@ -163,7 +168,9 @@ impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
             step,
             adam_t: self.opt.t,
         };
-        checkpoint::write(paths, &parts, &t, &model_file)
+        checkpoint::write(paths, &parts, &t, &model_file)?;
+        self.saved.set(step);
+        Ok(())
     }
 
     fn preview(&self, paths: &RunPaths, step: usize) -> Result<()> {

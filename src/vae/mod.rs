@@ -641,6 +641,12 @@ pub fn read_config(dir: &Path) -> Result<(PathBuf, VaeConfig)> {
             dir.to_path_buf()
         };
     let cfg_path = dir.join(CONFIG_FILE);
+    if dir.is_file() {
+        bail!(
+            "{} is a file; a VAE is a folder (diffuse train-vae output or a diffusers AutoencoderKL); a model of the VAE family (diffuse train --family vae) is a generator, not an autoencoder for latent diffusion",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!("VAE folder {} does not exist", dir.display());
     }
@@ -651,8 +657,19 @@ pub fn read_config(dir: &Path) -> Result<(PathBuf, VaeConfig)> {
             dir.display()
         )
     })?;
-    let config: VaeConfig = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{}: not an AutoencoderKL config ({e})", cfg_path.display()))?;
+    let config: VaeConfig = serde_json::from_str(&text).map_err(|e| {
+        let run = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .is_some_and(|v| v.get("model").is_some() && v.get("train").is_some());
+        if run {
+            anyhow!(
+                "{} is a diffuse train run, not an autoencoder: a VAE here is a diffuse train-vae folder or a diffusers AutoencoderKL (a --family vae run is a generator)",
+                dir.display()
+            )
+        } else {
+            anyhow!("{}: not an AutoencoderKL config ({e})", cfg_path.display())
+        }
+    })?;
     config
         .validate()
         .with_context(|| format!("{}", cfg_path.display()))?;

@@ -71,3 +71,88 @@ pub fn embedded_classes(images: burn::tensor::Tensor<4>) -> Vec<usize> {
     .unwrap();
     classifier.run(&x, n, &dev).1
 }
+
+/// What would lose a file or mislead is refused with one line: `convert` writing over its
+/// input or to a name of another kind, `eval --json` to a non-JSON name (before any work),
+/// held-out labels beyond the model's classes, and a likelihood family whose loss explodes.
+#[test]
+fn family_commands_refuse_what_would_lose_a_file_or_mislead() {
+    use super::cli::fails;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let gan = t("gan.safetensors");
+    ok(&["convert", "--model", "fashion-mnist-gan", "--out", &gan]);
+    let before = std::fs::read(&gan).unwrap();
+    fails(
+        &["convert", "--model", &gan, "--out", &gan, "--dtype", "f32"],
+        "that is the input",
+    );
+    let png = t("keep.png");
+    std::fs::write(&png, b"not mine to replace").unwrap();
+    fails(
+        &["convert", "--model", &gan, "--out", &png],
+        "the file written is .safetensors",
+    );
+    fails(
+        &[
+            "eval", "--model", &gan, "--data", "x", "--n", "8", "--json", &gan,
+        ],
+        "--json",
+    );
+    assert_eq!(std::fs::read(&gan).unwrap(), before, "the model is intact");
+    assert_eq!(std::fs::read(&png).unwrap(), b"not mine to replace");
+
+    // Held-out images labelled 0..11 against a 10-class model: an error naming both, not a
+    // panic in the class embedding (and not label 10 scored as the null class).
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/idx");
+    let images = t("held-images-idx3-ubyte.gz");
+    std::fs::copy(fixture.join("small-images-idx3-ubyte.gz"), &images).unwrap();
+    let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 64];
+    labels.extend((0..64u8).map(|i| i % 12));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &labels).unwrap();
+    std::fs::write(t("held-labels-idx1-ubyte.gz"), gz.finish().unwrap()).unwrap();
+    fails(
+        &[
+            "eval",
+            "--model",
+            "fashion-mnist-autoregressive",
+            "--data",
+            &images,
+            "--n",
+            "4",
+            "--n-real",
+            "8",
+            "--nll-data",
+            &images,
+        ],
+        "has labels up to 11; the shipped model 'fashion-mnist-autoregressive' has classes 0..9",
+    );
+
+    // An exploding autoregressive run stops at the step it explodes, as a GAN's does.
+    let digits =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/digits.csv.gz");
+    fails(
+        &[
+            "train",
+            "--family",
+            "autoregressive",
+            "--data",
+            digits.to_str().unwrap(),
+            "--out",
+            &t("div"),
+            "--features",
+            "8",
+            "--layers",
+            "2",
+            "--batch",
+            "4",
+            "--steps",
+            "6",
+            "--lr=1e6",
+            "--sample-every",
+            "0",
+        ],
+        "training diverged at step",
+    );
+}

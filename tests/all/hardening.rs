@@ -509,12 +509,18 @@ fn one_writer_per_run_folder() {
     let data = data.to_str().unwrap();
     let run = tmp.path().join("run");
     let runs = run.to_str().unwrap();
+    // The folder exists first: a lock that creates its folder removes it again when it is
+    // let go with nothing else in it (checked below).
+    std::fs::create_dir_all(&run).unwrap();
     let held = diffuse::files::RunLock::acquire(&run).unwrap();
     fails(
         &tiny_train_args(data, runs, "2"),
         &format!("process {} is writing to it", std::process::id()),
     );
     drop(held);
+    let fresh = tmp.path().join("fresh");
+    drop(diffuse::files::RunLock::acquire(&fresh).unwrap());
+    assert!(!fresh.exists(), "a folder only the lock made is gone with the lock");
     // The lock file a killed trainer left: no process holds the lock, so it does not block.
     std::fs::write(run.join(diffuse::files::LOCK_FILE), format!("{DEAD_PID}\n")).unwrap();
     ok(&tiny_train_args(data, runs, "2"));

@@ -241,6 +241,10 @@ fn geometries() -> Vec<ConvGeometry> {
         g(1, 5, 5, 9, 3, 1, 1, 0),
         g(2, 2, 6, 6, 3, 3, 2, 0),
         g(4, 3, 4, 4, 2, 3, 1, 2),
+        // The kernel reaches past the whole image: some taps see no pixel at all (a 2x2
+        // autoregressive model's 7x7 first layer).
+        g(2, 2, 2, 2, 3, 7, 1, 3),
+        g(1, 2, 3, 2, 2, 5, 2, 3),
     ]
 }
 

@@ -80,12 +80,40 @@ pub fn serves_like_sample(
         one.body,
         std::fs::read(out.path().join("00000.png")).unwrap()
     );
+    let mut refused = refused.to_vec();
+    refused.push((
+        r#"{"class": -1}"#,
+        "class -1 is negative: give a class index (0, 1, ...) or a class name at line 1 column 12",
+    ));
     for (body, error) in refused {
         let bad = post(s.addr, body, None);
         assert_eq!(bad.status, 400, "{body}");
         let e: serde_json::Value = bad.json().unwrap();
-        assert_eq!(e["error"], *error, "{body}");
+        assert!(
+            e["error"].as_str().unwrap().ends_with(error),
+            "{body}: {}",
+            e["error"]
+        );
     }
+    // The JSON answer names what this family used: no sampler or steps; the temperature
+    // for an autoregressive model.
+    let json = post(
+        s.addr,
+        &format!(r#"{{"class": 3, "n": 2, "seed": 5{options}}}"#),
+        Some("application/json"),
+    );
+    assert_eq!(json.status, 200);
+    let v: serde_json::Value = json.json().unwrap();
+    assert_eq!(v["images"].as_array().unwrap().len(), 2);
+    assert!(
+        v.get("steps").is_none() && v.get("sampler").is_none(),
+        "{v}"
+    );
+    assert_eq!(
+        v.get("temperature").is_some(),
+        family == "autoregressive",
+        "{v}"
+    );
 }
 
 fn post(addr: SocketAddr, body: &str, accept: Option<&str>) -> HttpResponse {
