@@ -116,7 +116,8 @@ pub fn apply<M: Module>(module: M, source: &NamedTensors, prefix: &str) -> Resul
     if let Some(first) = l.errors.first() {
         let more = l.errors.len() - 1;
         if more > 0 {
-            bail!("{first} (and {more} more problems)");
+            let s = if more == 1 { "" } else { "s" };
+            bail!("{first} (and {more} more problem{s})");
         }
         bail!("{first}");
     }

@@ -396,6 +396,19 @@ pub fn given(id: &str) -> bool {
     GIVEN.get().is_some_and(|g| g.contains(id))
 }
 
+/// The options given on the command line (as `--flag`s) whose field names are not in `read`.
+pub fn given_except(read: &[&str]) -> Vec<String> {
+    GIVEN
+        .get()
+        .into_iter()
+        .flatten()
+        // Skips clap's group ids (a flattened struct's name, `TrainArgs`).
+        .filter(|id| id.starts_with(|c: char| c.is_ascii_lowercase()))
+        .filter(|id| !read.contains(&id.as_str()))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect()
+}
+
 /// Refuses, with one line, the options in `ids` (field names: options of `owner`'s models)
 /// that were given on the command line for `what`, a model or run of `family`.
 pub fn refuse_given(

@@ -323,9 +323,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if let Some(path) = &grid_out {
         save_image(&upscale(&grid(&imgs, cols), f), path)?;
         println!(
-            "wrote {} ({} images from {})",
+            "wrote {} ({n} image{} from {})",
             path.display(),
-            n,
+            if n == 1 { "" } else { "s" },
             generator.source()
         );
     }

@@ -270,6 +270,7 @@ fn parse_betas(s: &str) -> Result<(f64, f64), String> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    train::check_minutes(a.minutes)?;
     // One writer per run folder, from before anything is read (train::train holds it too).
     let _lock = train::claim_run_folder(&a.out)?;
     let ckpt = RunPaths::new(&a.out).checkpoint();
@@ -571,9 +572,22 @@ pub(super) fn start_or_resume<R: RunSpec>(
         );
     }
     let ck = checkpoint::load_run::<R>(&ckpt_path)?;
-    eprintln!(
-        "note: --resume continues with the settings saved in the checkpoint; only the step target, --data, --minutes and --precision are read from the command line"
-    );
+    let unread = super::given_except(&[
+        "data",
+        "out",
+        "resume",
+        "steps",
+        "train_steps",
+        "minutes",
+        "precision",
+        "family",
+    ]);
+    if !unread.is_empty() {
+        eprintln!(
+            "note: --resume continues with the settings saved in the checkpoint; {} not read (only the step target, --data, --minutes and --precision are)",
+            unread.join(", ")
+        );
+    }
     let mut cfg = ck.run.clone();
     if let Some(s) = steps {
         cfg.train_mut().steps = s;

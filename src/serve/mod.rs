@@ -218,6 +218,15 @@ async fn generate(
             return json_error(status, msg);
         }
     };
+    // serde would also read a struct from a JSON array, by position; only objects name
+    // their fields.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "request body is not a valid generate request: it must be a JSON object",
+        );
+    }
     let req: GenerateRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {

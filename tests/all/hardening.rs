@@ -520,7 +520,10 @@ fn one_writer_per_run_folder() {
     drop(held);
     let fresh = tmp.path().join("fresh");
     drop(diffuse::files::RunLock::acquire(&fresh).unwrap());
-    assert!(!fresh.exists(), "a folder only the lock made is gone with the lock");
+    assert!(
+        !fresh.exists(),
+        "a folder only the lock made is gone with the lock"
+    );
     // The lock file a killed trainer left: no process holds the lock, so it does not block.
     std::fs::write(run.join(diffuse::files::LOCK_FILE), format!("{DEAD_PID}\n")).unwrap();
     ok(&tiny_train_args(data, runs, "2"));

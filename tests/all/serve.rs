@@ -81,6 +81,7 @@ pub fn serves_like_sample(
         std::fs::read(out.path().join("00000.png")).unwrap()
     );
     let mut refused = refused.to_vec();
+    refused.push((r#"[1, 3]"#, "it must be a JSON object"));
     refused.push((
         r#"{"class": -1}"#,
         "class -1 is negative: give a class index (0, 1, ...) or a class name at line 1 column 12",
