@@ -71,6 +71,11 @@ pub struct TrainArgs {
     /// GAN: Adam's beta1 and beta2 for both networks [default: 0,0.9 (SNGAN)].
     #[arg(long, value_name = "B1,B2", value_parser = parse_betas)]
     adam_betas: Option<(f64, f64)>,
+    /// GAN: weight of the mode-seeking term (MSGAN, Mao et al. 2019): the generator is also
+    /// rewarded for making different images from different noise of one class; 0 is off
+    /// [default: 0].
+    #[arg(long, value_name = "WEIGHT")]
+    mode_seeking: Option<f64>,
     /// Autoregressive: feature channels of the PixelCNN's stacks [default: 48].
     #[arg(long)]
     features: Option<usize>,
@@ -218,7 +223,14 @@ const DIFFUSION_ONLY: &[&str] = &[
 ];
 
 /// Options of `train` that only GAN runs take.
-const GAN_ONLY: &[&str] = &["z_dim", "g_channels", "d_channels", "lr_d", "adam_betas"];
+const GAN_ONLY: &[&str] = &[
+    "z_dim",
+    "g_channels",
+    "d_channels",
+    "lr_d",
+    "adam_betas",
+    "mode_seeking",
+];
 
 /// Options of `train` that only autoregressive runs take.
 const AUTOREGRESSIVE_ONLY: &[&str] = &["features", "layers"];
@@ -510,6 +522,7 @@ fn gan_run_config(a: &TrainArgs) -> Result<GanRun> {
             lr_d: a.lr_d.unwrap_or(d.lr_d),
             beta1,
             beta2,
+            mode_seeking: a.mode_seeking.unwrap_or(d.mode_seeking),
         },
     })
 }

@@ -39,6 +39,10 @@ pub struct GanTrainConfig {
     /// Adam's `beta1` and `beta2` for both networks (SNGAN: 0 and 0.9).
     pub beta1: f64,
     pub beta2: f64,
+    /// Weight of the mode-seeking term ([`mode_seeking_term`]); 0 is off (runs saved before
+    /// the option have none).
+    #[serde(default)]
+    pub mode_seeking: f64,
 }
 
 impl Default for GanTrainConfig {
@@ -47,8 +51,26 @@ impl Default for GanTrainConfig {
             lr_d: 4e-4,
             beta1: 0.0,
             beta2: 0.9,
+            mode_seeking: 0.0,
         }
     }
+}
+
+/// Keeps the image-to-noise distance ratio of the mode-seeking term away from 0.
+const MODE_SEEKING_EPS: f64 = 1e-5;
+
+/// The mode-seeking term of MSGAN (Mao et al. 2019, "Mode Seeking Generative Adversarial
+/// Networks for Diverse Image Synthesis", eq. 3 as their code minimises it): for generated
+/// images `fake` `[2h, C, H, W]` whose halves share their classes and noise `z` `[2h, Z]`,
+/// `1 / (mean|G(z1) - G(z2)| / mean|z1 - z2| + eps)`. Small when different noise gives
+/// different images; large for a generator that ignores its noise (mode collapse).
+pub fn mode_seeking_term(fake: Tensor<4>, z: Tensor<2>) -> Tensor<1> {
+    let h = fake.dims()[0] / 2;
+    let images = (fake.clone().narrow(0, 0, h) - fake.narrow(0, h, h))
+        .abs()
+        .mean();
+    let noise = (z.clone().narrow(0, 0, h) - z.narrow(0, h, h)).abs().mean();
+    (images / noise).add_scalar(MODE_SEEKING_EPS).recip()
 }
 
 /// Everything that defines a GAN run.
@@ -72,6 +94,12 @@ impl GanTrainConfig {
             if !(0.0..1.0).contains(&b) {
                 bail!("Adam's {flag} must be in [0, 1) (got {b})");
             }
+        }
+        if !(self.mode_seeking.is_finite() && (0.0..=100.0).contains(&self.mode_seeking)) {
+            bail!(
+                "--mode-seeking must be between 0 (off) and 100 (got {})",
+                self.mode_seeking
+            );
         }
         Ok(())
     }
@@ -200,8 +228,27 @@ impl Learner for GanLearner<'_> {
             .opt_d
             .step(d, &grads_d, lr_d, adamw::clip_scale(gn_d, tc.grad_clip));
 
-        // Generator: raise D's score of fresh samples.
-        let loss_g = d.forward(g.forward(z_g, l), l, group).mean().neg();
+        // Generator: raise D's score of fresh samples. With the mode-seeking term the
+        // batch's second half repeats the first half's classes, so that each pair (i, i + b/2)
+        // is one class from two noises.
+        let ms = cfg.gan.mode_seeking;
+        let paired: Option<Vec<usize>> = match (&labels, ms > 0.0 && b >= 2) {
+            (Some(l), true) => {
+                let first = &l[..b / 2];
+                Some([first, first, &l[2 * (b / 2)..]].concat())
+            }
+            _ => labels.clone(),
+        };
+        let l_g = paired.as_deref();
+        let fake = g.forward(z_g.clone(), l_g);
+        let mut loss_g = d.forward(fake.clone(), l_g, group).mean().neg();
+        let mut extra = Vec::new();
+        if ms > 0.0 && b >= 2 {
+            let h = 2 * (b / 2);
+            let term = mode_seeking_term(fake.narrow(0, 0, h), z_g.narrow(0, 0, h));
+            extra.push(("mode_seeking_term", scalar(term.clone())));
+            loss_g = loss_g + term.mul_scalar(ms);
+        }
         let grads_g = GradientsParams::from_grads(loss_g.backward(), &g);
         let g_loss = scalar(loss_g);
         run::check_diverged(
@@ -220,12 +267,15 @@ impl Learner for GanLearner<'_> {
             loss: d_loss,
             lr,
             grad_norm: gn_g,
-            extra: vec![
+            extra: [
                 ("g_loss", g_loss),
                 ("d_real", d_real),
                 ("d_fake", d_fake),
                 ("grad_norm_d", gn_d),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect(),
         })
     }
 

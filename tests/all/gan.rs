@@ -416,3 +416,62 @@ fn a_diverging_gan_stops_naming_the_step_and_keeps_its_checkpoint() {
         png.to_str().unwrap(),
     ]);
 }
+
+/// The mode-seeking term against its closed form: images whose halves differ by 0.5 in every
+/// pixel from noises whose halves differ by 2 in every coordinate give a ratio of 0.25, so
+/// `1 / (0.25 + 1e-5)`; identical halves (a generator that ignores its noise) give `1 / 1e-5`.
+#[test]
+fn the_mode_seeking_term_is_its_closed_form() {
+    use diffuse::train::gan::mode_seeking_term;
+    let dev = Device::flex();
+    let half = |v: f32| Tensor::<4>::full([2, 1, 3, 3], v, &dev);
+    let fake = Tensor::cat(vec![half(0.25), half(-0.25)], 0);
+    let z = Tensor::cat(
+        vec![
+            Tensor::<2>::full([2, 5], 1.0, &dev),
+            Tensor::<2>::full([2, 5], -1.0, &dev),
+        ],
+        0,
+    );
+    let t = mode_seeking_term(fake, z.clone()).into_scalar::<f32>() as f64;
+    let want = 1.0 / (0.25 + 1e-5);
+    assert!((t - want).abs() < 1e-4 * want, "{t} vs {want}");
+    let collapsed = mode_seeking_term(Tensor::cat(vec![half(0.3), half(0.3)], 0), z)
+        .into_scalar::<f32>() as f64;
+    assert!((collapsed - 1e5).abs() < 1.0, "{collapsed}");
+}
+
+/// `--mode-seeking` is saved with the run, its term is logged each step, a resumed run keeps
+/// it to the same bits, and out-of-range weights are refused.
+#[test]
+fn a_gan_with_the_mode_seeking_term_trains_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("digits.csv.gz");
+    let data = data.to_str().unwrap();
+    let whole = tmp.path().join("whole");
+    let train = |out: &str, steps: &str| -> Vec<String> {
+        let mut a: Vec<String> = gan_args(data, out, steps)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--mode-seeking".into(), "1".into()]);
+        a
+    };
+    let args = train(whole.to_str().unwrap(), "6");
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let lines = run_folder_is_complete(&whole);
+    assert_eq!(run_config(&whole)["gan"]["mode_seeking"], 1.0);
+    let term = lines[5]["mode_seeking_term"].as_f64().unwrap();
+    assert!(term.is_finite() && term > 0.0, "{term}");
+    resumes_to_the_same_bits(&whole, &tmp.path().join("cut"), &train);
+    let o = tmp.path().join("bad");
+    for w in ["-1", "101", "nan"] {
+        let mut bad = gan_args(data, o.to_str().unwrap(), "2");
+        let flag = format!("--mode-seeking={w}");
+        bad.push(&flag);
+        fails(&bad, "--mode-seeking must be between 0 (off) and 100");
+    }
+    let mut other = family_train_args("vae", data, o.to_str().unwrap(), "2", &[]);
+    other.extend(["--mode-seeking", "1"]);
+    fails(&other, "--mode-seeking is an option of --family gan");
+}
