@@ -22,6 +22,7 @@ mkdir -p "$RUNS" "$OUT"
 # name | training options | eval and grid options
 ROWS=(
   "gan|--family gan --steps 100000|"
+  "gan-no-ms|--family gan --mode-seeking 0 --steps 100000|"
   "autoregressive|--family autoregressive --steps 100000|"
   "vae|--family vae --steps 100000|"
   "diffusion|--steps 100000|--sampler heun --steps 10 --guidance 1"

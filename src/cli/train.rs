@@ -72,8 +72,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "B1,B2", value_parser = parse_betas)]
     adam_betas: Option<(f64, f64)>,
     /// GAN: weight of the mode-seeking term (MSGAN, Mao et al. 2019): the generator is also
-    /// rewarded for making different images from different noise of one class; 0 is off
-    /// [default: 0].
+    /// rewarded for making different images from different noise of one class, against mode
+    /// collapse; 0 is off [default: 1].
     #[arg(long, value_name = "WEIGHT")]
     mode_seeking: Option<f64>,
     /// Autoregressive: feature channels of the PixelCNN's stacks [default: 48].
@@ -406,6 +406,12 @@ fn vae_run_config(a: &TrainArgs) -> Result<VaeGenRun> {
         Some(s) => parse_list(s, "--vae-widths")?,
         None => vec![32, 64, 64],
     };
+    if widths.is_empty() || widths.contains(&0) {
+        bail!(
+            "--vae-widths must be positive channel counts, one per level (got '{}')",
+            a.vae_widths.as_deref().unwrap_or("")
+        );
+    }
     let model = VaeGenConfig {
         num_classes: shape.class_names.as_ref().map(|c| c.len()),
         class_names: shape.class_names.unwrap_or_default(),

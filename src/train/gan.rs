@@ -39,8 +39,9 @@ pub struct GanTrainConfig {
     /// Adam's `beta1` and `beta2` for both networks (SNGAN: 0 and 0.9).
     pub beta1: f64,
     pub beta2: f64,
-    /// Weight of the mode-seeking term ([`mode_seeking_term`]); 0 is off (runs saved before
-    /// the option have none).
+    /// Weight of the mode-seeking term ([`mode_seeking_term`]); 0 is off. New runs take 1
+    /// (docs/FAMILIES.md: recall 0.07 to 0.49 at 20 minutes); runs saved before the option
+    /// read as 0, the recipe they were trained with.
     #[serde(default)]
     pub mode_seeking: f64,
 }
@@ -51,7 +52,7 @@ impl Default for GanTrainConfig {
             lr_d: 4e-4,
             beta1: 0.0,
             beta2: 0.9,
-            mode_seeking: 0.0,
+            mode_seeking: 1.0,
         }
     }
 }

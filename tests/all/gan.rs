@@ -40,6 +40,10 @@ fn a_tiny_gan_trains_resumes_samples_and_evaluates() {
     assert_eq!(cfg["model"]["num_classes"], 10);
     assert_eq!(cfg["train"]["lr"], 1e-4, "a GAN's own default --lr");
     assert_eq!(cfg["gan"]["lr_d"], 4e-4);
+    assert_eq!(
+        cfg["gan"]["mode_seeking"], 1.0,
+        "the mode-seeking term is on by default"
+    );
     assert_eq!(lines.len(), 6);
     for k in ["loss", "g_loss", "d_real", "d_fake", "grad_norm_d"] {
         assert!(lines[5][k].as_f64().unwrap().is_finite(), "{k}");
@@ -454,16 +458,31 @@ fn a_gan_with_the_mode_seeking_term_trains_and_resumes() {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        a.extend(["--mode-seeking".into(), "1".into()]);
+        a.extend(["--mode-seeking".into(), "2".into()]);
         a
     };
     let args = train(whole.to_str().unwrap(), "6");
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let lines = run_folder_is_complete(&whole);
-    assert_eq!(run_config(&whole)["gan"]["mode_seeking"], 1.0);
+    assert_eq!(run_config(&whole)["gan"]["mode_seeking"], 2.0);
     let term = lines[5]["mode_seeking_term"].as_f64().unwrap();
     assert!(term.is_finite() && term > 0.0, "{term}");
     resumes_to_the_same_bits(&whole, &tmp.path().join("cut"), &train);
+    // Off: no term in the metrics. A run saved before the option reads as off, the recipe
+    // it was trained with (new runs default to 1).
+    let off = tmp.path().join("off");
+    let mut a = gan_args(data, off.to_str().unwrap(), "2");
+    a.extend(["--mode-seeking", "0"]);
+    ok(&a);
+    let last = std::fs::read_to_string(off.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert!(
+        last["g_loss"].is_f64() && last.get("mode_seeking_term").is_none(),
+        "{last}"
+    );
+    let old: diffuse::train::gan::GanTrainConfig =
+        serde_json::from_str(r#"{"lr_d": 4e-4, "beta1": 0.0, "beta2": 0.9}"#).unwrap();
+    assert_eq!(old.mode_seeking, 0.0);
     let o = tmp.path().join("bad");
     for w in ["-1", "101", "nan"] {
         let mut bad = gan_args(data, o.to_str().unwrap(), "2");

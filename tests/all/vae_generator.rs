@@ -190,6 +190,14 @@ fn a_tiny_vae_trains_resumes_samples_and_evaluates() {
         &gan,
         "--vae-widths, --latent-channels, --kl-anneal are options of --family vae",
     );
+    let mut zero = vae_args(data, o, "2");
+    let at = zero.iter().position(|a| *a == "8,8").unwrap();
+    zero[at] = "8,0";
+    fails(
+        &zero,
+        "--vae-widths must be positive channel counts, one per level (got '8,0')",
+    );
+    assert!(!other.exists(), "a refused run leaves no folder");
     let mut z = vae_args(data, o, "2");
     z.extend(["--layers", "4"]);
     fails(&z, "--layers is an option of --family autoregressive");
