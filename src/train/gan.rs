@@ -26,7 +26,6 @@ use burn::optim::GradientsParams;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -155,7 +154,6 @@ pub fn train(
         opt_g,
         opt_d,
         dev,
-        saved: Cell::new(start),
     };
     run::run_loop(
         tc,
@@ -181,8 +179,6 @@ struct GanLearner<'a> {
     opt_g: AdamW,
     opt_d: AdamW,
     dev: Device,
-    /// The step of the last checkpoint written (or resumed from).
-    saved: Cell<usize>,
 }
 
 /// The hinge losses and scores of one step, as numbers.
@@ -233,20 +229,19 @@ impl Learner for GanLearner<'_> {
         // batch's second half repeats the first half's classes, so that each pair (i, i + b/2)
         // is one class from two noises.
         let ms = cfg.gan.mode_seeking;
-        let paired: Option<Vec<usize>> = match (&labels, ms > 0.0 && b >= 2) {
-            (Some(l), true) => {
-                let first = &l[..b / 2];
-                Some([first, first, &l[2 * (b / 2)..]].concat())
-            }
+        // The pairs' half: items `2h..` (one, at an odd batch) stay unpaired.
+        let h = b / 2;
+        let seeking = ms > 0.0 && h > 0;
+        let paired: Option<Vec<usize>> = match &labels {
+            Some(l) if seeking => Some([&l[..h], &l[..h], &l[2 * h..]].concat()),
             _ => labels.clone(),
         };
         let l_g = paired.as_deref();
         let fake = g.forward(z_g.clone(), l_g);
         let mut loss_g = d.forward(fake.clone(), l_g, group).mean().neg();
         let mut extra = Vec::new();
-        if ms > 0.0 && b >= 2 {
-            let h = 2 * (b / 2);
-            let term = mode_seeking_term(fake.narrow(0, 0, h), z_g.narrow(0, 0, h));
+        if seeking {
+            let term = mode_seeking_term(fake.narrow(0, 0, 2 * h), z_g.narrow(0, 0, 2 * h));
             extra.push(("mode_seeking_term", scalar(term.clone())));
             loss_g = loss_g + term.mul_scalar(ms);
         }
@@ -256,7 +251,6 @@ impl Learner for GanLearner<'_> {
             "GAN training",
             &[("d_loss", d_loss), ("g_loss", g_loss)],
             step,
-            self.saved.get(),
             "try a lower --lr and --lr-d",
         )?;
         let ema = self.g_ema.take().expect("EMA between steps");
@@ -299,9 +293,7 @@ impl Learner for GanLearner<'_> {
             step,
             adam_t: self.opt_g.t,
         };
-        checkpoint::write(paths, &parts, &t, &model_file)?;
-        self.saved.set(step);
-        Ok(())
+        checkpoint::write(paths, &parts, &t, &model_file)
     }
 
     fn preview(&self, paths: &RunPaths, step: usize) -> Result<()> {

@@ -74,9 +74,22 @@ pub(crate) fn run_loop(
         });
     }
     let t0 = Instant::now();
+    // The step of the last checkpoint written (the resumed one at first; 0: none).
+    let mut saved = start;
     for step in start..tc.steps {
         let batch = rx.recv().context("the data loader stopped")?;
-        let out = learner.step(batch, step)?;
+        let out = learner
+            .step(batch, step)
+            .map_err(|e| match e.downcast::<Diverged>() {
+                Ok(d) => {
+                    let kept = match saved {
+                        0 => "no checkpoint was written yet".to_string(),
+                        s => format!("the checkpoint of step {s} is kept"),
+                    };
+                    anyhow::anyhow!("{}; {kept}; {}", d.what, d.advice)
+                }
+                Err(e) => e,
+            })?;
         let done = step + 1;
         let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
         let line = MetricLine {
@@ -99,6 +112,7 @@ pub(crate) fn run_loop(
         let last = done == tc.steps || out_of_time;
         if done % tc.checkpoint_every == 0 || last {
             learner.save(paths, done)?;
+            saved = done;
         }
         if tc.sample_every > 0 && (done % tc.sample_every == 0 || last) {
             learner.preview(paths, done)?;
@@ -186,15 +200,31 @@ pub(crate) fn update_with_ema<M: burn::module::Module>(
 /// likelihood family's loss (nats per sub-pixel) below ln 256 = 5.5 once it has started.
 pub(crate) const DIVERGED: f64 = 1e4;
 
-/// Stops a run whose losses are non-finite or beyond [`DIVERGED`], naming the (1-based) step,
-/// the losses and the checkpoint that is kept (`saved`: the step of the last one written, 0
-/// for none); `advice` says what to change.
+/// A step whose losses were non-finite or beyond [`DIVERGED`]. [`run_loop`], which knows the
+/// last checkpoint written, turns it into the run's error line.
+#[derive(Debug)]
+pub(crate) struct Diverged {
+    /// `"{what} diverged at step N (losses)"`.
+    what: String,
+    /// What to change.
+    advice: &'static str,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}; {}", self.what, self.advice)
+    }
+}
+
+impl std::error::Error for Diverged {}
+
+/// Stops a step whose losses are non-finite or beyond [`DIVERGED`] with a [`Diverged`] naming
+/// the (1-based) step and the losses; `advice` says what to change.
 pub(crate) fn check_diverged(
     what: &str,
     losses: &[(&str, f64)],
     step: usize,
-    saved: usize,
-    advice: &str,
+    advice: &'static str,
 ) -> Result<()> {
     if losses
         .iter()
@@ -203,13 +233,13 @@ pub(crate) fn check_diverged(
         return Ok(());
     }
     let shown: Vec<String> = losses.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    let kept = match saved {
-        0 => "no checkpoint was written yet".to_string(),
-        s => format!("the checkpoint of step {s} is kept"),
-    };
-    anyhow::bail!(
-        "{what} diverged at step {} ({}); {kept}; {advice}",
-        step + 1,
-        shown.join(", ")
-    )
+    Err(Diverged {
+        what: format!(
+            "{what} diverged at step {} ({})",
+            step + 1,
+            shown.join(", ")
+        ),
+        advice,
+    }
+    .into())
 }

@@ -23,7 +23,6 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
-use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -91,7 +90,6 @@ pub fn train<R: SingleNet>(
         ema: Some(net_ema),
         opt,
         dev,
-        saved: Cell::new(start),
     };
     run::run_loop(
         tc,
@@ -115,8 +113,6 @@ struct SingleNetLearner<'a, R: SingleNet> {
     ema: Option<R::Net>,
     opt: AdamW,
     dev: Device,
-    /// The step of the last checkpoint written (the resumed one at first; 0: none).
-    saved: Cell<usize>,
 }
 
 impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
@@ -130,13 +126,7 @@ impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
             cfg.loss(&net, batch, labels.as_deref(), step, &mut rng, &self.dev);
         let grads = GradientsParams::from_grads(loss.backward(), &net);
         let loss_v = loss.into_scalar::<f32>() as f64;
-        run::check_diverged(
-            "training",
-            &[("loss", loss_v)],
-            step,
-            self.saved.get(),
-            "try a lower --lr",
-        )?;
+        run::check_diverged("training", &[("loss", loss_v)], step, "try a lower --lr")?;
         let e = self.ema.take().expect("EMA between steps");
         let (net, e, lr, gn) = run::update_with_ema(&mut self.opt, net, e, &grads, tc, step);
         self.ema = Some(e);
@@ -168,9 +158,7 @@ impl<R: SingleNet> Learner for SingleNetLearner<'_, R> {
             step,
             adam_t: self.opt.t,
         };
-        checkpoint::write(paths, &parts, &t, &model_file)?;
-        self.saved.set(step);
-        Ok(())
+        checkpoint::write(paths, &parts, &t, &model_file)
     }
 
     fn preview(&self, paths: &RunPaths, step: usize) -> Result<()> {

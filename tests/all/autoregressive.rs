@@ -6,7 +6,7 @@ use super::cli::{
     eval_json, fails, family_train_args, ok, resumes_to_the_same_bits, run_config,
     run_folder_is_complete, same_images_at_any_batch,
 };
-use super::data::fixture;
+use super::data::{digits_batch, fixture};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use diffuse::pixelcnn::{LoadedPixelCnn, PixelCnn, PixelCnnConfig, levels, nll_per_image};
@@ -173,22 +173,9 @@ fn the_negative_log_likelihood_falls_on_one_batch() {
         image_size: 8,
         ..tiny(1, Some(10))
     };
-    let ds = diffuse::data::load(
-        fixture("digits.csv.gz").to_str().unwrap(),
-        diffuse::data::Shape {
-            size: 8,
-            channels: 1,
-        },
-        true,
-    )
-    .unwrap();
     let b = 16;
-    let px: Vec<f32> = ds.pixels[..b * 64]
-        .iter()
-        .map(|&p| f32::from(p) / 127.5 - 1.0)
-        .collect();
+    let (px, labels) = digits_batch(b);
     let values = levels(&px);
-    let labels: Vec<usize> = ds.labels.as_ref().unwrap()[..b].to_vec();
     let x = Tensor::<4>::from_data(TensorData::new(px, [b, 1, 8, 8]), &dev);
     let mut net = PixelCnn::new(&cfg, &dev).unwrap();
     let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);

@@ -9,6 +9,25 @@ pub fn fixture(p: &str) -> PathBuf {
         .join(p)
 }
 
+/// The first `b` 8x8 digits of the digits fixture: pixels in `[-1, 1]` (image after image)
+/// and their labels, a one-batch training set for the families' loss tests.
+pub fn digits_batch(b: usize) -> (Vec<f32>, Vec<usize>) {
+    let ds = diffuse::data::load(
+        fixture("digits.csv.gz").to_str().unwrap(),
+        diffuse::data::Shape {
+            size: 8,
+            channels: 1,
+        },
+        true,
+    )
+    .unwrap();
+    let px = ds.pixels[..b * 64]
+        .iter()
+        .map(|&p| f32::from(p) / 127.5 - 1.0)
+        .collect();
+    (px, ds.labels.unwrap()[..b].to_vec())
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

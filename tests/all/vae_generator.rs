@@ -5,7 +5,7 @@ use super::cli::{
     eval_json, fails, family_train_args, ok, resumes_to_the_same_bits, run_config,
     run_folder_is_complete, same_images_at_any_batch,
 };
-use super::data::fixture;
+use super::data::{digits_batch, fixture};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use diffuse::vae::generator::{VaeGenConfig, VaeGenerator, discretized_logistic_nll};
 
@@ -219,21 +219,8 @@ fn the_negative_elbo_falls_on_one_batch() {
         ..VaeGenConfig::recipe(8, 1, &[8, 16], 2)
     };
     assert_eq!(cfg.latent_shape(), [2, 4, 4]);
-    let ds = diffuse::data::load(
-        fixture("digits.csv.gz").to_str().unwrap(),
-        diffuse::data::Shape {
-            size: 8,
-            channels: 1,
-        },
-        true,
-    )
-    .unwrap();
     let b = 16;
-    let px: Vec<f32> = ds.pixels[..b * 64]
-        .iter()
-        .map(|&p| f32::from(p) / 127.5 - 1.0)
-        .collect();
-    let labels: Vec<usize> = ds.labels.as_ref().unwrap()[..b].to_vec();
+    let (px, labels) = digits_batch(b);
     let x = Tensor::<4>::from_data(TensorData::new(px, [b, 1, 8, 8]), &dev);
     let mut net = VaeGenerator::new(&cfg, &dev).unwrap();
     let q = net.vae.encode(x.clone());
