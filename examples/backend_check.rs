@@ -1,6 +1,7 @@
 //! Compares the active backend (built with `--features vulkan` or `cuda`) against the Flex CPU
 //! backend on the embedded model, op by op and block by block, on the same inputs; prints the
-//! largest relative difference of each. Run on a GPU machine to find where a backend departs.
+//! largest relative difference of each, then three training steps (loss, gradient norm and
+//! updated weights). Run on a GPU machine to find where a backend departs.
 //!
 //!   cargo run --release --features vulkan --example backend_check
 
@@ -333,6 +334,83 @@ fn main() -> Result<()> {
             &format!("{kind:?} 5 steps, batch {nb}"),
             run(&loaded_g, &gpu),
             run(&loaded_c, &cpu),
+        );
+    }
+    training_steps(&loaded_c, &gpu, &cpu)?;
+    Ok(())
+}
+
+/// Training: the embedded model's weights on each device with autodiff, three steps of its
+/// objective (forward, loss, backward, the gradient norm, clipped AdamW) on the same
+/// host-drawn examples; after each step the loss, the gradient norm and the updated weights
+/// of the backend against Flex's.
+fn training_steps(loaded: &model::LoadedModel, gpu: &Device, cpu: &Device) -> Result<()> {
+    use diffuse::train::adamw::{self, AdamW};
+    use diffuse::train::objective::Objective;
+    use diffuse::train::{RunConfig, TrainConfig};
+    let b = 8;
+    let cfg = RunConfig {
+        model: loaded.config.clone(),
+        train: TrainConfig {
+            batch_size: b,
+            ..TrainConfig::default()
+        },
+        data: String::new(),
+        distill: None,
+    };
+    let sched = diffuse::schedule::NoiseSchedule::new(&cfg.model.schedule)?;
+    let objective = Objective {
+        cfg: &cfg,
+        schedule: &sched,
+        latents: None,
+        captions: None,
+    };
+    let images = host(input([b, 1, 28, 28], 11, cpu));
+    let batch = || diffuse::data::HostBatch {
+        step: 0,
+        indices: (0..b).collect(),
+        images: images.clone(),
+        labels: Some((0..b).map(|i| i % 10).collect()),
+        shape: [b, 1, 28, 28],
+    };
+    let mut w = diffuse::weights::NamedTensors::new();
+    diffuse::weights::collect(&loaded.unet, "", &mut w);
+    let steps = 3;
+    let mut per_device = Vec::new();
+    for d in [gpu, cpu] {
+        let dev = d.clone().autodiff();
+        let mut model =
+            diffuse::weights::apply(diffuse::unet::UNet::new(&cfg.model.unet, &dev)?, &w, "")?;
+        let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.0);
+        let mut out = Vec::new();
+        for step in 0..steps {
+            let ex = objective.example(batch(), step, &dev);
+            let pred = model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref());
+            let loss = objective.loss(pred, &ex, &dev);
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+            let gn = adamw::grad_norm(&model, &grads);
+            model = opt.step(model, &grads, 1e-4, adamw::clip_scale(gn, 1.0));
+            let mut after = diffuse::weights::NamedTensors::new();
+            diffuse::weights::collect(&model, "", &mut after);
+            out.push((loss.into_scalar::<f32>(), gn, after));
+        }
+        per_device.push(out);
+    }
+    let (g, c) = (&per_device[0], &per_device[1]);
+    for step in 0..steps {
+        let (lg, ng, wg) = &g[step];
+        let (lc, nc, wc) = &c[step];
+        let (mut diff, mut scale) = (0f32, 1e-12f32);
+        for (k, t) in wc {
+            for (x, y) in wg[k].data.iter().zip(&t.data) {
+                diff = diff.max((x - y).abs());
+                scale = scale.max(y.abs());
+            }
+        }
+        println!(
+            "{:<28} loss {lg:.6} against {lc:.6}, grad norm {ng:.5} against {nc:.5}, weights max |diff| / max |ref| = {:.2e}",
+            format!("training step {}", step + 1),
+            diff / scale
         );
     }
     Ok(())

@@ -21,6 +21,8 @@ pub enum Stream {
     Sample = 4,
     /// Preview sample grids during training.
     Preview = 5,
+    /// The dropout seeds of data-parallel replicas on distinct devices.
+    Replicas = 6,
 }
 
 /// A generator for `(seed, stream, index)`.

@@ -125,6 +125,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         vae: None,
         teacher: Some(&teacher),
         minutes: a.minutes,
+        devices: None,
     };
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {

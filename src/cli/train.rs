@@ -199,10 +199,17 @@ pub struct TrainArgs {
     /// Stop after this many minutes (with a checkpoint; --resume continues).
     #[arg(long)]
     minutes: Option<f64>,
+    /// Data-parallel training: one replica per device, each on its share of the batch, with
+    /// the gradients summed before one optimiser step (the same update as one device). A
+    /// count (`2`: two replicas on this build's device) or a list: `cpu:0,cpu:1`, `cuda:0..7`,
+    /// `vulkan:0,vulkan:1`. Diffusion runs; read again on --resume.
+    #[arg(long)]
+    devices: Option<String>,
 }
 
 /// Options of `train` that only diffusion runs take (field names).
 const DIFFUSION_ONLY: &[&str] = &[
+    "devices",
     "cross_attention",
     "task",
     "scale",
@@ -350,10 +357,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bail!("--cond text needs the text encoder: run `diffuse fetch text-encoder`");
         }
     }
+    let devices = match &a.devices {
+        Some(spec) => {
+            let d = diffuse::device::parse_devices(spec)?;
+            train::replicas::Replicas::new(d.clone())?.check_batch(cfg.train.batch_size)?;
+            Some(d)
+        }
+        None => None,
+    };
     let with = train::With {
         vae: vae.as_ref(),
         teacher: None,
         minutes: a.minutes,
+        devices: devices.as_deref(),
     };
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
     train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
@@ -600,10 +616,11 @@ pub(super) fn start_or_resume<R: RunSpec>(
         "minutes",
         "precision",
         "family",
+        "devices",
     ]);
     if !unread.is_empty() {
         eprintln!(
-            "note: --resume continues with the settings saved in the checkpoint; {} not read (only the step target, --data, --minutes and --precision are)",
+            "note: --resume continues with the settings saved in the checkpoint; {} not read (only the step target, --data, --minutes, --precision and --devices are)",
             unread.join(", ")
         );
     }

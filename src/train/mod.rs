@@ -10,6 +10,7 @@ mod metrics;
 pub mod objective;
 pub mod pixelcnn;
 mod preview;
+pub mod replicas;
 mod run;
 pub mod single;
 
@@ -388,6 +389,9 @@ pub struct With<'a> {
     /// Stop after the first step that ends past this many minutes of this invocation (with a
     /// checkpoint; `--resume` continues).
     pub minutes: Option<f64>,
+    /// The devices to train on, one replica each (data parallelism); `None`: the training
+    /// device.
+    pub devices: Option<&'a [(String, burn::tensor::Device)]>,
 }
 
 /// Trains a run to `cfg.train.steps`, starting fresh or from `resume` (a loaded checkpoint).
@@ -424,7 +428,22 @@ pub fn train(
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
 
-    let dev = training_device();
+    let replicas = match with.devices {
+        Some(d) if d.len() > 1 => {
+            if cfg.distill.is_some() {
+                bail!("--devices: distillation trains on one device");
+            }
+            let r = replicas::Replicas::new(d.to_vec())?;
+            r.check_batch(tc.batch_size)?;
+            Some(r)
+        }
+        _ => None,
+    };
+    let dev = match (&replicas, with.devices) {
+        (Some(r), _) => r.main().clone(),
+        (None, Some([(_, d)])) => d.clone(),
+        _ => training_device(),
+    };
     let idev = inference_device();
     let sched = NoiseSchedule::new(&cfg.model.schedule)?;
 
@@ -480,6 +499,7 @@ pub fn train(
         cfg,
         objective,
         consistency,
+        replicas,
         model: Some(model),
         ema_model: Some(ema_model),
         opt,
@@ -511,6 +531,8 @@ struct DiffusionLearner<'a> {
     cfg: &'a RunConfig,
     objective: Objective<'a>,
     consistency: Option<distill::Consistency<'a>>,
+    /// Data-parallel replicas (more than one device), or `None`: one device.
+    replicas: Option<replicas::Replicas>,
     /// Always `Some` between steps (taken and put back by each update).
     model: Option<UNet>,
     ema_model: Option<UNet>,
@@ -528,24 +550,31 @@ impl run::Learner for DiffusionLearner<'_> {
         let tc = &self.cfg.train;
         let dev = &self.dev;
         let model = self.model.take().expect("the model between steps");
-        let loss = match &self.consistency {
-            Some(c) => c.loss(&model, batch, step, dev),
-            None => {
+        let (loss_v, grads) = match (&self.consistency, &self.replicas) {
+            (Some(c), _) => {
+                let loss = c.loss(&model, batch, step, dev);
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                (loss.into_scalar::<f32>() as f64, grads)
+            }
+            (None, None) => {
                 let ex = self.objective.example(batch, step, dev);
-                let out = match &ex.text {
-                    Some(tc) => {
-                        model.forward_cond(ex.x_t.clone(), &ex.t_model, crate::unet::Cond::Text(tc))
-                    }
-                    None => model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref()),
-                };
-                self.objective.loss(out, &ex, dev)
+                let loss = denoiser_loss(&self.objective, &model, &ex, dev);
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                (loss.into_scalar::<f32>() as f64, grads)
+            }
+            (None, Some(r)) => {
+                let ex = self.objective.example(batch, step, dev);
+                let b = ex.t_model.len();
+                let shares = r.shares(b);
+                let objective = &self.objective;
+                r.gradients(&model, tc.seed, step, &|i, m, d| {
+                    let shard = ex.shard(shares[i].clone(), d);
+                    denoiser_loss(objective, m, &shard, d)
+                        .mul_scalar(shares[i].len() as f64 / b as f64)
+                })?
             }
         };
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let loss_v: f64 = loss.into_scalar::<f32>() as f64;
-        if !loss_v.is_finite() {
-            bail!("training diverged at step {step} (loss {loss_v}); try a lower --lr");
-        }
+        run::check_diverged("training", &[("loss", loss_v)], step, "try a lower --lr")?;
         let gnorm = adamw::grad_norm(&model, &grads);
         let scale = adamw::clip_scale(gnorm, tc.grad_clip);
         let lr = tc.lr_at(step);
@@ -584,6 +613,21 @@ impl run::Learner for DiffusionLearner<'_> {
         let ema = self.ema_model.as_ref().expect("the EMA between steps");
         preview(self.cfg, ema, paths, step, p)
     }
+}
+
+/// The denoiser's loss on an example: its output from the example's input, time and
+/// conditioning against the objective's target.
+fn denoiser_loss(
+    objective: &Objective,
+    model: &UNet,
+    ex: &objective::Example,
+    dev: &burn::tensor::Device,
+) -> Tensor<1> {
+    let out = match &ex.text {
+        Some(tc) => model.forward_cond(ex.x_t.clone(), &ex.t_model, crate::unet::Cond::Text(tc)),
+        None => model.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref()),
+    };
+    objective.loss(out, ex, dev)
 }
 
 /// The VAE's tensors under [`crate::model::VAE_PREFIX`], for model files and checkpoints.

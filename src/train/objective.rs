@@ -36,6 +36,34 @@ pub struct Example {
     pub target: Tensor<4>,
 }
 
+impl Example {
+    /// Images `r` of the example, on `dev`: the share of one data-parallel replica
+    /// ([`super::replicas`]).
+    pub fn shard(&self, r: std::ops::Range<usize>, dev: &Device) -> Example {
+        let (start, len) = (r.start, r.len());
+        let rows4 = |t: &Tensor<4>| t.clone().narrow(0, start, len).to_device(dev);
+        let part = |v: &[f64]| v.get(r.clone()).map(<[f64]>::to_vec).unwrap_or_default();
+        Example {
+            x_t: rows4(&self.x_t),
+            t: self
+                .t
+                .get(r.clone())
+                .map(<[usize]>::to_vec)
+                .unwrap_or_default(),
+            flow_t: part(&self.flow_t),
+            t_model: part(&self.t_model),
+            labels: self.labels.as_ref().map(|l| l[r.clone()].to_vec()),
+            text: self.text.as_ref().map(|c| TextCond {
+                tokens: c.tokens.clone().narrow(0, start, len).to_device(dev),
+                mask: c.mask.clone().narrow(0, start, len).to_device(dev),
+                pooled: c.pooled.clone().narrow(0, start, len).to_device(dev),
+                null: c.null[r.clone()].to_vec(),
+            }),
+            target: rows4(&self.target),
+        }
+    }
+}
+
 /// The parts of a run an example is built from.
 pub struct Objective<'a> {
     pub cfg: &'a RunConfig,

@@ -78,18 +78,16 @@ pub(crate) fn run_loop(
     let mut saved = start;
     for step in start..tc.steps {
         let batch = rx.recv().context("the data loader stopped")?;
-        let out = learner
-            .step(batch, step)
-            .map_err(|e| match e.downcast::<Diverged>() {
-                Ok(d) => {
-                    let kept = match saved {
-                        0 => "no checkpoint was written yet".to_string(),
-                        s => format!("the checkpoint of step {s} is kept"),
-                    };
-                    anyhow::anyhow!("{}; {kept}; {}", d.what, d.advice)
-                }
-                Err(e) => e,
-            })?;
+        let out = learner.step(batch, step).map_err(|e| {
+            let kept = match saved {
+                0 => "no checkpoint was written yet".to_string(),
+                s => format!("the checkpoint of step {s} is kept"),
+            };
+            match e.downcast::<Diverged>() {
+                Ok(d) => anyhow::anyhow!("{}; {kept}; {}", d.what, d.advice),
+                Err(e) => anyhow::anyhow!("{e:#}; {kept}"),
+            }
+        })?;
         let done = step + 1;
         let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
         let line = MetricLine {

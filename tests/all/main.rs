@@ -16,6 +16,7 @@ mod interop;
 mod kernels;
 mod objective;
 mod parity;
+mod replicas;
 mod sampler;
 mod schedule;
 mod serve;
