@@ -375,6 +375,23 @@ fn training_steps(loaded: &model::LoadedModel, gpu: &Device, cpu: &Device) -> Re
     };
     let mut w = diffuse::weights::NamedTensors::new();
     diffuse::weights::collect(&loaded.unet, "", &mut w);
+    // A fresh model's output convolution starts at zero, so its first loss is the loss of a
+    // zero output, whatever the rest of the network computes.
+    for d in [gpu, cpu] {
+        let dev = d.clone().autodiff();
+        dev.seed(0);
+        let fresh = diffuse::unet::UNet::new(&cfg.model.unet, &dev)?;
+        let ex = objective.example(batch(), 0, &dev);
+        let pred = fresh.forward(ex.x_t.clone(), &ex.t_model, ex.labels.as_deref());
+        let zero = objective.loss(Tensor::zeros(pred.dims(), &dev), &ex, &dev);
+        let out_max = host(pred.clone()).iter().fold(0f32, |m, v| m.max(v.abs()));
+        let loss = objective.loss(pred, &ex, &dev).into_scalar::<f32>();
+        println!(
+            "fresh model on {:<12} first loss {loss:.6}, loss of a zero output {:.6}, largest |output| {out_max:.2e}",
+            if d == cpu { "flex" } else { "the backend" },
+            zero.into_scalar::<f32>()
+        );
+    }
     let steps = 3;
     let mut per_device = Vec::new();
     for d in [gpu, cpu] {
