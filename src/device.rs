@@ -12,13 +12,16 @@ pub fn inference_device() -> Device {
     {
         Device::cuda(0)
     }
-    #[cfg(all(feature = "vulkan", not(feature = "cuda")))]
+    #[cfg(all(feature = "wgpu-vulkan", not(feature = "cuda")))]
     {
         Device::vulkan(burn::tensor::DeviceKind::DefaultDevice)
     }
     // burn 0.22 marks burn-tch deprecated (to be removed for its CubeCL backends); it is kept
     // as the one CUDA route that builds from the registries here (README, GPU).
-    #[cfg(all(feature = "libtorch", not(any(feature = "cuda", feature = "vulkan"))))]
+    #[cfg(all(
+        feature = "libtorch",
+        not(any(feature = "cuda", feature = "wgpu-vulkan"))
+    ))]
     #[allow(deprecated)]
     {
         if libtorch_gpus() > 0 {
@@ -27,7 +30,7 @@ pub fn inference_device() -> Device {
             Device::libtorch()
         }
     }
-    #[cfg(not(any(feature = "cuda", feature = "vulkan", feature = "libtorch")))]
+    #[cfg(not(any(feature = "cuda", feature = "wgpu-vulkan", feature = "libtorch")))]
     {
         Device::flex()
     }
@@ -50,7 +53,7 @@ pub fn training_device() -> Device {
 /// data and noise (H100, 2026-11-26; README, GPU), so a run would silently learn the wrong
 /// thing. `DIFFUSE_VULKAN_TRAIN=1` runs it anyway, to investigate.
 pub fn check_training_backend() -> anyhow::Result<()> {
-    if cfg!(feature = "vulkan")
+    if cfg!(feature = "wgpu-vulkan")
         && !cfg!(feature = "cuda")
         && std::env::var("DIFFUSE_VULKAN_TRAIN").as_deref() != Ok("1")
     {
@@ -68,6 +71,8 @@ pub fn backend_name() -> &'static str {
         "cuda"
     } else if cfg!(feature = "vulkan") {
         "vulkan"
+    } else if cfg!(feature = "wgpu-vulkan") {
+        "vulkan-unfused"
     } else if cfg!(feature = "libtorch") {
         "libtorch"
     } else {
@@ -119,7 +124,7 @@ pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<(String, Device)>> {
         }
         let kind = match backend_name() {
             "cuda" => "cuda",
-            "vulkan" => "vulkan",
+            b if b.starts_with("vulkan") => "vulkan",
             #[cfg(feature = "libtorch")]
             "libtorch" if libtorch_gpus() > 0 => "cuda",
             _ => "cpu",
@@ -176,7 +181,7 @@ pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<(String, Device)>> {
     let compiled = match (kind, backend_name()) {
         ("cpu", b) => b == "flex-cpu" || b == "libtorch",
         ("cuda", b) => b == "cuda" || b == "libtorch",
-        (k, b) => k == b,
+        (_, b) => b.starts_with("vulkan"),
     };
     if !compiled {
         bail!(
@@ -202,7 +207,10 @@ pub fn parse_devices(spec: &str) -> anyhow::Result<Vec<(String, Device)>> {
 
 /// The (inference) device `kind:i` of this build, checked to exist for a GPU.
 fn gpu_or_cpu(kind: &str, i: usize) -> anyhow::Result<Device> {
-    #[cfg(all(feature = "libtorch", not(any(feature = "cuda", feature = "vulkan"))))]
+    #[cfg(all(
+        feature = "libtorch",
+        not(any(feature = "cuda", feature = "wgpu-vulkan"))
+    ))]
     #[allow(deprecated)]
     {
         if kind == "cpu" {
@@ -214,11 +222,11 @@ fn gpu_or_cpu(kind: &str, i: usize) -> anyhow::Result<Device> {
         }
         return Ok(Device::libtorch_cuda(i));
     }
-    #[cfg(any(feature = "cuda", feature = "vulkan"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu-vulkan"))]
     {
         #[cfg(feature = "cuda")]
         let found = Device::enumerate(burn::tensor::DeviceType::Cuda);
-        #[cfg(all(feature = "vulkan", not(feature = "cuda")))]
+        #[cfg(all(feature = "wgpu-vulkan", not(feature = "cuda")))]
         let found = Device::enumerate(burn::tensor::DeviceType::Vulkan);
         let found: Vec<Device> = found.into_iter().collect();
         return found.get(i).cloned().ok_or_else(|| {
@@ -228,7 +236,7 @@ fn gpu_or_cpu(kind: &str, i: usize) -> anyhow::Result<Device> {
             )
         });
     }
-    #[cfg(not(any(feature = "cuda", feature = "vulkan", feature = "libtorch")))]
+    #[cfg(not(any(feature = "cuda", feature = "wgpu-vulkan", feature = "libtorch")))]
     {
         let _ = (kind, i);
         Ok(Device::flex())

@@ -351,7 +351,7 @@ pub fn generate_with(
 /// that reads a tensor through clones was seen to go wrong. So in GPU builds the GPU gets one
 /// fresh upload per model call and the updates (a few element-wise operations) run on the host.
 fn sampler_device(model_device: &Device) -> Device {
-    if cfg!(any(feature = "cuda", feature = "vulkan")) {
+    if cfg!(any(feature = "cuda", feature = "wgpu-vulkan")) {
         Device::flex()
     } else {
         model_device.clone()
