@@ -58,8 +58,9 @@ pub fn check_training_backend() -> anyhow::Result<()> {
         && std::env::var("DIFFUSE_VULKAN_TRAIN").as_deref() != Ok("1")
     {
         anyhow::bail!(
-            "training on the Vulkan backend gives wrong losses with burn 0.22.1 (see README, GPU): \
-             train with the default CPU build, or set DIFFUSE_VULKAN_TRAIN=1 to run it anyway"
+            "training on the Vulkan backend gave wrong losses with burn 0.22.1 (see README, GPU; \
+             the build without fusion is not yet checked on a GPU): train with the default CPU \
+             build or --features libtorch, or set DIFFUSE_VULKAN_TRAIN=1 to run it anyway"
         );
     }
     Ok(())

@@ -416,6 +416,17 @@ pub fn train(
     }
     check_minutes(with.minutes)?;
     let tc = &cfg.train;
+    let replicas = match with.devices {
+        Some(d) if d.len() > 1 => {
+            if cfg.distill.is_some() {
+                bail!("--devices: distillation trains on one device");
+            }
+            let r = replicas::Replicas::new(d.to_vec())?;
+            r.check_batch(tc.batch_size)?;
+            Some(r)
+        }
+        _ => None,
+    };
     crate::kernels::set_matmul_mode(tc.precision)
         .with_context(|| format!("{}: the run's precision", out.display()))?;
     let paths = RunPaths::new(out);
@@ -428,17 +439,6 @@ pub fn train(
         serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
 
-    let replicas = match with.devices {
-        Some(d) if d.len() > 1 => {
-            if cfg.distill.is_some() {
-                bail!("--devices: distillation trains on one device");
-            }
-            let r = replicas::Replicas::new(d.to_vec())?;
-            r.check_batch(tc.batch_size)?;
-            Some(r)
-        }
-        _ => None,
-    };
     let dev = match (&replicas, with.devices) {
         (Some(r), _) => r.main().clone(),
         (None, Some([(_, d)])) => d.clone(),
@@ -550,19 +550,9 @@ impl run::Learner for DiffusionLearner<'_> {
         let tc = &self.cfg.train;
         let dev = &self.dev;
         let model = self.model.take().expect("the model between steps");
-        let (loss_v, grads) = match (&self.consistency, &self.replicas) {
-            (Some(c), _) => {
-                let loss = c.loss(&model, batch, step, dev);
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                (loss.into_scalar::<f32>() as f64, grads)
-            }
-            (None, None) => {
-                let ex = self.objective.example(batch, step, dev);
-                let loss = denoiser_loss(&self.objective, &model, &ex, dev);
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                (loss.into_scalar::<f32>() as f64, grads)
-            }
-            (None, Some(r)) => {
+        let (loss_v, grads) = match &self.replicas {
+            // (A distillation run has no replicas: `train` refuses them.)
+            Some(r) => {
                 let ex = self.objective.example(batch, step, dev);
                 let b = ex.t_model.len();
                 let shares = r.shares(b);
@@ -572,6 +562,17 @@ impl run::Learner for DiffusionLearner<'_> {
                     denoiser_loss(objective, m, &shard, d)
                         .mul_scalar(shares[i].len() as f64 / b as f64)
                 })?
+            }
+            None => {
+                let loss = match &self.consistency {
+                    Some(c) => c.loss(&model, batch, step, dev),
+                    None => {
+                        let ex = self.objective.example(batch, step, dev);
+                        denoiser_loss(&self.objective, &model, &ex, dev)
+                    }
+                };
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                (loss.into_scalar::<f32>() as f64, grads)
             }
         };
         run::check_diverged("training", &[("loss", loss_v)], step, "try a lower --lr")?;
