@@ -29,6 +29,7 @@ ROWS=(
   "flow|$FLOW_EVAL|--objective flow"
   "flow-lr8e-4|$FLOW_EVAL|--objective flow --lr 8e-4"
   "flow-edm-sigmas|$FLOW_EVAL|--objective flow --flow-loc -1.2 --flow-scale 1.2"
+  "v|$DIFF_EVAL|--objective v"
 )
 
 for row in "${ROWS[@]}"; do
