@@ -30,3 +30,14 @@ pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+/// The message a caught panic was raised with (`panic!("...")` gives a `&str` or a
+/// `String`), for the error lines of the code that catches panics at a boundary: the server's
+/// worker and the data-parallel replicas.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
+}

@@ -263,11 +263,7 @@ fn worker(generator: Generator, rx: Receiver<Job>, stats: Arc<Stats>, chunk: Opt
             run(&generator, &live, &stats, chunk)
         }))
         .unwrap_or_else(|p| {
-            let what = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
+            let what = crate::panic_message(p.as_ref());
             let e = format!("internal error (a bug in diffuse): generation panicked: {what}");
             live.iter()
                 .map(|_| Err(JobError::Failed(e.clone())))

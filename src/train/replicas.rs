@@ -114,11 +114,7 @@ impl Replicas {
                 (loss.into_scalar::<f32>() as f64, grads)
             }))
             .map_err(|p| {
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let msg = crate::panic_message(p.as_ref());
                 anyhow!("device {} failed at step {}: {msg}", names[i], step + 1)
             })
         };

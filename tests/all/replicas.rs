@@ -3,6 +3,7 @@
 
 use super::cli::{diffuse, fails, ok, tiny_train_args};
 use super::data::fixture;
+use diffuse::train::read_metrics;
 use diffuse::train::replicas::Replicas;
 use diffuse::weights::{NamedTensors, read_safetensors};
 use std::path::Path;
@@ -37,15 +38,14 @@ fn max_diff(a: &Path, b: &Path, prefix: &str) -> (f32, f32) {
     (diff, scale)
 }
 
-/// A figure of every line of the run's `metrics.jsonl`.
+/// The loss and the gradient norm of every step in the run's `metrics.jsonl`.
 fn metric(run: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()[key]
-                .as_f64()
-                .unwrap()
+    read_metrics(&run.join("metrics.jsonl"), usize::MAX)
+        .iter()
+        .map(|m| match key {
+            "loss" => m.loss,
+            "grad_norm" => m.grad_norm,
+            k => panic!("metrics.jsonl has no {k}"),
         })
         .collect()
 }
