@@ -372,6 +372,16 @@ fn killed_run_resumes_to_the_same_result_as_an_uninterrupted_one() {
         (1..=16).collect::<Vec<_>>(),
         "metrics must be continuous"
     );
+    // Resume rewrites the kept lines: their figures must come back to the last digit (serde_json
+    // parses floats exactly only with its float_roundtrip feature).
+    let figures = |run: &Path| -> Vec<String> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split("\"elapsed\"").next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(figures(&whole), figures(&cut));
     // Every random draw derives from (seed, step): the resumed run ends bit-identical.
     let a = diffuse::weights::read_safetensors(&whole.join("model.safetensors"))
         .unwrap()
