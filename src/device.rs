@@ -89,15 +89,16 @@ pub fn backend_name() -> &'static str {
 /// training step, mostly in the kernel. This raises the mmap threshold and the trim threshold
 /// so that those blocks stay in the heap. Peak memory is unchanged (the same buffers are live at
 /// the peak); memory is simply not returned between steps. The `diffuse` binary calls it first
-/// thing; a program using the library may call it too. Does nothing outside glibc, or when
-/// `DIFFUSE_KEEP_FREED=0` (how the benchmark measures its effect).
+/// thing, the Python package when it is imported; a program using the library may call it too.
+/// Does nothing outside glibc, or when `DIFFUSE_KEEP_FREED=0` (how the benchmark measures its
+/// effect).
 pub fn keep_freed_memory() {
     if std::env::var("DIFFUSE_KEEP_FREED").is_ok_and(|v| v == "0") {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes malloc's tuning parameters; it is called before the program
-    // has started any other thread.
+    // SAFETY: mallopt only changes malloc's tuning parameters, under the allocator's own lock
+    // (so other threads, such as an interpreter's, may be running).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);

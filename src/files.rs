@@ -32,6 +32,13 @@ pub fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// An error saying that a file or folder the user named does not exist: `message` as an I/O
+/// error of kind `NotFound`, so that a front end can tell it from other errors (the Python
+/// package raises `FileNotFoundError` for it).
+pub fn not_found(message: String) -> anyhow::Error {
+    anyhow::Error::new(std::io::Error::new(std::io::ErrorKind::NotFound, message))
+}
+
 /// The temporary `path` is written to before the rename: `.NAME.tmpPID` beside it.
 fn temp_path(path: &Path, file_name: &str) -> PathBuf {
     path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()))

@@ -3,11 +3,14 @@
 //! Data flows one way: [`data`] -> [`train`] -> checkpoint ([`model`]) -> [`pipeline`] (which
 //! runs a [`sampler`]) -> image ([`imageio`]). The forward process lives in [`schedule`], the
 //! denoiser in [`unet`]; diffusers pipeline folders are read and written by [`interop`].
-//! docs/ARCHITECTURE.md lays the modules out as layers.
+//! docs/ARCHITECTURE.md lays the modules out as layers. The front ends sit on top: [`cli`] (the
+//! `diffuse` command's options and commands) and, over it, the Python package
+//! (`bindings/python`); nothing below imports them.
 //! Same seed, same options, same build: the same bits out.
 
 pub mod assets;
 pub mod bench;
+pub mod cli;
 pub mod conditioning;
 pub mod data;
 pub mod device;
@@ -33,8 +36,8 @@ pub mod weights;
 
 /// The message a caught panic was raised with (`panic!("...")` gives a `&str` or a
 /// `String`), for the error lines of the code that catches panics at a boundary: the server's
-/// worker and the data-parallel replicas.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+/// worker, the data-parallel replicas and the Python package's functions.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<String>()
         .map(String::as_str)

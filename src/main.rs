@@ -1,8 +1,6 @@
-//! The `diffuse` command line: the commands live under `src/cli/`, one file each, over the
-//! library.
-
-mod cli;
+//! The `diffuse` command line: its commands live in the library ([`diffuse::cli`]), which the
+//! Python package parses its keyword arguments with too.
 
 fn main() {
-    cli::main();
+    diffuse::cli::main();
 }

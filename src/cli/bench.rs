@@ -7,7 +7,7 @@ pub fn run(warmup: usize, iters: usize, json: Option<&Path>) -> Result<()> {
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let r = diffuse::bench::run(warmup, iters, &mut |l| eprintln!("{l}"));
+    let r = crate::bench::run(warmup, iters, &mut |l| eprintln!("{l}"));
     println!(
         "backend {} precision {} params {}",
         r.backend, r.precision, r.params
@@ -17,7 +17,7 @@ pub fn run(warmup: usize, iters: usize, json: Option<&Path>) -> Result<()> {
     println!("RESULT infer B=64 {:.2} img/s", r.infer_b64_img_per_s);
     println!("peak RSS {:.2} GB", r.peak_rss_bytes as f64 / 1e9);
     if let Some(p) = json {
-        diffuse::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+        crate::files::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
     }
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! `diffuse convert`: a model file (of any family) rewritten, e.g. in half precision for
 //! shipping.
 
+use crate::device::inference_device;
+use crate::model;
+use crate::pipeline::load_generator;
+use crate::weights::{self, NamedTensors, StoreDtype};
 use anyhow::{Result, bail};
-use diffuse::device::inference_device;
-use diffuse::model;
-use diffuse::pipeline::load_generator;
-use diffuse::weights::{self, NamedTensors, StoreDtype};
 use std::path::Path;
 
 /// Rewrites `spec` to `out` in `dtype`; `default_steps` changes a distilled student's default
@@ -79,7 +79,7 @@ pub fn run(spec: &str, out: &Path, dtype: StoreDtype, default_steps: Option<usiz
 }
 
 fn write(out: &Path, bytes: &[u8]) -> Result<()> {
-    diffuse::files::write_atomic(out, bytes)?;
+    crate::files::write_atomic(out, bytes)?;
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
     Ok(())
 }

@@ -1,19 +1,19 @@
 //! `diffuse distill`: a few-step student from a flow-matching teacher by consistency
-//! distillation ([`diffuse::train::distill`]), trained, checkpointed and resumed like
+//! distillation ([`crate::train::distill`]), trained, checkpointed and resumed like
 //! `diffuse train`.
 
 use super::precision_arg;
 use super::train::{load_data, start_or_resume, train_with_bar};
+use crate::device::inference_device;
+use crate::kernels;
+use crate::model::SamplingConfig;
+use crate::pipeline::load_generator;
+use crate::sampler::SamplerKind;
+use crate::train::distill::{self, DistillConfig, MAX_GRID, TeacherSolver};
+use crate::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig};
+use crate::unet::UNet;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use diffuse::device::inference_device;
-use diffuse::kernels;
-use diffuse::model::SamplingConfig;
-use diffuse::pipeline::load_generator;
-use diffuse::sampler::SamplerKind;
-use diffuse::train::distill::{self, DistillConfig, MAX_GRID, TeacherSolver};
-use diffuse::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig};
-use diffuse::unet::UNet;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -111,7 +111,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
             }
             let what = RunPaths::new(&a.out).checkpoint().display().to_string();
             let t = UNet::new(&cfg.model.unet, &idev)?;
-            diffuse::weights::apply(t, &ck.tensors, distill::TEACHER_PREFIX)
+            crate::weights::apply(t, &ck.tensors, distill::TEACHER_PREFIX)
                 .with_context(|| format!("{what}: the teacher's weights"))?
         }
         (None, None) => unreachable!("a fresh run builds its teacher"),
@@ -128,7 +128,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         devices: None,
     };
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
-    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+    train_with_bar(&cfg.train, ds, &a.out, start, None, |ds, on_step| {
         train::train(&cfg, ds, &a.out, resume, with, on_step)
     })
 }

@@ -1,16 +1,16 @@
 //! `diffuse edit`: SDEdit and inpainting from the command line.
 
 use super::{SamplerArgs, write_image_dir};
+use crate::device::inference_device;
+use crate::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
+use crate::pipeline::{
+    CondFlags, Conditioning, FlagNames, Generated, Pipeline, Request, Resolved, SamplerDefaults,
+    Seeds, Start, check_guidance, load_generator,
+};
+use crate::sampler::edit::{EditOptions, start_position};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use clap::Args;
-use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
-use diffuse::pipeline::{
-    CondFlags, Conditioning, FlagNames, Pipeline, Request, Resolved, SamplerDefaults, Seeds, Start,
-    check_guidance, load_generator,
-};
-use diffuse::sampler::edit::{EditOptions, start_position};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -66,16 +66,15 @@ fn note_resize(path: &Path, size: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn edit_cmd(a: EditArgs) -> Result<()> {
-    // The output path is checked before any work.
-    diffuse::imageio::output_format(&a.out)?;
-    let dev = inference_device();
-    let m = load_generator(a.model.as_deref(), &dev)?.into_diffusion("diffuse edit")?;
-    let cfg = m.config.clone();
+/// The edits `edit`'s options ask of a loaded pipeline, and the input image as the model
+/// sees it (resized, in `[-1, 1]`); the Python package's `Pipeline.edit` runs this too.
+pub fn edit(a: &EditArgs, pipe: &Pipeline) -> Result<(Generated, Tensor<4>)> {
+    let dev = pipe.device.clone();
+    let cfg = pipe.model.config.clone();
     if cfg.superres.is_some() {
         bail!(
             "{} is a super-resolution model; use `diffuse upscale`",
-            m.source
+            pipe.source()
         );
     }
     let strength = a
@@ -87,7 +86,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     if a.n == 0 || a.n > 1000 {
         bail!("--n must be between 1 and 1000 (got {})", a.n);
     }
-    let guidance = a.guidance.unwrap_or(Request::default_guidance(&m.config));
+    let guidance = a.guidance.unwrap_or(Request::default_guidance(&cfg));
     check_guidance(guidance)?;
     let mut req = a
         .sampler
@@ -107,7 +106,6 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     };
     req.guidance = guidance;
     req.seeds = Seeds::One(a.seed);
-    let pipe = Pipeline::with_text_encoder(m, &dev)?;
     // Option errors (steps, sampler settings) before the images are read.
     let sampler = pipe.sampler(&req)?;
     // A latent model edits the image's latents (the mask is reduced to the latent size).
@@ -166,6 +164,17 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
             enc.max_len
         );
     }
+    Ok((out, x0))
+}
+
+pub fn edit_cmd(a: EditArgs) -> Result<()> {
+    // The output path is checked before any work.
+    crate::imageio::output_format(&a.out)?;
+    let dev = inference_device();
+    let m = load_generator(a.model.as_deref(), &dev)?.into_diffusion("diffuse edit")?;
+    let pipe = Pipeline::with_text_encoder(m, &dev)?;
+    let (out, x0) = edit(&a, &pipe)?;
+    let [c, size, _] = pipe.model.config.output_shape();
     let mut shown = vec![ImageBatch::from_tensor(x0.narrow(0, 0, 1)).image(0)];
     if let Some(p) = &a.mask {
         let t: Tensor<4> = load_image(p, size, 1, &dev)?
@@ -184,7 +193,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     println!(
         "wrote {} (input, {}{} edit(s))",
         a.out.display(),
-        if mask.is_some() { "mask, " } else { "" },
+        if a.mask.is_some() { "mask, " } else { "" },
         a.n
     );
     if let Some(dir) = &a.out_dir {

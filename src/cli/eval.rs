@@ -1,14 +1,14 @@
 //! `diffuse train-classifier`, `diffuse fid` and `diffuse eval`.
 
 use super::{bar, given};
+use crate::data::{self, Shape};
+use crate::device::inference_device;
+use crate::eval::classifier::{self, ClassifierTraining};
+use crate::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
+use crate::model::{Family, Loaded};
+use crate::pipeline::{Generator, SamplerDefaults, generates_from_noise, load_generator};
 use anyhow::{Result, bail};
 use clap::Args;
-use diffuse::data::{self, Shape};
-use diffuse::device::inference_device;
-use diffuse::eval::classifier::{self, ClassifierTraining};
-use diffuse::eval::{self, MetricOptions, Report, SampleSpec, evaluate, real_subset};
-use diffuse::model::{Family, Loaded};
-use diffuse::pipeline::{Generator, SamplerDefaults, generates_from_noise, load_generator};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -114,15 +114,21 @@ pub struct FidArgs {
     json: Option<PathBuf>,
 }
 
-fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) -> Result<()> {
+/// Prints a report (and writes it to `json` when given, with the `extra` fields); returns
+/// what the file holds.
+fn print_report(
+    r: &Report,
+    json: Option<&PathBuf>,
+    extra: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(r)?;
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
     // The file first: what is printed may go to a pipe that closes early.
     if let Some(path) = json {
-        let mut v = serde_json::to_value(r)?;
-        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
-            o.extend(e.clone());
-        }
         let text = serde_json::to_string_pretty(&v)? + "\n";
-        diffuse::files::write_atomic(path, text.as_bytes())?;
+        crate::files::write_atomic(path, text.as_bytes())?;
     }
     println!("FID       {:.4}", r.fid);
     println!("KID       {:.6} ± {:.6}", r.kid_mean, r.kid_std);
@@ -145,10 +151,11 @@ fn print_report(r: &Report, json: Option<&PathBuf>, extra: serde_json::Value) ->
     if let Some(path) = json {
         println!("wrote {}", path.display());
     }
-    Ok(())
+    Ok(v)
 }
 
-pub fn fid(a: FidArgs) -> Result<()> {
+/// `diffuse fid`; returns the report as `--json` writes it.
+pub fn fid(a: FidArgs) -> Result<serde_json::Value> {
     if let Some(j) = &a.json {
         super::check_output("--json", j, "json", &[])?;
     }
@@ -207,7 +214,7 @@ pub struct EvalArgs {
 
 /// `eval --real`: real images judged as samples would be, the lowest figures a model can
 /// reach at the same `n`. With labels, class accuracy is the classifier's on them.
-fn eval_real(a: &EvalArgs, held_out: &str) -> Result<()> {
+fn eval_real(a: &EvalArgs, held_out: &str) -> Result<serde_json::Value> {
     if a.model.is_some() {
         bail!("--real judges real images in place of a model's samples: leave out --model");
     }
@@ -258,7 +265,8 @@ const DIFFUSION_ONLY: &[&str] = &[
     "guidance",
 ];
 
-pub fn eval_cmd(a: EvalArgs) -> Result<()> {
+/// `diffuse eval`; returns the report as `--json` writes it.
+pub fn eval_cmd(a: EvalArgs) -> Result<serde_json::Value> {
     if let Some(j) = &a.json {
         super::check_output("--json", j, "json", &[])?;
     }
@@ -271,7 +279,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     if let Some(held_out) = &a.real {
         return eval_real(&a, held_out);
     }
-    diffuse::pipeline::check_guidance(a.guidance)?;
+    crate::pipeline::check_guidance(a.guidance)?;
     let dev = inference_device();
     // Samples are unconditional or per class: no text encoder.
     let loaded = load_generator(a.model.as_deref(), &dev)?;

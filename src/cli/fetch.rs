@@ -1,7 +1,7 @@
 //! `diffuse fetch NAME`: a dataset, the Inception weights or the text encoder into the cache.
 
+use crate::assets::{self, Named};
 use anyhow::Result;
-use diffuse::assets::{self, Named};
 
 /// `NAME`, one of [`Named::all`]; an unknown name's error lists the known ones.
 pub fn parse_name(name: &str) -> Result<Named, String> {

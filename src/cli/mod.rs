@@ -1,5 +1,5 @@
 //! The `diffuse` commands, one file each, over the library: each parses its options, calls the
-//! library ([`diffuse::pipeline`] for generation, [`diffuse::train`] for training) and writes
+//! library ([`crate::pipeline`] for generation, [`crate::train`] for training) and writes
 //! files. What is shared by several commands lives here: the sampler options, the progress
 //! bar, list parsing, where images are written.
 
@@ -17,36 +17,38 @@ pub mod train;
 pub mod upscale;
 pub mod vae;
 
+use crate::imageio::save_image;
+use crate::kernels::MatmulMode;
+use crate::pipeline::{Request, SamplerDefaults};
+use crate::sampler::{SamplerChoice, SamplerKind, VarianceType};
+use crate::schedule::TimestepSpacing;
+use crate::weights::StoreDtype;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use diffuse::imageio::save_image;
-use diffuse::kernels::MatmulMode;
-use diffuse::pipeline::{Request, SamplerDefaults};
-use diffuse::sampler::{SamplerChoice, SamplerKind, VarianceType};
-use diffuse::schedule::TimestepSpacing;
-use diffuse::weights::StoreDtype;
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
+/// The whole command line: one command and the global options.
 #[derive(Parser)]
 #[command(
     name = "diffuse",
     version,
     about = "Denoising diffusion models: train on images, generate new ones"
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    pub cmd: Cmd,
     /// Arithmetic of the convolutions' matrix products: f32, or bf16 (products of bf16-rounded
     /// operands summed in f32, on Intel AMX: faster, slightly different results). Default: bf16
     /// where the processor has AMX, else f32; a resumed run keeps its own.
     #[arg(long, global = true, value_enum)]
-    precision: Option<MatmulMode>,
+    pub precision: Option<MatmulMode>,
 }
 
+/// The commands.
 #[derive(Subcommand)]
-enum Cmd {
+pub enum Cmd {
     /// Generate images from a model (the embedded Fashion-MNIST model by default).
     Sample(Box<sample::SampleArgs>),
     /// Train a model on an image folder, IDX files or a fetched dataset.
@@ -61,7 +63,7 @@ enum Cmd {
     Fetch {
         /// fashion-mnist, mnist, digits, emoji, inception or text-encoder.
         #[arg(value_parser = fetch::parse_name)]
-        name: diffuse::assets::Named,
+        name: crate::assets::Named,
     },
     /// Time the benchmark U-Net (shared/bench/MODEL.md) built from diffuse's blocks.
     Bench {
@@ -122,18 +124,31 @@ enum Cmd {
     },
 }
 
-pub fn main() {
-    diffuse::device::keep_freed_memory();
+/// The clap command of [`Cli`], as [`parse`] reads it.
+pub fn command() -> clap::Command {
     // `--lr -1` and `--seed -1` reach the option's own check ("must be positive") instead of
     // reading as an unknown option `-1`.
-    let command = <Cli as clap::CommandFactory>::command()
+    <Cli as clap::CommandFactory>::command()
         .allow_negative_numbers(true)
-        .mut_subcommands(|c| c.allow_negative_numbers(true));
-    let parsed = command.try_get_matches().and_then(|m| {
+        .mut_subcommands(|c| c.allow_negative_numbers(true))
+}
+
+/// Parses a command line (`args[0]` is the program's name) and records which options it gave
+/// (see [`given`]) for the command that [`run`] then runs on this thread.
+pub fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    command().try_get_matches_from(args).and_then(|m| {
         record_given(&m);
         <Cli as clap::FromArgMatches>::from_arg_matches(&m)
-    });
-    let cli = match parsed {
+    })
+}
+
+pub fn main() {
+    crate::device::keep_freed_memory();
+    let cli = match parse(std::env::args_os()) {
         Ok(c) => c,
         // Help and version go to stdout with status 0; a bad option is one error line, status 1.
         Err(e) if !e.use_stderr() => e.exit(),
@@ -152,7 +167,21 @@ pub fn main() {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let result = set_precision(cli.precision).and_then(|()| match cli.cmd {
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// An error as its one line: the causes joined by ": ", newlines as spaces.
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    set_precision(cli.precision)?;
+    match cli.cmd {
         Cmd::Sample(a) => sample::run(*a),
         Cmd::Train(a) => train::run(*a),
         Cmd::Distill(a) => distill::run(*a),
@@ -165,8 +194,8 @@ pub fn main() {
             default_steps,
         } => convert::run(&model, &out, dtype, default_steps),
         Cmd::TrainClassifier(a) => eval::train_classifier(a),
-        Cmd::Fid(a) => eval::fid(a),
-        Cmd::Eval(a) => eval::eval_cmd(a),
+        Cmd::Fid(a) => eval::fid(a).map(drop),
+        Cmd::Eval(a) => eval::eval_cmd(a).map(drop),
         Cmd::Export { model, diffusers } => export::run(model.as_deref(), &diffusers),
         Cmd::Edit(a) => edit::edit_cmd(*a),
         Cmd::Upscale(a) => upscale::upscale_cmd(*a),
@@ -179,11 +208,6 @@ pub fn main() {
             iters,
             json,
         } => bench::run(warmup, iters, json.as_deref()),
-    });
-    if let Err(e) = result {
-        let msg = format!("{e:#}").replace('\n', " ");
-        eprintln!("error: {msg}");
-        std::process::exit(1);
     }
 }
 
@@ -193,7 +217,7 @@ pub struct SamplerArgs {
     /// Sampler: ddpm, ddim, dpmpp-2m, euler, euler-a or heun (default: ddpm for sample;
     /// euler-a for edit and upscale; dpmpp-2m for eval; euler for a flow model; a distilled
     /// student's own).
-    #[arg(long, value_parser = diffuse::sampler::config::parse_sampler)]
+    #[arg(long, value_parser = crate::sampler::config::parse_sampler)]
     pub sampler: Option<SamplerKind>,
     /// Sampling steps (default: all T for ddpm and 50 for the others in sample; 50 in edit and
     /// upscale, where an edit runs the last `strength` of them; 20 in eval; a distilled
@@ -238,7 +262,7 @@ fn parse_interval(s: &str) -> Result<(f64, f64), String> {
             .map_err(|_| format!("'{}' is not a number", v.trim()))
     };
     let (lo, hi) = (num(lo)?, num(hi)?);
-    diffuse::sampler::check_guidance_interval(lo, hi).map_err(|e| e.to_string())?;
+    crate::sampler::check_guidance_interval(lo, hi).map_err(|e| e.to_string())?;
     Ok((lo, hi))
 }
 
@@ -342,7 +366,7 @@ impl ImageDir {
     /// Creates the folder (and removes temporaries a killed writer left in it).
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        diffuse::files::remove_stale_temps(dir);
+        crate::files::remove_stale_temps(dir);
         Ok(Self {
             dir: dir.to_path_buf(),
             written: 0,
@@ -375,8 +399,14 @@ pub fn write_image_dir(dir: &Path, images: &[DynamicImage]) -> Result<()> {
     Ok(())
 }
 
-/// The ids of the subcommand's options given on the command line (not defaults).
-static GIVEN: std::sync::OnceLock<std::collections::BTreeSet<String>> = std::sync::OnceLock::new();
+thread_local! {
+    /// The ids of the subcommand's options given on the command line (not defaults), as the
+    /// last [`parse`] on this thread found them.
+    static GIVEN: std::cell::RefCell<std::collections::BTreeSet<String>> =
+        const { std::cell::RefCell::new(std::collections::BTreeSet::new()) };
+    /// `--precision` as the last [`run`] on this thread was given it.
+    static PRECISION: std::cell::Cell<Option<MatmulMode>> = const { std::cell::Cell::new(None) };
+}
 
 fn record_given(m: &clap::ArgMatches) {
     let mut ids = std::collections::BTreeSet::new();
@@ -387,34 +417,33 @@ fn record_given(m: &clap::ArgMatches) {
             }
         }
     }
-    GIVEN.set(ids).ok();
+    GIVEN.set(ids);
 }
 
 /// Whether the option with field name `id` (`min_snr` for `--min-snr`) was given on the
 /// command line, as opposed to taking its default.
 pub fn given(id: &str) -> bool {
-    GIVEN.get().is_some_and(|g| g.contains(id))
+    GIVEN.with_borrow(|g| g.contains(id))
 }
 
 /// The options given on the command line (as `--flag`s) whose field names are not in `read`.
 pub fn given_except(read: &[&str]) -> Vec<String> {
-    GIVEN
-        .get()
-        .into_iter()
-        .flatten()
-        // Skips clap's group ids (a flattened struct's name, `TrainArgs`).
-        .filter(|id| id.starts_with(|c: char| c.is_ascii_lowercase()))
-        .filter(|id| !read.contains(&id.as_str()))
-        .map(|id| format!("--{}", id.replace('_', "-")))
-        .collect()
+    GIVEN.with_borrow(|g| {
+        g.iter()
+            // Skips clap's group ids (a flattened struct's name, `TrainArgs`).
+            .filter(|id| id.starts_with(|c: char| c.is_ascii_lowercase()))
+            .filter(|id| !read.contains(&id.as_str()))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect()
+    })
 }
 
 /// Refuses, with one line, the options in `ids` (field names: options of `owner`'s models)
 /// that were given on the command line for `what`, a model or run of `family`.
 pub fn refuse_given(
     ids: &[&str],
-    owner: diffuse::model::Family,
-    family: diffuse::model::Family,
+    owner: crate::model::Family,
+    family: crate::model::Family,
     what: &str,
 ) -> Result<()> {
     let flags: Vec<String> = ids
@@ -441,8 +470,8 @@ pub fn refuse_given(
 /// [`refuse_given`] for options of `owner`'s models when `family` is another.
 pub fn refuse_unless(
     ids: &[&str],
-    owner: diffuse::model::Family,
-    family: diffuse::model::Family,
+    owner: crate::model::Family,
+    family: crate::model::Family,
     what: &str,
 ) -> Result<()> {
     if owner == family {
@@ -451,24 +480,20 @@ pub fn refuse_unless(
     refuse_given(ids, owner, family, what)
 }
 
-/// `--precision` as given (None: not given; the process then runs in the default mode,
-/// `kernels::matmul_mode()`).
-static PRECISION: std::sync::OnceLock<Option<MatmulMode>> = std::sync::OnceLock::new();
-
 /// Sets the process's matrix-product mode from `--precision` (default: bf16 where the
 /// processor has AMX, f32 elsewhere; `DIFFUSE_MATMUL` when set) and remembers what was given.
 pub fn set_precision(given: Option<MatmulMode>) -> Result<()> {
     match given {
         None if std::env::var_os("DIFFUSE_MATMUL").is_some() => {}
-        None => diffuse::kernels::set_matmul_mode(MatmulMode::fastest())?,
-        Some(mode) => diffuse::kernels::set_matmul_mode(mode)
+        None => crate::kernels::set_matmul_mode(MatmulMode::fastest())?,
+        Some(mode) => crate::kernels::set_matmul_mode(mode)
             .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
     }
-    PRECISION.set(given).ok();
+    PRECISION.set(given);
     Ok(())
 }
 
 /// `--precision` as given on the command line.
 pub fn precision_arg() -> Option<MatmulMode> {
-    PRECISION.get().copied().flatten()
+    PRECISION.get()
 }

@@ -1,12 +1,12 @@
 //! `diffuse noise`: the forward-diffusion strip of one image, x_t at several timesteps.
 
 use super::parse_list;
+use crate::device::inference_device;
+use crate::imageio::{ImageBatch, grid, load_image, save_image};
+use crate::rng::{Stream, normal_tensor, rng_for};
+use crate::schedule::{BetaSchedule, NoiseSchedule, ScheduleConfig};
 use anyhow::{Result, bail};
 use clap::Args;
-use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, grid, load_image, save_image};
-use diffuse::rng::{Stream, normal_tensor, rng_for};
-use diffuse::schedule::{BetaSchedule, NoiseSchedule, ScheduleConfig};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -36,7 +36,7 @@ pub struct NoiseArgs {
 
 pub fn run(a: NoiseArgs) -> Result<()> {
     // The output path is checked before any work.
-    diffuse::imageio::output_format(&a.out)?;
+    crate::imageio::output_format(&a.out)?;
     let dev = inference_device();
     let sched = NoiseSchedule::new(&ScheduleConfig {
         beta_schedule: a.schedule,

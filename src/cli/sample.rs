@@ -2,17 +2,16 @@
 //! the model-space tensor.
 
 use super::{ImageDir, SamplerArgs, steps_bar};
-use anyhow::{Result, bail};
-use burn::tensor::{Tensor, TensorData};
-use clap::Args;
-use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, display_factor, grid, output_format, save_image, upscale};
-use diffuse::model::Loaded;
-use diffuse::pipeline::{
+use crate::device::inference_device;
+use crate::imageio::{ImageBatch, display_factor, grid, output_format, save_image, upscale};
+use crate::pipeline::{
     CondFlags, Conditioning, FlagNames, Generator, Request, Resolved, SamplerDefaults, Seeds,
     Start, check_guidance, generates_from_noise, load_generator,
 };
-use diffuse::weights::{self, NamedTensors, StoreDtype};
+use crate::weights::{self, NamedTensors, StoreDtype};
+use anyhow::{Result, bail};
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -88,17 +87,20 @@ const DIFFUSION_ONLY: &[&str] = &[
 /// The largest grid `sample` holds, in bytes of 8-bit pixels (before display scaling).
 const MAX_GRID_BYTES: usize = 512 << 20;
 
-/// Reads `--init-noise`: the tensor "noise" of shape `[N, C, H, W]` for images `[C, H, W]`.
-fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor> {
+/// Reads `--init-noise`: the tensor "noise" of a safetensors file.
+fn read_init_noise(path: &Path) -> Result<weights::HostTensor> {
     let (mut t, _) = weights::read_safetensors(path)?;
-    let noise = t
-        .remove("noise")
-        .ok_or_else(|| anyhow::anyhow!("{} has no tensor named 'noise'", path.display()))?;
+    t.remove("noise")
+        .ok_or_else(|| anyhow::anyhow!("{} has no tensor named 'noise'", path.display()))
+}
+
+/// Checks given initial noise (`what` names it in errors) for images `[C, H, W]`: shape
+/// `[N, C, H, W]` with `1 <= N <= 10000`, finite values.
+fn check_init_noise(noise: &weights::HostTensor, image: [usize; 3], what: &str) -> Result<()> {
     let s = &noise.shape;
     if s.len() != 4 || s[1..] != image || s[0] == 0 || s[0] > 10_000 {
         bail!(
-            "{}: tensor 'noise' has shape {:?}, this model needs [N, {}, {}, {}] with 1 <= N <= 10000",
-            path.display(),
+            "{what} has shape {:?}, this model needs [N, {}, {}, {}] with 1 <= N <= 10000",
             s,
             image[0],
             image[1],
@@ -106,52 +108,56 @@ fn read_init_noise(path: &Path, image: [usize; 3]) -> Result<weights::HostTensor
         );
     }
     if noise.data.iter().any(|v| !v.is_finite()) {
-        bail!(
-            "{}: tensor 'noise' holds NaN or infinite values",
-            path.display()
-        );
+        bail!("{what} holds NaN or infinite values");
     }
-    Ok(noise)
+    Ok(())
 }
 
-pub fn run(a: SampleArgs) -> Result<()> {
-    let dev = inference_device();
-    let loaded = load_generator(a.model.as_deref(), &dev)?;
-    let (guidance, defaults, image_shape) = match &loaded {
-        Loaded::Diffusion(m) => {
+/// What `sample`'s options ask of a loaded model: the request (conditioning, sampler, guidance,
+/// seed, and the given initial noise `init` with the words that name it in errors) and the
+/// grid's columns. The Python package's `Pipeline.generate` builds its request here too, so the
+/// two make the same images.
+pub fn request(
+    a: &SampleArgs,
+    generator: &Generator,
+    init: Option<(weights::HostTensor, &str)>,
+) -> Result<(Request, usize)> {
+    let dev = generator.device();
+    let (guidance, defaults, image_shape) = match generator.as_diffusion() {
+        Some(p) => {
+            let m = &p.model;
             generates_from_noise(m)?;
             let g = a.guidance.unwrap_or(Request::default_guidance(&m.config));
             check_guidance(g)?;
             let defaults = SamplerDefaults::GENERATE.for_model(&m.config);
             (g, defaults, m.config.image_shape())
         }
-        other => {
+        None => {
             super::refuse_given(
                 DIFFUSION_ONLY,
-                diffuse::model::Family::Diffusion,
-                other.family(),
-                other.source(),
+                crate::model::Family::Diffusion,
+                generator.family(),
+                generator.source(),
             )?;
             (1.0, SamplerDefaults::GENERATE, [0; 3])
         }
     };
     super::refuse_unless(
         &["temperature"],
-        diffuse::model::Family::Autoregressive,
-        loaded.family(),
-        loaded.source(),
+        crate::model::Family::Autoregressive,
+        generator.family(),
+        generator.source(),
     )?;
-    let init = match &a.init_noise {
-        Some(p) => Some(read_init_noise(p, image_shape)?),
-        None => None,
-    };
+    if let Some((t, what)) = &init {
+        check_init_noise(t, image_shape, what)?;
+    }
     let n = match &init {
-        Some(t) if a.n.is_some_and(|n| n != t.shape[0]) => bail!(
-            "--n {} disagrees with the {} images of --init-noise",
+        Some((t, what)) if a.n.is_some_and(|n| n != t.shape[0]) => bail!(
+            "--n {} disagrees with the {} images of {what}",
             a.n.unwrap_or(0),
             t.shape[0]
         ),
-        Some(t) => Some(t.shape[0]),
+        Some((t, _)) => Some(t.shape[0]),
         None => a.n,
     };
     if n.is_some_and(|n| n == 0 || n > 10_000) {
@@ -166,7 +172,6 @@ pub fn run(a: SampleArgs) -> Result<()> {
         negative: a.negative_prompt.as_deref(),
     };
     // A class, rows of every class, or one prompt for all images.
-    let generator = Generator::from_loaded(loaded, &dev, true)?;
     let cond = generator.cond();
     let (n, conditioning, cols) = match (flags.resolve(cond, FlagNames::CLI)?, cond.num_classes) {
         (Resolved::Class(c), _) => {
@@ -209,13 +214,34 @@ pub fn run(a: SampleArgs) -> Result<()> {
     req.seeds = Seeds::One(a.seed);
     req.trajectory = a.trajectory.is_some();
     req.temperature = a.temperature;
-    if let Some(noise) = init {
+    if let Some((noise, _)) = init {
         let shape: [usize; 4] = noise.shape.clone().try_into().expect("checked 4-d");
         req.start = Start::GivenNoise(Tensor::<4>::from_data(
             TensorData::new(noise.data, shape),
-            &dev,
+            dev,
         ));
     }
+    Ok((req, cols))
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    let dev = inference_device();
+    let loaded = load_generator(a.model.as_deref(), &dev)?;
+    let init = match &a.init_noise {
+        Some(p) => Some(read_init_noise(p)?),
+        None => None,
+    };
+    let generator = Generator::from_loaded(loaded, &dev, true)?;
+    let what = a
+        .init_noise
+        .as_ref()
+        .map(|p| format!("--init-noise {}: tensor 'noise'", p.display()))
+        .unwrap_or_default();
+    let (req, cols) = request(&a, &generator, init.map(|t| (t, what.as_str())))?;
+    let n = req.n;
+    let image_shape = generator
+        .as_diffusion()
+        .map_or([0; 3], |p| p.model.config.image_shape());
     let grid_out = match (&a.out, &a.out_dir) {
         (None, None) => Some(PathBuf::from("samples.png")),
         (o, _) => o.clone(),
@@ -316,7 +342,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             },
         );
         let bytes = weights::to_safetensors(&t, &Default::default(), StoreDtype::F32)?;
-        diffuse::files::write_atomic(path, &bytes)?;
+        crate::files::write_atomic(path, &bytes)?;
         println!("wrote {}", path.display());
     }
     let f = display_factor(oh);

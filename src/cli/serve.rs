@@ -1,10 +1,10 @@
 //! `diffuse serve` and `diffuse loadtest`.
 
+use crate::device::inference_device;
+use crate::pipeline::{Generator, load_generator};
+use crate::serve::{self, ServeConfig, load};
 use anyhow::{Result, bail};
 use clap::Args;
-use diffuse::device::inference_device;
-use diffuse::pipeline::{Generator, load_generator};
-use diffuse::serve::{self, ServeConfig, load};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,11 +46,11 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
         bail!("--max-n must be between 1 and 1000 (got {})", a.max_n);
     }
     if a.batch
-        .is_some_and(|b| !(1..=diffuse::pipeline::MAX_BATCH).contains(&b))
+        .is_some_and(|b| !(1..=crate::pipeline::MAX_BATCH).contains(&b))
     {
         bail!(
             "--batch must be between 1 and {} (got {})",
-            diffuse::pipeline::MAX_BATCH,
+            crate::pipeline::MAX_BATCH,
             a.batch.unwrap_or(0)
         );
     }
@@ -65,7 +65,7 @@ pub fn serve_cmd(a: ServeArgs) -> Result<()> {
     }
     let dev = inference_device();
     let m = load_generator(a.model.as_deref(), &dev)?;
-    if let diffuse::model::Loaded::Diffusion(d) = &m
+    if let crate::model::Loaded::Diffusion(d) = &m
         && d.config.superres.is_some()
     {
         anyhow::bail!(
@@ -134,7 +134,7 @@ pub fn loadtest_cmd(a: LoadTestArgs) -> Result<()> {
     let r = load::run(&cfg)?;
     let json = serde_json::to_string_pretty(&r)?;
     if let Some(p) = &a.json {
-        diffuse::files::write_atomic(p, json.as_bytes())?;
+        crate::files::write_atomic(p, json.as_bytes())?;
     }
     println!("{json}");
     if !r.failures.is_empty() {

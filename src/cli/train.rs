@@ -2,23 +2,23 @@
 //! checks of the data against it, and the training loop with a progress bar.
 
 use super::{given, parse_list, precision_arg, refuse_given};
-use anyhow::{Result, bail};
-use clap::{Args, ValueEnum};
-use diffuse::data::{self, Shape};
-use diffuse::device::inference_device;
-use diffuse::gan::GanConfig;
-use diffuse::kernels;
-use diffuse::model::{self, Family, ModelConfig};
-use diffuse::pixelcnn::PixelCnnConfig;
-use diffuse::schedule::{BetaSchedule, FlowTime, Prediction, ScheduleConfig};
-use diffuse::train::gan::{GanRun, GanTrainConfig};
-use diffuse::train::pixelcnn::PixelCnnRun;
-use diffuse::train::vae_generator::VaeGenRun;
-use diffuse::train::{
+use crate::data::{self, Shape};
+use crate::device::inference_device;
+use crate::gan::GanConfig;
+use crate::kernels;
+use crate::model::{self, Family, ModelConfig};
+use crate::pixelcnn::PixelCnnConfig;
+use crate::schedule::{BetaSchedule, FlowTime, Prediction, ScheduleConfig};
+use crate::train::gan::{GanRun, GanTrainConfig};
+use crate::train::pixelcnn::PixelCnnRun;
+use crate::train::vae_generator::VaeGenRun;
+use crate::train::{
     self, LossWeighting, RunConfig, RunPaths, RunSpec, StepReport, TrainConfig, checkpoint,
 };
-use diffuse::unet::UNetConfig;
-use diffuse::vae::generator::VaeGenConfig;
+use crate::unet::UNetConfig;
+use crate::vae::generator::VaeGenConfig;
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
 /// What the denoiser is conditioned on.
@@ -289,6 +289,13 @@ fn parse_betas(s: &str) -> Result<(f64, f64), String> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    run_with(a, None)
+}
+
+/// `diffuse train` with its steps reported to `progress` instead of a progress bar (the
+/// Python package's callback); an error from `progress` stops the run with the checkpoint of
+/// the step just done written (see [`train::train`]).
+pub fn run_with(a: TrainArgs, progress: Option<&mut StepCallback>) -> Result<()> {
     train::check_minutes(a.minutes)?;
     // One writer per run folder, from before anything is read (train::train holds it too).
     let _lock = train::claim_run_folder(&a.out)?;
@@ -316,9 +323,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     match family {
         Family::Diffusion => {}
-        Family::Gan => return run_gan(&a),
-        Family::Autoregressive => return run_autoregressive(&a),
-        Family::Vae => return run_vae(&a),
+        Family::Gan => return run_gan(&a, progress),
+        Family::Autoregressive => return run_autoregressive(&a, progress),
+        Family::Vae => return run_vae(&a, progress),
     }
     let (cfg, resume) =
         start_or_resume(&a.out, a.resume, a.steps, &a.data, || build_run_config(&a))?;
@@ -335,14 +342,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // A latent model's VAE: from --latent for a new run, from the checkpoint when resuming.
     let vae = match (&cfg.model.latent, &resume, &a.latent) {
         (None, _, _) => None,
-        (Some(l), Some(ck), _) => Some(diffuse::vae::build(
+        (Some(l), Some(ck), _) => Some(crate::vae::build(
             l.vae.clone(),
             &ck.tensors,
             model::VAE_PREFIX,
             &ckpt_path.display().to_string(),
             &inference_device(),
         )?),
-        (Some(_), None, Some(v)) => Some(diffuse::vae::load(v, &inference_device())?),
+        (Some(_), None, Some(v)) => Some(crate::vae::load(v, &inference_device())?),
         (Some(_), None, None) => unreachable!("a latent config comes from --latent"),
     };
     if u.text_dim.is_some() {
@@ -352,14 +359,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 cfg.data
             );
         }
-        let enc = diffuse::conditioning::text::default_dir()?;
+        let enc = crate::conditioning::text::default_dir()?;
         if !enc.join("model.safetensors").exists() {
             bail!("--cond text needs the text encoder: run `diffuse fetch text-encoder`");
         }
     }
     let devices = match &a.devices {
         Some(spec) => {
-            let d = diffuse::device::parse_devices(spec)?;
+            let d = crate::device::parse_devices(spec)?;
             train::replicas::Replicas::new(d.clone())?.check_batch(cfg.train.batch_size)?;
             Some(d)
         }
@@ -372,44 +379,44 @@ pub fn run(a: TrainArgs) -> Result<()> {
         devices: devices.as_deref(),
     };
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
-    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+    train_with_bar(&cfg.train, ds, &a.out, start, progress, |ds, on_step| {
         train::train(&cfg, ds, &a.out, resume, with, on_step)
     })
 }
 
 /// `diffuse train --family gan`: a new GAN run from the options, or the checkpoint's.
-fn run_gan(a: &TrainArgs) -> Result<()> {
+fn run_gan(a: &TrainArgs, progress: Option<&mut StepCallback>) -> Result<()> {
     let (cfg, resume) =
         start_or_resume::<GanRun>(&a.out, a.resume, a.steps, &a.data, || gan_run_config(a))?;
     let m = &cfg.model;
     let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
-    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+    train_with_bar(&cfg.train, ds, &a.out, start, progress, |ds, on_step| {
         train::gan::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
     })
 }
 
 /// `diffuse train --family autoregressive`: a new PixelCNN run from the options, or the
 /// checkpoint's.
-fn run_autoregressive(a: &TrainArgs) -> Result<()> {
+fn run_autoregressive(a: &TrainArgs, progress: Option<&mut StepCallback>) -> Result<()> {
     let (cfg, resume) =
         start_or_resume::<PixelCnnRun>(&a.out, a.resume, a.steps, &a.data, || ar_run_config(a))?;
     let m = &cfg.model;
     let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
-    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+    train_with_bar(&cfg.train, ds, &a.out, start, progress, |ds, on_step| {
         train::single::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
     })
 }
 
 /// `diffuse train --family vae`: a new VAE run from the options, or the checkpoint's.
-fn run_vae(a: &TrainArgs) -> Result<()> {
+fn run_vae(a: &TrainArgs, progress: Option<&mut StepCallback>) -> Result<()> {
     let (cfg, resume) =
         start_or_resume::<VaeGenRun>(&a.out, a.resume, a.steps, &a.data, || vae_run_config(a))?;
     let m = &cfg.model;
     let ds = load_data(&cfg.data, m.output_shape(), m.num_classes)?;
     let start = resume.as_ref().map(|c| c.step).unwrap_or(0);
-    train_with_bar(&cfg.train, ds, &a.out, start, |ds, on_step| {
+    train_with_bar(&cfg.train, ds, &a.out, start, progress, |ds, on_step| {
         train::single::train(&cfg, ds, &a.out, resume, a.minutes, on_step)
     })
 }
@@ -663,14 +670,18 @@ pub(super) fn load_data(
     Ok(ds)
 }
 
+/// A caller's report of each training step; an error from it stops the run.
+pub type StepCallback<'a> = dyn FnMut(&StepReport) -> Result<()> + 'a;
+
 /// Runs a training loop (`train`, given the data and a step callback) from step `start` with
-/// a progress bar, and reports where the model is.
+/// a progress bar, or reporting to `progress` when given, and reports where the model is.
 pub(super) fn train_with_bar(
     tc: &TrainConfig,
     ds: data::Dataset,
     out: &std::path::Path,
     start: usize,
-    train: impl FnOnce(data::Dataset, &mut dyn FnMut(&StepReport)) -> Result<usize>,
+    progress: Option<&mut StepCallback>,
+    train: impl FnOnce(data::Dataset, &mut StepCallback) -> Result<usize>,
 ) -> Result<()> {
     eprintln!(
         "training on {} images ({}x{}x{}) from {}, steps {}..{}, run folder {}",
@@ -683,17 +694,24 @@ pub(super) fn train_with_bar(
         tc.steps,
         out.display()
     );
-    let pb = super::bar(
-        tc.steps as u64,
-        "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
-    );
-    pb.set_position(start as u64);
-    pb.reset_eta();
-    let done = train(ds, &mut |r| {
-        pb.set_position(r.step as u64);
-        pb.set_message(format!("{:.4}", r.loss));
-    })?;
-    pb.finish_and_clear();
+    let done = match progress {
+        Some(f) => train(ds, f)?,
+        None => {
+            let pb = super::bar(
+                tc.steps as u64,
+                "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
+            );
+            pb.set_position(start as u64);
+            pb.reset_eta();
+            let done = train(ds, &mut |r| {
+                pb.set_position(r.step as u64);
+                pb.set_message(format!("{:.4}", r.loss));
+                Ok(())
+            })?;
+            pb.finish_and_clear();
+            done
+        }
+    };
     let model = RunPaths::new(out).model();
     if done < tc.steps {
         println!(
@@ -767,7 +785,7 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         dropout: a.dropout,
         norm_groups: a.norm_groups,
         num_classes: with_classes.then_some(class_names.len()),
-        text_dim: with_text.then_some(diffuse::conditioning::text::MINILM_DIM),
+        text_dim: with_text.then_some(crate::conditioning::text::MINILM_DIM),
         cross_attention_resolutions,
         cond_channels: if superres.is_some() { channels } else { 0 },
         ..UNetConfig::default()
@@ -918,7 +936,7 @@ fn latent_config(
             bail!("--hflip is not available with --latent (latents are encoded once)")
         }
         Some(v) => {
-            let (_, config) = diffuse::vae::read_config(v)?;
+            let (_, config) = crate::vae::read_config(v)?;
             if config.in_channels != channels {
                 bail!(
                     "--latent {}: the VAE takes {} channels but the data is read with {channels}",

@@ -1,16 +1,16 @@
 //! `diffuse upscale`: super-resolution of one image, or a comparison with bicubic upscaling on
 //! held-out data (PSNR, SSIM, FID).
 
+use crate::conditioning::lowres;
+use crate::data::{self, Shape};
+use crate::device::inference_device;
+use crate::eval::superres::{psnr, ssim};
+use crate::eval::{self, Images, MetricOptions, compare, to_extractor};
+use crate::imageio::{self, ImageBatch, display_factor, grid, load_image, save_image};
+use crate::pipeline::{Generated, Pipeline, Request, SamplerDefaults, Seeds, load_generator};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use diffuse::conditioning::lowres;
-use diffuse::data::{self, Shape};
-use diffuse::device::inference_device;
-use diffuse::eval::superres::{psnr, ssim};
-use diffuse::eval::{self, Images, MetricOptions, compare, to_extractor};
-use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
-use diffuse::pipeline::{Pipeline, Request, SamplerDefaults, Seeds, load_generator};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -51,13 +51,38 @@ pub struct UpscaleArgs {
 
 pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     // The output path is checked before any work.
-    diffuse::imageio::output_format(&a.out)?;
+    crate::imageio::output_format(&a.out)?;
     let dev = inference_device();
     let pipe = Pipeline::new(
         load_generator(Some(&a.model), &dev)?.into_diffusion("diffuse upscale")?,
         None,
         dev.clone(),
     );
+    if let Some(spec) = &a.eval {
+        let req = request(&a, &pipe)?;
+        return eval_cmd(&a, &pipe, spec, req);
+    }
+    let batch = upscale(&a, &pipe)?.pixels();
+    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
+    let out = if imgs.len() == 1 {
+        imgs[0].to_rgb8()
+    } else {
+        grid(&imgs, imgs.len().min(8))
+    };
+    save_image(&out, &a.out)?;
+    let big = pipe.model.config.output_shape()[1];
+    let small = pipe.model.config.image_shape()[1];
+    println!(
+        "wrote {} ({small}x{small} -> {big}x{big}, {} version(s))",
+        a.out.display(),
+        imgs.len()
+    );
+    Ok(())
+}
+
+/// What `upscale`'s options ask of a super-resolution pipeline, checked (the model, the
+/// scale, `--n`, the sampler options) before any image is read.
+fn request(a: &UpscaleArgs, pipe: &Pipeline) -> Result<Request> {
     let m = &pipe.model;
     let Some(scale) = m.config.superres.as_ref().map(|s| s.scale) else {
         bail!(
@@ -80,15 +105,21 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
     req.guidance = 1.0;
     req.seeds = Seeds::One(a.seed);
     pipe.sampler(&req)?; // option errors before any work
+    Ok(req)
+}
+
+/// The `--n` enlargements of `--image` by a super-resolution pipeline; the Python package's
+/// `Pipeline.upscale` runs this too.
+pub fn upscale(a: &UpscaleArgs, pipe: &Pipeline) -> Result<Generated> {
+    let mut req = request(a, pipe)?;
+    let dev = pipe.device.clone();
+    let m = &pipe.model;
+    let scale = m.config.superres.as_ref().expect("checked").scale;
     let [c, big, _] = m.config.output_shape();
     let small = big / scale;
-    if let Some(spec) = &a.eval {
-        return eval_cmd(&a, &pipe, spec, req);
-    }
-    let path = a
-        .image
-        .as_ref()
-        .expect("clap requires --image without --eval");
+    let Some(path) = a.image.as_ref() else {
+        bail!("--image: give the image to enlarge");
+    };
     let (w, h) = image::image_dimensions(path)
         .with_context(|| format!("{} is not a readable image", path.display()))?;
     if (w as usize) < small || (h as usize) < small {
@@ -112,20 +143,7 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
         Tensor::from_data(TensorData::new(r, [1, c, small, small]), &dev)
     };
     req.low_res = Some(low.repeat_dim(0, a.n));
-    let batch = pipe.run(&req, &mut |_| {})?.pixels();
-    let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
-    let out = if imgs.len() == 1 {
-        imgs[0].to_rgb8()
-    } else {
-        grid(&imgs, imgs.len().min(8))
-    };
-    save_image(&out, &a.out)?;
-    println!(
-        "wrote {} ({small}x{small} -> {big}x{big}, {} version(s))",
-        a.out.display(),
-        imgs.len()
-    );
-    Ok(())
+    pipe.run(&req, &mut |_| {})
 }
 
 /// Mean PSNR and SSIM of `got` against `want` (`n` images of `c x s x s`).
@@ -222,7 +240,7 @@ fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Resul
             "bicubic": {"psnr": p_bi, "ssim": s_bi, "fid": fid_bi},
             "diffusion": {"psnr": p_sr, "ssim": s_sr, "fid": fid_sr},
         });
-        diffuse::files::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        crate::files::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
     // Grid: inputs (nearest), bicubic, model, originals for the first 8.
     let k = n.min(8);
@@ -247,7 +265,10 @@ fn eval_cmd(a: &UpscaleArgs, pipe: &Pipeline, spec: &str, req: Request) -> Resul
     let t = Tensor::<4>::from_data(TensorData::new(all, [4 * k, c, big, big]), &dev);
     let b = ImageBatch::from_tensor(t);
     let imgs: Vec<_> = (0..b.len()).map(|i| b.image(i)).collect();
-    save_image(&upscale(&grid(&imgs, k), display_factor(big)), &a.out)?;
+    save_image(
+        &imageio::upscale(&grid(&imgs, k), display_factor(big)),
+        &a.out,
+    )?;
     println!(
         "wrote {} (rows: input, bicubic, diffusion, original)",
         a.out.display()

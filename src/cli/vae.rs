@@ -1,14 +1,14 @@
 //! `diffuse train-vae` and `diffuse vae encode|decode`.
 
+use crate::data::{self, Shape};
+use crate::device::inference_device;
+use crate::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
+use crate::train::vae::VaeTrainConfig;
+use crate::vae::{self, VaeConfig};
+use crate::weights::{self, HostTensor, NamedTensors, StoreDtype};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Tensor, TensorData};
 use clap::{Args, Subcommand};
-use diffuse::data::{self, Shape};
-use diffuse::device::inference_device;
-use diffuse::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
-use diffuse::train::vae::VaeTrainConfig;
-use diffuse::vae::{self, VaeConfig};
-use diffuse::weights::{self, HostTensor, NamedTensors, StoreDtype};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -138,7 +138,7 @@ pub fn train_vae_cmd(a: TrainVaeArgs) -> Result<()> {
         a.steps as u64,
         "{bar:40} {pos}/{len}  loss {msg}  {per_sec}  ETA {eta}",
     );
-    let v = diffuse::train::vae::train(&cfg, &tc, ds, &a.out, &mut |s, l| {
+    let v = crate::train::vae::train(&cfg, &tc, ds, &a.out, &mut |s, l| {
         pb.set_position(s as u64);
         pb.set_message(format!("{l:.4}"));
     })?;
@@ -176,7 +176,7 @@ pub fn vae_cmd(c: VaeCmd) -> Result<()> {
                 },
             );
             let bytes = weights::to_safetensors(&t, &Default::default(), StoreDtype::F32)?;
-            diffuse::files::write_atomic(&out, &bytes)?;
+            crate::files::write_atomic(&out, &bytes)?;
             println!("wrote {} (latent {:?})", out.display(), shape);
         }
         VaeCmd::Decode {

@@ -134,9 +134,9 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
             ds.name()
         );
     }
-    bail!(
+    Err(crate::files::not_found(format!(
         "data '{spec}' does not exist (give a folder of images, an IDX file, a digits CSV, or a dataset name: fashion-mnist, mnist, digits, emoji, or fashion-mnist:test for its test split)"
-    );
+    )))
 }
 
 /// The image shape a data spec has of its own: IDX files and the digits CSV know theirs

@@ -95,6 +95,26 @@ impl Generator {
         }
     }
 
+    /// Where the model runs.
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Diffusion(p) => &p.device,
+            Self::Gan { device, .. }
+            | Self::Autoregressive { device, .. }
+            | Self::Vae { device, .. } => device,
+        }
+    }
+
+    /// The model's config (the one saved with it) as JSON.
+    pub fn config_json(&self) -> Result<serde_json::Value> {
+        Ok(match self {
+            Self::Diffusion(p) => serde_json::to_value(&p.model.config)?,
+            Self::Gan { model, .. } => serde_json::to_value(&model.config)?,
+            Self::Autoregressive { model, .. } => serde_json::to_value(&model.config)?,
+            Self::Vae { model, .. } => serde_json::to_value(&model.config)?,
+        })
+    }
+
     /// Where the model came from, for messages.
     pub fn source(&self) -> &str {
         match self {

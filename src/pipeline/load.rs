@@ -6,7 +6,7 @@ use crate::model::{
     EMBEDDED_MODEL, Loaded, LoadedModel, NAMED_MODELS, load_any_from_bytes, model_file_in,
     named_model,
 };
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::tensor::Device;
 use std::path::Path;
 
@@ -42,11 +42,11 @@ fn resolve(spec: Option<&str>) -> Result<Source> {
             return shipped(bytes);
         }
         if !f.exists() {
-            bail!(
+            return Err(crate::files::not_found(format!(
                 "{} holds neither model.safetensors (a diffuse run: train into it with `diffuse train --out {}`) nor model_index.json (a diffusers pipeline)",
                 p.display(),
                 p.display()
-            );
+            )));
         }
         return Ok(Source::File(f));
     }
@@ -57,10 +57,10 @@ fn resolve(spec: Option<&str>) -> Result<Source> {
         return shipped(bytes);
     }
     let names: Vec<&str> = NAMED_MODELS.iter().map(|(n, _)| *n).collect();
-    bail!(
+    Err(crate::files::not_found(format!(
         "model '{spec}' is neither a file or folder nor a shipped model ({})",
         names.join(", ")
-    );
+    )))
 }
 
 /// Loads `--model` of any family ([`resolve`] says what it may be).

@@ -395,7 +395,8 @@ pub struct With<'a> {
 }
 
 /// Trains a run to `cfg.train.steps`, starting fresh or from `resume` (a loaded checkpoint).
-/// `on_step` sees every step (for a progress bar). Returns the final step count (less than
+/// `on_step` sees every step (for a progress bar); an error from it stops the run, with the
+/// checkpoint of the step just done written, and is returned. Returns the final step count (less than
 /// the target when `with.minutes` ran out first).
 pub fn train(
     cfg: &RunConfig,
@@ -403,7 +404,7 @@ pub fn train(
     out: &Path,
     resume: Option<checkpoint::Checkpoint>,
     with: With,
-    on_step: &mut dyn FnMut(&StepReport),
+    on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
 ) -> Result<usize> {
     cfg.validate()?;
     crate::device::check_training_backend()?;

@@ -45,14 +45,15 @@ pub(crate) struct Span {
 }
 
 /// Trains from `span.start` to `tc.steps` (or until the minutes run out), appending to the
-/// metrics. Returns the last step done.
+/// metrics. Returns the last step done. An error from `on_step` stops the run after writing
+/// the checkpoint of the step just done, and is returned.
 pub(crate) fn run_loop(
     tc: &TrainConfig,
     ds: Arc<Dataset>,
     paths: &RunPaths,
     span: Span,
     learner: &mut dyn Learner,
-    on_step: &mut dyn FnMut(&StepReport),
+    on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
 ) -> Result<usize> {
     let Span {
         start,
@@ -99,13 +100,22 @@ pub(crate) fn run_loop(
             extra: out.extra.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         };
         metrics::append(&mut metrics, &line)?;
-        on_step(&StepReport {
+        let report = StepReport {
             step: done,
             total: tc.steps,
             loss: out.loss,
             lr: out.lr,
             elapsed,
-        });
+        };
+        if let Err(e) = on_step(&report) {
+            // The caller stopped the run (Ctrl-C in Python): the step just taken is kept.
+            learner.save(paths, done)?;
+            save_loss_plot(paths, done)?;
+            eprintln!(
+                "stopped at step {done}; its checkpoint is written, and --resume continues from it"
+            );
+            return Err(e);
+        }
         let out_of_time = minutes.is_some_and(|m| t0.elapsed().as_secs_f64() >= m * 60.0);
         let last = done == tc.steps || out_of_time;
         if done % tc.checkpoint_every == 0 || last {

@@ -64,7 +64,7 @@ pub fn train<R: SingleNet>(
     out: &Path,
     resume: Option<Checkpoint<R>>,
     minutes: Option<f64>,
-    on_step: &mut dyn FnMut(&StepReport),
+    on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
 ) -> Result<usize> {
     let tc = cfg.train();
     let (paths, _lock) = run::open_run(cfg, out, resume.as_ref().map(|c| c.step), minutes)?;
