@@ -5,13 +5,15 @@ use crate::device::inference_device;
 use crate::imageio::{ImageBatch, display_factor, grid, load_image, save_image, upscale};
 use crate::pipeline::{
     CondFlags, Conditioning, FlagNames, Generated, Pipeline, Request, Resolved, SamplerDefaults,
-    Seeds, Start, check_guidance, load_generator,
+    Seeds, Start, Step, check_guidance, load_generator,
 };
 use crate::sampler::edit::{EditOptions, start_position};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Tensor;
 use clap::Args;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 #[derive(Args)]
 pub struct EditArgs {
@@ -67,8 +69,14 @@ fn note_resize(path: &Path, size: usize, what: &str) -> Result<()> {
 }
 
 /// The edits `edit`'s options ask of a loaded pipeline, and the input image as the model
-/// sees it (resized, in `[-1, 1]`); the Python package's `Pipeline.edit` runs this too.
-pub fn edit(a: &EditArgs, pipe: &Pipeline) -> Result<(Generated, Tensor<4>)> {
+/// sees it (resized, in `[-1, 1]`); the Python package's `Pipeline.edit` runs this too, with
+/// its progress function as `on_step` and its Ctrl-C as `cancel` (see [`Request::cancel`]).
+pub fn edit(
+    a: &EditArgs,
+    pipe: &Pipeline,
+    on_step: &mut dyn FnMut(&Step),
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<(Generated, Tensor<4>)> {
     let dev = pipe.device.clone();
     let cfg = pipe.model.config.clone();
     if cfg.superres.is_some() {
@@ -155,7 +163,8 @@ pub fn edit(a: &EditArgs, pipe: &Pipeline) -> Result<(Generated, Tensor<4>)> {
             mask: mask.clone(),
         },
     };
-    let out = pipe.run(&req, &mut |_| {})?;
+    req.cancel = cancel;
+    let out = pipe.run(&req, on_step)?;
     if out.prompt_truncated.first() == Some(&true)
         && let Some(enc) = &pipe.text_encoder
     {
@@ -173,7 +182,7 @@ pub fn edit_cmd(a: EditArgs) -> Result<()> {
     let dev = inference_device();
     let m = load_generator(a.model.as_deref(), &dev)?.into_diffusion("diffuse edit")?;
     let pipe = Pipeline::with_text_encoder(m, &dev)?;
-    let (out, x0) = edit(&a, &pipe)?;
+    let (out, x0) = edit(&a, &pipe, &mut |_| {}, None)?;
     let [c, size, _] = pipe.model.config.output_shape();
     let mut shown = vec![ImageBatch::from_tensor(x0.narrow(0, 0, 1)).image(0)];
     if let Some(p) = &a.mask {

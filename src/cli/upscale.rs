@@ -7,11 +7,13 @@ use crate::device::inference_device;
 use crate::eval::superres::{psnr, ssim};
 use crate::eval::{self, Images, MetricOptions, compare, to_extractor};
 use crate::imageio::{self, ImageBatch, display_factor, grid, load_image, save_image};
-use crate::pipeline::{Generated, Pipeline, Request, SamplerDefaults, Seeds, load_generator};
+use crate::pipeline::{Generated, Pipeline, Request, SamplerDefaults, Seeds, Step, load_generator};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 #[derive(Args)]
 pub struct UpscaleArgs {
@@ -62,7 +64,7 @@ pub fn upscale_cmd(a: UpscaleArgs) -> Result<()> {
         let req = request(&a, &pipe)?;
         return eval_cmd(&a, &pipe, spec, req);
     }
-    let batch = upscale(&a, &pipe)?.pixels();
+    let batch = upscale(&a, &pipe, &mut |_| {}, None)?.pixels();
     let imgs: Vec<_> = (0..batch.len()).map(|i| batch.image(i)).collect();
     let out = if imgs.len() == 1 {
         imgs[0].to_rgb8()
@@ -109,8 +111,14 @@ fn request(a: &UpscaleArgs, pipe: &Pipeline) -> Result<Request> {
 }
 
 /// The `--n` enlargements of `--image` by a super-resolution pipeline; the Python package's
-/// `Pipeline.upscale` runs this too.
-pub fn upscale(a: &UpscaleArgs, pipe: &Pipeline) -> Result<Generated> {
+/// `Pipeline.upscale` runs this too, with its progress function as `on_step` and its Ctrl-C
+/// as `cancel` (see [`Request::cancel`]).
+pub fn upscale(
+    a: &UpscaleArgs,
+    pipe: &Pipeline,
+    on_step: &mut dyn FnMut(&Step),
+    cancel: Option<Arc<AtomicBool>>,
+) -> Result<Generated> {
     let mut req = request(a, pipe)?;
     let dev = pipe.device.clone();
     let m = &pipe.model;
@@ -143,7 +151,8 @@ pub fn upscale(a: &UpscaleArgs, pipe: &Pipeline) -> Result<Generated> {
         Tensor::from_data(TensorData::new(r, [1, c, small, small]), &dev)
     };
     req.low_res = Some(low.repeat_dim(0, a.n));
-    pipe.run(&req, &mut |_| {})
+    req.cancel = cancel;
+    pipe.run(&req, on_step)
 }
 
 /// Mean PSNR and SSIM of `got` against `want` (`n` images of `c x s x s`).

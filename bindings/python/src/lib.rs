@@ -226,95 +226,123 @@ impl Model {
                 None => None,
                 Some((bytes, shape)) => Some(noise_tensor(&bytes, shape)?),
             };
-            let model = &self.generator;
-            let mut interrupt = Interrupt::new(progress);
-            let mut images = Images {
+            self.images(
+                py,
+                parsed.precision,
                 float,
-                ..Default::default()
-            };
-            let result = py.detach(|| {
-                let g = model;
-                cli::set_precision(parsed.precision)?;
-                let (mut req, _cols) = cli::sample::request(&a, g, init.map(|t| (t, "noise")))?;
-                let cancel = Arc::new(AtomicBool::new(false));
-                req.cancel = Some(cancel.clone());
-                g.run_chunks(
-                    &req,
-                    &mut |s: &Step| {
-                        let done = s.chunk * s.total + s.index + 1;
-                        let total = s.total * s.chunks;
-                        if !interrupt.step(|py| (done, total).into_pyobject(py)) {
-                            cancel.store(true, Ordering::Relaxed);
-                        }
-                    },
-                    &mut |_, out: Generated| {
+                progress,
+                |g, on_step, cancel, images| {
+                    let (mut req, _cols) = cli::sample::request(&a, g, init.map(|t| (t, "noise")))?;
+                    req.cancel = Some(cancel);
+                    g.run_chunks(&req, on_step, &mut |_, out: Generated| {
                         images.push(out.images);
                         Ok(())
-                    },
-                )
-                .map(drop)
-            });
-            let result = interrupt.finish(result, Kind::Value);
-            result.map(|()| images.into_py(py))
+                    })
+                    .map(drop)
+                },
+            )
         })
     }
 
     /// Edits as `diffuse edit OPTIONS` would (`--image` and `--mask` are files): the edits'
     /// bytes and shape.
-    #[pyo3(signature = (options, float=false))]
+    #[pyo3(signature = (options, float=false, progress=None))]
     fn edit(
         &self,
         py: Python<'_>,
         options: Vec<String>,
         float: bool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<(Py<PyBytes>, Vec<usize>)> {
         guarded(|| {
             let parsed = parse("edit", options)?;
             let Cmd::Edit(a) = parsed.cmd else {
                 unreachable!("parsed as edit")
             };
-            let model = &self.generator;
-            let result = py.detach(|| {
-                cli::set_precision(parsed.precision)?;
-                let pipe = diffusion(model, "edit")?;
-                cli::edit::edit(&a, pipe).map(|(out, _)| out.images)
-            });
-            let mut images = Images {
+            self.images(
+                py,
+                parsed.precision,
                 float,
-                ..Default::default()
-            };
-            images.push(result.map_err(|e| py_error(e, Kind::Value))?);
-            Ok(images.into_py(py))
+                progress,
+                |g, on_step, cancel, images| {
+                    let pipe = diffusion(g, "edit")?;
+                    let (out, _) = cli::edit::edit(&a, pipe, on_step, Some(cancel))?;
+                    images.push(out.images);
+                    Ok(())
+                },
+            )
         })
     }
 
     /// Enlarges as `diffuse upscale OPTIONS` would (`--image` is a file): the versions' bytes
     /// and shape.
-    #[pyo3(signature = (options, float=false))]
+    #[pyo3(signature = (options, float=false, progress=None))]
     fn upscale(
         &self,
         py: Python<'_>,
         options: Vec<String>,
         float: bool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<(Py<PyBytes>, Vec<usize>)> {
         guarded(|| {
             let parsed = parse("upscale", options)?;
             let Cmd::Upscale(a) = parsed.cmd else {
                 unreachable!("parsed as upscale")
             };
-            let model = &self.generator;
-            let result = py.detach(|| {
-                cli::set_precision(parsed.precision)?;
-                let pipe = diffusion(model, "upscale")?;
-                cli::upscale::upscale(&a, pipe).map(|out| out.images)
-            });
-            let mut images = Images {
+            self.images(
+                py,
+                parsed.precision,
                 float,
-                ..Default::default()
-            };
-            images.push(result.map_err(|e| py_error(e, Kind::Value))?);
-            Ok(images.into_py(py))
+                progress,
+                |g, on_step, cancel, images| {
+                    let pipe = diffusion(g, "upscale")?;
+                    images.push(cli::upscale::upscale(&a, pipe, on_step, Some(cancel))?.images);
+                    Ok(())
+                },
+            )
         })
+    }
+}
+
+impl Model {
+    /// Runs `work` on the model without the GIL, in the command's `precision`, with Ctrl-C
+    /// and `progress(step, total)` checked after every step (either raising stops the run);
+    /// returns the images it kept, as bytes and shape.
+    fn images(
+        &self,
+        py: Python<'_>,
+        precision: Option<diffuse::kernels::MatmulMode>,
+        float: bool,
+        progress: Option<Py<PyAny>>,
+        work: impl FnOnce(
+            &Generator,
+            &mut dyn FnMut(&Step),
+            Arc<AtomicBool>,
+            &mut Images,
+        ) -> anyhow::Result<()>
+        + Send,
+    ) -> PyResult<(Py<PyBytes>, Vec<usize>)> {
+        let model = &self.generator;
+        let mut interrupt = Interrupt::new(progress);
+        let mut images = Images {
+            float,
+            ..Default::default()
+        };
+        let result = py.detach(|| {
+            cli::set_precision(precision)?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let stop = cancel.clone();
+            let mut on_step = |s: &Step| {
+                let done = s.chunk * s.total + s.index + 1;
+                let total = s.total * s.chunks;
+                if !interrupt.step(|py| (done, total).into_pyobject(py)) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            };
+            work(model, &mut on_step, cancel, &mut images)
+        });
+        interrupt.finish(result, Kind::Value)?;
+        Ok(images.into_py(py))
     }
 }
 

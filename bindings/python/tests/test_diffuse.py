@@ -129,6 +129,9 @@ def test_edit_and_inpaint(pipe):
     edits = pipe.edit(shirt[0], strength=0.5, class_="coat", steps=10, n=2, seed=1)
     assert edits.shape == (2, 28, 28, 1) and edits.dtype == np.uint8
     assert not np.array_equal(edits[0], edits[1])
+    seen = []
+    pipe.edit(shirt[0], strength=0.5, steps=10, progress=lambda s, t: seen.append((s, t)))
+    assert len(seen) >= 4 and seen[-1][0] == seen[-1][1], seen
     # strength 0 keeps the image; a float image in [0, 1] and a PIL image read the same.
     kept = pipe.edit(shirt[0].astype(np.float32) / 255.0, strength=0.0, steps=10)
     assert np.array_equal(kept[0], shirt[0])

@@ -231,6 +231,16 @@ def _step_function(progress: Progress, unit: str):
     raise TypeError(f"progress must be True, False or a function (got {progress!r})")
 
 
+def _run_with_progress(progress: Progress, call: Callable[[Any], Any]) -> Any:
+    """`call(step_function)` with the bar or function `progress` asks for."""
+    step, bar = _step_function(progress, "step")
+    try:
+        return call(step)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -362,12 +372,9 @@ class Pipeline:
                 )
             a = np.ascontiguousarray(a, dtype=np.float32)
             native_noise = (a.tobytes(), list(a.shape))
-        step, bar = _step_function(progress, "step")
-        try:
-            data, shape = self._native.generate(options, native_noise, output == "float", step)
-        finally:
-            if bar is not None:
-                bar.close()
+        data, shape = _run_with_progress(
+            progress, lambda step: self._native.generate(options, native_noise, output == "float", step)
+        )
         return _to_output(data, shape, output)
 
     def edit(
@@ -392,12 +399,13 @@ class Pipeline:
         guidance_interval: Optional[Tuple[float, float]] = None,
         batch: Optional[int] = None,
         precision: Optional[str] = None,
+        progress: Progress = False,
     ) -> Any:
         """Edits an image, as ``diffuse edit`` does: SDEdit (``strength``: 0 keeps the image, 1
         regenerates it; default 0.6) or inpainting with ``mask`` (white where the image is
         regenerated; strength 1 by default). The image (and mask) is resized and centre-cropped
         to the model's size; arrays are read as 8-bit pixels, as the command reads files.
-        Returns ``n`` edits (``output`` as in :meth:`generate`)."""
+        Returns ``n`` edits (``output`` and ``progress`` as in :meth:`generate`)."""
         _check_output(output)
         with tempfile.TemporaryDirectory(prefix="diffuse-edit-") as tmp:
             folder = Path(tmp)
@@ -425,7 +433,9 @@ class Pipeline:
                     precision=precision,
                 ),
             )
-            data, shape = self._native.edit(options, output == "float")
+            data, shape = _run_with_progress(
+                progress, lambda step: self._native.edit(options, output == "float", step)
+            )
         return _to_output(data, shape, output)
 
     def upscale(
@@ -445,10 +455,11 @@ class Pipeline:
         clip_sample: Optional[bool] = None,
         batch: Optional[int] = None,
         precision: Optional[str] = None,
+        progress: Progress = False,
     ) -> Any:
         """Enlarges an image with a super-resolution model, as ``diffuse upscale`` does: ``n``
         versions (different noise each). An image larger than the model's input is first
-        reduced to it."""
+        reduced to it. ``output`` and ``progress`` as in :meth:`generate`."""
         _check_output(output)
         with tempfile.TemporaryDirectory(prefix="diffuse-upscale-") as tmp:
             options = _argv(
@@ -471,7 +482,9 @@ class Pipeline:
                     precision=precision,
                 ),
             )
-            data, shape = self._native.upscale(options, output == "float")
+            data, shape = _run_with_progress(
+                progress, lambda step: self._native.upscale(options, output == "float", step)
+            )
         return _to_output(data, shape, output)
 
 
