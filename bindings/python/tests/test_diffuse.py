@@ -209,14 +209,21 @@ def test_gil_released_during_generation(pipe):
 
 def test_ctrl_c_stops_generation_within_a_step(pipe):
     import _thread
+    import signal
 
+    # Python's own Ctrl-C handler, also where the test runs in a background job (which starts
+    # with SIGINT ignored, so that interrupt_main would do nothing).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, _thread.interrupt_main)
     t0 = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        pipe.generate(n=16, class_=0, sampler="ddpm", steps=1000)  # minutes if not stopped
-    assert time.monotonic() - t0 < 15
-    timer.cancel()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipe.generate(n=16, class_=0, sampler="ddpm", steps=1000)  # minutes if not stopped
+        assert time.monotonic() - t0 < 15
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 # --- training, resume, fid, eval ------------------------------------------------------------
