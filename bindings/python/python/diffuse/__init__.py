@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -66,16 +66,15 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _argv(command: str, func: str, kwargs: Dict[str, Any], managed: Iterable[str] = ()) -> List[str]:
+def _argv(command: str, func: str, kwargs: Dict[str, Any]) -> List[str]:
     """The command line of `diffuse COMMAND` for keyword arguments of `func` (None: not given;
-    a flag's True: given). `managed` options are the wrapper's own, not the caller's."""
+    a flag's True: given)."""
     known = _options(command)
-    managed = set(managed)
     argv: List[str] = []
     for key, value in kwargs.items():
         name = "class" if key == "class_" else key
         spec = known.get(name)
-        if spec is None or name in managed:
+        if spec is None:
             raise TypeError(f"{func}() got an unexpected keyword argument '{key}'")
         if value is None:
             continue
@@ -189,7 +188,6 @@ class _Bar:
     def __init__(self, unit: str):
         self.unit = unit
         self.tqdm = None
-        self.total = None
         try:
             from tqdm.auto import tqdm
 
