@@ -429,7 +429,15 @@ fn damaged_files_are_refused_and_older_files_load_with_a_note() {
         std::fs::write(&p, bytes).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let sample = |m: &str| diffuse(&["sample", "--model", m, "--n", "1", "--steps", "1"]);
+    // Into the temporary folder: a sample that loads writes its grid.
+    let grid = tmp.path().join("grid.png");
+    let grid = grid.to_str().unwrap();
+    let sample = |m: &str| {
+        let args = [
+            "sample", "--model", m, "--n", "1", "--steps", "1", "--out", grid,
+        ];
+        diffuse(&args)
+    };
     let shipped = diffuse::model::EMBEDDED_MODEL;
     let (_, meta) = embedded();
     assert!(
