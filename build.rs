@@ -1,5 +1,6 @@
 //! Test configuration from the machine that builds (CI builds and tests on one machine):
-//! `has_amx` where the processor lists AMX-BF16, `golden_pinned` where
+//! `has_bf16` where the processor lists AVX-512 BF16 or AMX-BF16 (the bf16 products' engines),
+//! `golden_pinned` where
 //! `tests/fixtures/golden/hashes.json` holds output hashes for this kind of machine,
 //! `builds_as_root` where the build runs as root (file permissions do not bind it). Tests that
 //! cannot run here are marked ignored with the reason, so `cargo test` prints them as skipped.
@@ -32,7 +33,7 @@ fn machine_key() -> String {
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=tests/fixtures/golden/hashes.json");
-    println!("cargo::rustc-check-cfg=cfg(has_amx)");
+    println!("cargo::rustc-check-cfg=cfg(has_bf16)");
     println!("cargo::rustc-check-cfg=cfg(golden_pinned)");
     println!("cargo::rustc-check-cfg=cfg(builds_as_root)");
     // Root reads every file whatever its permissions: permission tests are skipped there.
@@ -45,11 +46,12 @@ fn main() {
         println!("cargo::rustc-cfg=builds_as_root");
     }
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    if info
-        .lines()
-        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "amx_bf16"))
-    {
-        println!("cargo::rustc-cfg=has_amx");
+    if info.lines().any(|l| {
+        l.starts_with("flags")
+            && l.split_whitespace()
+                .any(|f| f == "amx_bf16" || f == "avx512_bf16")
+    }) {
+        println!("cargo::rustc-cfg=has_bf16");
     }
     let key = machine_key();
     println!("cargo::rustc-env=DIFFUSE_MACHINE_KEY={key}");

@@ -121,7 +121,7 @@ impl ReferenceUNet {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub backend: String,
-    /// The convolutions' matrix products: "f32" or "bf16" (`kernels::MatmulMode`).
+    /// The convolutions' matrix products: "f32", or "bf16" with its engine, e.g. "bf16 (amx)".
     pub precision: String,
     pub params: usize,
     pub train_b16_img_per_s: f64,
@@ -219,7 +219,10 @@ pub fn run(warmup: usize, iters: usize, log: &mut dyn FnMut(&str)) -> BenchRepor
     }
     BenchReport {
         backend: crate::device::backend_name().to_string(),
-        precision: kernels::matmul_mode().name().to_string(),
+        precision: match (kernels::matmul_mode(), kernels::bf16::engine()) {
+            (kernels::MatmulMode::Bf16, Some(e)) => format!("bf16 ({})", e.name()),
+            (mode, _) => mode.name().to_string(),
+        },
         params,
         train_b16_img_per_s: train16,
         train_b64_img_per_s: train64,

@@ -1,7 +1,12 @@
-//! Matrix products on Intel AMX tiles (Advanced Matrix Extensions: `TDPBF16PS`, bf16
-//! products accumulated in f32), for processors that have them (Xeon 4th generation,
-//! "Sapphire Rapids", and later). This is the bf16 mixed-precision path of the convolution
-//! kernels ([`super::MatmulMode::Bf16`]); the f32 path is the `gemm` crate's.
+//! bf16 matrix products with f32 sums: the bf16 mixed-precision path of the convolution
+//! kernels ([`super::MatmulMode::Bf16`]; the f32 path is the `gemm` crate's). Two engines run
+//! the same packed operands, chosen once per process ([`engine`]):
+//!
+//! - [`Engine::Amx`], Intel AMX tiles (`TDPBF16PS`; Xeon 4th generation, "Sapphire Rapids",
+//!   and later);
+//! - [`Engine::Avx512`], AVX-512 BF16 dot products (`VDPBF16PS`: each f32 lane adds the
+//!   products of one pair of bf16 values; AMD Zen 4 and later, Intel Cooper Lake and later),
+//!   twice the multiplications of an f32 fused multiply-add per instruction.
 //!
 //! `C[m×n] = A[m×k] · B[k×n]` with f32 operands in memory, given by (row, column) strides,
 //! each operand rounded to bf16 (round to nearest even) and the products summed in f32:
@@ -9,15 +14,23 @@
 //! - `A` is packed once into 16×32 bf16 tiles (row-major, 64 bytes a row), two tiles (32 rows)
 //!   per block and step of 32 along `k`, zero-padded past `m` and `k`;
 //! - `B` is packed chunk by chunk along `k` into panels of 32 columns in the "VNNI" layout the
-//!   instruction reads: tile row `q` holds `B[2q, j], B[2q+1, j]` for the tile's 16 columns;
-//! - one step of the micro-kernel loads two `A` and two `B` tiles and issues four
+//!   instructions read: tile row `q` holds `B[2q, j], B[2q+1, j]` for the tile's 16 columns;
+//! - on AMX, one step of the micro-kernel loads two `A` and two `B` tiles and issues four
 //!   `TDPBF16PS` into four f32 accumulator tiles (a 32×32 block of `C`), so every tile load
 //!   serves two products (Intel, "Intel 64 and IA-32 Architectures Optimization Reference
-//!   Manual", chapter 20, AMX; eight tile registers allow this 2×2 blocking).
+//!   Manual", chapter 20, AMX; eight tile registers allow this 2×2 blocking);
+//! - with AVX-512 BF16 the same 32×32 block is computed in four passes of 8 rows: for each
+//!   pair row `q`, a tile row of `B` is one 16-lane vector of pairs, and each row's pair
+//!   `A[i, 2q], A[i, 2q+1]` is broadcast to all lanes, so one `VDPBF16PS` adds 32 products
+//!   into 16 accumulators of `C`; 16 accumulators (8 rows × 32 columns) stay in registers
+//!   over the whole of `k` (Intel, "Intel Architecture Instruction Set Extensions
+//!   Programming Reference", VDPBF16PS).
 //!
 //! Each product `a·b` of two bf16 values is exact in f32, so the error against f32 arithmetic
 //! is the rounding of the operands: at most 2⁻⁹ relative per operand. Results are exactly
-//! reproducible: every block of `C` is summed by one thread in a fixed order.
+//! reproducible: every block of `C` is summed by one thread in a fixed order, and the chunks
+//! along `k` depend on the operands' sizes only. The two engines add the pairs in different
+//! orders, so their results may differ in the last bits; one machine always uses the same one.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -49,17 +62,55 @@ pub fn f32_of(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// Whether this process can use AMX: the processor has AMX-TILE, AMX-BF16 and AVX-512 BF16,
-/// the kernel grants the tile data permission (Linux `arch_prctl(ARCH_REQ_XCOMP_PERM)`), and a
-/// small product on the tiles equals the same product in plain arithmetic. Decided once.
-pub fn available() -> bool {
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| imp::supported() && self_test())
+/// The instructions that run the bf16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Intel AMX tiles (`TDPBF16PS`).
+    Amx,
+    /// AVX-512 BF16 dot products on vector registers (`VDPBF16PS`).
+    Avx512,
 }
 
-/// A 40×70 by 70×45 product (edges in every dimension, both layouts of `B`) against the plain
-/// sum: products of small integers are exact in bf16, so the results must be equal.
-fn self_test() -> bool {
+impl Engine {
+    /// The engine's name as `DIFFUSE_BF16_ENGINE` takes it and the benchmark reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Amx => "amx",
+            Engine::Avx512 => "avx512-bf16",
+        }
+    }
+}
+
+/// The engine of this process, decided once: AMX where the processor has AMX-TILE, AMX-BF16
+/// and AVX-512 BF16, the kernel grants the tile data permission (Linux
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM)`) and a small product on the tiles equals the same product
+/// in plain arithmetic; else AVX-512 BF16 where the processor has it (with AVX-512 F and BW)
+/// and passes the same check; else none. `DIFFUSE_BF16_ENGINE=avx512-bf16` skips AMX (to
+/// measure the other engine on an AMX machine), `amx` allows AMX only; `DIFFUSE_SIMD=avx2`
+/// ([`super::simd_capped`]) allows none.
+pub fn engine() -> Option<Engine> {
+    static ENGINE: std::sync::OnceLock<Option<Engine>> = std::sync::OnceLock::new();
+    *ENGINE.get_or_init(|| {
+        if super::simd_capped() {
+            return None;
+        }
+        let only = std::env::var("DIFFUSE_BF16_ENGINE").ok();
+        let allowed = |e: Engine| only.as_deref().is_none_or(|o| o == e.name());
+        [Engine::Amx, Engine::Avx512]
+            .into_iter()
+            .find(|&e| allowed(e) && imp::supported(e) && self_test(e))
+    })
+}
+
+/// Whether this process runs bf16 products (see [`engine`]).
+pub fn available() -> bool {
+    engine().is_some()
+}
+
+/// A 40×70 by 70×45 product (edges in every dimension, both layouts of `B`) on `engine`
+/// against the plain sum: products of small integers are exact in bf16, so the results must be
+/// equal.
+fn self_test(engine: Engine) -> bool {
     let (m, k, n) = (40, 70, 45);
     let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
     let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
@@ -73,7 +124,7 @@ fn self_test() -> bool {
     .into_iter()
     .all(|rhs| {
         let mut c = vec![1.0f32; m * n];
-        matmul(&packed, n, rhs, &mut c, Write::Add, false);
+        matmul_on(engine, &packed, n, rhs, &mut c, Write::Add, false);
         (0..m).all(|i| (0..n).all(|j| c[i * n + j] == want(i, j)))
     })
 }
@@ -254,15 +305,29 @@ pub enum Write<'a> {
 /// `dst[m×n] = C = A · B` (or as `write` says) with `A` packed and `B[k×n]` given by strides
 /// (element `(p, j)` at `src[p·rs + j·cs]`) or made row by row; `dst` is row-major with row
 /// length `n`.
-/// `parallel` gives each of rayon's threads its own range of columns.
+/// `parallel` gives each of rayon's threads its own range of columns. Needs [`available`].
 pub fn matmul(a: &PackedLhs, n: usize, b: Rhs, dst: &mut [f32], write: Write, parallel: bool) {
+    let engine = engine().expect("bf16 product on a processor without a bf16 engine");
+    matmul_on(engine, a, n, b, dst, write, parallel)
+}
+
+/// [`matmul`] on `engine`, which the processor must support.
+fn matmul_on(
+    engine: Engine,
+    a: &PackedLhs,
+    n: usize,
+    b: Rhs,
+    dst: &mut [f32],
+    write: Write,
+    parallel: bool,
+) {
     let (m, k) = (a.m, a.k);
-    assert!(dst.len() >= m * n, "AMX product: destination too small");
+    assert!(dst.len() >= m * n, "bf16 product: destination too small");
     if m == 0 || n == 0 {
         return;
     }
     if let Write::SetWithBias(bias) = write {
-        assert!(bias.len() >= m, "AMX product: bias too short");
+        assert!(bias.len() >= m, "bf16 product: bias too short");
     }
     if k == 0 {
         match write {
@@ -287,7 +352,7 @@ pub fn matmul(a: &PackedLhs, n: usize, b: Rhs, dst: &mut [f32], write: Write, pa
     let run = |g: usize| {
         let range = (g * per).min(panels)..((g + 1) * per).min(panels);
         if !range.is_empty() {
-            columns(a, n, b, range, out, write);
+            columns(engine, a, n, b, range, out, write);
         }
     };
     if groups > 1 {
@@ -303,6 +368,7 @@ pub fn matmul(a: &PackedLhs, n: usize, b: Rhs, dst: &mut [f32], write: Write, pa
 /// every panel; a chunk is as long as that allows (up to all of `k`), since each chunk after
 /// the first reloads the accumulators.
 fn columns(
+    engine: Engine,
     a: &PackedLhs,
     n: usize,
     b: Rhs,
@@ -316,6 +382,11 @@ fn columns(
     let chunk_steps = (CHUNK_BYTES / (blocks * step_bytes)).max(4).min(a.steps);
     let width = (CHUNK_BYTES / (chunk_steps * step_bytes)).clamp(1, range.len());
     let panel_stride = chunk_steps * STEP_U32;
+    // The engine's kernel for one 32×32 block (see `imp::block`).
+    let block = match engine {
+        Engine::Amx => imp::block,
+        Engine::Avx512 => imp::block_dp,
+    };
     BUFFERS.with(|cell| {
         let mut bufs = cell.borrow_mut();
         let (packed, acc) = &mut *bufs;
@@ -324,7 +395,7 @@ fn columns(
         for g0 in range.clone().step_by(width) {
             let np = width.min(range.end - g0);
             let (j0, j1) = (g0 * BLOCK, ((g0 + np) * BLOCK).min(n));
-            imp::with_tiles(|| {
+            let mut blocks_of_chunks = || {
                 for (ci, p0) in (0..k).step_by(chunk_steps * KSTEP).enumerate() {
                     let p1 = (p0 + chunk_steps * KSTEP).min(k);
                     let (steps, step0) = ((p1 - p0).div_ceil(KSTEP), p0 / KSTEP);
@@ -335,10 +406,11 @@ fn columns(
                             let a_blk = &a.data[(blk * a.steps + step0) * BLOCK_STEP..];
                             let c =
                                 &mut acc[(pi * blocks + blk) * BLOCK * BLOCK..][..BLOCK * BLOCK];
-                            // SAFETY: both packed operands hold `steps` block-steps from here,
-                            // `c` holds 32×32 floats.
+                            // SAFETY: the processor runs `engine` (the caller's contract);
+                            // both packed operands hold `steps` block-steps from here, `c`
+                            // holds 32×32 floats; on AMX the tiles are configured.
                             unsafe {
-                                imp::block(
+                                block(
                                     a_blk[..steps * BLOCK_STEP].as_ptr(),
                                     panel.as_ptr().cast(),
                                     steps,
@@ -349,7 +421,11 @@ fn columns(
                         }
                     }
                 }
-            });
+            };
+            match engine {
+                Engine::Amx => imp::with_tiles(blocks_of_chunks),
+                Engine::Avx512 => blocks_of_chunks(),
+            }
             for pi in 0..np {
                 let jp = j0 + pi * BLOCK;
                 let cols = BLOCK.min(n - jp);
@@ -411,7 +487,7 @@ mod imp {
                 let row = &src[r * rs..][..k];
                 for (step, chunk) in row.chunks(32).enumerate() {
                     let at = ((step * 2 + r / 16) * 16 + r % 16) * 32;
-                    assert!(at + 32 <= out.len(), "AMX block buffer too small");
+                    assert!(at + 32 <= out.len(), "bf16 block buffer too small");
                     // SAFETY: checked just above.
                     unsafe {
                         _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), convert32(chunk))
@@ -419,7 +495,7 @@ mod imp {
                 }
             }
         }
-        // SAFETY: AMX (checked before any packing) implies AVX-512 BF16.
+        // SAFETY: both engines (one is checked before any packing) imply AVX-512 BF16.
         unsafe { go(src, rs, rows, k, out) }
     }
 
@@ -459,7 +535,7 @@ mod imp {
                 }
             }
         }
-        // SAFETY: AMX (checked before any product) implies AVX-512.
+        // SAFETY: both engines (one is checked before any product) imply AVX-512.
         unsafe { go(dst, src, write, row) }
     }
 
@@ -518,13 +594,13 @@ mod imp {
                     let v = _mm512_permutexvar_epi16(idx, both);
                     let at =
                         (t / 2) * l.panel_stride + step * STEP_U32 + ((t % 2) * 16 + prow) * 16;
-                    assert!(at + 16 <= out.len(), "AMX panel buffer too small");
+                    assert!(at + 16 <= out.len(), "bf16 panel buffer too small");
                     // SAFETY: checked just above.
                     unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), v) };
                 }
             }
         }
-        // SAFETY: AMX (checked before any packing) implies AVX-512 BF16.
+        // SAFETY: both engines (one is checked before any packing) imply AVX-512 BF16.
         unsafe { go(img, (p0, p1), j0, l, out) }
     }
 
@@ -535,7 +611,7 @@ mod imp {
         for t in 0..l.cols.div_ceil(16) {
             let v = interleave(&r0[16 * t..], r1.get(16 * t..).unwrap_or(&[]));
             let at = (t / 2) * l.panel_stride + step * STEP_U32 + ((t % 2) * 16 + prow) * 16;
-            assert!(at + 16 <= out.len(), "AMX panel buffer too small");
+            assert!(at + 16 <= out.len(), "bf16 panel buffer too small");
             // SAFETY: checked just above.
             unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), v) };
         }
@@ -557,7 +633,7 @@ mod imp {
                 pair_at(row(2 * q), row(2 * q + 1), q, l, out);
             }
         }
-        // SAFETY: AMX (checked before any packing) implies AVX-512 BF16.
+        // SAFETY: both engines (one is checked before any packing) imply AVX-512 BF16.
         unsafe { go(src, rs, l, out) }
     }
 
@@ -576,7 +652,7 @@ mod imp {
                         + step * STEP_U32
                         + ((j % 32) / 16) * 256
                         + j % 16;
-                    assert!(at + 240 < out.len(), "AMX panel buffer too small");
+                    assert!(at + 240 < out.len(), "bf16 panel buffer too small");
                     // SAFETY: every lane's index lies at or below at + 240, checked above.
                     unsafe {
                         let base = out.as_mut_ptr().add(at).cast::<i32>();
@@ -585,7 +661,7 @@ mod imp {
                 }
             }
         }
-        // SAFETY: AMX (checked before any packing) implies AVX-512 BF16.
+        // SAFETY: both engines (one is checked before any packing) imply AVX-512 BF16.
         unsafe { go(src, cs, l, out) }
     }
 
@@ -607,9 +683,20 @@ mod imp {
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
 
-    /// CPUID leaf 7: AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24); then Linux's permission
-    /// for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
-    pub fn supported() -> bool {
+    /// Whether the processor (and, for AMX, the OS) supports `engine`. AMX: CPUID leaf 7,
+    /// AMX-BF16 (EDX bit 22) and AMX-TILE (bit 24), then Linux's permission for the tile data
+    /// state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`). Both engines pack with
+    /// AVX-512 BF16 conversions.
+    pub fn supported(engine: super::Engine) -> bool {
+        let simd = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        if !simd {
+            return false;
+        }
+        if engine == super::Engine::Avx512 {
+            return true;
+        }
         #[allow(unused_unsafe)]
         // SAFETY: CPUID is available on every x86-64 processor.
         let leaf7 = unsafe {
@@ -619,9 +706,7 @@ mod imp {
             std::arch::x86_64::__cpuid_count(7, 0)
         };
         let has = |bit: u32| leaf7.edx >> bit & 1 == 1;
-        let simd = std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16");
-        if !(has(22) && has(24) && simd) {
+        if !(has(22) && has(24)) {
             return false;
         }
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
@@ -703,6 +788,68 @@ mod imp {
             );
         }
     }
+
+    /// Rows of `C` per pass of [`block_dp`]: 8 rows × 2 vectors of 16 columns = 16
+    /// accumulator registers of the 32, leaving room for the two `B` vectors and the
+    /// broadcasts.
+    const DP_ROWS: usize = 8;
+
+    /// [`block`] by AVX-512 BF16 dot products: `c[32×32]` (row-major) becomes (`load_c` ? `c`
+    /// : 0) plus the sum over `steps` of the block's `A` rows times its `B` panel, in four
+    /// passes of [`DP_ROWS`] rows. Per pair row `q` of a step, `B`'s two 16-column vectors
+    /// meet each row's broadcast pair.
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16 present; `a` and `b` hold `steps ≥ 1` block-steps of 2048 bytes;
+    /// `c` holds 1024 floats.
+    pub unsafe fn block_dp(a: *const u16, b: *const u16, steps: usize, c: *mut f32, load_c: bool) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        unsafe fn go(a: *const u16, b: *const u16, steps: usize, c: *mut f32, load_c: bool) {
+            // u32s (bf16 pairs) per block-step of either operand, and per 16-column tile of B.
+            const STEP: usize = STEP_U32;
+            const TILE: usize = STEP / 2;
+            let (a, b) = (a.cast::<i32>(), b.cast::<i32>());
+            for pass in 0..32 / DP_ROWS {
+                let r0 = pass * DP_ROWS;
+                let mut acc = [[_mm512_setzero_ps(); 2]; DP_ROWS];
+                // SAFETY (this block): rows r0..r0 + DP_ROWS of c (1024 floats) and steps
+                // block-steps of a and b, per the contract.
+                unsafe {
+                    if load_c {
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            for (t, v) in row.iter_mut().enumerate() {
+                                *v = _mm512_loadu_ps(c.add((r0 + r) * 32 + 16 * t));
+                            }
+                        }
+                    }
+                    for s in 0..steps {
+                        let (a_s, b_s) = (a.add(s * STEP + r0 * 16), b.add(s * STEP));
+                        for q in 0..16 {
+                            let b0: __m512bh =
+                                std::mem::transmute(_mm512_loadu_si512(b_s.add(q * 16).cast()));
+                            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                                b_s.add(TILE + q * 16).cast(),
+                            ));
+                            for (r, row) in acc.iter_mut().enumerate() {
+                                let pair: __m512bh =
+                                    std::mem::transmute(_mm512_set1_epi32(*a_s.add(r * 16 + q)));
+                                row[0] = _mm512_dpbf16_ps(row[0], pair, b0);
+                                row[1] = _mm512_dpbf16_ps(row[1], pair, b1);
+                            }
+                        }
+                    }
+                    for (r, row) in acc.iter().enumerate() {
+                        for (t, v) in row.iter().enumerate() {
+                            _mm512_storeu_ps(c.add((r0 + r) * 32 + 16 * t), *v);
+                        }
+                    }
+                }
+            }
+        }
+        debug_assert!(steps >= 1);
+        // SAFETY: per the function's contract.
+        unsafe { go(a, b, steps, c, load_c) }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -712,17 +859,17 @@ mod imp {
         pub cols: usize,
         pub panel_stride: usize,
     }
-    pub fn supported() -> bool {
+    pub fn supported(_: super::Engine) -> bool {
         false
     }
     pub fn pack_lhs_block(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u16]) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn pack_rows(_: &[f32], _: usize, _: &Layout, _: &mut [u32]) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn write_row(_: &mut [f32], _: &[f32], _: super::Write, _: usize) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn pack_padded(
         _: &super::PaddedImage,
@@ -731,15 +878,18 @@ mod imp {
         _: &Layout,
         _: &mut [u32],
     ) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn pack_cols(_: &[f32], _: usize, _: &Layout, _: &mut [u32]) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn with_tiles(_: impl FnOnce()) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
     }
     pub unsafe fn block(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: bool) {
-        unreachable!("AMX is never reported available on this platform")
+        unreachable!("bf16 products are never reported available on this platform")
+    }
+    pub unsafe fn block_dp(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: bool) {
+        unreachable!("bf16 products are never reported available on this platform")
     }
 }

@@ -16,7 +16,7 @@
 //! "High Performance Convolutional Neural Networks for Document Processing", 2006).
 
 pub use super::MatmulMode;
-use super::{amx, winograd, winograd43};
+use super::{bf16, winograd, winograd43};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -206,7 +206,7 @@ thread_local! {
 fn with_padded<R>(
     x: &[f32],
     g: &ConvGeometry,
-    f: impl FnOnce(Option<&amx::PaddedImage>) -> R,
+    f: impl FnOnce(Option<&bf16::PaddedImage>) -> R,
 ) -> R {
     if g.stride != [1, 1] {
         return f(None);
@@ -223,7 +223,7 @@ fn with_padded<R>(
                 row[pw + g.w..].fill(0.0);
             }
         }
-        f(Some(&amx::PaddedImage {
+        f(Some(&bf16::PaddedImage {
             xp,
             hp,
             wp,
@@ -242,14 +242,14 @@ type Operand<'a> = (&'a [f32], isize, isize);
 /// (see [`super::matmul_mode`]).
 enum Lhs<'a> {
     F32 { a: Operand<'a>, m: usize, k: usize },
-    Amx(amx::PackedLhs),
+    Bf16(bf16::PackedLhs),
 }
 
 impl<'a> Lhs<'a> {
     fn new(mode: MatmulMode, m: usize, k: usize, a: Operand<'a>) -> Self {
         match mode {
             MatmulMode::F32 => Lhs::F32 { a, m, k },
-            MatmulMode::Bf16 => Lhs::Amx(amx::PackedLhs::new(m, k, a)),
+            MatmulMode::Bf16 => Lhs::Bf16(bf16::PackedLhs::new(m, k, a)),
         }
     }
 
@@ -257,14 +257,14 @@ impl<'a> Lhs<'a> {
     fn product(&self, n: usize, dst: &mut [f32], rhs: Operand, accumulate: bool, par: bool) {
         match self {
             Lhs::F32 { a, m, k } => matmul(*m, n, *k, dst, *a, rhs, accumulate, par),
-            Lhs::Amx(packed) => {
-                let rhs = amx::Rhs::Strided(rhs.0, rhs.1, rhs.2);
+            Lhs::Bf16(packed) => {
+                let rhs = bf16::Rhs::Strided(rhs.0, rhs.1, rhs.2);
                 let write = if accumulate {
-                    amx::Write::Add
+                    bf16::Write::Add
                 } else {
-                    amx::Write::Set
+                    bf16::Write::Set
                 };
-                amx::matmul(packed, n, rhs, dst, write, par)
+                bf16::matmul(packed, n, rhs, dst, write, par)
             }
         }
     }
@@ -336,12 +336,10 @@ pub fn forward(
     let (k, n) = (g.k(), g.n());
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
     assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
-    if mode == MatmulMode::F32 && use_winograd(g) {
-        return if super::enabled("f43") {
-            winograd43::forward(x, w, bias, g)
-        } else {
-            winograd::forward(x, w, bias, g)
-        };
+    match winograd_of(mode, g) {
+        Some(Winograd::F43) => return winograd43::forward(mode, x, w, bias, g),
+        Some(Winograd::F23) => return winograd::forward(mode, x, w, bias, g),
+        None => {}
     }
     if n == 0 || g.batch == 0 {
         return vec![0.0; g.batch * g.c_out * n];
@@ -352,20 +350,20 @@ pub fn forward(
     let len = g.batch * g.c_out * n;
     super::fresh_output(len, g.c_out * n, true, |b, yb| {
         let xb = &x[b * image..(b + 1) * image];
-        if let Lhs::Amx(packed) = &lhs {
+        if let Lhs::Bf16(packed) = &lhs {
             // The bias is added as the product is written out.
-            let write = bias.map_or(amx::Write::Set, amx::Write::SetWithBias);
+            let write = bias.map_or(bf16::Write::Set, bf16::Write::SetWithBias);
             if g.is_pointwise() {
-                let rhs = amx::Rhs::Strided(xb, n as isize, 1);
-                return amx::matmul(packed, n, rhs, yb, write, par);
+                let rhs = bf16::Rhs::Strided(xb, n as isize, 1);
+                return bf16::matmul(packed, n, rhs, yb, write, par);
             }
             with_padded(xb, g, |img| match img {
-                Some(img) => amx::matmul(packed, n, amx::Rhs::Padded(img), yb, write, par),
+                Some(img) => bf16::matmul(packed, n, bf16::Rhs::Padded(img), yb, write, par),
                 // Strided convolutions: the column matrix, stored.
                 None => with_scratch(k * n, |col| {
                     im2col(xb, g, col);
-                    let rhs = amx::Rhs::Strided(col, n as isize, 1);
-                    amx::matmul(packed, n, rhs, yb, write, par)
+                    let rhs = bf16::Rhs::Strided(col, n as isize, 1);
+                    bf16::matmul(packed, n, rhs, yb, write, par)
                 }),
             });
             return;
@@ -529,6 +527,52 @@ fn use_winograd(g: &ConvGeometry) -> bool {
     winograd::applies(g) && super::enabled("winograd")
 }
 
+/// The Winograd algorithm of the bf16 forward convolutions, from `DIFFUSE_BF16_WINOGRAD`: `f23`
+/// (F(2×2, 3×3)), `f43` (F(4×4, 3×3)), or none (unset or anything else: the direct product).
+/// Only with the AVX-512 BF16 engine: AMX tiles multiply so much faster than the transforms
+/// run that the direct product wins there.
+fn bf16_winograd() -> Option<Winograd> {
+    static CHOICE: std::sync::OnceLock<Option<Winograd>> = std::sync::OnceLock::new();
+    let choice = *CHOICE.get_or_init(|| match std::env::var("DIFFUSE_BF16_WINOGRAD").as_deref() {
+        Ok("f23") => Some(Winograd::F23),
+        Ok("f43") => Some(Winograd::F43),
+        _ => None,
+    });
+    choice.filter(|_| bf16::engine() == Some(bf16::Engine::Avx512))
+}
+
+/// Winograd's minimal filtering algorithms for 3×3 stride-1 convolutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Winograd {
+    /// F(2×2, 3×3), [`winograd`].
+    F23,
+    /// F(4×4, 3×3), [`winograd43`].
+    F43,
+}
+
+/// The Winograd algorithm of a forward convolution (and so of an input gradient) in `mode`:
+/// in f32 F(4×4, 3×3) for every one where [`use_winograd`] holds (F(2×2, 3×3) when
+/// `DIFFUSE_KERNELS` leaves `f43` out); in bf16 only as `DIFFUSE_BF16_WINOGRAD` asks
+/// ([`bf16_winograd`]). Rounding the transformed tiles to bf16 costs accuracy: the relative
+/// RMS error of a convolution is about 0.4% by F(2×2, 3×3) and 2.6% by F(4×4, 3×3), against
+/// 0.2% for the direct bf16 product (`tests/all/kernels.rs`). `None`: the direct product.
+fn winograd_of(mode: MatmulMode, g: &ConvGeometry) -> Option<Winograd> {
+    if !use_winograd(g) {
+        return None;
+    }
+    match mode {
+        MatmulMode::F32 if super::enabled("f43") => Some(Winograd::F43),
+        MatmulMode::F32 => Some(Winograd::F23),
+        MatmulMode::Bf16 => bf16_winograd(),
+    }
+}
+
+/// Whether a forward convolution in `mode` runs by Winograd's minimal filtering (see
+/// [`winograd_of`]).
+pub fn winograd_in(mode: MatmulMode, g: &ConvGeometry) -> bool {
+    winograd_of(mode, g).is_some()
+}
+
 /// Whether [`backward_weight`] in `mode` runs in f32 by Winograd's F(4×4, 3×3) whatever the
 /// mode: in bf16 too for 3×3 stride-1 convolutions of at least 16 input channels, where it
 /// beats the AMX product with exact f32 operands (the benchmark U-Net's weight gradients on a
@@ -582,18 +626,18 @@ pub fn backward_weight(
                     // dWᵀ [K, C_out] += col(x) · dyᵀ: the column matrix, the larger operand, is
                     // packed row by row as it is made; dyᵀ is read down its columns.
                     let col = if g.is_pointwise() {
-                        amx::PackedLhs::new(k, n, (xb, n as isize, 1))
+                        bf16::PackedLhs::new(k, n, (xb, n as isize, 1))
                     } else {
                         with_padded(xb, g, |img| match img {
-                            Some(img) => amx::PackedLhs::from_padded(k, n, img),
+                            Some(img) => bf16::PackedLhs::from_padded(k, n, img),
                             None => with_scratch(k * n, |col| {
                                 im2col(xb, g, col);
-                                amx::PackedLhs::new(k, n, (col, n as isize, 1))
+                                bf16::PackedLhs::new(k, n, (col, n as isize, 1))
                             }),
                         })
                     };
-                    let dyt = amx::Rhs::Strided(dyb, 1, n as isize);
-                    amx::matmul(&col, g.c_out, dyt, &mut dw, amx::Write::Add, par);
+                    let dyt = bf16::Rhs::Strided(dyb, 1, n as isize);
+                    bf16::matmul(&col, g.c_out, dyt, &mut dw, bf16::Write::Add, par);
                     continue;
                 }
                 let lhs = Lhs::new(mode, g.c_out, n, (dyb, n as isize, 1));

@@ -15,10 +15,10 @@
 //! minimal filtering instead: F(4x4, 3x3) ([`winograd43`], 4 times fewer multiplications)
 //! for the forward pass, the input gradient and the weight gradient, with F(2x2, 3x3)
 //! ([`winograd`], 2.25 times fewer) kept for comparison. On processors with
-//! Intel AMX the products can run in bf16 on the AMX tiles ([`amx`], [`MatmulMode`]), reading
+//! Intel AMX or AVX-512 BF16 the products can run in bf16 ([`bf16`], [`MatmulMode`]), reading
 //! the column matrix straight from the padded image.
 
-pub mod amx;
+pub mod bf16;
 pub mod conv2d;
 pub mod group_norm;
 pub mod winograd;
@@ -97,14 +97,25 @@ pub(crate) fn fresh_output<R: Send>(
     (out, results)
 }
 
+/// Whether `DIFFUSE_SIMD=avx2` asks the kernels to keep to instructions every x86-64 laptop
+/// has: no AVX-512 copies ([`wide_simd`]) and no bf16 engine ([`bf16::engine`]), to measure
+/// on an AVX-512 machine what a processor without it gets. (The `gemm` crate, which runs the
+/// f32 products, picks its own instructions.)
+pub fn simd_capped() -> bool {
+    static CAPPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAPPED.get_or_init(|| std::env::var("DIFFUSE_SIMD").is_ok_and(|v| v == "avx2"))
+}
+
 /// Whether the processor has AVX-512 (F, BW, VL, DQ) and FMA, for which [`wide_fn!`] compiles
-/// a second copy of the kernels' loops (the crate itself targets baseline x86-64).
+/// a second copy of the kernels' loops (the crate itself targets baseline x86-64); false under
+/// [`simd_capped`].
 pub fn wide_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *WIDE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
+            !simd_capped()
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512dq")
@@ -163,7 +174,8 @@ pub enum MatmulMode {
     /// 3x3 stride-1 convolutions by Winograd's minimal filtering ([`winograd43`]).
     #[default]
     F32,
-    /// Operands rounded to bf16, products on AMX tiles summed in f32 ([`amx`]): mixed
+    /// Operands rounded to bf16, products summed in f32 on AMX tiles or by AVX-512 BF16 dot
+    /// products ([`bf16`]): mixed
     /// precision, as PyTorch's autocast to bf16 does for convolutions. The weight gradients of
     /// most 3x3 stride-1 convolutions stay f32 ([`conv2d::weight_grad_in_f32`]).
     Bf16,
@@ -179,7 +191,10 @@ impl MatmulMode {
         }
     }
 
-    /// The fastest mode this processor runs: bf16 where it has AMX, else f32.
+    /// The fastest mode this processor runs at equal quality: bf16 where it has a bf16 engine
+    /// (AMX or AVX-512 BF16), else f32. On AMX bf16 is faster throughout; with AVX-512 BF16
+    /// alone it trains and samples in batches at f32's speed but makes one image twice as fast
+    /// (measured in `docs/BENCHMARKS.md`, 2026-12-07).
     pub fn fastest() -> Self {
         if bf16_available() {
             MatmulMode::Bf16
@@ -200,8 +215,8 @@ impl MatmulMode {
 static MODE: std::sync::Mutex<Option<MatmulMode>> = std::sync::Mutex::new(None);
 
 /// The matrix-product mode of the convolution kernels: the one set by [`set_matmul_mode`],
-/// else `DIFFUSE_MATMUL` (`f32` or `bf16`), else `f32`. `bf16` on a processor without AMX
-/// falls back to `f32` (see [`bf16_available`]).
+/// else `DIFFUSE_MATMUL` (`f32` or `bf16`), else `f32`. `bf16` on a processor without a bf16
+/// engine falls back to `f32` (see [`bf16_available`]).
 pub fn matmul_mode() -> MatmulMode {
     let mut mode = MODE.lock().unwrap_or_else(|e| e.into_inner());
     let chosen = *mode.get_or_insert_with(|| {
@@ -218,22 +233,23 @@ pub fn matmul_mode() -> MatmulMode {
         }
     });
     match chosen {
-        MatmulMode::Bf16 if !amx::available() => MatmulMode::F32,
+        MatmulMode::Bf16 if !bf16_available() => MatmulMode::F32,
         m => m,
     }
 }
 
-/// Whether this processor and OS run the bf16 path (Intel AMX, see [`amx::available`]).
+/// Whether this processor and OS run the bf16 path (Intel AMX or AVX-512 BF16, see
+/// [`bf16::engine`]).
 pub fn bf16_available() -> bool {
-    amx::available()
+    bf16::available()
 }
 
 /// Sets the matrix-product mode for the whole process (see [`matmul_mode`]). `bf16` on a
-/// processor without AMX is refused with an error naming what is missing.
+/// processor without a bf16 engine is refused with an error naming what is missing.
 pub fn set_matmul_mode(mode: MatmulMode) -> anyhow::Result<()> {
     if mode == MatmulMode::Bf16 && !bf16_available() {
         anyhow::bail!(
-            "precision bf16 needs Intel AMX-BF16 (Xeon 4th generation or later, Linux 5.16 or later), which this machine lacks; use f32"
+            "precision bf16 needs AVX-512 BF16 (AMD Zen 4 or later, Intel Cooper Lake or later) or Intel AMX-BF16, which this machine lacks; use f32"
         );
     }
     *MODE.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);

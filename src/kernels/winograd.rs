@@ -409,24 +409,63 @@ fn transform_inputs(
     });
 }
 
+/// The left operands `U_ξ` of a forward pass's position products: f32 values laid out
+/// [ξ][C_out][C_in], or each position's packed into bf16 (see [`super::bf16`]).
+pub(super) enum Positions<'a> {
+    F32(&'a [f32]),
+    Bf16(Vec<super::bf16::PackedLhs>),
+}
+
+impl<'a> Positions<'a> {
+    /// The operands for `mode`: `u` itself in f32, or each position packed in bf16.
+    pub(super) fn new(mode: super::MatmulMode, u: &'a [f32], g: &ConvGeometry) -> Self {
+        let plane = g.c_out * g.c_in;
+        match mode {
+            super::MatmulMode::F32 => Positions::F32(u),
+            super::MatmulMode::Bf16 => Positions::Bf16(
+                u.chunks_exact(plane)
+                    .map(|ux| {
+                        super::bf16::PackedLhs::new(g.c_out, g.c_in, (ux, g.c_in as isize, 1))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn count(&self, g: &ConvGeometry) -> usize {
+        match self {
+            Positions::F32(u) => u.len() / (g.c_out * g.c_in),
+            Positions::Bf16(packed) => packed.len(),
+        }
+    }
+}
+
 /// The products of a forward pass, one per transformed position ξ:
-/// `M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n]`, with `u` laid out [ξ][C_out][C_in],
-/// `v` [C_in][ξ][nv] (each position's `n` tiles in a row of `nv ≥ n` floats) and `m`
-/// [ξ][C_out][n]; the positions run on the cores when `inner`.
+/// `M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n]`, with `v` [C_in][ξ][nv] (each
+/// position's `n` tiles in a row of `nv ≥ n` floats) and `m` [ξ][C_out][n]; the positions run
+/// on the cores when `inner`.
 pub(super) fn position_products(
-    u: &[f32],
+    u: &Positions,
     v: &[f32],
     nv: usize,
     m: &mut [f32],
     g: &ConvGeometry,
     inner: bool,
 ) {
-    let positions = u.len() / (g.c_out * g.c_in);
+    let positions = u.count(g);
     let n = m.len() / (positions * g.c_out);
     each_chunk(m, g.c_out * n, inner, |xi, mx| {
-        let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
         let rhs = (&v[xi * nv..], (positions * nv) as isize, 1);
-        matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
+        match u {
+            Positions::F32(u) => {
+                let lhs = (&u[xi * g.c_out * g.c_in..], g.c_in as isize, 1);
+                matmul(g.c_out, n, g.c_in, mx, lhs, rhs, false, false);
+            }
+            Positions::Bf16(packed) => {
+                let rhs = super::bf16::Rhs::Strided(rhs.0, rhs.1, rhs.2);
+                super::bf16::matmul(&packed[xi], n, rhs, mx, super::bf16::Write::Set, false);
+            }
+        }
     });
 }
 
@@ -437,13 +476,21 @@ pub(super) fn check_forward(x: &[f32], w: &[f32], g: &ConvGeometry) {
     assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
 }
 
-/// Forward convolution `y = conv(x, w) + bias` for a geometry where [`applies`] holds.
-/// Returns `y` [B, C_out, OH, OW]; the same bits whatever the number of threads.
-pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+/// Forward convolution `y = conv(x, w) + bias` for a geometry where [`applies`] holds, the 16
+/// position products in `mode`. Returns `y` [B, C_out, OH, OW]; the same bits whatever the
+/// number of threads.
+pub fn forward(
+    mode: super::MatmulMode,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
     check_forward(x, w, g);
     let tl = Tiling::new(g, 2);
     let out_plane = tl.oh * tl.ow;
     let u = transform_weights(w, g.c_out, g.c_in);
+    let u = Positions::new(mode, &u, g);
     by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
         let n = nb * tl.tiles();
         // Rows of V are padded by LANES (see `transform_input`).

@@ -34,7 +34,7 @@
 
 use super::conv2d::{ConvGeometry, scratch};
 use super::winograd::{
-    Tiling, by_groups, check_forward, each_chunk, position_products, weight_grad,
+    Positions, Tiling, by_groups, check_forward, each_chunk, position_products, weight_grad,
 };
 use std::cell::RefCell;
 
@@ -353,9 +353,16 @@ fn transform_inputs(
 }
 
 /// Forward convolution `y = conv(x, w) + bias` by F(4×4, 3×3), for a 3×3 stride-1 geometry
-/// ([`super::winograd::applies`]). Returns `y` [B, C_out, OH, OW]; the same bits whatever the
-/// number of threads.
-pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+/// ([`super::winograd::applies`]), the 36 position products in `mode` (bf16: the transformed
+/// weights and inputs rounded to bf16, needs [`super::bf16_available`]). Returns `y` [B,
+/// C_out, OH, OW]; the same bits whatever the number of threads.
+pub fn forward(
+    mode: super::MatmulMode,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
     check_forward(x, w, g);
     let tl = Tiling::new(g, 4);
     let out_plane = tl.oh * tl.ow;
@@ -364,7 +371,8 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     scratch(&WEIGHTS, (9 + XI) * plane, |wbuf| {
         let (taps, u) = wbuf.split_at_mut(9 * plane);
         transform_weights(w, plane, taps, u);
-        let u = &*u;
+        let u = Positions::new(mode, u, g);
+        let u = &u;
         by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
             let n = nb * tl.tiles();
             scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {

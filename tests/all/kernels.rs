@@ -6,7 +6,7 @@ use burn::nn::conv::Conv2dConfig;
 use burn::tensor::{Device, Tensor};
 use diffuse::device::{inference_device, training_device};
 use diffuse::kernels;
-use diffuse::kernels::amx;
+use diffuse::kernels::bf16;
 use diffuse::kernels::conv2d::{self, ConvGeometry, MatmulMode};
 use diffuse::kernels::group_norm::{self, NormGeometry};
 use diffuse::kernels::{winograd, winograd43};
@@ -330,9 +330,9 @@ fn winograd_convolution_matches_the_direct_sums() {
         let bias = conv_values(g.c_out, 23);
         let dy = conv_values(g.batch * g.c_out * g.n(), 24);
         let want = direct(&x, &w, &bias, &g);
-        let y = winograd::forward(&x, &w, Some(&bias), &g);
+        let y = winograd::forward(MatmulMode::F32, &x, &w, Some(&bias), &g);
         assert!(max_rel_slice(&y, &want) < 1e-5, "forward {g:?}");
-        let y43 = winograd43::forward(&x, &w, Some(&bias), &g);
+        let y43 = winograd43::forward(MatmulMode::F32, &x, &w, Some(&bias), &g);
         assert!(
             max_rel_slice(&y43, &want) < 1e-5,
             "F(4x4,3x3) forward {g:?}"
@@ -374,9 +374,9 @@ fn winograd_convolution_is_deterministic() {
         let dy = conv_values(g.batch * g.c_out * g.n(), 27);
         let run = || {
             (
-                winograd::forward(&x, &w, None, &g),
+                winograd::forward(MatmulMode::F32, &x, &w, None, &g),
                 winograd::backward_weight(&x, &dy, &g),
-                winograd43::forward(&x, &w, None, &g),
+                winograd43::forward(MatmulMode::F32, &x, &w, None, &g),
                 winograd43::backward_weight(&x, &dy, &g),
             )
         };
@@ -444,32 +444,35 @@ fn group_norm_backward_matches_finite_differences() {
     }
 }
 
-// The bf16 (AMX) path: with its operands rounded to bf16 first, the f32 path computes the
+// The bf16 path (AMX or AVX-512 BF16): with its operands rounded to bf16 first, the f32 path computes the
 // same products, so the two must agree to f32 summation error, far tighter than the bf16
 // rounding itself (about 4e-3 relative).
 
 fn to_bf16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| amx::f32_of(amx::bf16(x))).collect()
+    v.iter().map(|&x| bf16::f32_of(bf16::bf16(x))).collect()
 }
 
 #[test]
 fn bf16_rounding_is_to_nearest_even() {
-    assert_eq!(amx::bf16(1.0), 0x3f80);
-    assert_eq!(amx::bf16(-2.0), 0xc000);
+    assert_eq!(bf16::bf16(1.0), 0x3f80);
+    assert_eq!(bf16::bf16(-2.0), 0xc000);
     // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even neighbour, 1.
-    assert_eq!(amx::bf16(1.0 + 1.0 / 256.0), 0x3f80);
+    assert_eq!(bf16::bf16(1.0 + 1.0 / 256.0), 0x3f80);
     // 1 + 3·2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: ties go up to the even one.
-    assert_eq!(amx::bf16(1.0 + 3.0 / 256.0), 0x3f82);
-    assert_eq!(amx::f32_of(amx::bf16(0.1)), 0.100097656);
-    assert!(amx::f32_of(amx::bf16(f32::NAN)).is_nan());
+    assert_eq!(bf16::bf16(1.0 + 3.0 / 256.0), 0x3f82);
+    assert_eq!(bf16::f32_of(bf16::bf16(0.1)), 0.100097656);
+    assert!(bf16::f32_of(bf16::bf16(f32::NAN)).is_nan());
 }
 
 #[test]
-#[cfg_attr(not(has_amx), ignore = "skipped: this processor has no AMX-BF16")]
+#[cfg_attr(
+    not(has_bf16),
+    ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
+)]
 fn bf16_convolution_equals_f32_on_rounded_operands() {
     assert!(
         kernels::bf16_available(),
-        "the processor lists AMX-BF16 but the bf16 path is not available"
+        "the processor lists a bf16 engine but the bf16 path is not available"
     );
     let mut cases = geometries();
     // Many blocks, panels and chunks along k (K = 2304 exceeds one chunk at 200 rows).
@@ -511,11 +514,14 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
 
 /// Same inputs, same bits, whatever the number of threads spreading the work.
 #[test]
-#[cfg_attr(not(has_amx), ignore = "skipped: this processor has no AMX-BF16")]
+#[cfg_attr(
+    not(has_bf16),
+    ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
+)]
 fn bf16_convolution_is_deterministic() {
     assert!(
         kernels::bf16_available(),
-        "the processor lists AMX-BF16 but the bf16 path is not available"
+        "the processor lists a bf16 engine but the bf16 path is not available"
     );
     let g = geom(1, 32, 16, 16, 48, 3, 1, 1);
     let x = conv_values(g.batch * g.c_in * g.h * g.w, 11);
@@ -533,4 +539,142 @@ fn bf16_convolution_is_deterministic() {
         .install(run);
     assert_eq!(one, three);
     assert_eq!(run(), run());
+}
+
+/// The bf16 product itself, on every edge of its blocking: rows past whole 32-row blocks,
+/// columns past whole 32-column panels and 16-column tiles, `k` past whole steps of 32 and
+/// over several chunks (k = 2100 at 200 rows), both layouts of the right operand, and each
+/// way of writing the result. Against an f64 sum of the bf16-rounded operands: each product
+/// of two bf16 values is exact in f32, so only the f32 sums differ.
+#[test]
+#[cfg_attr(
+    not(has_bf16),
+    ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
+)]
+fn bf16_product_equals_f64_sum_of_rounded_operands() {
+    let engine = bf16::engine().expect("the processor lists a bf16 engine but it is not in use");
+    println!("bf16 engine: {}", engine.name());
+    for (m, k, n) in [
+        (1, 1, 1),
+        (32, 32, 32),
+        (33, 31, 17),
+        (70, 45, 50),
+        (200, 2100, 40),
+        (5, 3000, 96),
+    ] {
+        let a = conv_values(m * k, 21);
+        let b = conv_values(k * n, 22);
+        let bias = conv_values(m, 23);
+        let (ar, br) = (to_bf16(&a), to_bf16(&b));
+        let want = |i: usize, j: usize| -> f64 {
+            (0..k)
+                .map(|p| ar[i * k + p] as f64 * br[p * n + j] as f64)
+                .sum()
+        };
+        let bt: Vec<f32> = (0..k * n).map(|i| b[(i % k) * n + i / k]).collect();
+        let packed = bf16::PackedLhs::new(m, k, (&a, k as isize, 1));
+        let start = conv_values(m * n, 24);
+        for (layout, rhs) in [
+            ("rows", bf16::Rhs::Strided(&b, n as isize, 1)),
+            ("columns", bf16::Rhs::Strided(&bt, 1, k as isize)),
+        ] {
+            for (how, write) in [
+                ("set", bf16::Write::Set),
+                ("add", bf16::Write::Add),
+                ("bias", bf16::Write::SetWithBias(&bias)),
+            ] {
+                let mut c = start.clone();
+                bf16::matmul(&packed, n, rhs, &mut c, write, true);
+                let scale = (k as f64).sqrt();
+                for i in 0..m {
+                    for j in 0..n {
+                        let base = match how {
+                            "set" => 0.0,
+                            "add" => start[i * n + j] as f64,
+                            _ => bias[i] as f64,
+                        };
+                        let err = (c[i * n + j] as f64 - base - want(i, j)).abs() / scale;
+                        assert!(
+                            err < 1e-5,
+                            "{m}x{k}x{n} {layout} {how}: C[{i}, {j}] = {} off by {err}",
+                            c[i * n + j]
+                        );
+                    }
+                }
+            }
+        }
+        // Same bits whatever the number of threads.
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut c = vec![0.0f32; m * n];
+                bf16::matmul(
+                    &packed,
+                    n,
+                    bf16::Rhs::Strided(&b, n as isize, 1),
+                    &mut c,
+                    bf16::Write::Set,
+                    true,
+                );
+                c
+            })
+        };
+        assert_eq!(run(1), run(3), "{m}x{k}x{n}: threads");
+    }
+}
+
+/// Winograd's algorithms with bf16 position products (`DIFFUSE_BF16_WINOGRAD=f23` or `f43`):
+/// the transformed tiles and weights are rounded, and the output transform amplifies that
+/// rounding, F(4x4, 3x3) about twelve times past the direct bf16 product's, F(2x2, 3x3) about
+/// twice. Relative RMS errors against the f64 direct sum: direct bf16 about 2e-3, bf16 F(2x2)
+/// about 4e-3, bf16 F(4x4) 1e-2 to 3e-2, f32 F(4x4) under 1e-5.
+#[test]
+#[cfg_attr(
+    not(has_bf16),
+    ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
+)]
+fn bf16_winograd_error_is_bounded() {
+    let rms = |a: &[f32], b: &[f32]| {
+        let e: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let s: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (e / s).sqrt()
+    };
+    for g in [
+        geom(2, 64, 16, 16, 64, 3, 1, 1),
+        geom(2, 128, 8, 8, 130, 3, 1, 1),
+        geom(3, 4, 7, 6, 5, 3, 1, 1),
+        geom(2, 3, 13, 11, 40, 3, 1, 1),
+    ] {
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 7);
+        let w = conv_values(g.c_out * g.k(), 8);
+        let bias = conv_values(g.c_out, 9);
+        let exact = direct(&x, &w, &bias, &g);
+        let err = |y: Vec<f32>| rms(&y, &exact);
+        let f43 = err(winograd43::forward(
+            MatmulMode::Bf16,
+            &x,
+            &w,
+            Some(&bias),
+            &g,
+        ));
+        let f23 = err(winograd::forward(MatmulMode::Bf16, &x, &w, Some(&bias), &g));
+        let plain = err(conv2d::forward(MatmulMode::Bf16, &x, &w, Some(&bias), &g));
+        let f43_f32 = err(winograd43::forward(
+            MatmulMode::F32,
+            &x,
+            &w,
+            Some(&bias),
+            &g,
+        ));
+        println!(
+            "{g:?}: bf16 F(4x4) {f43:.2e}, F(2x2) {f23:.2e}, direct {plain:.2e}; f32 F(4x4) {f43_f32:.2e}"
+        );
+        assert!((1e-3..4e-3).contains(&plain), "bf16 direct {plain} {g:?}");
+        assert!(f23 > plain && f23 < 2.5 * plain, "bf16 F(2x2) {f23} {g:?}");
+        assert!((5e-3..5e-2).contains(&f43), "bf16 F(4x4) {f43} {g:?}");
+        assert!(f43_f32 < 1e-5, "f32 F(4x4) {f43_f32} {g:?}");
+    }
 }
