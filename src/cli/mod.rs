@@ -40,8 +40,9 @@ pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
     /// Arithmetic of the convolutions' matrix products: f32, or bf16 (products of bf16-rounded
-    /// operands summed in f32, on Intel AMX: faster, slightly different results). Default: bf16
-    /// where the processor has AMX, else f32; a resumed run keeps its own.
+    /// operands summed in f32, on Intel AMX or AVX-512 BF16 (AMD Zen 4 and later, Intel Xeon
+    /// from Cooper Lake): faster, slightly different results). Default: bf16 where the
+    /// processor has either, else f32; a resumed run keeps its own.
     #[arg(long, global = true, value_enum)]
     pub precision: Option<MatmulMode>,
 }
@@ -480,8 +481,8 @@ pub fn refuse_unless(
     refuse_given(ids, owner, family, what)
 }
 
-/// Sets the process's matrix-product mode from `--precision` (default: bf16 where the
-/// processor has AMX, f32 elsewhere; `DIFFUSE_MATMUL` when set) and remembers what was given.
+/// Sets the process's matrix-product mode from `--precision` (default:
+/// [`MatmulMode::fastest`]; `DIFFUSE_MATMUL` when set) and remembers what was given.
 pub fn set_precision(given: Option<MatmulMode>) -> Result<()> {
     match given {
         None if std::env::var_os("DIFFUSE_MATMUL").is_some() => {}

@@ -676,8 +676,8 @@ fn edit_and_inpaint_from_the_command_line() {
     );
 }
 
-/// `--precision`: recorded in the run's config (the default: bf16 where the processor has
-/// AMX), kept on resume unless given again, and bad values refused with one line.
+/// `--precision`: recorded in the run's config (the default: the processor's fastest, see
+/// `MatmulMode::fastest`), kept on resume unless given again, and bad values refused with one line.
 #[test]
 fn precision_is_recorded_and_kept_on_resume() {
     let tmp = tempfile::tempdir().unwrap();
@@ -690,8 +690,7 @@ fn precision_is_recorded_and_kept_on_resume() {
     let default = match std::env::var("DIFFUSE_MATMUL") {
         Ok(v) if v == "bf16" && diffuse::kernels::bf16_available() => "bf16",
         Ok(_) => "f32",
-        Err(_) if diffuse::kernels::bf16_available() => "bf16",
-        Err(_) => "f32",
+        Err(_) => diffuse::kernels::MatmulMode::fastest().name(),
     };
     let run = tmp.path().join("default");
     ok(&tiny_train_args(data, run.to_str().unwrap(), "2"));
