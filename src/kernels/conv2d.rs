@@ -567,12 +567,6 @@ fn winograd_of(mode: MatmulMode, g: &ConvGeometry) -> Option<Winograd> {
     }
 }
 
-/// Whether a forward convolution in `mode` runs by Winograd's minimal filtering (see
-/// [`winograd_of`]).
-pub fn winograd_in(mode: MatmulMode, g: &ConvGeometry) -> bool {
-    winograd_of(mode, g).is_some()
-}
-
 /// Whether [`backward_weight`] in `mode` runs in f32 by Winograd's F(4×4, 3×3) whatever the
 /// mode: in bf16 too for 3×3 stride-1 convolutions of at least 16 input channels, where it
 /// beats the AMX product with exact f32 operands (the benchmark U-Net's weight gradients on a

@@ -175,9 +175,9 @@ pub enum MatmulMode {
     #[default]
     F32,
     /// Operands rounded to bf16, products summed in f32 on AMX tiles or by AVX-512 BF16 dot
-    /// products ([`bf16`]): mixed
-    /// precision, as PyTorch's autocast to bf16 does for convolutions. The weight gradients of
-    /// most 3x3 stride-1 convolutions stay f32 ([`conv2d::weight_grad_in_f32`]).
+    /// products ([`bf16`]): mixed precision, as PyTorch's autocast to bf16 does for
+    /// convolutions. The weight gradients of most 3x3 stride-1 convolutions stay f32
+    /// ([`conv2d::weight_grad_in_f32`]).
     Bf16,
 }
 
