@@ -5,13 +5,17 @@
 //!
 //!     cargo run --release --example sample_latency -- [MODEL] [STEPS] [ROUNDS]
 //!
-//! Prints `RESULT latency B=1 <seconds> s` and `RESULT sample B=64 <images/s> img/s` (medians);
+//! Prints `RESULT latency B=1 <seconds> s` and `RESULT sample B=64 <images/s> img/s` (medians),
+//! and `RESULT denoiser B=1 <seconds> s`: the denoiser alone, called as one image's sampling
+//! calls it (STEPS times on the image and the null class), so that the rest of the latency is
+//! the sampler's own work (guidance, the update, the pipeline around them);
 //! `scripts/latency_vs_torch.sh` runs it beside the
 //! PyTorch twin (`scripts/sample_latency_torch.py`, diffusers' UNet2DModel on the exported
 //! model) and prints the ratios. `--precision` is taken from `DIFFUSE_MATMUL` (default: the
 //! processor's fastest, as the command).
 
 use anyhow::Result;
+use burn::tensor::{Distribution, Tensor};
 use diffuse::kernels::{self, MatmulMode};
 use diffuse::pipeline::{Conditioning, Pipeline, Request, Seeds};
 use diffuse::sampler::SamplerKind;
@@ -32,7 +36,11 @@ fn main() -> Result<()> {
     }
     diffuse::device::keep_freed_memory();
     let dev = diffuse::device::inference_device();
-    let pipe = Pipeline::load(Some(model), &dev)?;
+    let loaded = diffuse::pipeline::load_model(Some(model), &dev)?;
+    // The same weights (shared storage) as the pipeline's.
+    let unet = loaded.unet.clone();
+    let cfg = loaded.config.unet.clone();
+    let pipe = Pipeline::with_text_encoder(loaded, &dev)?;
     println!(
         "model {model} precision {} steps {steps} sampler dpmpp-2m guidance 2",
         kernels::matmul_mode().name()
@@ -57,6 +65,21 @@ fn main() -> Result<()> {
         .map(|s| time(1, 100 + s as u64))
         .collect::<Result<_>>()?;
     println!("RESULT latency B=1 {:.4} s", median(one));
+    let (c, s) = (cfg.in_channels, cfg.image_size);
+    let classes = cfg.num_classes.map(|k| vec![7, k]);
+    let denoiser = || {
+        let x = Tensor::<4>::random([2, c, s, s], Distribution::Normal(0.0, 1.0), &dev);
+        let t = Instant::now();
+        for i in 0..steps {
+            let ti = 999.0 * (1.0 - i as f64 / steps as f64);
+            let out = unet.forward(x.clone(), &[ti, ti], classes.as_deref());
+            out.into_data();
+        }
+        t.elapsed().as_secs_f64()
+    };
+    denoiser();
+    let alone: Vec<f64> = (0..rounds).map(|_| denoiser()).collect();
+    println!("RESULT denoiser B=1 {:.4} s", median(alone));
     time(64, 0)?;
     let many: Vec<f64> = (0..rounds.div_ceil(4).max(2))
         .map(|s| time(64, 200 + s as u64))

@@ -19,6 +19,7 @@ pub use super::MatmulMode;
 use super::{bf16, winograd, winograd43};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 thread_local! {
@@ -218,9 +219,14 @@ fn with_padded<R>(
             plane[..ph * wp].fill(0.0);
             plane[(ph + g.h) * wp..].fill(0.0);
             for (row, src) in plane[ph * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
-                row[..pw].fill(0.0);
+                if pw == 1 {
+                    // A call of memset for one float each side took 2% of sampling one image.
+                    (row[0], row[wp - 1]) = (0.0, 0.0);
+                } else {
+                    row[..pw].fill(0.0);
+                    row[pw + g.w..].fill(0.0);
+                }
                 row[pw..pw + g.w].copy_from_slice(src);
-                row[pw + g.w..].fill(0.0);
             }
         }
         f(Some(&bf16::PaddedImage {
@@ -242,14 +248,14 @@ type Operand<'a> = (&'a [f32], isize, isize);
 /// (see [`super::matmul_mode`]).
 enum Lhs<'a> {
     F32 { a: Operand<'a>, m: usize, k: usize },
-    Bf16(bf16::PackedLhs),
+    Bf16(Cow<'a, bf16::PackedLhs>),
 }
 
 impl<'a> Lhs<'a> {
     fn new(mode: MatmulMode, m: usize, k: usize, a: Operand<'a>) -> Self {
         match mode {
             MatmulMode::F32 => Lhs::F32 { a, m, k },
-            MatmulMode::Bf16 => Lhs::Bf16(bf16::PackedLhs::new(m, k, a)),
+            MatmulMode::Bf16 => Lhs::Bf16(Cow::Owned(bf16::PackedLhs::new(m, k, a))),
         }
     }
 
@@ -333,20 +339,84 @@ pub fn forward(
     bias: Option<&[f32]>,
     g: &ConvGeometry,
 ) -> Vec<f32> {
+    if winograd_of(mode, g) == Some(Winograd::F43) {
+        // Its transformed weights go to scratch space rather than a buffer of their own.
+        return winograd43::forward(mode, x, w, bias, g);
+    }
+    forward_prepared(&PreparedWeight::new(mode, w, g), x, w, bias, g)
+}
+
+/// A forward convolution's weights in the form its products read, which depends on the
+/// weights, the mode and the weights' shape alone: Winograd's transformed weights (f32, or
+/// packed in bf16), or the weights packed in bf16 for the direct product. What [`forward`]
+/// otherwise redoes on every call; [`super::weight_cache`] keeps them for models that do not
+/// change between calls.
+pub struct PreparedWeight(Prepared);
+
+enum Prepared {
+    F43(winograd::Positions<'static>),
+    F23(winograd::Positions<'static>),
+    Bf16(bf16::PackedLhs),
+    /// The f32 direct product reads the weights as they are.
+    F32,
+}
+
+impl PreparedWeight {
+    /// The weights `w` of a forward convolution `g` prepared for `mode`.
+    pub fn new(mode: MatmulMode, w: &[f32], g: &ConvGeometry) -> Self {
+        assert_eq!(w.len(), g.c_out * g.k(), "conv2d weight size");
+        PreparedWeight(match (winograd_of(mode, g), mode) {
+            (Some(Winograd::F43), _) => Prepared::F43(winograd43::transformed(mode, w, g)),
+            (Some(Winograd::F23), _) => Prepared::F23(winograd::transformed(mode, w, g)),
+            (None, MatmulMode::Bf16) => {
+                Prepared::Bf16(bf16::PackedLhs::new(g.c_out, g.k(), (w, g.k() as isize, 1)))
+            }
+            (None, MatmulMode::F32) => Prepared::F32,
+        })
+    }
+
+    /// Whether there is anything to prepare for this convolution in `mode`.
+    pub fn needed(mode: MatmulMode, g: &ConvGeometry) -> bool {
+        winograd_of(mode, g).is_some() || mode == MatmulMode::Bf16
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.0 {
+            Prepared::F43(u) | Prepared::F23(u) => u.bytes(),
+            Prepared::Bf16(p) => p.bytes(),
+            Prepared::F32 => 0,
+        }
+    }
+}
+
+/// [`forward`] with the weights `w` already prepared as `p` (for the same mode and weight
+/// shape): the same bits.
+pub fn forward_prepared(
+    p: &PreparedWeight,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
     let (k, n) = (g.k(), g.n());
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
     assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
-    match winograd_of(mode, g) {
-        Some(Winograd::F43) => return winograd43::forward(mode, x, w, bias, g),
-        Some(Winograd::F23) => return winograd::forward(mode, x, w, bias, g),
-        None => {}
-    }
+    let lhs = match &p.0 {
+        Prepared::F43(u) => return winograd43::forward_with(u, x, bias, g),
+        Prepared::F23(u) => return winograd::forward_with(u, x, bias, g),
+        Prepared::Bf16(packed) => Lhs::Bf16(Cow::Borrowed(packed)),
+        Prepared::F32 => Lhs::F32 {
+            a: (w, k as isize, 1),
+            m: g.c_out,
+            k,
+        },
+    };
     if n == 0 || g.batch == 0 {
         return vec![0.0; g.batch * g.c_out * n];
     }
     let par = inner_parallelism(g.batch);
     let image = g.c_in * g.h * g.w;
-    let lhs = Lhs::new(mode, g.c_out, k, (w, k as isize, 1));
     let len = g.batch * g.c_out * n;
     super::fresh_output(len, g.c_out * n, true, |b, yb| {
         let xb = &x[b * image..(b + 1) * image];

@@ -21,6 +21,7 @@
 pub mod bf16;
 pub mod conv2d;
 pub mod group_norm;
+pub mod weight_cache;
 pub mod winograd;
 pub mod winograd43;
 
@@ -164,6 +165,7 @@ pub(crate) use wide_fn;
     Default,
     PartialEq,
     Eq,
+    Hash,
     serde::Serialize,
     serde::Deserialize,
     clap::ValueEnum,
@@ -419,28 +421,29 @@ fn conv2d_with(
 ) -> Option<Tensor<4>> {
     let [oh, ow] = g.out_hw();
     let out_shape = [g.batch, g.c_out, oh, ow];
-    let run = |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>| -> Option<FlexTensor> {
+    // `keep`: the weights are untracked, so their preparation is kept across calls.
+    let run = |x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>, keep: bool| {
         let xv = f32_values(x)?;
         let wv = f32_values(w)?;
         let bv = match b {
             Some(b) => Some(f32_values(b)?),
             None => None,
         };
-        let y = conv2d::forward(
-            matmul_mode(),
-            xv.storage(),
-            wv.storage(),
-            bv.as_ref().map(|b| b.storage::<f32>()),
-            g,
-        );
+        let (xs, ws, bs) = (xv.storage(), wv.storage(), bv.as_ref().map(|b| b.storage()));
+        let mode = matmul_mode();
+        let y = if keep {
+            conv2d::forward_prepared(&weight_cache::global().get(mode, &wv, g), xs, ws, bs, g)
+        } else {
+            conv2d::forward(mode, xs, ws, bs, g)
+        };
         Some(flex_tensor(y, &out_shape))
     };
     match (unwrap(&x)?, unwrap(&weight)?, bias.as_ref().map(unwrap)) {
         (Unwrapped::Plain(x), Unwrapped::Plain(w), None) => {
-            Some(Tensor::from_primitive::<Flex>(run(&x, &w, None)?))
+            Some(Tensor::from_primitive::<Flex>(run(&x, &w, None, true)?))
         }
         (Unwrapped::Plain(x), Unwrapped::Plain(w), Some(Some(Unwrapped::Plain(b)))) => {
-            Some(Tensor::from_primitive::<Flex>(run(&x, &w, Some(&b))?))
+            Some(Tensor::from_primitive::<Flex>(run(&x, &w, Some(&b), true)?))
         }
         (Unwrapped::Tracked(x), Unwrapped::Tracked(w), b) => {
             let b = match b {
@@ -450,7 +453,7 @@ fn conv2d_with(
             };
             let xp = f32_values(x.primitive())?;
             let wp = f32_values(w.primitive())?;
-            let y = run(&xp, &wp, b.as_ref().map(|b| b.primitive()))?;
+            let y = run(&xp, &wp, b.as_ref().map(|b| b.primitive()), false)?;
             // A missing bias is an untracked zero-size stand-in: it has no node to update.
             let bias_node = match &b {
                 Some(b) => b.node(),

@@ -30,6 +30,7 @@
 
 use super::conv2d::{ConvGeometry, bias_grad, matmul, scratch};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 /// Positions of a transformed 4×4 tile.
@@ -410,15 +411,16 @@ fn transform_inputs(
 }
 
 /// The left operands `U_ξ` of a forward pass's position products: f32 values laid out
-/// [ξ][C_out][C_in], or each position's packed into bf16 (see [`super::bf16`]).
+/// [ξ][C_out][C_in] (borrowed from scratch space, or owned where they are kept across calls),
+/// or each position's packed into bf16 (see [`super::bf16`]).
 pub(super) enum Positions<'a> {
-    F32(&'a [f32]),
+    F32(Cow<'a, [f32]>),
     Bf16(Vec<super::bf16::PackedLhs>),
 }
 
 impl<'a> Positions<'a> {
     /// The operands for `mode`: `u` itself in f32, or each position packed in bf16.
-    pub(super) fn new(mode: super::MatmulMode, u: &'a [f32], g: &ConvGeometry) -> Self {
+    pub(super) fn new(mode: super::MatmulMode, u: Cow<'a, [f32]>, g: &ConvGeometry) -> Self {
         let plane = g.c_out * g.c_in;
         match mode {
             super::MatmulMode::F32 => Positions::F32(u),
@@ -429,6 +431,14 @@ impl<'a> Positions<'a> {
                     })
                     .collect(),
             ),
+        }
+    }
+
+    /// Bytes held.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Positions::F32(u) => 4 * u.len(),
+            Positions::Bf16(packed) => packed.iter().map(|p| p.bytes()).sum(),
         }
     }
 
@@ -469,10 +479,14 @@ pub(super) fn position_products(
     });
 }
 
-/// Checks a forward convolution's operands against its geometry (3×3, stride 1).
-pub(super) fn check_forward(x: &[f32], w: &[f32], g: &ConvGeometry) {
+/// Checks a forward convolution's input against its geometry (3×3, stride 1).
+pub(super) fn check_forward(x: &[f32], g: &ConvGeometry) {
     assert!(applies(g), "Winograd needs a 3x3 stride-1 convolution");
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
+}
+
+/// Checks a forward convolution's weights against its geometry.
+pub(super) fn check_weights(w: &[f32], g: &ConvGeometry) {
     assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight size");
 }
 
@@ -486,11 +500,29 @@ pub fn forward(
     bias: Option<&[f32]>,
     g: &ConvGeometry,
 ) -> Vec<f32> {
-    check_forward(x, w, g);
+    forward_with(&transformed(mode, w, g), x, bias, g)
+}
+
+/// The 16 transformed weights of [`forward`] in `mode`, which depend on `w` alone.
+pub(super) fn transformed(
+    mode: super::MatmulMode,
+    w: &[f32],
+    g: &ConvGeometry,
+) -> Positions<'static> {
+    check_weights(w, g);
+    Positions::new(mode, Cow::Owned(transform_weights(w, g.c_out, g.c_in)), g)
+}
+
+/// [`forward`] with its weights already [`transformed`].
+pub(super) fn forward_with(
+    u: &Positions,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
+    check_forward(x, g);
     let tl = Tiling::new(g, 2);
     let out_plane = tl.oh * tl.ow;
-    let u = transform_weights(w, g.c_out, g.c_in);
-    let u = Positions::new(mode, &u, g);
     by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
         let n = nb * tl.tiles();
         // Rows of V are padded by LANES (see `transform_input`).
@@ -501,7 +533,7 @@ pub fn forward(
             let (v, m) = buf.split_at_mut(g.c_in * XI * nv);
             transform_inputs(x, g, tl, b0, v, inner);
             // M_ξ [C_out][n] = U_ξ [C_out][C_in] · V_ξ [C_in][n].
-            position_products(&u, v, nv, m, g, inner);
+            position_products(u, v, nv, m, g, inner);
             let m = &*m;
             each_chunk(yg, out_plane, inner, |p, yp| {
                 let (b, co) = (p / g.c_out, p % g.c_out);

@@ -34,8 +34,10 @@
 
 use super::conv2d::{ConvGeometry, scratch};
 use super::winograd::{
-    Positions, Tiling, by_groups, check_forward, each_chunk, position_products, weight_grad,
+    Positions, Tiling, by_groups, check_forward, check_weights, each_chunk, position_products,
+    weight_grad,
 };
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 /// Positions of a transformed 6×6 tile.
@@ -363,34 +365,57 @@ pub fn forward(
     bias: Option<&[f32]>,
     g: &ConvGeometry,
 ) -> Vec<f32> {
-    check_forward(x, w, g);
-    let tl = Tiling::new(g, 4);
-    let out_plane = tl.oh * tl.ow;
+    check_weights(w, g);
     // The transformed weights, in scratch space kept from call to call (overwritten whole).
     let plane = g.c_out * g.c_in;
     scratch(&WEIGHTS, (9 + XI) * plane, |wbuf| {
         let (taps, u) = wbuf.split_at_mut(9 * plane);
         transform_weights(w, plane, taps, u);
-        let u = Positions::new(mode, u, g);
-        let u = &u;
-        by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
-            let n = nb * tl.tiles();
-            scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
-                // V [C_in][36][n], M [36][C_out][n].
-                let (v, m) = buf.split_at_mut(g.c_in * XI * n);
-                transform_inputs(x, g, tl, (b0, nb), v, inner);
-                position_products(u, v, n, m, g, inner);
-                let m = &*m;
-                each_chunk(yg, out_plane, inner, |p, yp| {
-                    let (b, co) = (p / g.c_out, p % g.c_out);
-                    let bv = bias.map_or(0.0, |bias| bias[co]);
-                    scratch(&ROWS, stage_len(&tl), |stage| {
-                        let at = co * n + b * tl.tiles();
-                        product_plane(&m[at..], g.c_out * n, tl, bv, yp, stage)
-                    });
+        forward_with(&Positions::new(mode, Cow::Borrowed(u), g), x, bias, g)
+    })
+}
+
+/// The 36 transformed weights of [`forward`] in `mode`, which depend on `w` alone, in a buffer
+/// of their own (to be kept across calls).
+pub(super) fn transformed(
+    mode: super::MatmulMode,
+    w: &[f32],
+    g: &ConvGeometry,
+) -> Positions<'static> {
+    check_weights(w, g);
+    let plane = g.c_out * g.c_in;
+    let (mut taps, mut u) = (vec![0.0; 9 * plane], vec![0.0; XI * plane]);
+    transform_weights(w, plane, &mut taps, &mut u);
+    Positions::new(mode, Cow::Owned(u), g)
+}
+
+/// [`forward`] with its weights already [`transformed`].
+pub(super) fn forward_with(
+    u: &Positions,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
+    check_forward(x, g);
+    let tl = Tiling::new(g, 4);
+    let out_plane = tl.oh * tl.ow;
+    by_groups(g, tl, TARGET_TILES, |b0, nb, inner, yg| {
+        let n = nb * tl.tiles();
+        scratch(&GROUP, (g.c_in + g.c_out) * XI * n, |buf| {
+            // V [C_in][36][n], M [36][C_out][n].
+            let (v, m) = buf.split_at_mut(g.c_in * XI * n);
+            transform_inputs(x, g, tl, (b0, nb), v, inner);
+            position_products(u, v, n, m, g, inner);
+            let m = &*m;
+            each_chunk(yg, out_plane, inner, |p, yp| {
+                let (b, co) = (p / g.c_out, p % g.c_out);
+                let bv = bias.map_or(0.0, |bias| bias[co]);
+                scratch(&ROWS, stage_len(&tl), |stage| {
+                    let at = co * n + b * tl.tiles();
+                    product_plane(&m[at..], g.c_out * n, tl, bv, yp, stage)
                 });
             });
-        })
+        });
     })
 }
 

@@ -678,3 +678,152 @@ fn bf16_winograd_error_is_bounded() {
         assert!(f43_f32 < 1e-5, "f32 F(4x4) {f43_f32} {g:?}");
     }
 }
+
+// Weights prepared once and kept across calls (`kernels::weight_cache`).
+
+/// The modes this processor runs, saying so when bf16 is left out.
+fn modes_here() -> Vec<MatmulMode> {
+    if kernels::bf16_available() {
+        vec![MatmulMode::F32, MatmulMode::Bf16]
+    } else {
+        println!("bf16 skipped: this processor has neither AVX-512 BF16 nor AMX-BF16");
+        vec![MatmulMode::F32]
+    }
+}
+
+/// A convolution with its weights prepared beforehand gives the same bits as one that
+/// prepares them itself, on every route: Winograd (3x3 stride 1), the direct product (strided,
+/// pointwise, kernels past the image), in f32 and bf16.
+#[test]
+fn prepared_weights_give_the_same_bits_as_forward() {
+    for mode in modes_here() {
+        for g in geometries().into_iter().chain(winograd_geometries()) {
+            let x = conv_values(g.batch * g.c_in * g.h * g.w, 31);
+            let w = conv_values(g.c_out * g.k(), 32);
+            let bias = conv_values(g.c_out, 33);
+            let want = conv2d::forward(mode, &x, &w, Some(&bias), &g);
+            let prepared = conv2d::PreparedWeight::new(mode, &w, &g);
+            for _ in 0..2 {
+                let got = conv2d::forward_prepared(&prepared, &x, &w, Some(&bias), &g);
+                assert_eq!(got, want, "{mode:?} {g:?}");
+            }
+        }
+    }
+}
+
+/// The weights of a burn `Conv2d` as f32 values.
+fn weight_values(t: &Tensor<4>) -> Vec<f32> {
+    t.to_data().try_to_vec().unwrap()
+}
+
+/// An untracked convolution keeps its prepared weights: a second call gives the same bits as
+/// the first and as the kernel without the cache; new weights, in place of the old in the same
+/// module or computed from them after the module is gone, give their own result, never the
+/// one kept for the old.
+#[test]
+fn kept_weights_follow_the_weights() {
+    let dev = inference_device();
+    let mode = kernels::matmul_mode();
+    // A shape no other test uses.
+    let (c_in, c_out) = (7, 11);
+    dev.seed(41);
+    let mut m = Conv2dConfig::new([c_in, c_out], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&dev);
+    let mut rng = rng_for(41, Stream::Sample, 0);
+    let x = normal_tensor(&mut rng, [2, c_in, 9, 10], &dev);
+    let g = geom(2, c_in, 9, 10, c_out, 3, 1, 1);
+    let xv: Vec<f32> = x.to_data().try_to_vec().unwrap();
+    let fresh =
+        |w: &Tensor<4>, b: &[f32]| conv2d::forward(mode, &xv, &weight_values(w), Some(b), &g);
+    let bias: Vec<f32> = m
+        .bias
+        .as_ref()
+        .unwrap()
+        .val()
+        .to_data()
+        .try_to_vec()
+        .unwrap();
+    let out = |m: &burn::nn::conv::Conv2d| -> Vec<f32> {
+        let y = kernels::try_conv2d(m, x.clone()).expect("the kernel applies");
+        y.to_data().try_to_vec().unwrap()
+    };
+    let want = fresh(&m.weight.val(), &bias);
+    assert_eq!(out(&m), want, "first call");
+    assert_eq!(out(&m), want, "second call");
+
+    // New weights in the same module.
+    let doubled = m.weight.val() * 2.0;
+    m.weight = burn::module::Param::from_tensor(doubled.clone());
+    assert_eq!(out(&m), fresh(&doubled, &bias), "new weights");
+
+    // Weights computed from the old ones once the module is gone: an operation on a tensor
+    // nothing else holds may write its storage in place, and the cache must not see the old
+    // values at the old address.
+    let w = m.weight.val();
+    drop(m);
+    drop(doubled);
+    let tripled = w * 1.5;
+    let m = Conv2dConfig::new([c_in, c_out], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .with_bias(false)
+        .init(&dev);
+    let m = burn::nn::conv::Conv2d {
+        weight: burn::module::Param::from_tensor(tripled.clone()),
+        ..m
+    };
+    let y = kernels::try_conv2d(&m, x.clone()).expect("the kernel applies");
+    let want = conv2d::forward(mode, &xv, &weight_values(&tripled), None, &g);
+    assert_eq!(
+        y.to_data().try_to_vec::<f32>().unwrap(),
+        want,
+        "computed weights"
+    );
+}
+
+/// The cache's bounds: within its capacity, entries whose weights nothing else holds go at the
+/// next insertion, an entry unused for `STALE` lookups gives way to a new one, and otherwise a
+/// new one is not kept (still prepared, with the same result).
+#[test]
+fn the_weight_cache_stays_within_its_bounds() {
+    use kernels::weight_cache::{STALE, WeightCache};
+    let g = geom(1, 4, 6, 6, 8, 3, 1, 1);
+    let weights = |seed: u32| {
+        let v = conv_values(g.c_out * g.k(), seed);
+        burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(v, [8, 4, 3, 3]))
+    };
+    let mode = MatmulMode::F32;
+    let x = conv_values(g.c_in * g.h * g.w, 50);
+    let one =
+        conv2d::PreparedWeight::new(mode, weights(51).storage(), &g).bytes() + 4 * g.c_out * g.k();
+    // Room for two entries.
+    let cache = WeightCache::new(2 * one + one / 2);
+    let (a, b, c) = (weights(51), weights(52), weights(53));
+    for w in [&a, &b] {
+        cache.get(mode, w, &g);
+    }
+    assert_eq!(cache.usage(), (2, 2 * one));
+    // Full, nothing stale: `c` is prepared but not kept.
+    let got = cache.get(mode, &c, &g);
+    let want = conv2d::forward(mode, &x, c.storage(), None, &g);
+    assert_eq!(
+        conv2d::forward_prepared(&got, &x, c.storage(), None, &g),
+        want
+    );
+    assert_eq!(cache.usage().0, 2);
+    // `a`'s weights dropped: its entry goes when `c` comes again.
+    drop(a);
+    cache.get(mode, &c, &g);
+    assert_eq!(cache.usage(), (2, 2 * one));
+    // `b` unused while `c` is looked up STALE + 1 times: a new entry takes its place.
+    for _ in 0..=STALE {
+        cache.get(mode, &c, &g);
+    }
+    let d = weights(54);
+    cache.get(mode, &d, &g);
+    assert_eq!(cache.usage(), (2, 2 * one));
+    // A cache of no capacity keeps nothing.
+    let none = WeightCache::new(0);
+    none.get(mode, &d, &g);
+    assert_eq!(none.usage(), (0, 0));
+}
