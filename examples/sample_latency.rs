@@ -6,9 +6,11 @@
 //!     cargo run --release --example sample_latency -- [MODEL] [STEPS] [ROUNDS]
 //!
 //! Prints `RESULT latency B=1 <seconds> s` and `RESULT sample B=64 <images/s> img/s` (medians),
-//! and `RESULT denoiser B=1 <seconds> s`: the denoiser alone, called as one image's sampling
-//! calls it (STEPS times on the image and the null class), so that the rest of the latency is
-//! the sampler's own work (guidance, the update, the pipeline around them);
+//! `RESULT denoiser B=1 <seconds> s`, the denoiser alone called as one image's sampling calls
+//! it (STEPS times, on the image and the null class), timed in turns with the image, and
+//! `RESULT sampler share <fraction>`, the median over those turns of the part of the latency
+//! that is not the denoiser: the sampler's own work (guidance, the update, the noise, the
+//! pipeline around them);
 //! `scripts/latency_vs_torch.sh` runs it beside the
 //! PyTorch twin (`scripts/sample_latency_torch.py`, diffusers' UNet2DModel on the exported
 //! model) and prints the ratios. `--precision` is taken from `DIFFUSE_MATMUL` (default: the
@@ -58,28 +60,35 @@ fn main() -> Result<()> {
         pipe.run(&request(n, seed), &mut |_| {})?;
         Ok(t.elapsed().as_secs_f64())
     };
-    for s in 0..2 {
-        time(1, s)?;
-    }
-    let one: Vec<f64> = (0..rounds)
-        .map(|s| time(1, 100 + s as u64))
-        .collect::<Result<_>>()?;
-    println!("RESULT latency B=1 {:.4} s", median(one));
     let (c, s) = (cfg.in_channels, cfg.image_size);
+    // With guidance each step runs the denoiser on the image and on the null class.
     let classes = cfg.num_classes.map(|k| vec![7, k]);
+    let rows = if classes.is_some() { 2 } else { 1 };
     let denoiser = || {
-        let x = Tensor::<4>::random([2, c, s, s], Distribution::Normal(0.0, 1.0), &dev);
+        let x = Tensor::<4>::random([rows, c, s, s], Distribution::Normal(0.0, 1.0), &dev);
         let t = Instant::now();
         for i in 0..steps {
             let ti = 999.0 * (1.0 - i as f64 / steps as f64);
-            let out = unet.forward(x.clone(), &[ti, ti], classes.as_deref());
+            let out = unet.forward(x.clone(), &vec![ti; rows], classes.as_deref());
             out.into_data();
         }
         t.elapsed().as_secs_f64()
     };
-    denoiser();
-    let alone: Vec<f64> = (0..rounds).map(|_| denoiser()).collect();
+    for s in 0..2 {
+        time(1, s)?;
+        denoiser();
+    }
+    // One image, then the denoiser alone, in turns: the machine's drift falls on both alike.
+    let (mut one, mut alone, mut share) = (Vec::new(), Vec::new(), Vec::new());
+    for s in 0..rounds {
+        let (a, b) = (time(1, 100 + s as u64)?, denoiser());
+        one.push(a);
+        alone.push(b);
+        share.push(1.0 - b / a);
+    }
+    println!("RESULT latency B=1 {:.4} s", median(one));
     println!("RESULT denoiser B=1 {:.4} s", median(alone));
+    println!("RESULT sampler share {:.3}", median(share));
     time(64, 0)?;
     let many: Vec<f64> = (0..rounds.div_ceil(4).max(2))
         .map(|s| time(64, 200 + s as u64))

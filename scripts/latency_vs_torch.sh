@@ -3,7 +3,8 @@
 # PyTorch twin `scripts/sample_latency_torch.py` (B, diffusers' UNet2DModel on the model
 # exported by `diffuse export --diffusers`) run alternately, A B A B, and the medians' ratios
 # are printed: the time to one image at batch 1 (as `serve` makes it) and images/s at batch 64,
-# DPM-Solver++(2M), 20 steps, guidance 2.
+# DPM-Solver++(2M), 20 steps, guidance 2; and, for diffuse, the share of one image's time that
+# is not the denoiser (the sampler's own work: guidance, the update, the noise).
 #
 #   scripts/latency_vs_torch.sh [MODEL]      (default: the embedded fashion-mnist model)
 #
@@ -60,7 +61,8 @@ def read(path):
     text = open(path).read()
     lat = re.search(r"RESULT latency B=1 ([0-9.]+) s", text)
     thr = re.search(r"RESULT sample B=64 ([0-9.]+) img/s", text)
-    return (float(lat.group(1)) if lat else float("nan"), float(thr.group(1)) if thr else float("nan"))
+    share = re.search(r"RESULT sampler share ([0-9.-]+)", text)
+    return tuple(float(m.group(1)) if m else float("nan") for m in (lat, thr, share))
 a = {i: [read(f"{out}/a{r}_{i}.txt") for r in range(1, rounds + 1)] for i in range(len(variants))}
 b = {i: [read(f"{out}/b{r}_{i}.txt") for r in range(1, rounds + 1)] for i in range(len(torch_variants))}
 med = lambda runs, k: statistics.median(x[k] for x in runs)
@@ -68,6 +70,8 @@ print(f"{'':<44}{'B=1 seconds':>12}{'B=64 img/s':>12}")
 for name, runs in [(f"diffuse {v}", a[i]) for i, v in enumerate(variants)] + [(f"pytorch {v}", b[i]) for i, v in enumerate(torch_variants)]:
     per = " ".join(f"{x[0]:.3f}/{x[1]:.1f}" for x in runs)
     print(f"{name:<44}{med(runs, 0):>12.4f}{med(runs, 1):>12.2f}   (per round: {per})")
+for i, v in enumerate(variants):
+    print(f"diffuse {v}: the sampler's own share of one image's time {med(a[i], 2):.1%} (the rest is the denoiser)")
 for i, v in enumerate(variants):
     for j, t in enumerate(torch_variants):
         print(f"diffuse {v} vs pytorch {t}: latency {med(b[j], 0) / med(a[i], 0):.2f}x as fast, throughput {med(a[i], 1) / med(b[j], 1):.2f}x")
