@@ -351,7 +351,11 @@ pub fn forward(
 /// packed in bf16), or the weights packed in bf16 for the direct product. What [`forward`]
 /// otherwise redoes on every call; [`super::weight_cache`] keeps them for models that do not
 /// change between calls.
-pub struct PreparedWeight(Prepared);
+pub struct PreparedWeight {
+    prepared: Prepared,
+    /// [`PreparedWeight::key`] of the convolution it was made for.
+    key: [usize; 6],
+}
 
 enum Prepared {
     F43(winograd::Positions<'static>),
@@ -365,14 +369,24 @@ impl PreparedWeight {
     /// The weights `w` of a forward convolution `g` prepared for `mode`.
     pub fn new(mode: MatmulMode, w: &[f32], g: &ConvGeometry) -> Self {
         assert_eq!(w.len(), g.c_out * g.k(), "conv2d weight size");
-        PreparedWeight(match (winograd_of(mode, g), mode) {
+        let prepared = match (winograd_of(mode, g), mode) {
             (Some(Winograd::F43), _) => Prepared::F43(winograd43::transformed(mode, w, g)),
             (Some(Winograd::F23), _) => Prepared::F23(winograd::transformed(mode, w, g)),
             (None, MatmulMode::Bf16) => {
                 Prepared::Bf16(bf16::PackedLhs::new(g.c_out, g.k(), (w, g.k() as isize, 1)))
             }
             (None, MatmulMode::F32) => Prepared::F32,
-        })
+        };
+        PreparedWeight {
+            prepared,
+            key: Self::key(g),
+        }
+    }
+
+    /// What decides the preparation besides the weights and the mode: `[C_out, C_in, kh, kw]`
+    /// and the strides.
+    pub fn key(g: &ConvGeometry) -> [usize; 6] {
+        [g.c_out, g.c_in, g.kh, g.kw, g.stride[0], g.stride[1]]
     }
 
     /// Whether there is anything to prepare for this convolution in `mode`.
@@ -382,7 +396,7 @@ impl PreparedWeight {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        match &self.0 {
+        match &self.prepared {
             Prepared::F43(u) | Prepared::F23(u) => u.bytes(),
             Prepared::Bf16(p) => p.bytes(),
             Prepared::F32 => 0,
@@ -402,7 +416,12 @@ pub fn forward_prepared(
     let (k, n) = (g.k(), g.n());
     assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
     assert_eq!(w.len(), g.c_out * k, "conv2d weight size");
-    let lhs = match &p.0 {
+    assert_eq!(
+        p.key,
+        PreparedWeight::key(g),
+        "weights prepared for another convolution"
+    );
+    let lhs = match &p.prepared {
         Prepared::F43(u) => return winograd43::forward_with(u, x, bias, g),
         Prepared::F23(u) => return winograd::forward_with(u, x, bias, g),
         Prepared::Bf16(packed) => Lhs::Bf16(Cow::Borrowed(packed)),

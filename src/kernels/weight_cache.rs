@@ -85,7 +85,7 @@ impl WeightCache {
             values.as_ptr() as usize,
             values.len(),
             mode,
-            [g.c_out, g.c_in, g.kh, g.kw, g.stride[0], g.stride[1]],
+            PreparedWeight::key(g),
         );
         {
             let mut s = self.state();
