@@ -12,10 +12,11 @@
 //! go through autodiff, so training holds no more memory than before.
 //!
 //! Bounds: entries whose storage nobody else holds any more are dropped before each insertion;
-//! the prepared weights held stay under `DIFFUSE_WEIGHT_CACHE_MB` megabytes (256 by default;
-//! 0 turns the cache off); an entry unused for [`STALE`] lookups gives way to a new one, and
-//! otherwise a new one is not kept (so a model larger than the cap keeps its first layers
-//! cached rather than evicting each layer before its next use).
+//! what the entries hold (the prepared weights, counted with the weights themselves) stays
+//! under `DIFFUSE_WEIGHT_CACHE_MB` megabytes (256 by default; 0 turns the cache off); an entry
+//! unused for [`STALE`] lookups gives way to a new one, and otherwise a new one is not kept (so
+//! a model larger than the cap keeps its first layers cached rather than evicting each layer
+//! before its next use).
 
 use super::MatmulMode;
 use super::conv2d::{ConvGeometry, PreparedWeight};
@@ -40,7 +41,7 @@ struct Entry {
 }
 
 /// Prepared weights by their storage, within a capacity (see the module comment). The kernels
-/// use one for the whole process ([`prepared`]); tests make their own.
+/// use one for the whole process ([`global`]); tests make their own.
 pub struct WeightCache {
     capacity: usize,
     state: Mutex<State>,
@@ -138,10 +139,15 @@ impl WeightCache {
 pub fn global() -> &'static WeightCache {
     static CACHE: OnceLock<WeightCache> = OnceLock::new();
     CACHE.get_or_init(|| {
-        let mb = std::env::var("DIFFUSE_WEIGHT_CACHE_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(256);
-        WeightCache::new(mb << 20)
+        let mb = match std::env::var("DIFFUSE_WEIGHT_CACHE_MB") {
+            Err(_) => 256,
+            Ok(v) => v.trim().parse::<usize>().unwrap_or_else(|_| {
+                eprintln!(
+                    "warning: DIFFUSE_WEIGHT_CACHE_MB={v:?} is not a whole number of megabytes; using 256"
+                );
+                256
+            }),
+        };
+        WeightCache::new(mb.saturating_mul(1 << 20))
     })
 }
