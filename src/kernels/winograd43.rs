@@ -171,6 +171,103 @@ fn put(rows: &mut [&mut [f32]; 6], c: usize, v: [f32; 6]) {
     }
 }
 
+/// `rows[r][c] = f(quads[c], quads[c + 1])[r]` for the tiles `c` in `0..tiles` (`quads` holds
+/// at least `tiles + 1`): `f` reads tile c's four values and, where it needs them, the next
+/// tile's first two (the other two are not passed). Sixteen tiles at a time go through fixed-size arrays, first split into one array per
+/// value and then mapped lane by lane, so that the compiler makes whole vectors; written tile by
+/// tile into the six rows, the loop stayed scalar and checked every index (a third of a
+/// training step's Winograd transforms on the benchmark U-Net, `perf annotate`).
+#[inline(always)]
+fn put_tiles(
+    quads: &[[f32; 4]],
+    tiles: usize,
+    rows: [&mut [f32]; 6],
+    f: impl Fn([f32; 4], [f32; 4]) -> [f32; 6] + Copy,
+) {
+    let quads = &quads[..tiles + 1];
+    let mut rows = rows.map(|r| &mut r[..tiles]);
+    let mut c = 0;
+    while c + 16 <= tiles {
+        let lanes = split_tiles(quads[c..c + 17].try_into().expect("17 tiles"));
+        let mut out = [[0.0f32; 16]; 6];
+        for k in 0..16 {
+            let v = f(
+                [lanes[0][k], lanes[1][k], lanes[2][k], lanes[3][k]],
+                [lanes[4][k], lanes[5][k], 0.0, 0.0],
+            );
+            for (o, v) in out.iter_mut().zip(v) {
+                o[k] = v;
+            }
+        }
+        for (row, o) in rows.iter_mut().zip(&out) {
+            row[c..c + 16].copy_from_slice(o);
+        }
+        c += 16;
+    }
+    for c in c..tiles {
+        put(&mut rows, c, f(quads[c], quads[c + 1]));
+    }
+}
+
+/// Sixteen tiles' values split into one array per value: `[q[k][0], q[k][1], q[k][2], q[k][3],
+/// q[k + 1][0], q[k + 1][1]]` for k = 0..16.
+#[inline(always)]
+fn split_tiles(q: &[[f32; 4]; 17]) -> [[f32; 16]; 6] {
+    #[cfg(target_arch = "x86_64")]
+    if super::wide_simd() {
+        // SAFETY: the processor has AVX-512F (checked at run time).
+        return unsafe { split_tiles_avx512(q) };
+    }
+    std::array::from_fn(|j| std::array::from_fn(|k| q[k + j / 4][j % 4]))
+}
+
+/// [`split_tiles`] by two-source permutes: each of the six arrays takes value j of tiles 0-7
+/// from the first two vectors and of tiles 8-15 from the last two, with one blend.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_tiles_avx512(q: &[[f32; 4]; 17]) -> [[f32; 16]; 6] {
+    use std::arch::x86_64::*;
+    let p = q.as_ptr().cast::<f32>();
+    // SAFETY: `q` holds 68 floats; the loads read floats 0..64 and 4..68.
+    let (here, next) = unsafe {
+        (
+            [0, 16, 32, 48].map(|o| _mm512_loadu_ps(p.add(o))),
+            [4, 20, 36, 52].map(|o| _mm512_loadu_ps(p.add(o))),
+        )
+    };
+    let mut out = [[0.0f32; 16]; 6];
+    for (j, o) in out.iter_mut().enumerate() {
+        let (v, j) = if j < 4 {
+            (&here, j as i32)
+        } else {
+            (&next, j as i32 - 4)
+        };
+        let idx = _mm512_setr_epi32(
+            j,
+            j + 4,
+            j + 8,
+            j + 12,
+            j + 16,
+            j + 20,
+            j + 24,
+            j + 28,
+            j,
+            j + 4,
+            j + 8,
+            j + 12,
+            j + 16,
+            j + 20,
+            j + 24,
+            j + 28,
+        );
+        let lo = _mm512_permutex2var_ps(v[0], idx, v[1]);
+        let hi = _mm512_permutex2var_ps(v[2], idx, v[3]);
+        // SAFETY: `o` holds 16 floats.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), _mm512_mask_blend_ps(0xFF00, lo, hi)) };
+    }
+    out
+}
+
 /// `len` floats from `from` on in each of the six rows `i, i + 6, …, i + 30` of `buf` (rows
 /// of `n` floats): position `ξ = 6j + i` for j = 0..6.
 #[inline(always)]
@@ -279,14 +376,10 @@ super::wide_fn! {
         let (e, ext) = (&*e, &*ext);
         for i in 0..6 {
             let quads = e[i * len..][..len + 4].as_chunks::<4>().0;
-            // Every slice cut to `tiles` first, so that the loop needs no bounds checks and
-            // vectorises.
-            let mut o = column_rows(v, n, i, base, tiles).map(|r| &mut r[..tiles]);
-            let (a, b) = (&quads[..tiles], &quads[1..=tiles]);
-            for c in 0..tiles {
-                let d = bt([a[c][0], a[c][1], a[c][2], a[c][3], b[c][0], b[c][1]]);
-                put(&mut o, c, d);
-            }
+            put_tiles(quads, tiles, column_rows(v, n, i, base, tiles), |a, b| {
+                bt([a[0], a[1], a[2], a[3], b[0], b[1]])
+            });
+            let mut o = column_rows(v, n, i, base, tiles);
             for ty in 0..th {
                 let c = ty * tw + tw - 1;
                 let (a, b) = (quads[c], &ext[(6 * ty + i) * 2..][..2]);
@@ -449,7 +542,8 @@ super::wide_fn! {
         let (tw, th, tiles) = (tl.tw, tl.th, tl.tiles());
         let (oh, ow, cols) = (tl.oh, tl.ow, 4 * tw);
         let len = th * cols;
-        let (e, rest) = stage.split_at_mut(6 * len);
+        // Four floats past the last row of `e`, for [`put_tiles`]'s look at the next tile.
+        let (e, rest) = stage.split_at_mut(6 * len + 4);
         // The plane with its rows and columns filled up to whole tiles.
         let plane: &[f32] = if ow == cols && oh == 4 * th {
             dy
@@ -471,12 +565,8 @@ super::wide_fn! {
             map_columns(&src, cols, &mut six_rows(e, len, ty * cols, cols), a_times);
         }
         for i in 0..6 {
-            let quads = e[i * len..][..len].as_chunks::<4>().0;
-            let q = &quads[..tiles];
-            let mut o = column_rows(d, n, i, base, tiles).map(|r| &mut r[..tiles]);
-            for (c, &quad) in q.iter().enumerate() {
-                put(&mut o, c, a_times(quad));
-            }
+            let quads = e[i * len..][..len + 4].as_chunks::<4>().0;
+            put_tiles(quads, tiles, column_rows(d, n, i, base, tiles), |quad, _| a_times(quad));
         }
     }
 }
