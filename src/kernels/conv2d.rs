@@ -330,8 +330,8 @@ fn inner_parallelism(batch: usize) -> bool {
 }
 
 /// Forward convolution: `y[b] = W · col(x[b]) + bias` for every image, products in `mode`
-/// (a bf16 `mode` needs [`super::bf16_available`]). Returns `y` [B, C_out,
-/// OH, OW].
+/// (a bf16 `mode` needs [`super::bf16_available`]) by the route of [`Purpose::Training`] (for
+/// the other, [`forward_prepared`]). Returns `y` [B, C_out, OH, OW].
 pub fn forward(
     mode: MatmulMode,
     x: &[f32],
@@ -339,11 +339,12 @@ pub fn forward(
     bias: Option<&[f32]>,
     g: &ConvGeometry,
 ) -> Vec<f32> {
-    if winograd_of(mode, g) == Some(Winograd::F43) {
+    if winograd_of(mode, g, Purpose::Training) == Some(Winograd::F43) {
         // Its transformed weights go to scratch space rather than a buffer of their own.
         return winograd43::forward(mode, x, w, bias, g);
     }
-    forward_prepared(&PreparedWeight::new(mode, w, g), x, w, bias, g)
+    let prepared = PreparedWeight::new(mode, Purpose::Training, w, g);
+    forward_prepared(&prepared, x, w, bias, g)
 }
 
 /// A forward convolution's weights in the form its products read, which depends on the
@@ -366,10 +367,26 @@ enum Prepared {
 }
 
 impl PreparedWeight {
-    /// The weights `w` of a forward convolution `g` prepared for `mode`.
-    pub fn new(mode: MatmulMode, w: &[f32], g: &ConvGeometry) -> Self {
+    /// The weights `w` of a forward convolution `g` prepared for `mode` and `purpose`.
+    pub fn new(mode: MatmulMode, purpose: Purpose, w: &[f32], g: &ConvGeometry) -> Self {
+        Self::for_route(mode, winograd_of(mode, g, purpose), w, g)
+    }
+
+    /// The weights `w` of a forward convolution `g` prepared for `mode` and the given Winograd
+    /// algorithm (`None`: the direct product), whatever [`winograd_of`] would choose: to
+    /// compare the routes on one convolution. A Winograd algorithm needs a 3×3 stride-1 `g`.
+    pub fn for_route(
+        mode: MatmulMode,
+        route: Option<Winograd>,
+        w: &[f32],
+        g: &ConvGeometry,
+    ) -> Self {
         assert_eq!(w.len(), g.c_out * g.k(), "conv2d weight size");
-        let prepared = match (winograd_of(mode, g), mode) {
+        assert!(
+            route.is_none() || winograd::applies(g),
+            "Winograd's algorithms are for 3x3 stride-1 convolutions"
+        );
+        let prepared = match (route, mode) {
             (Some(Winograd::F43), _) => Prepared::F43(winograd43::transformed(mode, w, g)),
             (Some(Winograd::F23), _) => Prepared::F23(winograd::transformed(mode, w, g)),
             (None, MatmulMode::Bf16) => {
@@ -389,9 +406,9 @@ impl PreparedWeight {
         [g.c_out, g.c_in, g.kh, g.kw, g.stride[0], g.stride[1]]
     }
 
-    /// Whether there is anything to prepare for this convolution in `mode`.
-    pub fn needed(mode: MatmulMode, g: &ConvGeometry) -> bool {
-        winograd_of(mode, g).is_some() || mode == MatmulMode::Bf16
+    /// Whether there is anything to prepare for this convolution in `mode` and `purpose`.
+    pub fn needed(mode: MatmulMode, purpose: Purpose, g: &ConvGeometry) -> bool {
+        winograd_of(mode, g, purpose).is_some() || mode == MatmulMode::Bf16
     }
 
     /// Bytes held.
@@ -405,7 +422,7 @@ impl PreparedWeight {
 }
 
 /// [`forward`] with the weights `w` already prepared as `p` (for the same mode and weight
-/// shape): the same bits.
+/// shape): the same bits as [`forward`] where `p` was prepared for [`Purpose::Training`].
 pub fn forward_prepared(
     p: &PreparedWeight,
     x: &[f32],
@@ -616,43 +633,77 @@ fn use_winograd(g: &ConvGeometry) -> bool {
     winograd::applies(g) && super::enabled("winograd")
 }
 
-/// The Winograd algorithm of the bf16 forward convolutions, from `DIFFUSE_BF16_WINOGRAD`: `f23`
-/// (F(2×2, 3×3)), `f43` (F(4×4, 3×3)), or none (unset or anything else: the direct product).
-/// Only with the AVX-512 BF16 engine: AMX tiles multiply so much faster than the transforms
-/// run that the direct product wins there.
-fn bf16_winograd() -> Option<Winograd> {
-    static CHOICE: std::sync::OnceLock<Option<Winograd>> = std::sync::OnceLock::new();
+/// What a convolution is computed for, which decides its bf16 route ([`bf16_winograd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Tracked by autodiff: a training step, whose input gradient takes the same route.
+    Training,
+    /// Untracked: sampling, evaluation, serving; the weights' preparation may be kept
+    /// ([`super::weight_cache`]).
+    Inference,
+}
+
+/// Output tiles (4×4 pixels, over the whole batch) from which an inference convolution in bf16
+/// takes F(4×4, 3×3) by default. Below it the 36 position products are too small to beat the
+/// direct product: `cargo run --release --example conv_routes` on a 2-core AMD EPYC (Zen 4),
+/// the direct product's time over F(4×4, 3×3)'s in two runs: 1.08-1.27 (32 channels, 28×28,
+/// batches 64 and 128: 3,136 and 6,272 tiles), 1.11-1.14 and 1.64-1.77 (64 and 128 channels,
+/// 14×14 and 16×16: 1,024 and 2,048), 1.25-1.67 (64 channels, 32×32); 0.70-0.78 (64
+/// channels, 7×7: 256 and 512), 0.83-1.28 (8×8); and 0.24-0.67 at batch 2 (32 to 128 tiles)
+/// save one shape.
+const F43_MIN_TILES: usize = 1024;
+
+/// The Winograd algorithm of the bf16 forward convolution `g` for `purpose`, from
+/// `DIFFUSE_BF16_WINOGRAD`: `f23` (F(2×2, 3×3)) or `f43` (F(4×4, 3×3)) for both purposes,
+/// `direct` for neither (the direct product); unset (or anything else), F(4×4, 3×3) for
+/// inference over at least [`F43_MIN_TILES`] output tiles and the direct product otherwise.
+/// Only with the AVX-512 BF16 engine: AMX tiles multiply so much faster than the transforms run
+/// that the direct product wins there.
+///
+/// Why inference and training differ: F(4×4, 3×3) rounds its transformed tiles, about 12 times
+/// the direct product's error per convolution (2.6% relative RMS). Sampling a model either way
+/// gave the same quality at n = 1,000, while the embedded recipe trained with it for 1,000
+/// steps ended 1.4% and 3% higher in FID in two seeds, at the same loss (docs/BENCHMARKS.md,
+/// 2026-12-07 session 22).
+fn bf16_winograd(purpose: Purpose, g: &ConvGeometry) -> Option<Winograd> {
+    static CHOICE: std::sync::OnceLock<Option<Option<Winograd>>> = std::sync::OnceLock::new();
     let choice = *CHOICE.get_or_init(|| match std::env::var("DIFFUSE_BF16_WINOGRAD").as_deref() {
-        Ok("f23") => Some(Winograd::F23),
-        Ok("f43") => Some(Winograd::F43),
+        Ok("f23") => Some(Some(Winograd::F23)),
+        Ok("f43") => Some(Some(Winograd::F43)),
+        Ok("direct") => Some(None),
         _ => None,
     });
-    choice.filter(|_| bf16::engine() == Some(bf16::Engine::Avx512))
+    let [oh, ow] = g.out_hw();
+    let tiles = g.batch * oh.div_ceil(4) * ow.div_ceil(4);
+    let default =
+        (purpose == Purpose::Inference && tiles >= F43_MIN_TILES).then_some(Winograd::F43);
+    choice
+        .unwrap_or(default)
+        .filter(|_| bf16::engine() == Some(bf16::Engine::Avx512))
 }
 
 /// Winograd's minimal filtering algorithms for 3×3 stride-1 convolutions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Winograd {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Winograd {
     /// F(2×2, 3×3), [`winograd`].
     F23,
     /// F(4×4, 3×3), [`winograd43`].
     F43,
 }
 
-/// The Winograd algorithm of a forward convolution (and so of an input gradient) in `mode`:
-/// in f32 F(4×4, 3×3) for every one where [`use_winograd`] holds (F(2×2, 3×3) when
-/// `DIFFUSE_KERNELS` leaves `f43` out); in bf16 only as `DIFFUSE_BF16_WINOGRAD` asks
-/// ([`bf16_winograd`]). Rounding the transformed tiles to bf16 costs accuracy: the relative
+/// The Winograd algorithm of a forward convolution (and so of an input gradient) in `mode`
+/// for `purpose`: in f32 F(4×4, 3×3) for every one where [`use_winograd`] holds (F(2×2, 3×3)
+/// when `DIFFUSE_KERNELS` leaves `f43` out); in bf16 as [`bf16_winograd`] says. Rounding the transformed tiles to bf16 costs accuracy: the relative
 /// RMS error of a convolution is about 0.4% by F(2×2, 3×3) and 2.6% by F(4×4, 3×3), against
 /// 0.2% for the direct bf16 product (`tests/all/kernels.rs`). `None`: the direct product.
-fn winograd_of(mode: MatmulMode, g: &ConvGeometry) -> Option<Winograd> {
+pub fn winograd_of(mode: MatmulMode, g: &ConvGeometry, purpose: Purpose) -> Option<Winograd> {
     if !use_winograd(g) {
         return None;
     }
     match mode {
         MatmulMode::F32 if super::enabled("f43") => Some(Winograd::F43),
         MatmulMode::F32 => Some(Winograd::F23),
-        MatmulMode::Bf16 => bf16_winograd(),
+        MatmulMode::Bf16 => bf16_winograd(purpose, g),
     }
 }
 

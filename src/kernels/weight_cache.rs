@@ -19,7 +19,7 @@
 //! before its next use).
 
 use super::MatmulMode;
-use super::conv2d::{ConvGeometry, PreparedWeight};
+use super::conv2d::{self, ConvGeometry, PreparedWeight, Purpose, Winograd};
 use burn_flex::FlexTensor;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,9 +28,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// pass of any model here has, so a model in use keeps its entries.
 pub const STALE: u64 = 4096;
 
-/// What an entry is found by: the storage's address and length in floats, the mode, and the
-/// weights' shape `[C_out, C_in, kh, kw]` with the stride (which decide the preparation).
-type Key = (usize, usize, MatmulMode, [usize; 6]);
+/// What an entry is found by: the storage's address and length in floats, the mode, the
+/// weights' shape `[C_out, C_in, kh, kw]` with the stride, and the Winograd algorithm (which
+/// decide the preparation; in bf16 the algorithm depends on the batch and the image size too,
+/// so one set of weights may have an entry for each).
+type Key = (usize, usize, MatmulMode, [usize; 6], Option<Winograd>);
 
 struct Entry {
     /// Keeps the storage alive and unwritten while the entry lives.
@@ -78,8 +80,8 @@ impl WeightCache {
     /// there is room.
     pub fn get(&self, mode: MatmulMode, w: &FlexTensor, g: &ConvGeometry) -> Arc<PreparedWeight> {
         let values: &[f32] = w.storage();
-        let prepare = || Arc::new(PreparedWeight::new(mode, values, g));
-        if self.capacity == 0 || !PreparedWeight::needed(mode, g) {
+        let prepare = || Arc::new(PreparedWeight::new(mode, Purpose::Inference, values, g));
+        if self.capacity == 0 || !PreparedWeight::needed(mode, Purpose::Inference, g) {
             return prepare();
         }
         let key = (
@@ -87,6 +89,7 @@ impl WeightCache {
             values.len(),
             mode,
             PreparedWeight::key(g),
+            conv2d::winograd_of(mode, g, Purpose::Inference),
         );
         {
             let mut s = self.state();

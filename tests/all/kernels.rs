@@ -693,19 +693,49 @@ fn modes_here() -> Vec<MatmulMode> {
 
 /// A convolution with its weights prepared beforehand gives the same bits as one that
 /// prepares them itself, on every route: Winograd (3x3 stride 1), the direct product (strided,
-/// pointwise, kernels past the image), in f32 and bf16.
+/// pointwise, kernels past the image), in f32 and bf16, for training and for inference. In
+/// bf16 on the AVX-512 BF16 engine, inference takes F(4x4, 3x3) from 1,024 output tiles on
+/// and training the direct product (unless `DIFFUSE_BF16_WINOGRAD` says otherwise).
 #[test]
 fn prepared_weights_give_the_same_bits_as_forward() {
+    use conv2d::{Purpose, Winograd};
+    let chosen = std::env::var("DIFFUSE_BF16_WINOGRAD").ok();
+    // 16 and 15 images of 8x8 tiles: 1,024 and 960.
+    let (big, small) = (
+        geom(16, 3, 32, 32, 4, 3, 1, 1),
+        geom(15, 3, 32, 29, 4, 3, 1, 1),
+    );
     for mode in modes_here() {
-        for g in geometries().into_iter().chain(winograd_geometries()) {
+        let shapes = geometries().into_iter().chain(winograd_geometries());
+        for g in shapes.chain([big, small]) {
             let x = conv_values(g.batch * g.c_in * g.h * g.w, 31);
             let w = conv_values(g.c_out * g.k(), 32);
             let bias = conv_values(g.c_out, 33);
-            let want = conv2d::forward(mode, &x, &w, Some(&bias), &g);
-            let prepared = conv2d::PreparedWeight::new(mode, &w, &g);
-            for _ in 0..2 {
-                let got = conv2d::forward_prepared(&prepared, &x, &w, Some(&bias), &g);
-                assert_eq!(got, want, "{mode:?} {g:?}");
+            for purpose in [Purpose::Training, Purpose::Inference] {
+                let route = conv2d::winograd_of(mode, &g, purpose);
+                let avx512 = bf16::engine() == Some(bf16::Engine::Avx512);
+                if mode == MatmulMode::Bf16 && chosen.is_none() && winograd::applies(&g) {
+                    let f43 = purpose == Purpose::Inference && avx512 && g == big;
+                    let expected = f43.then_some(Winograd::F43);
+                    assert_eq!(route, expected, "{purpose:?} {g:?}");
+                }
+                let want = match route {
+                    Some(Winograd::F43) => winograd43::forward(mode, &x, &w, Some(&bias), &g),
+                    Some(Winograd::F23) => winograd::forward(mode, &x, &w, Some(&bias), &g),
+                    None if purpose == Purpose::Training => {
+                        conv2d::forward(mode, &x, &w, Some(&bias), &g)
+                    }
+                    // Not Winograd for inference either: the training route's bits.
+                    None => {
+                        assert_eq!(conv2d::winograd_of(mode, &g, Purpose::Training), None);
+                        conv2d::forward(mode, &x, &w, Some(&bias), &g)
+                    }
+                };
+                let prepared = conv2d::PreparedWeight::new(mode, purpose, &w, &g);
+                for _ in 0..2 {
+                    let got = conv2d::forward_prepared(&prepared, &x, &w, Some(&bias), &g);
+                    assert_eq!(got, want, "{mode:?} {purpose:?} {g:?}");
+                }
             }
         }
     }
@@ -734,8 +764,12 @@ fn kept_weights_follow_the_weights() {
     let x = normal_tensor(&mut rng, [2, c_in, 9, 10], &dev);
     let g = geom(2, c_in, 9, 10, c_out, 3, 1, 1);
     let xv: Vec<f32> = x.to_data().try_to_vec().unwrap();
-    let fresh =
-        |w: &Tensor<4>, b: &[f32]| conv2d::forward(mode, &xv, &weight_values(w), Some(b), &g);
+    // The kernel without the cache, on the route of untracked convolutions.
+    let uncached = |w: &[f32], b: Option<&[f32]>| {
+        let p = conv2d::PreparedWeight::new(mode, conv2d::Purpose::Inference, w, &g);
+        conv2d::forward_prepared(&p, &xv, w, b, &g)
+    };
+    let fresh = |w: &Tensor<4>, b: &[f32]| uncached(&weight_values(w), Some(b));
     let bias: Vec<f32> = m
         .bias
         .as_ref()
@@ -773,7 +807,7 @@ fn kept_weights_follow_the_weights() {
         ..m
     };
     let y = kernels::try_conv2d(&m, x.clone()).expect("the kernel applies");
-    let want = conv2d::forward(mode, &xv, &weight_values(&tripled), None, &g);
+    let want = uncached(&weight_values(&tripled), None);
     assert_eq!(
         y.to_data().try_to_vec::<f32>().unwrap(),
         want,
@@ -795,7 +829,9 @@ fn the_weight_cache_stays_within_its_bounds() {
     let mode = MatmulMode::F32;
     let x = conv_values(g.c_in * g.h * g.w, 50);
     let one =
-        conv2d::PreparedWeight::new(mode, weights(51).storage(), &g).bytes() + 4 * g.c_out * g.k();
+        conv2d::PreparedWeight::new(mode, conv2d::Purpose::Inference, weights(51).storage(), &g)
+            .bytes()
+            + 4 * g.c_out * g.k();
     // Room for two entries.
     let cache = WeightCache::new(2 * one + one / 2);
     let (a, b, c) = (weights(51), weights(52), weights(53));
