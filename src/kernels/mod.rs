@@ -179,7 +179,8 @@ pub enum MatmulMode {
     /// Operands rounded to bf16, products summed in f32 on AMX tiles or by AVX-512 BF16 dot
     /// products ([`bf16`]): mixed precision, as PyTorch's autocast to bf16 does for
     /// convolutions. The weight gradients of most 3x3 stride-1 convolutions stay f32
-    /// ([`conv2d::weight_grad_in_f32`]).
+    /// ([`conv2d::weight_grad_in_f32`]); with AVX-512 BF16, sampling's large 3x3 convolutions
+    /// take Winograd's F(4x4, 3x3) ([`conv2d::winograd_of`]).
     Bf16,
 }
 
