@@ -171,68 +171,95 @@ fn put(rows: &mut [&mut [f32]; 6], c: usize, v: [f32; 6]) {
     }
 }
 
-/// `rows[r][c] = f(quads[c], quads[c + 1])[r]` for the tiles `c` in `0..tiles` (`quads` holds
-/// at least `tiles + 1`): `f` reads tile c's four values and, where it needs them, the next
-/// tile's first two (the other two are not passed). Sixteen tiles at a time go through fixed-size arrays, first split into one array per
-/// value and then mapped lane by lane, so that the compiler makes whole vectors; written tile by
-/// tile into the six rows, the loop stayed scalar and checked every index (a third of a
-/// training step's Winograd transforms on the benchmark U-Net, `perf annotate`).
+/// `rows[r][c] = f(here[c], next[c])[r]` for the tiles `c` in `0..tiles`: `f` reads tile c's
+/// four values and, where it needs them, the first two of `next[c]` (the other two are not
+/// passed). Sixteen tiles at a time are split into one array per value ([`split_tiles`]) and
+/// mapped lane by lane, so that the compiler makes whole vectors: the last sixteen overlap the
+/// ones before them, and a plane of fewer tiles goes through zero-filled arrays, so no tile
+/// goes alone. Written tile by tile into the six rows, the loop had stayed scalar and checked
+/// every index (a third of a training step's Winograd transforms on the benchmark U-Net,
+/// `perf annotate`).
 #[inline(always)]
 fn put_tiles(
-    quads: &[[f32; 4]],
+    here: &[[f32; 4]],
+    next: &[[f32; 4]],
     tiles: usize,
     rows: [&mut [f32]; 6],
     f: impl Fn([f32; 4], [f32; 4]) -> [f32; 6] + Copy,
 ) {
-    let quads = &quads[..tiles + 1];
+    let (here, next) = (&here[..tiles], &next[..tiles]);
     let mut rows = rows.map(|r| &mut r[..tiles]);
-    let mut c = 0;
-    while c + 16 <= tiles {
-        let lanes = split_tiles(quads[c..c + 17].try_into().expect("17 tiles"));
-        let mut out = [[0.0f32; 16]; 6];
-        for k in 0..16 {
-            let v = f(
-                [lanes[0][k], lanes[1][k], lanes[2][k], lanes[3][k]],
-                [lanes[4][k], lanes[5][k], 0.0, 0.0],
-            );
-            for (o, v) in out.iter_mut().zip(v) {
-                o[k] = v;
-            }
-        }
+    if tiles < 16 {
+        let (mut a, mut b) = ([[0.0f32; 4]; 16], [[0.0f32; 4]; 16]);
+        a[..tiles].copy_from_slice(here);
+        b[..tiles].copy_from_slice(next);
+        let out = map_tiles(&a, &b, f);
         for (row, o) in rows.iter_mut().zip(&out) {
-            row[c..c + 16].copy_from_slice(o);
+            row.copy_from_slice(&o[..tiles]);
+        }
+        return;
+    }
+    let mut c = 0;
+    while c < tiles {
+        let at = c.min(tiles - 16);
+        let out = map_tiles(
+            here[at..at + 16].try_into().expect("16 tiles"),
+            next[at..at + 16].try_into().expect("16 tiles"),
+            f,
+        );
+        for (row, o) in rows.iter_mut().zip(&out) {
+            row[at..at + 16].copy_from_slice(o);
         }
         c += 16;
     }
-    for c in c..tiles {
-        put(&mut rows, c, f(quads[c], quads[c + 1]));
-    }
 }
 
-/// Sixteen tiles' values split into one array per value: `[q[k][0], q[k][1], q[k][2], q[k][3],
-/// q[k + 1][0], q[k + 1][1]]` for k = 0..16.
+/// `f(a[k], b[k])` for sixteen tiles, as six arrays of sixteen lanes. A function rather than a
+/// closure, so that it is inlined into [`wide_fn!`]'s copies with their vector features.
 #[inline(always)]
-fn split_tiles(q: &[[f32; 4]; 17]) -> [[f32; 16]; 6] {
+fn map_tiles(
+    a: &[[f32; 4]; 16],
+    b: &[[f32; 4]; 16],
+    f: impl Fn([f32; 4], [f32; 4]) -> [f32; 6],
+) -> [[f32; 16]; 6] {
+    let lanes = split_tiles(a, b);
+    let mut out = [[0.0f32; 16]; 6];
+    for k in 0..16 {
+        let v = f(
+            [lanes[0][k], lanes[1][k], lanes[2][k], lanes[3][k]],
+            [lanes[4][k], lanes[5][k], 0.0, 0.0],
+        );
+        for (o, v) in out.iter_mut().zip(v) {
+            o[k] = v;
+        }
+    }
+    out
+}
+
+/// Sixteen tiles' values split into one array per value: `[a[k][0], a[k][1], a[k][2],
+/// a[k][3], b[k][0], b[k][1]]` for k = 0..16.
+#[inline(always)]
+fn split_tiles(a: &[[f32; 4]; 16], b: &[[f32; 4]; 16]) -> [[f32; 16]; 6] {
     #[cfg(target_arch = "x86_64")]
     if super::wide_simd() {
         // SAFETY: the processor has AVX-512F (checked at run time).
-        return unsafe { split_tiles_avx512(q) };
+        return unsafe { split_tiles_avx512(a, b) };
     }
-    std::array::from_fn(|j| std::array::from_fn(|k| q[k + j / 4][j % 4]))
+    std::array::from_fn(|j| std::array::from_fn(|k| if j < 4 { a[k][j] } else { b[k][j - 4] }))
 }
 
 /// [`split_tiles`] by two-source permutes: each of the six arrays takes value j of tiles 0-7
 /// from the first two vectors and of tiles 8-15 from the last two, with one blend.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn split_tiles_avx512(q: &[[f32; 4]; 17]) -> [[f32; 16]; 6] {
+unsafe fn split_tiles_avx512(a: &[[f32; 4]; 16], b: &[[f32; 4]; 16]) -> [[f32; 16]; 6] {
     use std::arch::x86_64::*;
-    let p = q.as_ptr().cast::<f32>();
-    // SAFETY: `q` holds 68 floats; the loads read floats 0..64 and 4..68.
+    let (pa, pb) = (a.as_ptr().cast::<f32>(), b.as_ptr().cast::<f32>());
+    // SAFETY: `a` and `b` hold 64 floats each.
     let (here, next) = unsafe {
         (
-            [0, 16, 32, 48].map(|o| _mm512_loadu_ps(p.add(o))),
-            [4, 20, 36, 52].map(|o| _mm512_loadu_ps(p.add(o))),
+            [0, 16, 32, 48].map(|o| _mm512_loadu_ps(pa.add(o))),
+            [0, 16, 32, 48].map(|o| _mm512_loadu_ps(pb.add(o))),
         )
     };
     let mut out = [[0.0f32; 16]; 6];
@@ -330,8 +357,9 @@ super::wide_fn! {
     /// First `Bᵀ d` down the columns: the six padded rows a tile row reads give six rows
     /// `e_i` across the padded width, in full vectors. Then `(Bᵀ d) B` along them: tile t of
     /// tile row ty reads `e_i[4t .. 4t + 6]`, and with the tile rows of `e_i` stored end to
-    /// end (`4·tw` floats each) the whole plane's tiles run as one loop. Each row's last
-    /// tile, whose last two columns lie past those `4·tw`, is then done again from `ext`.
+    /// end (`4·tw` floats each) the whole plane's tiles run as one loop ([`put_tiles`]). Its
+    /// columns 4 and 5 are the next tile's first two, copied to `next`, except for each row's
+    /// last tile, whose lie past those `4·tw` and come from `ext`.
     fn transform_plane(
         x: &[f32],
         w: usize,
@@ -361,7 +389,8 @@ super::wide_fn! {
             }
         }
         let padded = &*padded;
-        let (e, ext) = rest.split_at_mut(6 * len + 4);
+        let (e, rest) = rest.split_at_mut(6 * len + 4);
+        let (ext, next) = rest.split_at_mut(12 * th);
         for ty in 0..th {
             let src: [&[f32]; 6] = std::array::from_fn(|k| &padded[(4 * ty + k) * pw..][..pw]);
             map_columns(&src, cols, &mut six_rows(e, len, ty * cols, cols), bt);
@@ -374,17 +403,19 @@ super::wide_fn! {
             }
         }
         let (e, ext) = (&*e, &*ext);
+        let next = next[..len].as_chunks_mut::<4>().0;
         for i in 0..6 {
             let quads = e[i * len..][..len + 4].as_chunks::<4>().0;
-            put_tiles(quads, tiles, column_rows(v, n, i, base, tiles), |a, b| {
+            // Tile c's columns 4 and 5 are the next tile's 0 and 1, except for the last tile of
+            // each row, whose lie past the row (in `ext`).
+            next.copy_from_slice(&quads[1..=tiles]);
+            for ty in 0..th {
+                let last = &mut next[ty * tw + tw - 1];
+                last[..2].copy_from_slice(&ext[(6 * ty + i) * 2..][..2]);
+            }
+            put_tiles(quads, next, tiles, column_rows(v, n, i, base, tiles), |a, b| {
                 bt([a[0], a[1], a[2], a[3], b[0], b[1]])
             });
-            let mut o = column_rows(v, n, i, base, tiles);
-            for ty in 0..th {
-                let c = ty * tw + tw - 1;
-                let (a, b) = (quads[c], &ext[(6 * ty + i) * 2..][..2]);
-                put(&mut o, c, bt([a[0], a[1], a[2], a[3], b[0], b[1]]));
-            }
         }
     }
 }
@@ -392,7 +423,7 @@ super::wide_fn! {
 /// Floats of staging space the transforms of one plane need ([`transform_plane`]'s are the
 /// most).
 fn stage_len(tl: &Tiling) -> usize {
-    tl.hp * (4 * tl.tw + 4) + 6 * tl.th * 4 * tl.tw + 4 + 12 * tl.th
+    tl.hp * (4 * tl.tw + 4) + 7 * tl.th * 4 * tl.tw + 4 + 12 * tl.th
 }
 
 super::wide_fn! {
@@ -542,8 +573,7 @@ super::wide_fn! {
         let (tw, th, tiles) = (tl.tw, tl.th, tl.tiles());
         let (oh, ow, cols) = (tl.oh, tl.ow, 4 * tw);
         let len = th * cols;
-        // Four floats past the last row of `e`, for [`put_tiles`]'s look at the next tile.
-        let (e, rest) = stage.split_at_mut(6 * len + 4);
+        let (e, rest) = stage.split_at_mut(6 * len);
         // The plane with its rows and columns filled up to whole tiles.
         let plane: &[f32] = if ow == cols && oh == 4 * th {
             dy
@@ -565,8 +595,9 @@ super::wide_fn! {
             map_columns(&src, cols, &mut six_rows(e, len, ty * cols, cols), a_times);
         }
         for i in 0..6 {
-            let quads = e[i * len..][..len + 4].as_chunks::<4>().0;
-            put_tiles(quads, tiles, column_rows(d, n, i, base, tiles), |quad, _| a_times(quad));
+            let quads = e[i * len..][..len].as_chunks::<4>().0;
+            let rows = column_rows(d, n, i, base, tiles);
+            put_tiles(quads, quads, tiles, rows, |quad, _| a_times(quad));
         }
     }
 }
