@@ -693,9 +693,10 @@ pub enum Winograd {
 
 /// The Winograd algorithm of a forward convolution (and so of an input gradient) in `mode`
 /// for `purpose`: in f32 F(4×4, 3×3) for every one where [`use_winograd`] holds (F(2×2, 3×3)
-/// when `DIFFUSE_KERNELS` leaves `f43` out); in bf16 as [`bf16_winograd`] says. Rounding the transformed tiles to bf16 costs accuracy: the relative
-/// RMS error of a convolution is about 0.4% by F(2×2, 3×3) and 2.6% by F(4×4, 3×3), against
-/// 0.2% for the direct bf16 product (`tests/all/kernels.rs`). `None`: the direct product.
+/// when `DIFFUSE_KERNELS` leaves `f43` out); in bf16 as [`bf16_winograd`] says. Rounding the
+/// transformed tiles to bf16 costs accuracy: the relative RMS error of a convolution is about
+/// 0.4% by F(2×2, 3×3) and 2.6% by F(4×4, 3×3), against 0.2% for the direct bf16 product
+/// (`tests/all/kernels.rs`). `None`: the direct product.
 pub fn winograd_of(mode: MatmulMode, g: &ConvGeometry, purpose: Purpose) -> Option<Winograd> {
     if !use_winograd(g) {
         return None;

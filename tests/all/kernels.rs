@@ -863,3 +863,37 @@ fn the_weight_cache_stays_within_its_bounds() {
     none.get(mode, &d, &g);
     assert_eq!(none.usage(), (0, 0));
 }
+
+/// One set of weights used at a batch that takes F(4x4, 3x3) in bf16 and at one that does not
+/// (on AVX-512 BF16): the cache keeps an entry for each route, and each call gets its own
+/// route's bits, in whichever order they come.
+#[test]
+#[cfg_attr(
+    not(has_bf16),
+    ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
+)]
+fn the_weight_cache_keeps_an_entry_per_route() {
+    use conv2d::Purpose;
+    use kernels::weight_cache::WeightCache;
+    let mode = MatmulMode::Bf16;
+    // 64 and 1,024 output tiles.
+    let small = geom(1, 4, 32, 32, 8, 3, 1, 1);
+    let big = ConvGeometry { batch: 16, ..small };
+    let values = conv_values(8 * 4 * 9, 61);
+    let w = burn_flex::FlexTensor::from_data(burn::tensor::TensorData::new(
+        values.clone(),
+        [8, 4, 3, 3],
+    ));
+    let cache = WeightCache::new(1 << 24);
+    for g in [small, big, small, big] {
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 62);
+        let got = conv2d::forward_prepared(&cache.get(mode, &w, &g), &x, &values, None, &g);
+        let own = conv2d::PreparedWeight::new(mode, Purpose::Inference, &values, &g);
+        let want = conv2d::forward_prepared(&own, &x, &values, None, &g);
+        assert_eq!(got, want, "batch {}", g.batch);
+    }
+    let routes = [small, big].map(|g| conv2d::winograd_of(mode, &g, Purpose::Inference));
+    let entries = if routes[0] == routes[1] { 1 } else { 2 };
+    println!("routes {routes:?}: {entries} entries");
+    assert_eq!(cache.usage().0, entries);
+}
