@@ -872,7 +872,7 @@ fn the_weight_cache_stays_within_its_bounds() {
     not(has_bf16),
     ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
 )]
-fn the_weight_cache_keeps_an_entry_per_route() {
+fn bf16_weight_cache_keeps_an_entry_per_route() {
     use conv2d::Purpose;
     use kernels::weight_cache::WeightCache;
     let mode = MatmulMode::Bf16;
