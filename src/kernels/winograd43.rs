@@ -277,24 +277,10 @@ unsafe fn split_tiles_avx512(a: &[[f32; 4]; 16], b: &[[f32; 4]; 16]) -> [[f32; 1
         } else {
             (&next, j as i32 - 4)
         };
-        let idx = _mm512_setr_epi32(
-            j,
-            j + 4,
-            j + 8,
-            j + 12,
-            j + 16,
-            j + 20,
-            j + 24,
-            j + 28,
-            j,
-            j + 4,
-            j + 8,
-            j + 12,
-            j + 16,
-            j + 20,
-            j + 24,
-            j + 28,
-        );
+        // Value j of tiles 0-7 in lanes 0-7, and again in lanes 8-15 (for the second pair).
+        let lanes: [i32; 16] = std::array::from_fn(|k| j + 4 * (k % 8) as i32);
+        // SAFETY: `lanes` holds 16 i32.
+        let idx = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
         let lo = _mm512_permutex2var_ps(v[0], idx, v[1]);
         let hi = _mm512_permutex2var_ps(v[2], idx, v[3]);
         // SAFETY: `o` holds 16 floats.
