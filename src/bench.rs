@@ -169,28 +169,50 @@ fn bench_t(b: usize) -> Vec<f64> {
     (0..b).map(|i| ((i * 7919 + 13) % 1000) as f64).collect()
 }
 
+/// The benchmark's training batch of `b` images: inputs, targets (both N(0, 1) from the
+/// sampling stream of seed 0) and timesteps.
+pub fn train_batch(b: usize, dev: &Device) -> (Tensor<4>, Tensor<4>, Vec<f64>) {
+    let mut rng = rng_for(0, Stream::Sample, b as u64);
+    let x = normal_tensor(&mut rng, [b, 3, 32, 32], dev);
+    let target = normal_tensor(&mut rng, [b, 3, 32, 32], dev);
+    (x, target, bench_t(b))
+}
+
+/// The benchmark's AdamW: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+pub fn optimizer() -> AdamW {
+    AdamW::new(0.9, 0.999, 1e-8, 0.01)
+}
+
+/// One training step: forward, the mean squared error against `target`, backward and an
+/// AdamW step at learning rate 2e-4. Returns the updated model and the loss.
+pub fn train_step(
+    model: ReferenceUNet,
+    opt: &mut AdamW,
+    (x, target, t): &(Tensor<4>, Tensor<4>, Vec<f64>),
+) -> (ReferenceUNet, f32) {
+    let loss = (model.forward(x.clone(), t) - target.clone())
+        .square()
+        .mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let model = opt.step(model, &grads, 2e-4, 1.0);
+    (model, loss.into_scalar())
+}
+
 /// Runs the benchmark: `warmup` untimed and `iters` timed steps for each measurement.
 pub fn run(warmup: usize, iters: usize, log: &mut dyn FnMut(&str)) -> BenchReport {
     let dev = training_device();
     dev.seed(0);
     let mut model = ReferenceUNet::new(&dev);
     let params = model.num_params();
-    let mut opt = AdamW::new(0.9, 0.999, 1e-8, 0.01);
+    let mut opt = optimizer();
     let mut train_rate = |b: usize, model: ReferenceUNet| -> (ReferenceUNet, f64) {
-        let mut rng = rng_for(0, Stream::Sample, b as u64);
-        let x = normal_tensor(&mut rng, [b, 3, 32, 32], &dev);
-        let target = normal_tensor(&mut rng, [b, 3, 32, 32], &dev);
-        let t = bench_t(b);
+        let batch = train_batch(b, &dev);
         let mut model = model;
         let mut times = Vec::new();
         for step in 0..warmup + iters {
             let t0 = Instant::now();
-            let loss = (model.forward(x.clone(), &t) - target.clone())
-                .square()
-                .mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = opt.step(model, &grads, 2e-4, 1.0);
-            let l: f32 = loss.into_scalar();
+            let (m, l) = train_step(model, &mut opt, &batch);
+            model = m;
             let dt = t0.elapsed().as_secs_f64();
             log(&format!("train B={b} step {step} loss {l:.5} {dt:.3}s"));
             if step >= warmup {

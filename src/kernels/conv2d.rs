@@ -653,33 +653,81 @@ pub enum Purpose {
 /// save one shape.
 const F43_MIN_TILES: usize = 1024;
 
-/// The Winograd algorithm of the bf16 forward convolution `g` for `purpose`, from
-/// `DIFFUSE_BF16_WINOGRAD`: `f23` (F(2×2, 3×3)) or `f43` (F(4×4, 3×3)) for both purposes,
-/// `direct` for neither (the direct product); unset (or anything else), F(4×4, 3×3) for
-/// inference over at least [`F43_MIN_TILES`] output tiles and the direct product otherwise.
-/// Only with the AVX-512 BF16 engine: AMX tiles multiply so much faster than the transforms run
+/// Which routes bf16 convolutions on the AVX-512 BF16 engine take ([`bf16_winograd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Routes {
+    /// Where it was measured to pay: F(4×4, 3×3) for inference over at least
+    /// [`F43_MIN_TILES`] output tiles, the direct product otherwise (training included).
+    Measured,
+    /// The direct product everywhere.
+    Direct,
+    /// One Winograd algorithm for every 3×3 stride-1 convolution, training and inference.
+    Everywhere(Winograd),
+}
+
+impl Bf16Routes {
+    /// The routes named `measured`, `direct`, `f23` or `f43` (everywhere).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "measured" => Some(Bf16Routes::Measured),
+            "direct" => Some(Bf16Routes::Direct),
+            "f23" => Some(Bf16Routes::Everywhere(Winograd::F23)),
+            "f43" => Some(Bf16Routes::Everywhere(Winograd::F43)),
+            _ => None,
+        }
+    }
+
+    /// The routes `DIFFUSE_BF16_WINOGRAD` names ([`Bf16Routes::parse`]); anything else, or
+    /// unset, [`Bf16Routes::Measured`].
+    pub fn from_env() -> Self {
+        std::env::var("DIFFUSE_BF16_WINOGRAD")
+            .ok()
+            .and_then(|v| Bf16Routes::parse(&v))
+            .unwrap_or(Bf16Routes::Measured)
+    }
+}
+
+static ROUTES: std::sync::Mutex<Option<Bf16Routes>> = std::sync::Mutex::new(None);
+
+/// Sets the bf16 routes for the whole process, in place of `DIFFUSE_BF16_WINOGRAD`'s (used by
+/// `examples/route_ab.rs` to time two settings step by step in one process). Prepared weights
+/// already kept stay valid: [`super::weight_cache`] keys them by route.
+pub fn set_bf16_routes(routes: Bf16Routes) {
+    *ROUTES.lock().unwrap_or_else(|e| e.into_inner()) = Some(routes);
+}
+
+/// The Winograd algorithm of the bf16 forward convolution `g` for `purpose`, as the routes set
+/// by [`set_bf16_routes`] (else `DIFFUSE_BF16_WINOGRAD`, [`Bf16Routes::from_env`]) say. Only
+/// with the AVX-512 BF16 engine: AMX tiles multiply so much faster than the transforms run
 /// that the direct product wins there.
 ///
 /// Why inference and training differ: F(4×4, 3×3) rounds its transformed tiles, about 12 times
 /// the direct product's error per convolution (2.6% relative RMS). Sampling a model either way
 /// gave the same quality at n = 1,000, while the embedded recipe trained with it for 1,000
 /// steps ended 1.4% and 3% higher in FID in two seeds, at the same loss (docs/BENCHMARKS.md,
-/// 2026-12-07 session 22).
+/// 2026-12-07 session 22). F(2×2, 3×3) costs about twice the direct product's error (0.4%)
+/// and trained as well in the same check (within 1% in both seeds), but made a training step
+/// no faster: a training step transforms its weights at every call, which on most layers
+/// costs more than the smaller products save (`examples/conv_routes.rs`; whole steps of the
+/// benchmark U-Net 0.98x at batch 16 and 1.03x at 64 by `examples/route_ab.rs`, session 23).
 fn bf16_winograd(purpose: Purpose, g: &ConvGeometry) -> Option<Winograd> {
-    static CHOICE: std::sync::OnceLock<Option<Option<Winograd>>> = std::sync::OnceLock::new();
-    let choice = *CHOICE.get_or_init(|| match std::env::var("DIFFUSE_BF16_WINOGRAD").as_deref() {
-        Ok("f23") => Some(Some(Winograd::F23)),
-        Ok("f43") => Some(Some(Winograd::F43)),
-        Ok("direct") => Some(None),
-        _ => None,
-    });
+    if bf16::engine() != Some(bf16::Engine::Avx512) {
+        return None;
+    }
+    let routes = *ROUTES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(Bf16Routes::from_env);
     let [oh, ow] = g.out_hw();
-    let tiles = g.batch * oh.div_ceil(4) * ow.div_ceil(4);
-    let default =
-        (purpose == Purpose::Inference && tiles >= F43_MIN_TILES).then_some(Winograd::F43);
-    choice
-        .unwrap_or(default)
-        .filter(|_| bf16::engine() == Some(bf16::Engine::Avx512))
+    match (routes, purpose) {
+        (Bf16Routes::Direct, _) => None,
+        (Bf16Routes::Everywhere(w), _) => Some(w),
+        (Bf16Routes::Measured, Purpose::Inference) => {
+            let tiles = g.batch * oh.div_ceil(4) * ow.div_ceil(4);
+            (tiles >= F43_MIN_TILES).then_some(Winograd::F43)
+        }
+        (Bf16Routes::Measured, Purpose::Training) => None,
+    }
 }
 
 /// Winograd's minimal filtering algorithms for 3×3 stride-1 convolutions.

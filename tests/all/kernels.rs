@@ -679,6 +679,24 @@ fn bf16_winograd_error_is_bounded() {
     }
 }
 
+/// The bf16 route settings go by the names `DIFFUSE_BF16_WINOGRAD` and
+/// `examples/route_ab.rs` take; anything else is no setting.
+#[test]
+fn bf16_routes_are_named_as_the_environment_names_them() {
+    use conv2d::{Bf16Routes, Winograd};
+    for (name, routes) in [
+        ("measured", Bf16Routes::Measured),
+        ("direct", Bf16Routes::Direct),
+        ("f23", Bf16Routes::Everywhere(Winograd::F23)),
+        ("f43", Bf16Routes::Everywhere(Winograd::F43)),
+    ] {
+        assert_eq!(Bf16Routes::parse(name), Some(routes), "{name}");
+    }
+    for name in ["", "F43", "f44", "direct "] {
+        assert_eq!(Bf16Routes::parse(name), None, "{name:?}");
+    }
+}
+
 // Weights prepared once and kept across calls (`kernels::weight_cache`).
 
 /// The modes this processor runs, saying so when bf16 is left out.
