@@ -16,7 +16,6 @@ use diffuse::bench::{self, ReferenceUNet};
 use diffuse::device::{inference_device, training_device};
 use diffuse::kernels::conv2d::{Bf16Routes, set_bf16_routes};
 use diffuse::kernels::{self, MatmulMode, bf16};
-use diffuse::rng::{Stream, normal_tensor, rng_for};
 use std::time::Instant;
 
 fn median(v: &mut [f64]) -> f64 {
@@ -91,9 +90,7 @@ fn main() {
     }
     let idev = inference_device();
     let imodel = model.expect("model").valid();
-    let mut rng = rng_for(0, Stream::Sample, 99);
-    let x = normal_tensor(&mut rng, [64, 3, 32, 32], &idev);
-    let t: Vec<f64> = (0..64).map(|i| ((i * 7919 + 13) % 1000) as f64).collect();
+    let (x, t) = bench::forward_batch(&idev);
     compare("infer B=64", settings, 2, pairs, || {
         let _: f32 = imodel.forward(x.clone(), &t).sum().into_scalar();
     });

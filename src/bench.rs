@@ -178,6 +178,13 @@ pub fn train_batch(b: usize, dev: &Device) -> (Tensor<4>, Tensor<4>, Vec<f64>) {
     (x, target, bench_t(b))
 }
 
+/// The benchmark's forward-pass batch: 64 N(0, 1) inputs (sampling stream of seed 0, 99) and
+/// their timesteps.
+pub fn forward_batch(dev: &Device) -> (Tensor<4>, Vec<f64>) {
+    let mut rng = rng_for(0, Stream::Sample, 99);
+    (normal_tensor(&mut rng, [64, 3, 32, 32], dev), bench_t(64))
+}
+
 /// The benchmark's AdamW: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
 pub fn optimizer() -> AdamW {
     AdamW::new(0.9, 0.999, 1e-8, 0.01)
@@ -226,9 +233,7 @@ pub fn run(warmup: usize, iters: usize, log: &mut dyn FnMut(&str)) -> BenchRepor
     model = m;
     let idev = inference_device();
     let imodel = model.valid();
-    let mut rng = rng_for(0, Stream::Sample, 99);
-    let x = normal_tensor(&mut rng, [64, 3, 32, 32], &idev);
-    let t = bench_t(64);
+    let (x, t) = forward_batch(&idev);
     let mut times = Vec::new();
     for step in 0..2 + iters {
         let t0 = Instant::now();
