@@ -188,7 +188,7 @@ pub struct Series {
 }
 
 /// Distinct line colours, in order.
-pub const PALETTE: [[u8; 3]; 8] = [
+pub const PALETTE: [[u8; 3]; 10] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],
@@ -197,6 +197,8 @@ pub const PALETTE: [[u8; 3]; 8] = [
     [140, 86, 75],
     [227, 119, 194],
     [23, 190, 207],
+    [127, 127, 127],
+    [188, 189, 34],
 ];
 
 fn fmt_tick(v: f64) -> String {
