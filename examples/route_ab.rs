@@ -18,11 +18,6 @@ use diffuse::kernels::conv2d::{Bf16Routes, set_bf16_routes};
 use diffuse::kernels::{self, MatmulMode, bf16};
 use std::time::Instant;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Runs `step` under the two settings for `warmup + pairs` pairs, alternating which goes
 /// first, and prints the comparison.
 fn compare(
@@ -48,13 +43,11 @@ fn compare(
             ratio.push(t[0] / t[1]);
         }
     }
-    let (ma, mb) = (median(&mut a), median(&mut b));
-    let mr = median(&mut ratio);
-    println!(
-        "{name:10} A {ma:7.3} s   B {mb:7.3} s   A/B {mr:.3} (pairs {:.3} to {:.3})",
-        ratio[0],
-        ratio[ratio.len() - 1]
-    );
+    let (lo, hi) = ratio.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
+        (lo.min(r), hi.max(r))
+    });
+    let (ma, mb, mr) = (bench::median(a), bench::median(b), bench::median(ratio));
+    println!("{name:10} A {ma:7.3} s   B {mb:7.3} s   A/B {mr:.3} (pairs {lo:.3} to {hi:.3})");
 }
 
 fn main() {

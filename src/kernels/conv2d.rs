@@ -718,11 +718,11 @@ fn bf16_winograd(purpose: Purpose, g: &ConvGeometry) -> Option<Winograd> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get_or_insert_with(Bf16Routes::from_env);
-    let [oh, ow] = g.out_hw();
     match (routes, purpose) {
         (Bf16Routes::Direct, _) => None,
         (Bf16Routes::Everywhere(w), _) => Some(w),
         (Bf16Routes::Measured, Purpose::Inference) => {
+            let [oh, ow] = g.out_hw();
             let tiles = g.batch * oh.div_ceil(4) * ow.div_ceil(4);
             (tiles >= F43_MIN_TILES).then_some(Winograd::F43)
         }
