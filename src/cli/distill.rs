@@ -10,7 +10,7 @@ use crate::model::SamplingConfig;
 use crate::pipeline::load_generator;
 use crate::sampler::SamplerKind;
 use crate::train::distill::{self, DistillConfig, MAX_GRID, TeacherSolver};
-use crate::train::{self, LossWeighting, RunConfig, RunPaths, TrainConfig};
+use crate::train::{self, LossWeighting, LrSchedule, RunConfig, RunPaths, TrainConfig};
 use crate::unet::UNet;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -186,6 +186,7 @@ fn fresh_run(a: &DistillArgs) -> Result<(RunConfig, UNet)> {
             batch_size: a.batch,
             lr: a.lr,
             warmup_steps: 50,
+            lr_schedule: LrSchedule::Constant,
             weight_decay: 0.0,
             grad_clip: 1.0,
             ema_decay: a.ema_decay,

@@ -13,7 +13,8 @@ use crate::train::gan::{GanRun, GanTrainConfig};
 use crate::train::pixelcnn::PixelCnnRun;
 use crate::train::vae_generator::VaeGenRun;
 use crate::train::{
-    self, LossWeighting, RunConfig, RunPaths, RunSpec, StepReport, TrainConfig, checkpoint,
+    self, LossWeighting, LrSchedule, RunConfig, RunPaths, RunSpec, StepReport, TrainConfig,
+    checkpoint,
 };
 use crate::unet::UNetConfig;
 use crate::vae::generator::VaeGenConfig;
@@ -129,6 +130,11 @@ pub struct TrainArgs {
     /// Linear warm-up steps.
     #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
     warmup: usize,
+    /// The learning rate after the warm-up: constant, or down to 0 at the last of --steps by a
+    /// half cosine or a straight line (diffusers' `--lr_scheduler`). A --resume to a new
+    /// --steps total stretches the decay to it.
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().lr_schedule)]
+    lr_schedule: LrSchedule,
     /// AdamW weight decay.
     #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
     weight_decay: f64,
@@ -504,6 +510,7 @@ fn family_train_config(a: &TrainArgs, d: SharedDefaults) -> TrainConfig {
         batch_size: if given("batch") { a.batch } else { d.batch },
         lr: pick("lr", a.lr, d.lr),
         warmup_steps: if given("warmup") { a.warmup } else { d.warmup },
+        lr_schedule: a.lr_schedule,
         weight_decay: a.weight_decay,
         grad_clip: pick("grad_clip", a.grad_clip, d.grad_clip),
         ema_decay: pick("ema_decay", a.ema_decay, d.ema_decay),
@@ -800,6 +807,7 @@ fn build_run_config(a: &TrainArgs) -> Result<RunConfig> {
         batch_size: a.batch,
         lr: a.lr,
         warmup_steps: a.warmup,
+        lr_schedule: a.lr_schedule,
         weight_decay: a.weight_decay,
         grad_clip: a.grad_clip,
         ema_decay: a.ema_decay,

@@ -12,7 +12,7 @@ use super::adamw::{self, AdamW};
 use super::checkpoint::{self, Checkpoint, Parts};
 use super::preview::{class_layout, save_grid};
 use super::run::{self, Learner, StepOutcome};
-use super::{RunPaths, RunSpec, StepReport, TrainConfig, metrics, warmup_lr};
+use super::{RunPaths, RunSpec, StepReport, TrainConfig, metrics};
 use crate::data::{Dataset, HostBatch};
 use crate::gan::{Discriminator, GanConfig, Generator, LoadedGan};
 use crate::model::{Family, FamilyConfig};
@@ -220,7 +220,7 @@ impl Learner for GanLearner<'_> {
         let grads_d = GradientsParams::from_grads(loss_d.backward(), &d);
         let d_loss = scalar(loss_d);
         let gn_d = adamw::grad_norm(&d, &grads_d);
-        let lr_d = warmup_lr(cfg.gan.lr_d, tc.warmup_steps, step);
+        let lr_d = tc.rate_at(cfg.gan.lr_d, step);
         let d = self
             .opt_d
             .step(d, &grads_d, lr_d, adamw::clip_scale(gn_d, tc.grad_clip));

@@ -86,6 +86,9 @@ pub struct TrainConfig {
     /// Flow-matching runs: how training times are drawn (runs from before it: the default).
     #[serde(default)]
     pub flow_time: crate::schedule::FlowTime,
+    /// How the learning rate moves after the warm-up (runs from before it: constant).
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
 }
 
 impl Default for TrainConfig {
@@ -107,6 +110,7 @@ impl Default for TrainConfig {
             sample_every: 500,
             precision: crate::kernels::MatmulMode::F32,
             flow_time: crate::schedule::FlowTime::default(),
+            lr_schedule: LrSchedule::Constant,
         }
     }
 }
@@ -147,19 +151,54 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Learning rate at `step` ([`warmup_lr`]).
+    /// Learning rate at `step` ([`scheduled_lr`] of `lr`).
     pub fn lr_at(&self, step: usize) -> f64 {
-        warmup_lr(self.lr, self.warmup_steps, step)
+        self.rate_at(self.lr, step)
+    }
+
+    /// A rate with another peak (a GAN's discriminator's) on this run's warm-up and schedule.
+    pub fn rate_at(&self, peak: f64, step: usize) -> f64 {
+        scheduled_lr(peak, self.warmup_steps, self.lr_schedule, self.steps, step)
     }
 }
 
-/// Learning rate at `step`: linear warm-up from 0 over `warmup` steps, then constant `lr`
-/// (DDPM, appendix B).
-pub fn warmup_lr(lr: f64, warmup: usize, step: usize) -> f64 {
+/// How the learning rate moves after the linear warm-up, to the run's last step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// The peak rate to the end (DDPM, appendix B; diffusers' `constant_with_warmup`).
+    #[default]
+    Constant,
+    /// Half a cosine from the peak down to 0 at the last step (Loshchilov & Hutter 2017,
+    /// "SGDR", eq. 5 with one period and no restart; diffusers' `cosine`).
+    Cosine,
+    /// A straight line from the peak down to 0 at the last step (diffusers' `linear`).
+    Linear,
+}
+
+/// Learning rate at `step` (0-based) of a run of `steps` steps with peak `lr`.
+///
+/// Warm-up: `lr (step + 1) / warmup` while `step < warmup` (DDPM, appendix B). After it, with
+/// the progress `p = (step - warmup) / max(1, steps - warmup)` (0 at the first step after the
+/// warm-up, 1 at `steps`; clamped to [0, 1]):
+/// constant `lr`; cosine `lr (1 + cos(pi p)) / 2` (Loshchilov & Hutter 2017, eq. 5); linear
+/// `lr (1 - p)`. The formulas of diffusers' `get_cosine_schedule_with_warmup` and
+/// `get_linear_schedule_with_warmup` (`optimization.py`) after the warm-up.
+pub fn scheduled_lr(
+    lr: f64,
+    warmup: usize,
+    schedule: LrSchedule,
+    steps: usize,
+    step: usize,
+) -> f64 {
     if step < warmup {
-        lr * (step + 1) as f64 / warmup as f64
-    } else {
-        lr
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let p = ((step - warmup) as f64 / steps.saturating_sub(warmup).max(1) as f64).min(1.0);
+    match schedule {
+        LrSchedule::Constant => lr,
+        LrSchedule::Cosine => lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+        LrSchedule::Linear => lr * (1.0 - p),
     }
 }
 

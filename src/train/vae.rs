@@ -128,7 +128,13 @@ pub fn train(
         }
         let gnorm = adamw::grad_norm(&model, &grads);
         let scale = adamw::clip_scale(gnorm, tc.grad_clip);
-        let lr = super::warmup_lr(tc.lr, tc.warmup_steps, step);
+        let lr = super::scheduled_lr(
+            tc.lr,
+            tc.warmup_steps,
+            super::LrSchedule::Constant,
+            tc.steps,
+            step,
+        );
         model = opt.step(model, &grads, lr, scale);
         let done = step + 1;
         let line = VaeMetric {

@@ -344,13 +344,19 @@ fn killed_run_resumes_to_the_same_result_as_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fixture("digits.csv.gz");
     let data = data.to_str().unwrap();
+    // With a cosine decay, which the resumed run must take from the saved config.
+    let cosine = |out| {
+        let mut a = tiny_train_args(data, out, "16");
+        a.extend(["--lr-schedule", "cosine"]);
+        a
+    };
     let whole = tmp.path().join("whole");
-    ok(&tiny_train_args(data, whole.to_str().unwrap(), "16"));
+    ok(&cosine(whole.to_str().unwrap()));
 
     let cut = tmp.path().join("cut");
     let cuts = cut.to_str().unwrap();
     let mut child = Command::new(BIN)
-        .args(tiny_train_args(data, cuts, "16"))
+        .args(cosine(cuts))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -382,6 +388,27 @@ fn killed_run_resumes_to_the_same_result_as_an_uninterrupted_one() {
             .collect()
     };
     assert_eq!(figures(&whole), figures(&cut));
+    // The logged rates: the 2-step warm-up, then the half cosine over the other 14 steps.
+    let rates: Vec<f64> = std::fs::read_to_string(cut.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    for (s, &r) in rates.iter().enumerate() {
+        let want = match s {
+            0 => 5e-4,
+            1 => 1e-3,
+            _ => 1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * (s - 2) as f64 / 14.0).cos()),
+        };
+        assert!(
+            (r - want).abs() < 1e-12,
+            "step {s}: rate {r}, expected {want}"
+        );
+    }
     // Every random draw derives from (seed, step): the resumed run ends bit-identical.
     let a = diffuse::weights::read_safetensors(&whole.join("model.safetensors"))
         .unwrap()

@@ -1,12 +1,13 @@
 //! The training objective (`train::objective`): examples against the forward process's closed
-//! form, the targets of each prediction type, dropout, determinism, and the loss weights.
+//! form, the targets of each prediction type, dropout, determinism, the loss weights, and the
+//! learning rate's warm-up and schedule.
 
 use diffuse::data::HostBatch;
 use diffuse::device::inference_device;
 use diffuse::model::{ModelConfig, SuperResConfig};
 use diffuse::schedule::{NoiseSchedule, Prediction, ScheduleConfig};
 use diffuse::train::objective::{Objective, loss_weights};
-use diffuse::train::{LossWeighting, RunConfig, TrainConfig};
+use diffuse::train::{LossWeighting, LrSchedule, RunConfig, TrainConfig, scheduled_lr};
 use diffuse::unet::UNetConfig;
 
 fn run(prediction: Prediction, label_dropout: f64, superres: bool) -> RunConfig {
@@ -194,4 +195,61 @@ fn min_snr_weights_have_their_closed_form() {
     )
     .unwrap();
     assert!(w[0] < 0.01 && (w[3] - 1.0).abs() < 1e-6);
+}
+
+/// The learning rate against its closed forms: the warm-up's ramp, the constant rate, the
+/// cosine's midpoint (half the peak) and its symmetry `f(p) + f(1 - p) = peak`, the line's
+/// `peak (1 - p)`; a run folder from before the schedule existed reads as constant.
+#[test]
+fn learning_rate_schedules_have_their_closed_forms() {
+    let (lr, warmup, steps) = (2e-3, 10, 110);
+    for schedule in [LrSchedule::Constant, LrSchedule::Cosine, LrSchedule::Linear] {
+        let at = |step| scheduled_lr(lr, warmup, schedule, steps, step);
+        assert_eq!(at(0), lr / 10.0);
+        assert_eq!(at(4), lr / 2.0);
+        // The first step after the warm-up is at the peak; the rate never rises after it.
+        assert_eq!(at(warmup), lr);
+        for s in warmup..steps - 1 {
+            assert!(at(s + 1) <= at(s), "{schedule:?} rises at step {s}");
+        }
+    }
+    let cos = |step| scheduled_lr(lr, warmup, LrSchedule::Cosine, steps, step);
+    let lin = |step| scheduled_lr(lr, warmup, LrSchedule::Linear, steps, step);
+    // p = (step - 10) / 100: 0.5 at step 60.
+    assert!((cos(60) - lr / 2.0).abs() < 1e-15);
+    for k in 0..=100 {
+        let p = k as f64 / 100.0;
+        assert!(
+            (cos(10 + k) + cos(110 - k) - lr).abs() < 1e-15,
+            "symmetry at p = {p}"
+        );
+        assert!(
+            (lin(10 + k) - lr * (1.0 - p)).abs() < 1e-15,
+            "line at p = {p}"
+        );
+        let closed = lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+        assert!((cos(10 + k) - closed).abs() < 1e-15, "cosine at p = {p}");
+    }
+    // The last step's rate is small but not zero; a step past the end stays at 0.
+    assert!(cos(steps - 1) > 0.0 && cos(steps - 1) < lr * 1e-3);
+    assert_eq!(lin(steps + 5), 0.0);
+    for s in 10..110 {
+        assert_eq!(scheduled_lr(lr, warmup, LrSchedule::Constant, steps, s), lr);
+    }
+    // The run's config applies it, with the discriminator's other peak on the same curve.
+    let tc = TrainConfig {
+        lr,
+        warmup_steps: warmup,
+        steps,
+        lr_schedule: LrSchedule::Cosine,
+        ..TrainConfig::default()
+    };
+    assert_eq!(tc.lr_at(60), cos(60));
+    assert!((tc.rate_at(lr / 4.0, 60) - cos(60) / 4.0).abs() < 1e-18);
+    // Saved configs name it in kebab case; one without it (older runs) is constant.
+    let mut v = serde_json::to_value(&tc).unwrap();
+    assert_eq!(v["lr_schedule"], "cosine");
+    v.as_object_mut().unwrap().remove("lr_schedule");
+    let old: TrainConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(old.lr_schedule, LrSchedule::Constant);
 }
