@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 20-minute recipe study of docs/fast-generation.md: each variant of the Fashion-MNIST
 # recipe trained for the same 1,900 steps (20 minutes of this project's 2-core machine at the
-# default width), then judged by `diffuse eval` at n=1000 (classifier features, guidance 1, seed
+# default width in f32; STEPS=2680 is 20 minutes in bf16, docs/recipe-2680), then judged by `diffuse eval` at n=1000 (classifier features, guidance 1, seed
 # 0) with its objective's best cheap sampler: heun at 10 steps (19 evaluations) for flow models,
 # DPM-Solver++(2M) at 20 and Euler-ancestral at 50 for
 # diffusion ones. Also writes the floor: 1,000 test images judged the
@@ -28,6 +28,7 @@ ROWS=(
   "epsilon-euler-a|--sampler euler-a --steps 50|--objective epsilon|epsilon"
   "flow|$FLOW_EVAL|--objective flow"
   "flow-lr8e-4|$FLOW_EVAL|--objective flow --lr 8e-4"
+  "flow-cosine|$FLOW_EVAL|--objective flow --lr-schedule cosine"
   "flow-edm-sigmas|$FLOW_EVAL|--objective flow --flow-loc -1.2 --flow-scale 1.2"
   "v|$DIFF_EVAL|--objective v"
 )

@@ -130,7 +130,7 @@ pub struct TrainArgs {
     /// Linear warm-up steps.
     #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
     warmup: usize,
-    /// The learning rate after the warm-up: constant, or down to 0 at the last of --steps by a
+    /// The learning rate after the warm-up: constant, or down to 0 at the end of --steps by a
     /// half cosine or a straight line (diffusers' `--lr_scheduler`). A --resume to a new
     /// --steps total stretches the decay to it.
     #[arg(long, value_enum, default_value_t = TrainConfig::default().lr_schedule)]

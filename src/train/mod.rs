@@ -162,17 +162,17 @@ impl TrainConfig {
     }
 }
 
-/// How the learning rate moves after the linear warm-up, to the run's last step.
+/// How the learning rate moves after the linear warm-up, to the end of the run (`steps`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LrSchedule {
     /// The peak rate to the end (DDPM, appendix B; diffusers' `constant_with_warmup`).
     #[default]
     Constant,
-    /// Half a cosine from the peak down to 0 at the last step (Loshchilov & Hutter 2017,
+    /// Half a cosine from the peak down to 0 at the run's end (Loshchilov & Hutter 2017,
     /// "SGDR", eq. 5 with one period and no restart; diffusers' `cosine`).
     Cosine,
-    /// A straight line from the peak down to 0 at the last step (diffusers' `linear`).
+    /// A straight line from the peak down to 0 at the run's end (diffusers' `linear`).
     Linear,
 }
 
