@@ -29,6 +29,7 @@ ROWS=(
   "flow|$FLOW_EVAL|--objective flow"
   "flow-lr8e-4|$FLOW_EVAL|--objective flow --lr 8e-4"
   "flow-cosine|$FLOW_EVAL|--objective flow --lr-schedule cosine"
+  "flow-loc0.5|$FLOW_EVAL|--objective flow --flow-loc 0.5"
   "flow-edm-sigmas|$FLOW_EVAL|--objective flow --flow-loc -1.2 --flow-scale 1.2"
   "v|$DIFF_EVAL|--objective v"
 )
