@@ -389,15 +389,11 @@ fn killed_run_resumes_to_the_same_result_as_an_uninterrupted_one() {
     };
     assert_eq!(figures(&whole), figures(&cut));
     // The logged rates: the 2-step warm-up, then the half cosine over the other 14 steps.
-    let rates: Vec<f64> = std::fs::read_to_string(cut.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
-                .as_f64()
-                .unwrap()
-        })
+    let rates: Vec<f64> = diffuse::train::read_metrics(&cut.join("metrics.jsonl"), usize::MAX)
+        .iter()
+        .map(|m| m.lr)
         .collect();
+    assert_eq!(rates.len(), 16);
     for (s, &r) in rates.iter().enumerate() {
         let want = match s {
             0 => 5e-4,

@@ -10,14 +10,9 @@ use diffuse::train::distill::{DistillConfig, TeacherSolver, huber_c, segment_flo
 use std::path::Path;
 
 fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
+    diffuse::train::read_metrics(&run.join("metrics.jsonl"), usize::MAX)
+        .iter()
+        .map(|m| m.loss)
         .collect()
 }
 

@@ -333,14 +333,9 @@ fn flow_trains_samples_edits_and_resumes_from_the_cli() {
     assert_eq!(cfg["model"]["prediction"], "flow");
     assert_eq!(cfg["train"]["loss_weighting"], "uniform");
     assert_eq!(cfg["train"]["flow_time"]["logit-normal"]["scale"], 1.0);
-    let losses: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
+    let losses: Vec<f64> = diffuse::train::read_metrics(&run.join("metrics.jsonl"), usize::MAX)
+        .iter()
+        .map(|m| m.loss)
         .collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     assert!(
