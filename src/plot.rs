@@ -188,7 +188,7 @@ pub struct Series {
 }
 
 /// Distinct line colours, in order.
-pub const PALETTE: [[u8; 3]; 10] = [
+pub const PALETTE: [[u8; 3]; 12] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],
@@ -199,6 +199,8 @@ pub const PALETTE: [[u8; 3]; 10] = [
     [23, 190, 207],
     [127, 127, 127],
     [188, 189, 34],
+    [0, 0, 0],
+    [0, 90, 110],
 ];
 
 fn fmt_tick(v: f64) -> String {
