@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The 20-minute recipe study of docs/fast-generation.md: each variant of the Fashion-MNIST
 # recipe trained for the same 1,900 steps (20 minutes of this project's 2-core machine at the
-# default width in f32; STEPS=2680 is 20 minutes in bf16, docs/recipe-2680), then judged by `diffuse eval` at n=1000 (classifier features, guidance 1, seed
-# 0) with its objective's best cheap sampler: heun at 10 steps (19 evaluations) for flow models,
-# DPM-Solver++(2M) at 20 and Euler-ancestral at 50 for
-# diffusion ones. Also writes the floor: 1,000 test images judged the
+# default width in f32; STEPS=2680 is 20 minutes in bf16, docs/recipe-2680), then judged by
+# `diffuse eval` at n=1000 (classifier features, guidance 1, seed 0) with its objective's best
+# cheap sampler: heun at 10 steps (19 evaluations) for flow models, DPM-Solver++(2M) at 20 and
+# Euler-ancestral at 50 for diffusion ones. Also writes the floor: 1,000 test images judged the
 # same way (`diffuse eval --real`).
 #
 #   scripts/recipe_study.sh [RUNS_DIR] [JSON_DIR]      (defaults: runs/recipe, docs/recipe)
