@@ -12,7 +12,8 @@
 # per run at batch 1, a quarter of that at batch 64), TORCH_THREADS (2), BUILD=0 (skip the
 # build). VARIANTS and TORCH_VARIANTS: '|'-separated environment settings, each run as its own
 # A or B every round (default: diffuse f32 and bf16 where the processor runs it; PyTorch f32
-# eager and bf16 autocast with channels_last).
+# eager and bf16 autocast with channels_last). BIN=path in a variant runs another build of
+# the example, e.g. VARIANTS='BIN=/tmp/old_sample_latency|default' to compare two builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-fashion-mnist}
@@ -43,7 +44,9 @@ for r in $(seq 1 "$ROUNDS"); do
     v=${VARS[$i]}
     [ "$v" = default ] && v=
     echo "== round $r: diffuse ${VARS[$i]}" >&2
-    env $v RAYON_NUM_THREADS="$TORCH_THREADS" target/release/examples/sample_latency "$MODEL" "$STEPS" "$REPEATS" > "$out/a${r}_$i.txt"
+    env $v RAYON_NUM_THREADS="$TORCH_THREADS" bash -c \
+      'exec "${BIN:-target/release/examples/sample_latency}" "$@"' _ "$MODEL" "$STEPS" "$REPEATS" \
+      > "$out/a${r}_$i.txt"
   done
   for i in "${!TVARS[@]}"; do
     v=${TVARS[$i]}

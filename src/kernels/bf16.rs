@@ -102,6 +102,14 @@ pub fn engine() -> Option<Engine> {
     })
 }
 
+/// `dst[i] = bf16(src[i])` (round to nearest even, as the products round their operands), in
+/// AVX-512 BF16 conversions (`VCVTNEPS2BF16`), which read subnormal inputs as zero, as the
+/// packing of every operand does. Needs [`available`].
+pub fn round_into(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len(), "bf16 rounding: lengths differ");
+    imp::round_into(src, dst)
+}
+
 /// Whether this process runs bf16 products (see [`engine`]).
 pub fn available() -> bool {
     engine().is_some()
@@ -137,12 +145,15 @@ pub enum Rhs<'a> {
     Padded(&'a PaddedImage<'a>),
 }
 
-/// One image, zero-padded, as the column matrix `col(x)` of a stride-1 convolution: row
-/// `(ci, ky, kx)` at output pixel `(oy, ox)` is `xp[ci, oy + ky, ox + kx]` (see
-/// `conv2d::im2col` for the layout), so each output row's part of a row is contiguous.
+/// One image, zero-padded and already rounded to bf16, as the column matrix `col(x)` of a
+/// stride-1 convolution: row `(ci, ky, kx)` at output pixel `(oy, ox)` is `xp[ci, oy + ky,
+/// ox + kx]` (see `conv2d::im2col` for the layout), so each output row's part of a row is
+/// contiguous. Rounding the image once, rather than each of the `kh·kw` rows that read a
+/// pixel, halves what the packing reads and drops its conversions: the same bits, since the
+/// products round their operands to nearest even either way.
 pub struct PaddedImage<'a> {
-    /// `[C_in, hp, wp]`.
-    pub xp: &'a [f32],
+    /// `[C_in, hp, wp]`, bf16 bits (see [`round_into`]).
+    pub xp: &'a [u16],
     pub hp: usize,
     pub wp: usize,
     pub kh: usize,
@@ -163,14 +174,17 @@ impl PaddedImage<'_> {
     }
 
     /// Writes the row starting at `base` (see [`PaddedImage::base`]), output pixels
-    /// `j0..j0 + out.len()`, into `out`.
+    /// `j0..j0 + out.len()`, into `out` (as f32: exact).
     pub(crate) fn read(&self, base: usize, j0: usize, out: &mut [f32]) {
         let mut filled = 0;
         while filled < out.len() {
             let j = j0 + filled;
             let (oy, ox) = (j / self.ow, j % self.ow);
             let len = (self.ow - ox).min(out.len() - filled);
-            out[filled..filled + len].copy_from_slice(&self.xp[base + oy * self.wp + ox..][..len]);
+            let src = &self.xp[base + oy * self.wp + ox..][..len];
+            for (o, &h) in out[filled..filled + len].iter_mut().zip(src) {
+                *o = f32_of(h);
+            }
             filled += len;
         }
     }
@@ -423,8 +437,8 @@ fn columns(
     BUFFERS.with(|cell| {
         let mut bufs = cell.borrow_mut();
         let (packed, acc) = &mut *bufs;
-        packed.resize(width * panel_stride, 0);
-        acc.resize(width * blocks * BLOCK * BLOCK, 0.0);
+        let packed = aligned(packed, width * panel_stride);
+        let acc = aligned(acc, width * blocks * BLOCK * BLOCK);
         for g0 in range.clone().step_by(width) {
             let np = width.min(range.end - g0);
             let (j0, j1) = (g0 * BLOCK, ((g0 + np) * BLOCK).min(n));
@@ -474,6 +488,22 @@ fn columns(
     })
 }
 
+/// The first `len` elements of `buf` from a 64-byte boundary on (`buf` grown as needed), so
+/// that the kernels' 64-byte loads and stores of packed panels and accumulators each touch one
+/// cache line: a large `Vec` from the allocator starts 16 bytes past a page boundary, which
+/// split every other 32-byte half of those loads across two lines.
+fn aligned<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    let slack = 64 / std::mem::size_of::<T>();
+    if buf.len() < len + slack {
+        buf.resize(len + slack, T::default());
+    }
+    // `align_offset` may give up (usize::MAX); then the slice starts unaligned, still correct.
+    let at = Some(buf.as_ptr().align_offset(64))
+        .filter(|&at| at <= slack)
+        .unwrap_or(0);
+    &mut buf[at..at + len]
+}
+
 /// The destination shared by the column ranges of one product, which write disjoint columns.
 #[derive(Clone, Copy)]
 struct SharedDst(*mut f32);
@@ -509,6 +539,24 @@ mod imp {
         let hi = load16(x.get(16..).unwrap_or(&[]));
         // SAFETY: same-size reinterpretation of a SIMD register.
         unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, load16(x))) }
+    }
+
+    /// See [`super::round_into`] (lengths checked there).
+    pub fn round_into(src: &[f32], dst: &mut [u16]) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        fn go(src: &[f32], dst: &mut [u16]) {
+            for (s, d) in src.chunks(16).zip(dst.chunks_mut(16)) {
+                // SAFETY: same-size reinterpretation of a SIMD register.
+                let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(load16(s))) };
+                let mask = ((1u64 << d.len()) - 1) as u32;
+                // SAFETY: the mask covers only the chunk's `d.len() ≤ 16` elements.
+                unsafe {
+                    _mm512_mask_storeu_epi16(d.as_mut_ptr().cast(), mask, _mm512_castsi256_si512(h))
+                };
+            }
+        }
+        // SAFETY: both engines (one is checked before any rounding) imply AVX-512 BF16.
+        unsafe { go(src, dst) }
     }
 
     /// Packs `rows ≤ 32` rows of `A` (row `r` at `src[r·rs..][..k]`) as one block: `[step][tile]
@@ -613,20 +661,26 @@ mod imp {
                 p1 > p0 && img.base(p1 - 1) + reach <= img.xp.len(),
                 "padded image too small"
             );
-            let xp = img.xp.as_ptr();
-            let gather = |base: usize, t: usize| -> __m512 {
-                let mut v = _mm512_setzero_ps();
+            let xp = img.xp.as_ptr().cast::<i16>();
+            // Lanes 0..16 of the result: a group of sixteen bf16 values of one row.
+            let gather = |base: usize, t: usize| -> __m512i {
+                let mut v = _mm512_setzero_si512();
                 for &(mask, off) in &segments[first[t]..first[t + 1]] {
                     // SAFETY: the lanes in `mask` read xp[base + at..base + at + len] for one
                     // segment's `at` and `len`, inside the image (checked above); the other
                     // lanes are masked off and never touched.
-                    v = unsafe {
-                        _mm512_mask_loadu_ps(v, mask, xp.wrapping_offset(base as isize + off))
+                    let part = unsafe {
+                        _mm512_maskz_loadu_epi16(
+                            mask as u32,
+                            xp.wrapping_offset(base as isize + off),
+                        )
                     };
+                    v = _mm512_or_si512(v, part);
                 }
                 v
             };
-            let idx: [u16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as u16);
+            // Lane 2j takes element j of the first row, lane 2j + 1 element j of the second.
+            let idx: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
             // SAFETY: an unaligned load of 64 bytes from a 64-byte array.
             let idx = unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) };
             for q in 0..(p1 - p0).div_ceil(2) {
@@ -635,10 +689,8 @@ mod imp {
                 let (b0, b1) = (img.base(p), (p + 1 < p1).then(|| img.base(p + 1)));
                 for t in 0..groups {
                     let v0 = gather(b0, t);
-                    let v1 = b1.map_or(_mm512_setzero_ps(), |b1| gather(b1, t));
-                    // SAFETY: same-size reinterpretation of a SIMD register.
-                    let both: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0)) };
-                    let v = _mm512_permutexvar_epi16(idx, both);
+                    let v1 = b1.map_or(_mm512_setzero_si512(), |b1| gather(b1, t));
+                    let v = _mm512_permutex2var_epi16(v0, idx, v1);
                     let at =
                         (t / 2) * l.panel_stride + step * STEP_U32 + ((t % 2) * 16 + prow) * 16;
                     assert!(at + 16 <= out.len(), "bf16 panel buffer too small");
@@ -916,6 +968,9 @@ mod imp {
         unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn write_row(_: &mut [f32], _: &[f32], _: super::Write, _: usize) {
+        unreachable!("bf16 products are never reported available on this platform")
+    }
+    pub fn round_into(_: &[f32], _: &mut [u16]) {
         unreachable!("bf16 products are never reported available on this platform")
     }
     pub fn pack_padded(

@@ -38,19 +38,19 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// only when too short; its contents are whatever the last user left. A thread re-entering
 /// while its buffer is in use (rayon may run another task on it inside a parallel section)
 /// gets a fresh one.
-pub(super) fn scratch<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+pub(super) fn scratch<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             if buf.len() < len {
-                buf.resize(len, 0.0);
+                buf.resize(len, T::default());
             }
             f(&mut buf[..len])
         }
-        Err(_) => f(&mut vec![0.0; len]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -197,13 +197,13 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
 }
 
 thread_local! {
-    /// Per-thread buffer of [`with_padded`].
-    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffer of [`with_padded`] (bf16 bits).
+    static PADDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on the zero-padded copy of one image [C_in, H, W] that the bf16 products read
+/// Runs `f` on the zero-padded bf16 copy of one image [C_in, H, W] that the bf16 products read
 /// `col(x)` from, for stride-1 geometries (`None` for others). The copy lives in a per-thread
-/// buffer: only its border is zeroed, the rest is overwritten by the image.
+/// buffer: only its border is zeroed, the rest is overwritten by the rounded image.
 fn with_padded<R>(
     x: &[f32],
     g: &ConvGeometry,
@@ -216,17 +216,17 @@ fn with_padded<R>(
     let [ph, pw] = g.pad;
     scratch(&PADDED, g.c_in * hp * wp, |xp| {
         for (plane, src) in xp.chunks_mut(hp * wp).zip(x.chunks(g.h * g.w)) {
-            plane[..ph * wp].fill(0.0);
-            plane[(ph + g.h) * wp..].fill(0.0);
+            plane[..ph * wp].fill(0);
+            plane[(ph + g.h) * wp..].fill(0);
             for (row, src) in plane[ph * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
                 if pw == 1 {
-                    // A call of memset for one float each side took 2% of sampling one image.
-                    (row[0], row[wp - 1]) = (0.0, 0.0);
+                    // A call of memset for one value each side took 2% of sampling one image.
+                    (row[0], row[wp - 1]) = (0, 0);
                 } else {
-                    row[..pw].fill(0.0);
-                    row[pw + g.w..].fill(0.0);
+                    row[..pw].fill(0);
+                    row[pw + g.w..].fill(0);
                 }
-                row[pw..pw + g.w].copy_from_slice(src);
+                bf16::round_into(src, &mut row[pw..pw + g.w]);
             }
         }
         f(Some(&bf16::PaddedImage {

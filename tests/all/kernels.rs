@@ -464,6 +464,46 @@ fn bf16_rounding_is_to_nearest_even() {
     assert!(bf16::f32_of(bf16::bf16(f32::NAN)).is_nan());
 }
 
+/// The vector rounding that prepares padded images ([`bf16::round_into`]) against the scalar
+/// one, at every length up to 40 (whole vectors and masked tails), on ties, signs, extremes,
+/// infinities and NaN; subnormal inputs become zero (the conversion instruction reads them as
+/// zero), where the scalar rounding keeps them.
+#[test]
+#[cfg_attr(
+    not(has_bf16),
+    ignore = "skipped: this processor has neither AVX-512 BF16 nor AMX-BF16"
+)]
+fn bf16_vector_rounding_matches_the_scalar_one() {
+    let special = [
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -(1.0 + 3.0 / 256.0),
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        f32::NAN,
+    ];
+    let values: Vec<f32> = special.iter().copied().chain(conv_values(30, 11)).collect();
+    for len in 0..=values.len() {
+        let src = &values[values.len() - len..];
+        let mut got = vec![0xffffu16; len];
+        bf16::round_into(src, &mut got);
+        for (&x, &h) in src.iter().zip(&got) {
+            if x.is_nan() {
+                assert!(bf16::f32_of(h).is_nan(), "NaN rounded to {h:#x}");
+            } else {
+                assert_eq!(h, bf16::bf16(x), "{x:e} at length {len}");
+            }
+        }
+    }
+    let mut got = [0xffffu16; 2];
+    bf16::round_into(&[1e-40, -1e-40], &mut got);
+    assert_eq!(got.map(bf16::f32_of), [0.0, -0.0], "subnormals {got:?}");
+}
+
 #[test]
 #[cfg_attr(
     not(has_bf16),
