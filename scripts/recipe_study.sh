@@ -10,26 +10,26 @@
 # STEPS is the default recipe's step count for the budget (1,900: 20 minutes of this project's
 # 2-core machine in f32; STEPS=2680 is 20 minutes in bf16, docs/recipe-2680). A row whose
 # steps cost more or less time (another width or batch size) trains for STEPS / COST steps,
-# COST being its seconds per step over the default's; COST_ONLY=1 measures those ratios on
-# this machine instead (80 steps of each row, the first 20 not counted) and trains nothing
-# else. SEEDS="1 2" also judges each model with those sampling seeds (JSON_DIR/seeds/), and
-# the table then gives the mean FID. Rows already in JSON_DIR are kept (delete one to redo
-# it). VARIANTS picks rows by name (default: all). Needs the Fashion-MNIST download (`diffuse
-# fetch fashion-mnist`). About 23 minutes a row on 2 cores; the train log of each row says its
-# wall time.
+# COST being its seconds per step over the default's; COST_ONLY=1 instead prints each row's
+# seconds per step on this machine (80 steps, the first 20 not counted; the "flow" row is the
+# default), from which to take them, and trains nothing else. SEEDS="1 2" also judges each
+# model with those sampling seeds (JSON_DIR/seeds/), and the table then gives the mean FID.
+# Rows already in JSON_DIR are kept (delete one to redo it). VARIANTS picks rows by name
+# (default: all). Needs the Fashion-MNIST download (`diffuse fetch fashion-mnist`). About 23
+# minutes a row on 2 cores; the train log of each row says its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/recipe}
 OUT=${2:-docs/recipe}
 D=${DIFFUSE:-target/release/diffuse}
 STEPS=${STEPS:-1900}
-mkdir -p "$RUNS" "$OUT"
 
 FLOW_EVAL="--sampler heun --steps 10"
 DIFF_EVAL="--sampler dpmpp-2m --steps 20"
 # name | eval sampler | training options beyond the defaults | run (default: the name) |
-# seconds per step over the default recipe's (default 1; measured by COST_ONLY=1 on the AMD
-# EPYC of session 25, bf16)
+# seconds per step over the default recipe's (default 1; measured on the AMD EPYC of session
+# 25 in bf16 by timings like COST_ONLY=1's, over the median of the default's nine timings:
+# docs/fast-generation.md)
 ROWS=(
   "epsilon|$DIFF_EVAL|--objective epsilon"
   "epsilon-euler-a|--sampler euler-a --steps 50|--objective epsilon|epsilon"
@@ -41,10 +41,12 @@ ROWS=(
   "v|$DIFF_EVAL|--objective v"
   "flow-ema0.999|$FLOW_EVAL|--objective flow --ema-decay 0.999"
   "flow-batch16|$FLOW_EVAL|--objective flow --batch 16||0.5307"
-  "flow-batch64|$FLOW_EVAL|--objective flow --batch 64||1.7016"
-  "flow-width24|$FLOW_EVAL|--objective flow --base-channels 24||0.6898"
-  "flow-width48|$FLOW_EVAL|--objective flow --base-channels 48||1.776"
+  "flow-batch64|$FLOW_EVAL|--objective flow --batch 64||1.729"
+  "flow-width24|$FLOW_EVAL|--objective flow --base-channels 24||0.732"
+  "flow-width48|$FLOW_EVAL|--objective flow --base-channels 48||1.804"
   "flow-resblocks1|$FLOW_EVAL|--objective flow --res-blocks 1||0.6204"
+  "flow-resblocks1-width24|$FLOW_EVAL|--objective flow --res-blocks 1 --base-channels 24||0.496"
+  "flow-resblocks1-width16|$FLOW_EVAL|--objective flow --res-blocks 1 --base-channels 16||0.29"
 )
 
 if [ -n "${COST_ONLY:-}" ]; then
@@ -54,7 +56,7 @@ if [ -n "${COST_ONLY:-}" ]; then
     if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $name "* ]]; then continue; fi
     # shellcheck disable=SC2086
     "$D" train --data fashion-mnist --cond class --out "$tmp/$name" --seed 0 --steps 80 \
-      --sample-every 0 $opts > /dev/null
+      --sample-every 0 $opts > /dev/null 2> "$tmp/err" || { cat "$tmp/err" >&2; exit 1; }
     python3 - "$tmp/$name/metrics.jsonl" "$name" <<'PY'
 import json, sys
 e = {r["step"]: r["elapsed"] for r in map(json.loads, open(sys.argv[1]))}
@@ -65,6 +67,7 @@ PY
   exit 0
 fi
 
+mkdir -p "$RUNS" "$OUT"
 # The JSON of row $1 judged with sampling seed $2.
 json_of() { if [ "$2" = 0 ]; then echo "$OUT/$1.json"; else echo "$OUT/seeds/$1-seed$2.json"; fi; }
 
