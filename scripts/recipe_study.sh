@@ -49,11 +49,14 @@ ROWS=(
   "flow-resblocks1-width16|$FLOW_EVAL|--objective flow --res-blocks 1 --base-channels 16||0.29"
 )
 
+# Whether VARIANTS (default: all) picks row $1.
+picked() { [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $1 "* ]]; }
+
 if [ -n "${COST_ONLY:-}" ]; then
   tmp=$(mktemp -d)
   for row in "${ROWS[@]}"; do
     IFS='|' read -r name sampler opts run cost <<<"$row"
-    if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $name "* ]]; then continue; fi
+    picked "$name" || continue
     # shellcheck disable=SC2086
     "$D" train --data fashion-mnist --cond class --out "$tmp/$name" --seed 0 --steps 80 \
       --sample-every 0 $opts > /dev/null 2> "$tmp/err" || { cat "$tmp/err" >&2; exit 1; }
@@ -73,7 +76,7 @@ json_of() { if [ "$2" = 0 ]; then echo "$OUT/$1.json"; else echo "$OUT/seeds/$1-
 
 for row in "${ROWS[@]}"; do
   IFS='|' read -r name sampler opts run cost <<<"$row"
-  if [ -n "${VARIANTS:-}" ] && [[ " $VARIANTS " != *" $name "* ]]; then continue; fi
+  picked "$name" || continue
   run=${run:-$name}
   missing=0
   for seed in 0 ${SEEDS:-}; do [ -f "$(json_of "$name" "$seed")" ] || missing=1; done
