@@ -9,9 +9,9 @@ MIN=${2:-12}
 "$D" fetch text-encoder
 "$D" train-vae --data emoji --image-size 64 --widths 32,64,64 --steps 1000 --batch 16 --out runs/vae-emoji
 timeout $((MIN * 60)) "$D" train --data emoji --cond text --latent runs/vae-emoji --image-size 64 --objective epsilon \
-    --base-channels 64 --steps 100000 --checkpoint-every 50 --sample-every 0 --out runs/ldm-emoji || true
+    --base-channels 64 --res-blocks 2 --steps 100000 --checkpoint-every 50 --sample-every 0 --out runs/ldm-emoji || true
 timeout $((MIN * 60)) "$D" train --data emoji --cond text --image-size 64 --objective epsilon \
-    --base-channels 32 --steps 100000 --checkpoint-every 25 --sample-every 0 --out runs/px64-emoji || true
+    --base-channels 32 --res-blocks 2 --steps 100000 --checkpoint-every 25 --sample-every 0 --out runs/px64-emoji || true
 for m in ldm-emoji px64-emoji; do
   for p in "grinning face" "red heart" "fire" "blue car"; do
     "$D" sample --model runs/$m --prompt "$p" --n 8 --cols 8 --steps 50 --sampler euler-a \

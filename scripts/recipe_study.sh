@@ -7,12 +7,12 @@
 #
 #   scripts/recipe_study.sh [RUNS_DIR] [JSON_DIR]      (defaults: runs/recipe, docs/recipe)
 #
-# STEPS is the default recipe's step count for the budget (1,900: 20 minutes of this project's
+# STEPS is the baseline recipe's step count for the budget (1,900: 20 minutes of this project's
 # 2-core machine in f32; STEPS=2680 is 20 minutes in bf16, docs/recipe-2680). A row whose
 # steps cost more or less time (another width or batch size) trains for STEPS / COST steps,
-# COST being its seconds per step over the default's; COST_ONLY=1 instead prints each row's
+# COST being its seconds per step over the baseline's; COST_ONLY=1 instead prints each row's
 # seconds per step on this machine (80 steps, the first 20 not counted; the "flow" row is the
-# default), from which to take them, and trains nothing else. SEEDS="1 2" also judges each
+# baseline), from which to take them, and trains nothing else. SEEDS="1 2" also judges each
 # model with those sampling seeds (JSON_DIR/seeds/), and the table then gives the mean FID.
 # Rows already in JSON_DIR are kept (delete one to redo it). VARIANTS picks rows by name
 # (default: all). Needs the Fashion-MNIST download (`diffuse fetch fashion-mnist`). About 23
@@ -26,27 +26,32 @@ STEPS=${STEPS:-1900}
 
 FLOW_EVAL="--sampler heun --steps 10"
 DIFF_EVAL="--sampler dpmpp-2m --steps 20"
-# name | eval sampler | training options beyond the defaults | run (default: the name) |
-# seconds per step over the default recipe's (default 1; measured on the AMD EPYC of session
-# 25 in bf16 by timings like COST_ONLY=1's, over the median of the default's nine timings:
-# docs/fast-generation.md)
+# name | eval sampler | training options | run (default: the name) | seconds per step over
+# the baseline's (default 1; measured on the AMD EPYC of session 25 in bf16 by timings like
+# COST_ONLY=1's, over the median of the baseline's nine timings: docs/fast-generation.md).
+# The baseline network is the one the study started from, the default until 2026-12-07 (32
+# base channels, two residual blocks a level); every row names its network, so the rows train
+# what they trained then whatever the default is now. flow-resblocks1-width24 is today's
+# default network.
+NET="--base-channels 32 --res-blocks 2"
 ROWS=(
-  "epsilon|$DIFF_EVAL|--objective epsilon"
-  "epsilon-euler-a|--sampler euler-a --steps 50|--objective epsilon|epsilon"
-  "flow|$FLOW_EVAL|--objective flow"
-  "flow-lr8e-4|$FLOW_EVAL|--objective flow --lr 8e-4"
-  "flow-cosine|$FLOW_EVAL|--objective flow --lr-schedule cosine"
-  "flow-loc0.5|$FLOW_EVAL|--objective flow --flow-loc 0.5"
-  "flow-edm-sigmas|$FLOW_EVAL|--objective flow --flow-loc -1.2 --flow-scale 1.2"
-  "v|$DIFF_EVAL|--objective v"
-  "flow-ema0.999|$FLOW_EVAL|--objective flow --ema-decay 0.999"
-  "flow-batch16|$FLOW_EVAL|--objective flow --batch 16||0.5307"
-  "flow-batch64|$FLOW_EVAL|--objective flow --batch 64||1.729"
-  "flow-width24|$FLOW_EVAL|--objective flow --base-channels 24||0.732"
-  "flow-width48|$FLOW_EVAL|--objective flow --base-channels 48||1.804"
-  "flow-resblocks1|$FLOW_EVAL|--objective flow --res-blocks 1||0.6204"
-  "flow-resblocks1-width24|$FLOW_EVAL|--objective flow --res-blocks 1 --base-channels 24||0.496"
-  "flow-resblocks1-width16|$FLOW_EVAL|--objective flow --res-blocks 1 --base-channels 16||0.29"
+  "epsilon|$DIFF_EVAL|--objective epsilon $NET"
+  "epsilon-euler-a|--sampler euler-a --steps 50|--objective epsilon $NET|epsilon"
+  "flow|$FLOW_EVAL|--objective flow $NET"
+  "flow-lr8e-4|$FLOW_EVAL|--objective flow $NET --lr 8e-4"
+  "flow-cosine|$FLOW_EVAL|--objective flow $NET --lr-schedule cosine"
+  "flow-loc0.5|$FLOW_EVAL|--objective flow $NET --flow-loc 0.5"
+  "flow-edm-sigmas|$FLOW_EVAL|--objective flow $NET --flow-loc -1.2 --flow-scale 1.2"
+  "v|$DIFF_EVAL|--objective v $NET"
+  "flow-ema0.999|$FLOW_EVAL|--objective flow $NET --ema-decay 0.999"
+  "flow-batch16|$FLOW_EVAL|--objective flow $NET --batch 16||0.5307"
+  "flow-batch64|$FLOW_EVAL|--objective flow $NET --batch 64||1.729"
+  "flow-width24|$FLOW_EVAL|--objective flow --base-channels 24 --res-blocks 2||0.732"
+  "flow-width48|$FLOW_EVAL|--objective flow --base-channels 48 --res-blocks 2||1.804"
+  "flow-resblocks1|$FLOW_EVAL|--objective flow --base-channels 32 --res-blocks 1||0.6204"
+  "flow-resblocks1-width24|$FLOW_EVAL|--objective flow --base-channels 24 --res-blocks 1||0.496"
+  "flow-resblocks1-width24-lr8e-4|$FLOW_EVAL|--objective flow --base-channels 24 --res-blocks 1 --lr 8e-4||0.496"
+  "flow-resblocks1-width16|$FLOW_EVAL|--objective flow --base-channels 16 --res-blocks 1||0.29"
 )
 
 # Whether VARIANTS (default: all) picks row $1.
