@@ -190,6 +190,171 @@ impl PaddedImage<'_> {
     }
 }
 
+/// One image laid out so that a stride-1 convolution on AMX loads its `B` tiles straight from
+/// it ([`conv_pairs`]), with no packing per product: zero-padded, rounded to bf16, and in
+/// channel pairs, the "VNNI" layout `TDPBF16PS` reads: u32 `q·plane + y·wp + x` holds the
+/// bf16 values of channels `2q` (low half) and `2q + 1` (high half) at padded pixel `(y, x)`.
+/// Sixteen pairs of channels at sixteen consecutive pixels are then one tile, sixteen rows
+/// `plane` u32s apart; for kernel tap `(ky, kx)` the tile of output pixels `j..j + 16`
+/// (counted over the padded width, `j = oy·wp + ox`) starts at `ky·wp + kx + j`.
+pub struct PairImage<'a> {
+    /// `[C_in / 2][plane]`, filled by [`pack_pairs`].
+    pub xv: &'a [u32],
+    /// u32s per pair of channels ([`PairImage::plane_len`]).
+    pub plane: usize,
+    /// Padded width.
+    pub wp: usize,
+    pub kh: usize,
+    pub kw: usize,
+    /// Output height and width.
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PairImage<'_> {
+    /// u32s per pair of channels: the columns [`conv_pairs`] computes (`oh·wp`, in whole
+    /// panels of 32) plus the farthest tap's offset, so that every tile load stays inside;
+    /// rounded up to an odd number of 64-byte lines, so that the sixteen rows of a tile, one
+    /// per plane, do not all fall into the same level-1 cache set.
+    pub fn plane_len(oh: usize, wp: usize, kh: usize, kw: usize) -> usize {
+        let need = (oh * wp).div_ceil(BLOCK) * BLOCK + (kh - 1) * wp + (kw - 1);
+        16 * (need.div_ceil(16) | 1)
+    }
+}
+
+/// Fills `out` (`c / 2` planes of `plane` u32s) with the image `x` [c, h, w] zero-padded by
+/// `pad` on each side, as [`PairImage`] lays it out; everything past the padded image in each
+/// plane is zero. `c` must be even. Needs [`available`].
+pub fn pack_pairs(
+    x: &[f32],
+    c: usize,
+    [h, w]: [usize; 2],
+    pad: [usize; 2],
+    plane: usize,
+    out: &mut [u32],
+) {
+    let (hp, wp) = (h + 2 * pad[0], w + 2 * pad[1]);
+    assert!(c % 2 == 0, "channel pairs of an odd number of channels");
+    assert_eq!(x.len(), c * h * w, "pair image: input size");
+    assert!(
+        plane >= hp * wp && out.len() >= c / 2 * plane,
+        "pair image: buffer too small"
+    );
+    imp::pack_pairs(x, c, [h, w], pad, plane, out)
+}
+
+/// `dst[m × oh·ow]` = `A · col(x)` (or as `write` says) for a stride-1 convolution on AMX, with
+/// each `B` tile loaded straight from the image in pairs ([`PairImage`]) instead of packed
+/// for every product, which took about a sixth of a bf16 training step of the benchmark U-Net
+/// (`pack_padded`). The product runs over the padded width (`oh·wp` columns, the `wp - ow`
+/// extra ones per row discarded as the result is written), so that sixteen consecutive
+/// columns are always sixteen consecutive pixels of the padded image.
+///
+/// `a` is the weight `[C_out, C_in, kh, kw]` with `k` in tap-major order, `A[co, (ky·kw +
+/// kx)·C_in + ci]`, and `C_in` a multiple of 32: each step of 32 along `k` is then one tap and
+/// 32 channels, whose tile of `B` starts at a fixed offset. Each 32×32 block of the result
+/// sums its steps in order on one thread, so the bits do not depend on the thread count.
+pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write, parallel: bool) {
+    assert_eq!(engine(), Some(Engine::Amx), "pair-image products need AMX");
+    let taps = img.kh * img.kw;
+    let c = a.k / taps;
+    assert!(
+        a.k == taps * c && c % KSTEP == 0,
+        "pair-image products need a multiple of 32 input channels"
+    );
+    let (m, n) = (a.m, img.oh * img.ow);
+    assert!(dst.len() >= m * n, "bf16 product: destination too small");
+    if let Write::SetWithBias(bias) = write {
+        assert!(bias.len() >= m, "bf16 product: bias too short");
+    }
+    let cols = img.oh * img.wp;
+    let panels = cols.div_ceil(BLOCK);
+    assert!(
+        img.wp >= img.ow + img.kw - 1
+            && img.plane >= panels * BLOCK + (img.kh - 1) * img.wp + img.kw - 1
+            && img.xv.len() >= c / 2 * img.plane,
+        "pair image too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Byte offset of step s's first B tile from the panel's column 0: its tap and its 16
+    // pairs of channels.
+    let per_tap = c / KSTEP;
+    let offsets: Vec<usize> = (0..a.steps)
+        .map(|s| {
+            let (tap, cb) = (s / per_tap, s % per_tap);
+            4 * (cb * 16 * img.plane + (tap / img.kw) * img.wp + tap % img.kw)
+        })
+        .collect();
+    let blocks = m.div_ceil(BLOCK);
+    let groups = if parallel {
+        rayon::current_num_threads().min(panels)
+    } else {
+        1
+    };
+    let per = panels.div_ceil(groups);
+    let out = SharedDst(dst.as_mut_ptr());
+    let run = |gi: usize| {
+        let range = (gi * per).min(panels)..((gi + 1) * per).min(panels);
+        if range.is_empty() {
+            return;
+        }
+        #[repr(align(64))]
+        struct Acc([f32; BLOCK * BLOCK]);
+        let mut acc = Acc([0.0; BLOCK * BLOCK]);
+        // (column in the panel, output pixel, length) of each run of kept columns.
+        let mut runs = Vec::with_capacity(BLOCK);
+        imp::with_tiles(|| {
+            for p in range {
+                runs.clear();
+                let (mut j, end) = (p * BLOCK, ((p + 1) * BLOCK).min(cols));
+                while j < end {
+                    let (oy, ox) = (j / img.wp, j % img.wp);
+                    let len = (img.wp - ox).min(end - j);
+                    if ox < img.ow {
+                        runs.push((j - p * BLOCK, oy * img.ow + ox, len.min(img.ow - ox)));
+                    }
+                    j += len;
+                }
+                let b = img.xv[p * BLOCK..].as_ptr().cast::<u8>();
+                for blk in 0..blocks {
+                    let a_blk = &a.data[blk * a.steps * BLOCK_STEP..][..a.steps * BLOCK_STEP];
+                    // SAFETY: AMX runs (checked above) with the tiles configured; `a_blk`
+                    // holds `a.steps` block-steps; every B tile row read lies inside `xv`
+                    // (the plane holds the panels and the farthest tap, checked above);
+                    // `acc` holds 32×32 floats.
+                    unsafe {
+                        imp::block_taps(
+                            a_blk.as_ptr(),
+                            b,
+                            &offsets,
+                            4 * img.plane,
+                            acc.0.as_mut_ptr(),
+                        )
+                    };
+                    for i in blk * BLOCK..m.min((blk + 1) * BLOCK) {
+                        for &(jc, at, len) in &runs {
+                            // SAFETY: row i < m and pixels at..at + len < n lie inside dst
+                            // (checked above); panels of different threads hold disjoint
+                            // pixels.
+                            let row =
+                                unsafe { std::slice::from_raw_parts_mut(out.at(i * n + at), len) };
+                            let src = &acc.0[(i % BLOCK) * BLOCK + jc..][..len];
+                            imp::write_row(row, src, write, i);
+                        }
+                    }
+                }
+            }
+        });
+    };
+    if groups > 1 {
+        (0..groups).into_par_iter().for_each(run);
+    } else {
+        run(0);
+    }
+}
+
 /// The left operand of a product, packed into bf16 tiles once and reusable for any number of
 /// right operands (e.g. a convolution's weights for every image of a batch).
 #[derive(Clone)]
@@ -888,6 +1053,121 @@ mod imp {
         }
     }
 
+    /// `c[32×32]` (row-major) = Σ over the steps of two `A` tiles (packed, one block-step of
+    /// 2048 bytes after the other from `a`) times two `B` tiles read in place: step `s`'s
+    /// start at `b + offsets[s]` and `b + offsets[s] + 64`, rows `stride` bytes apart (see
+    /// `conv_pairs`).
+    ///
+    /// # Safety
+    /// Tiles configured ([`with_tiles`]); `a` holds `offsets.len() ≥ 1` block-steps; for every
+    /// step, sixteen rows of 128 bytes from `b + offsets[s]`, `stride` bytes apart, are
+    /// readable; `c` holds 1024 floats.
+    pub unsafe fn block_taps(
+        a: *const u16,
+        b: *const u8,
+        offsets: &[usize],
+        stride: usize,
+        c: *mut f32,
+    ) {
+        debug_assert!(!offsets.is_empty());
+        // SAFETY: per the function's contract.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "mov {t}, [{o}]",
+                "add {t}, {b}",
+                "tileloadd tmm4, [{a} + {s}*1]",
+                "tileloadd tmm5, [{a} + {s}*1 + 1024]",
+                "tileloadd tmm6, [{t} + {bs}*1]",
+                "tileloadd tmm7, [{t} + {bs}*1 + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a}, 2048",
+                "add {o}, 8",
+                "dec {k}",
+                "jnz 2b",
+                "tilestored [{c} + {cs}*1], tmm0",
+                "tilestored [{c} + {cs}*1 + 64], tmm1",
+                "tilestored [{c} + {cs}*1 + 2048], tmm2",
+                "tilestored [{c} + {cs}*1 + 2112], tmm3",
+                a = inout(reg) a => _,
+                o = inout(reg) offsets.as_ptr() => _,
+                k = inout(reg) offsets.len() => _,
+                t = out(reg) _,
+                b = in(reg) b,
+                s = in(reg) 64usize,
+                bs = in(reg) stride,
+                c = in(reg) c,
+                cs = in(reg) 128usize,
+                options(nostack),
+            );
+        }
+    }
+
+    /// See [`super::pack_pairs`] (sizes checked there).
+    pub fn pack_pairs(
+        x: &[f32],
+        c: usize,
+        [h, w]: [usize; 2],
+        [ph, pw]: [usize; 2],
+        plane: usize,
+        out: &mut [u32],
+    ) {
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        fn go(
+            x: &[f32],
+            c: usize,
+            h: usize,
+            w: usize,
+            ph: usize,
+            pw: usize,
+            plane: usize,
+            out: &mut [u32],
+        ) {
+            let wp = w + 2 * pw;
+            for (q, dst) in out.chunks_mut(plane).take(c / 2).enumerate() {
+                let (s0, s1) = (
+                    &x[2 * q * h * w..][..h * w],
+                    &x[(2 * q + 1) * h * w..][..h * w],
+                );
+                dst[..ph * wp].fill(0);
+                dst[(ph + h) * wp..].fill(0);
+                for y in 0..h {
+                    let row = &mut dst[(ph + y) * wp..][..wp];
+                    if pw == 1 {
+                        // As in `conv2d::with_padded`: no memset call for one value.
+                        (row[0], row[wp - 1]) = (0, 0);
+                    } else {
+                        row[..pw].fill(0);
+                        row[pw + w..].fill(0);
+                    }
+                    let (r0, r1) = (&s0[y * w..][..w], &s1[y * w..][..w]);
+                    for t in (0..w).step_by(16) {
+                        let len = (w - t).min(16);
+                        let v = interleave(&r0[t..], &r1[t..]);
+                        let d = &mut row[pw + t..pw + t + len];
+                        // SAFETY: the mask covers only the `len` elements of `d`.
+                        unsafe {
+                            _mm512_mask_storeu_epi32(
+                                d.as_mut_ptr().cast(),
+                                ((1u32 << len) - 1) as u16,
+                                v,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        // SAFETY: both engines (one is checked before any packing) imply AVX-512 BF16.
+        unsafe { go(x, c, h, w, ph, pw, plane, out) }
+    }
+
     /// Rows of `C` per pass of [`block_dp`]: 8 rows × 2 vectors of 16 columns = 16
     /// accumulator registers of the 32, leaving room for the two `B` vectors and the
     /// broadcasts.
@@ -992,6 +1272,12 @@ mod imp {
         unreachable!("bf16 products are never reported available on this platform")
     }
     pub unsafe fn block_dp(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: bool) {
+        unreachable!("bf16 products are never reported available on this platform")
+    }
+    pub unsafe fn block_taps(_: *const u16, _: *const u8, _: &[usize], _: usize, _: *mut f32) {
+        unreachable!("bf16 products are never reported available on this platform")
+    }
+    pub fn pack_pairs(_: &[f32], _: usize, _: [usize; 2], _: [usize; 2], _: usize, _: &mut [u32]) {
         unreachable!("bf16 products are never reported available on this platform")
     }
 }

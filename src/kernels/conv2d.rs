@@ -199,6 +199,22 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
 thread_local! {
     /// Per-thread buffer of [`with_padded`] (bf16 bits).
     static PADDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffer of [`forward_pairs`] (bf16 pairs).
+    static PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether the bf16 forward convolution `g` (and so its input gradient, see [`as_forward`])
+/// loads its image tiles straight from the image laid out in channel pairs
+/// ([`bf16::conv_pairs`]) instead of packing them for each product: on AMX, for stride-1
+/// convolutions larger than 1×1 with a multiple of 32 input channels. `DIFFUSE_KERNELS`
+/// without `pairs` turns it off (see [`super::enabled`]).
+pub fn reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
+    mode == MatmulMode::Bf16
+        && g.stride == [1, 1]
+        && g.kh * g.kw > 1
+        && g.c_in % 32 == 0
+        && bf16::engine() == Some(bf16::Engine::Amx)
+        && super::enabled("pairs")
 }
 
 /// Runs `f` on the zero-padded bf16 copy of one image [C_in, H, W] that the bf16 products read
@@ -362,6 +378,8 @@ enum Prepared {
     F43(winograd::Positions<'static>),
     F23(winograd::Positions<'static>),
     Bf16(bf16::PackedLhs),
+    /// Packed in bf16 with `k` in tap-major order, for [`bf16::conv_pairs`] ([`reads_pairs`]).
+    Pairs(bf16::PackedLhs),
     /// The f32 direct product reads the weights as they are.
     F32,
 }
@@ -389,6 +407,23 @@ impl PreparedWeight {
         let prepared = match (route, mode) {
             (Some(Winograd::F43), _) => Prepared::F43(winograd43::transformed(mode, w, g)),
             (Some(Winograd::F23), _) => Prepared::F23(winograd::transformed(mode, w, g)),
+            (None, MatmulMode::Bf16) if reads_pairs(mode, g) => {
+                // [C_out, C_in, kh, kw] to [C_out, kh, kw, C_in].
+                let taps = g.kh * g.kw;
+                let mut by_tap = vec![0.0f32; w.len()];
+                for (src, dst) in w.chunks(g.k()).zip(by_tap.chunks_mut(g.k())) {
+                    for (ci, tap_values) in src.chunks(taps).enumerate() {
+                        for (tap, &v) in tap_values.iter().enumerate() {
+                            dst[tap * g.c_in + ci] = v;
+                        }
+                    }
+                }
+                Prepared::Pairs(bf16::PackedLhs::new(
+                    g.c_out,
+                    g.k(),
+                    (&by_tap, g.k() as isize, 1),
+                ))
+            }
             (None, MatmulMode::Bf16) => {
                 Prepared::Bf16(bf16::PackedLhs::new(g.c_out, g.k(), (w, g.k() as isize, 1)))
             }
@@ -415,7 +450,7 @@ impl PreparedWeight {
     pub fn bytes(&self) -> usize {
         match &self.prepared {
             Prepared::F43(u) | Prepared::F23(u) => u.bytes(),
-            Prepared::Bf16(p) => p.bytes(),
+            Prepared::Bf16(p) | Prepared::Pairs(p) => p.bytes(),
             Prepared::F32 => 0,
         }
     }
@@ -441,6 +476,7 @@ pub fn forward_prepared(
     let lhs = match &p.prepared {
         Prepared::F43(u) => return winograd43::forward_with(u, x, bias, g),
         Prepared::F23(u) => return winograd::forward_with(u, x, bias, g),
+        Prepared::Pairs(packed) => return forward_pairs(packed, x, bias, g),
         Prepared::Bf16(packed) => Lhs::Bf16(Cow::Borrowed(packed)),
         Prepared::F32 => Lhs::F32 {
             a: (w, k as isize, 1),
@@ -490,6 +526,43 @@ pub fn forward_prepared(
                 product(col, yb);
             });
         }
+    })
+    .0
+}
+
+/// [`forward_prepared`] by [`bf16::conv_pairs`]: each image laid out in channel pairs once
+/// (in a per-thread buffer), its tiles then read in place by every product.
+fn forward_pairs(
+    packed: &bf16::PackedLhs,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+) -> Vec<f32> {
+    let n = g.n();
+    if n == 0 || g.batch == 0 {
+        return vec![0.0; g.batch * g.c_out * n];
+    }
+    let [oh, ow] = g.out_hw();
+    let wp = g.w + 2 * g.pad[1];
+    let plane = bf16::PairImage::plane_len(oh, wp, g.kh, g.kw);
+    let par = inner_parallelism(g.batch);
+    let image = g.c_in * g.h * g.w;
+    let write = bias.map_or(bf16::Write::Set, bf16::Write::SetWithBias);
+    super::fresh_output(g.batch * g.c_out * n, g.c_out * n, true, |b, yb| {
+        let xb = &x[b * image..(b + 1) * image];
+        scratch(&PAIRS, g.c_in / 2 * plane, |xv| {
+            bf16::pack_pairs(xb, g.c_in, [g.h, g.w], g.pad, plane, xv);
+            let img = bf16::PairImage {
+                xv,
+                plane,
+                wp,
+                kh: g.kh,
+                kw: g.kw,
+                oh,
+                ow,
+            };
+            bf16::conv_pairs(packed, &img, yb, write, par)
+        })
     })
     .0
 }

@@ -43,8 +43,9 @@ use group_norm::NormGeometry;
 /// `winograd` (f32 3x3 convolutions by [`winograd`]'s F(2x2, 3x3) rather than im2col; needs
 /// `conv`), `f43` (their forward passes, and so their input gradients, by [`winograd43`]'s
 /// F(4x4, 3x3); needs `winograd`), `f43w` (their weight gradients by F(4x4, 3x3); needs
-/// `winograd`) and `norm`. The benchmark uses it to measure each kernel's
-/// effect.
+/// `winograd`), `pairs` (on AMX, bf16 convolutions reading their image tiles in place,
+/// [`conv2d::reads_pairs`]; needs `conv`) and `norm`. The benchmark uses it to measure each
+/// kernel's effect.
 fn enabled(kernel: &str) -> bool {
     static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     match CHOICE.get_or_init(|| std::env::var("DIFFUSE_KERNELS").ok()) {

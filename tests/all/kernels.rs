@@ -520,6 +520,15 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
     // Rows of 20 pixels: some 16-column tiles lie inside one image row, others span two.
     cases.push(geom(2, 6, 9, 20, 33, 3, 1, 1));
     cases.push(geom(1, 40, 12, 12, 70, 1, 1, 0));
+    // On AMX, multiples of 32 input channels read their tiles from the image in channel
+    // pairs (`conv2d::reads_pairs`): panels of 32 columns spanning several padded rows
+    // (20 wide), ending mid-row, fewer pixels than one panel (2x2 with a 5x5 kernel), no
+    // padding (each output row shorter than the padded one), 64 output channels (the input
+    // gradient reads pairs too), and output channels past whole blocks.
+    cases.push(geom(2, 32, 20, 20, 40, 3, 1, 1));
+    cases.push(geom(1, 64, 9, 11, 33, 3, 1, 0));
+    cases.push(geom(3, 32, 2, 2, 16, 5, 1, 2));
+    cases.push(geom(2, 32, 8, 8, 64, 3, 1, 1));
     for g in cases {
         let x = conv_values(g.batch * g.c_in * g.h * g.w, 7);
         let w = conv_values(g.c_out * g.k(), 8);
@@ -550,6 +559,29 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
         }
         assert_eq!(db, db_want, "bias gradient {g:?}");
     }
+}
+
+/// Which convolutions read their image tiles in place on AMX (`conv2d::reads_pairs`), so that
+/// the cases above cover that route: on any other processor the route is off, and the test
+/// says so.
+#[test]
+fn bf16_pairs_route_is_taken_on_amx() {
+    let pairs = |g: ConvGeometry| conv2d::reads_pairs(MatmulMode::Bf16, &g);
+    if bf16::engine() != Some(bf16::Engine::Amx) {
+        println!("skipped: no AMX here, so no convolution reads channel pairs");
+        assert!(!pairs(geom(2, 32, 20, 20, 40, 3, 1, 1)));
+        return;
+    }
+    assert!(pairs(geom(2, 32, 20, 20, 40, 3, 1, 1)));
+    assert!(pairs(geom(1, 256, 5, 7, 200, 3, 1, 1)));
+    assert!(!conv2d::reads_pairs(
+        MatmulMode::F32,
+        &geom(2, 32, 20, 20, 40, 3, 1, 1)
+    ));
+    // 1x1, strided, and channels not a multiple of 32 keep the packed route.
+    assert!(!pairs(geom(1, 64, 8, 8, 64, 1, 1, 0)));
+    assert!(!pairs(geom(1, 64, 8, 8, 64, 3, 2, 1)));
+    assert!(!pairs(geom(1, 48, 8, 8, 64, 3, 1, 1)));
 }
 
 /// Same inputs, same bits, whatever the number of threads spreading the work.
