@@ -26,6 +26,10 @@
 //!   over the whole of `k` (Intel, "Intel Architecture Instruction Set Extensions
 //!   Programming Reference", VDPBF16PS).
 //!
+//! For stride-1 convolutions with a multiple of 32 input channels, AMX loads the `B` tiles
+//! straight from the image laid out once in channel pairs ([`PairImage`], [`conv_pairs`]),
+//! with no packing per product.
+//!
 //! Each product `a·b` of two bf16 values is exact in f32, so the error against f32 arithmetic
 //! is the rounding of the operands: at most 2⁻⁹ relative per operand. Results are exactly
 //! reproducible: every block of `C` is summed by one thread in a fixed order, and the chunks
@@ -222,25 +226,29 @@ impl PairImage<'_> {
     }
 }
 
-/// Fills `out` (`c / 2` planes of `plane` u32s) with the image `x` [c, h, w] zero-padded by
-/// `pad` on each side, as [`PairImage`] lays it out; everything past the padded image in each
-/// plane is zero. `c` must be even. Needs [`available`].
+/// Fills `out` (`c_pad / 2` planes of `plane` u32s) with the image `x` [c, h, w] zero-padded
+/// by `pad` on each side, as [`PairImage`] lays it out, channels `c..c_pad` zero; everything
+/// past the padded image in each plane is zero. `c_pad` must be even and at least `c`. Needs
+/// [`available`].
 pub fn pack_pairs(
     x: &[f32],
-    c: usize,
+    [c, c_pad]: [usize; 2],
     [h, w]: [usize; 2],
     pad: [usize; 2],
     plane: usize,
     out: &mut [u32],
 ) {
     let (hp, wp) = (h + 2 * pad[0], w + 2 * pad[1]);
-    assert!(c % 2 == 0, "channel pairs of an odd number of channels");
+    assert!(
+        c_pad % 2 == 0 && c_pad >= c,
+        "pair image: {c_pad} channels cannot hold {c} in pairs"
+    );
     assert_eq!(x.len(), c * h * w, "pair image: input size");
     assert!(
-        plane >= hp * wp && out.len() >= c / 2 * plane,
+        plane >= hp * wp && out.len() >= c_pad / 2 * plane,
         "pair image: buffer too small"
     );
-    imp::pack_pairs(x, c, [h, w], pad, plane, out)
+    imp::pack_pairs(x, [c, c_pad], [h, w], pad, plane, out)
 }
 
 /// `dst[m × oh·ow]` = `A · col(x)` (or as `write` says) for a stride-1 convolution on AMX, with
@@ -251,8 +259,9 @@ pub fn pack_pairs(
 /// columns are always sixteen consecutive pixels of the padded image.
 ///
 /// `a` is the weight `[C_out, C_in, kh, kw]` with `k` in tap-major order, `A[co, (ky·kw +
-/// kx)·C_in + ci]`, and `C_in` a multiple of 32: each step of 32 along `k` is then one tap and
-/// 32 channels, whose tile of `B` starts at a fixed offset. Each 32×32 block of the result
+/// kx)·C + ci]`, its input channels padded with zeros to `C`, a multiple of 32 (the image's
+/// likewise, [`pack_pairs`]): each step of 32 along `k` is then one tap and 32 channels, whose
+/// tile of `B` starts at a fixed offset. Each 32×32 block of the result
 /// sums its steps in order on one thread, so the bits do not depend on the thread count.
 pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write, parallel: bool) {
     assert_eq!(engine(), Some(Engine::Amx), "pair-image products need AMX");
@@ -1113,7 +1122,7 @@ mod imp {
     /// See [`super::pack_pairs`] (sizes checked there).
     pub fn pack_pairs(
         x: &[f32],
-        c: usize,
+        [c, c_pad]: [usize; 2],
         [h, w]: [usize; 2],
         [ph, pw]: [usize; 2],
         plane: usize,
@@ -1122,7 +1131,7 @@ mod imp {
         #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
         fn go(
             x: &[f32],
-            c: usize,
+            [c, c_pad]: [usize; 2],
             h: usize,
             w: usize,
             ph: usize,
@@ -1131,11 +1140,14 @@ mod imp {
             out: &mut [u32],
         ) {
             let wp = w + 2 * pw;
-            for (q, dst) in out.chunks_mut(plane).take(c / 2).enumerate() {
-                let (s0, s1) = (
-                    &x[2 * q * h * w..][..h * w],
-                    &x[(2 * q + 1) * h * w..][..h * w],
-                );
+            // Channel `ci` of the image, or nothing (zeros) past the last.
+            let channel = |ci: usize| x.get(ci * h * w..(ci + 1) * h * w).unwrap_or(&[]);
+            for (q, dst) in out.chunks_mut(plane).take(c_pad / 2).enumerate() {
+                if 2 * q >= c {
+                    dst.fill(0);
+                    continue;
+                }
+                let (s0, s1) = (channel(2 * q), channel(2 * q + 1));
                 dst[..ph * wp].fill(0);
                 dst[(ph + h) * wp..].fill(0);
                 for y in 0..h {
@@ -1147,10 +1159,10 @@ mod imp {
                         row[..pw].fill(0);
                         row[pw + w..].fill(0);
                     }
-                    let (r0, r1) = (&s0[y * w..][..w], &s1[y * w..][..w]);
+                    let (r0, r1) = (&s0[y * w..][..w], s1.get(y * w..(y + 1) * w).unwrap_or(&[]));
                     for t in (0..w).step_by(16) {
                         let len = (w - t).min(16);
-                        let v = interleave(&r0[t..], &r1[t..]);
+                        let v = interleave(&r0[t..], r1.get(t..).unwrap_or(&[]));
                         let d = &mut row[pw + t..pw + t + len];
                         // SAFETY: the mask covers only the `len` elements of `d`.
                         unsafe {
@@ -1165,7 +1177,7 @@ mod imp {
             }
         }
         // SAFETY: both engines (one is checked before any packing) imply AVX-512 BF16.
-        unsafe { go(x, c, h, w, ph, pw, plane, out) }
+        unsafe { go(x, [c, c_pad], h, w, ph, pw, plane, out) }
     }
 
     /// Rows of `C` per pass of [`block_dp`]: 8 rows × 2 vectors of 16 columns = 16
@@ -1277,7 +1289,14 @@ mod imp {
     pub unsafe fn block_taps(_: *const u16, _: *const u8, _: &[usize], _: usize, _: *mut f32) {
         unreachable!("bf16 products are never reported available on this platform")
     }
-    pub fn pack_pairs(_: &[f32], _: usize, _: [usize; 2], _: [usize; 2], _: usize, _: &mut [u32]) {
+    pub fn pack_pairs(
+        _: &[f32],
+        _: [usize; 2],
+        _: [usize; 2],
+        _: [usize; 2],
+        _: usize,
+        _: &mut [u32],
+    ) {
         unreachable!("bf16 products are never reported available on this platform")
     }
 }

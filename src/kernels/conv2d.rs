@@ -206,15 +206,21 @@ thread_local! {
 /// Whether the bf16 forward convolution `g` (and so its input gradient, see [`as_forward`])
 /// loads its image tiles straight from the image laid out in channel pairs
 /// ([`bf16::conv_pairs`]) instead of packing them for each product: on AMX, for stride-1
-/// convolutions larger than 1×1 with a multiple of 32 input channels. `DIFFUSE_KERNELS`
-/// without `pairs` turns it off (see [`super::enabled`]).
+/// convolutions larger than 1×1 with a multiple of 32 input channels, or of 8 from 24 on
+/// (zero channels pad them to [`pair_channels`], at most a third more products).
+/// `DIFFUSE_KERNELS` without `pairs` turns it off (see [`super::enabled`]).
 pub fn reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
     mode == MatmulMode::Bf16
         && g.stride == [1, 1]
         && g.kh * g.kw > 1
-        && g.c_in % 32 == 0
+        && (g.c_in % 32 == 0 || (g.c_in % 8 == 0 && g.c_in >= 24))
         && bf16::engine() == Some(bf16::Engine::Amx)
         && super::enabled("pairs")
+}
+
+/// The input channels of a convolution that [`reads_pairs`], rounded up to whole steps of 32.
+fn pair_channels(g: &ConvGeometry) -> usize {
+    g.c_in.next_multiple_of(32)
 }
 
 /// Runs `f` on the zero-padded bf16 copy of one image [C_in, H, W] that the bf16 products read
@@ -408,21 +414,18 @@ impl PreparedWeight {
             (Some(Winograd::F43), _) => Prepared::F43(winograd43::transformed(mode, w, g)),
             (Some(Winograd::F23), _) => Prepared::F23(winograd::transformed(mode, w, g)),
             (None, MatmulMode::Bf16) if reads_pairs(mode, g) => {
-                // [C_out, C_in, kh, kw] to [C_out, kh, kw, C_in].
-                let taps = g.kh * g.kw;
-                let mut by_tap = vec![0.0f32; w.len()];
-                for (src, dst) in w.chunks(g.k()).zip(by_tap.chunks_mut(g.k())) {
+                // [C_out, C_in, kh, kw] to [C_out, kh, kw, C_pad], zeros past C_in.
+                let (taps, c_pad) = (g.kh * g.kw, pair_channels(g));
+                let k = taps * c_pad;
+                let mut by_tap = vec![0.0f32; g.c_out * k];
+                for (src, dst) in w.chunks(g.k()).zip(by_tap.chunks_mut(k)) {
                     for (ci, tap_values) in src.chunks(taps).enumerate() {
                         for (tap, &v) in tap_values.iter().enumerate() {
-                            dst[tap * g.c_in + ci] = v;
+                            dst[tap * c_pad + ci] = v;
                         }
                     }
                 }
-                Prepared::Pairs(bf16::PackedLhs::new(
-                    g.c_out,
-                    g.k(),
-                    (&by_tap, g.k() as isize, 1),
-                ))
+                Prepared::Pairs(bf16::PackedLhs::new(g.c_out, k, (&by_tap, k as isize, 1)))
             }
             (None, MatmulMode::Bf16) => {
                 Prepared::Bf16(bf16::PackedLhs::new(g.c_out, g.k(), (w, g.k() as isize, 1)))
@@ -550,8 +553,9 @@ fn forward_pairs(
     let write = bias.map_or(bf16::Write::Set, bf16::Write::SetWithBias);
     super::fresh_output(g.batch * g.c_out * n, g.c_out * n, true, |b, yb| {
         let xb = &x[b * image..(b + 1) * image];
-        scratch(&PAIRS, g.c_in / 2 * plane, |xv| {
-            bf16::pack_pairs(xb, g.c_in, [g.h, g.w], g.pad, plane, xv);
+        let c_pad = pair_channels(g);
+        scratch(&PAIRS, c_pad / 2 * plane, |xv| {
+            bf16::pack_pairs(xb, [g.c_in, c_pad], [g.h, g.w], g.pad, plane, xv);
             let img = bf16::PairImage {
                 xv,
                 plane,

@@ -16,7 +16,9 @@
 //! for the forward pass, the input gradient and the weight gradient, with F(2x2, 3x3)
 //! ([`winograd`], 2.25 times fewer) kept for comparison. On processors with
 //! Intel AMX or AVX-512 BF16 the products can run in bf16 ([`bf16`], [`MatmulMode`]), reading
-//! the column matrix straight from the padded image.
+//! the column matrix straight from the padded image; on AMX, convolutions with a multiple of
+//! 32 input channels load their tiles from the image itself, laid out in channel pairs
+//! ([`conv2d::reads_pairs`]).
 
 pub mod bf16;
 pub mod conv2d;
@@ -196,9 +198,11 @@ impl MatmulMode {
     }
 
     /// The fastest mode this processor runs at equal quality: bf16 where it has a bf16 engine
-    /// (AMX or AVX-512 BF16), else f32. On AMX bf16 is faster throughout; with AVX-512 BF16
-    /// alone it trains and samples in batches at f32's speed but makes one image twice as fast
-    /// (measured in `docs/BENCHMARKS.md`, 2026-12-07).
+    /// (AMX or AVX-512 BF16), else f32. On AMX bf16 is faster throughout (a Sapphire
+    /// Rapids-class Xeon: the benchmark U-Net trains 1.25-1.27x and runs forward 1.5x as fast
+    /// as in f32, session 27); with AVX-512 BF16 alone it trains and samples in batches at
+    /// f32's speed but makes one image twice as fast (measured in `docs/BENCHMARKS.md`,
+    /// 2026-12-07).
     pub fn fastest() -> Self {
         if bf16_available() {
             MatmulMode::Bf16

@@ -524,8 +524,11 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
     // pairs (`conv2d::reads_pairs`): panels of 32 columns spanning several padded rows
     // (20 wide), ending mid-row, fewer pixels than one panel (2x2 with a 5x5 kernel), no
     // padding (each output row shorter than the padded one), 64 output channels (the input
-    // gradient reads pairs too), and output channels past whole blocks.
+    // gradient reads pairs too), output channels past whole blocks, and input channels
+    // padded with zero channels to 32 and 64.
     cases.push(geom(2, 32, 20, 20, 40, 3, 1, 1));
+    cases.push(geom(2, 24, 9, 9, 48, 3, 1, 1));
+    cases.push(geom(1, 40, 6, 6, 20, 3, 1, 1));
     cases.push(geom(1, 64, 9, 11, 33, 3, 1, 0));
     cases.push(geom(3, 32, 2, 2, 16, 5, 1, 2));
     cases.push(geom(2, 32, 8, 8, 64, 3, 1, 1));
@@ -578,10 +581,14 @@ fn bf16_pairs_route_is_taken_on_amx() {
         MatmulMode::F32,
         &geom(2, 32, 20, 20, 40, 3, 1, 1)
     ));
-    // 1x1, strided, and channels not a multiple of 32 keep the packed route.
+    // Multiples of 8 from 24 on, padded with zero channels.
+    assert!(pairs(geom(1, 24, 8, 8, 48, 3, 1, 1)));
+    assert!(pairs(geom(1, 72, 8, 8, 48, 3, 1, 1)));
+    // 1x1, strided, few channels, and channels not a multiple of 8 keep the packed route.
     assert!(!pairs(geom(1, 64, 8, 8, 64, 1, 1, 0)));
     assert!(!pairs(geom(1, 64, 8, 8, 64, 3, 2, 1)));
-    assert!(!pairs(geom(1, 48, 8, 8, 64, 3, 1, 1)));
+    assert!(!pairs(geom(1, 16, 8, 8, 64, 3, 1, 1)));
+    assert!(!pairs(geom(1, 36, 8, 8, 64, 3, 1, 1)));
 }
 
 /// Same inputs, same bits, whatever the number of threads spreading the work.
