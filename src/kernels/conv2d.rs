@@ -551,9 +551,9 @@ fn forward_pairs(
     let par = inner_parallelism(g.batch);
     let image = g.c_in * g.h * g.w;
     let write = bias.map_or(bf16::Write::Set, bf16::Write::SetWithBias);
+    let c_pad = pair_channels(g);
     super::fresh_output(g.batch * g.c_out * n, g.c_out * n, true, |b, yb| {
         let xb = &x[b * image..(b + 1) * image];
-        let c_pad = pair_channels(g);
         scratch(&PAIRS, c_pad / 2 * plane, |xv| {
             bf16::pack_pairs(xb, [g.c_in, c_pad], [g.h, g.w], g.pad, plane, xv);
             let img = bf16::PairImage {
