@@ -297,18 +297,8 @@ pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write,
         })
         .collect();
     let blocks = m.div_ceil(BLOCK);
-    let groups = if parallel {
-        rayon::current_num_threads().min(panels)
-    } else {
-        1
-    };
-    let per = panels.div_ceil(groups);
     let out = SharedDst(dst.as_mut_ptr());
-    let run = |gi: usize| {
-        let range = (gi * per).min(panels)..((gi + 1) * per).min(panels);
-        if range.is_empty() {
-            return;
-        }
+    by_panels(panels, parallel, |range| {
         #[repr(align(64))]
         struct Acc([f32; BLOCK * BLOCK]);
         let mut acc = Acc([0.0; BLOCK * BLOCK]);
@@ -356,6 +346,23 @@ pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write,
                 }
             }
         });
+    });
+}
+
+/// Runs `f` on `panels` split into contiguous ranges, one per rayon thread when `parallel`
+/// (else one range on the calling thread); empty ranges are skipped.
+fn by_panels(panels: usize, parallel: bool, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let groups = if parallel {
+        rayon::current_num_threads().min(panels).max(1)
+    } else {
+        1
+    };
+    let per = panels.div_ceil(groups);
+    let run = |g: usize| {
+        let range = (g * per).min(panels)..((g + 1) * per).min(panels);
+        if !range.is_empty() {
+            f(range);
+        }
     };
     if groups > 1 {
         (0..groups).into_par_iter().for_each(run);
@@ -562,25 +569,10 @@ fn matmul_on(
         }
         return;
     }
-    let panels = n.div_ceil(BLOCK);
-    let groups = if parallel {
-        rayon::current_num_threads().min(panels)
-    } else {
-        1
-    };
-    let per = panels.div_ceil(groups);
     let out = SharedDst(dst.as_mut_ptr());
-    let run = |g: usize| {
-        let range = (g * per).min(panels)..((g + 1) * per).min(panels);
-        if !range.is_empty() {
-            columns(engine, a, n, b, range, out, write);
-        }
-    };
-    if groups > 1 {
-        (0..groups).into_par_iter().for_each(run);
-    } else {
-        run(0);
-    }
+    by_panels(n.div_ceil(BLOCK), parallel, |range| {
+        columns(engine, a, n, b, range, out, write)
+    });
 }
 
 /// The columns of panels `range` of [`matmul`]: groups of panels, each chunk by chunk along
@@ -994,6 +986,22 @@ mod imp {
         }
     }
 
+    /// One step of the 2×2 tile blocking, as assembly text: the `A` tiles in tmm4 and tmm5
+    /// times the `B` tiles in tmm6 and tmm7, into the sums in tmm0-tmm3 (see [`block`]).
+    macro_rules! four_products {
+        () => {
+            "tdpbf16ps tmm0, tmm4, tmm6\ntdpbf16ps tmm1, tmm4, tmm7\ntdpbf16ps tmm2, tmm5, tmm6\ntdpbf16ps tmm3, tmm5, tmm7"
+        };
+    }
+
+    /// The sums in tmm0-tmm3 stored as a 32×32 row-major block at `{c}` (`{cs}` = 128 bytes a
+    /// row), as assembly text.
+    macro_rules! store_sums {
+        () => {
+            "tilestored [{c} + {cs}*1], tmm0\ntilestored [{c} + {cs}*1 + 64], tmm1\ntilestored [{c} + {cs}*1 + 2048], tmm2\ntilestored [{c} + {cs}*1 + 2112], tmm3"
+        };
+    }
+
     /// Runs `f` with the tile configuration loaded on this thread, releasing the tiles after.
     pub fn with_tiles(f: impl FnOnce()) {
         // SAFETY: only called once `supported()` granted the tile state; the configuration
@@ -1039,18 +1047,12 @@ mod imp {
                 "tileloadd tmm5, [{a} + {s}*1 + 1024]",
                 "tileloadd tmm6, [{b} + {s}*1]",
                 "tileloadd tmm7, [{b} + {s}*1 + 1024]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                four_products!(),
                 "add {a}, 2048",
                 "add {b}, 2048",
                 "dec {k}",
                 "jnz 2b",
-                "tilestored [{c} + {cs}*1], tmm0",
-                "tilestored [{c} + {cs}*1 + 64], tmm1",
-                "tilestored [{c} + {cs}*1 + 2048], tmm2",
-                "tilestored [{c} + {cs}*1 + 2112], tmm3",
+                store_sums!(),
                 a = inout(reg) a => _,
                 b = inout(reg) b => _,
                 k = inout(reg) steps => _,
@@ -1093,18 +1095,12 @@ mod imp {
                 "tileloadd tmm5, [{a} + {s}*1 + 1024]",
                 "tileloadd tmm6, [{t} + {bs}*1]",
                 "tileloadd tmm7, [{t} + {bs}*1 + 64]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
+                four_products!(),
                 "add {a}, 2048",
                 "add {o}, 8",
                 "dec {k}",
                 "jnz 2b",
-                "tilestored [{c} + {cs}*1], tmm0",
-                "tilestored [{c} + {cs}*1 + 64], tmm1",
-                "tilestored [{c} + {cs}*1 + 2048], tmm2",
-                "tilestored [{c} + {cs}*1 + 2112], tmm3",
+                store_sums!(),
                 a = inout(reg) a => _,
                 o = inout(reg) offsets.as_ptr() => _,
                 k = inout(reg) offsets.len() => _,
