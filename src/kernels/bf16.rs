@@ -26,9 +26,9 @@
 //!   over the whole of `k` (Intel, "Intel Architecture Instruction Set Extensions
 //!   Programming Reference", VDPBF16PS).
 //!
-//! For stride-1 convolutions with a multiple of 32 input channels, AMX loads the `B` tiles
-//! straight from the image laid out once in channel pairs ([`PairImage`], [`conv_pairs`]),
-//! with no packing per product.
+//! For stride-1 convolutions with 24 or more input channels (a multiple of 8, padded with zero
+//! channels to a multiple of 32), AMX loads the `B` tiles straight from the image laid out
+//! once in channel pairs ([`PairImage`], [`conv_pairs`]), with no packing per product.
 //!
 //! Each product `a·b` of two bf16 values is exact in f32, so the error against f32 arithmetic
 //! is the rounding of the operands: at most 2⁻⁹ relative per operand. Results are exactly
@@ -202,7 +202,8 @@ impl PaddedImage<'_> {
 /// `plane` u32s apart; for kernel tap `(ky, kx)` the tile of output pixels `j..j + 16`
 /// (counted over the padded width, `j = oy·wp + ox`) starts at `ky·wp + kx + j`.
 pub struct PairImage<'a> {
-    /// `[C_in / 2][plane]`, filled by [`pack_pairs`].
+    /// `[C / 2][plane]` (`C`: the input channels padded to a multiple of 32), filled by
+    /// [`pack_pairs`].
     pub xv: &'a [u32],
     /// u32s per pair of channels ([`PairImage::plane_len`]).
     pub plane: usize,
@@ -253,16 +254,16 @@ pub fn pack_pairs(
 
 /// `dst[m × oh·ow]` = `A · col(x)` (or as `write` says) for a stride-1 convolution on AMX, with
 /// each `B` tile loaded straight from the image in pairs ([`PairImage`]) instead of packed
-/// for every product, which took about a sixth of a bf16 training step of the benchmark U-Net
-/// (`pack_padded`). The product runs over the padded width (`oh·wp` columns, the `wp - ow`
+/// for every product (`pack_padded`, 11.7% of the bf16 benchmark U-Net's time on a 2-core
+/// Xeon with AMX, docs/BENCHMARKS.md session 27). The product runs over the padded width (`oh·wp` columns, the `wp - ow`
 /// extra ones per row discarded as the result is written), so that sixteen consecutive
 /// columns are always sixteen consecutive pixels of the padded image.
 ///
 /// `a` is the weight `[C_out, C_in, kh, kw]` with `k` in tap-major order, `A[co, (ky·kw +
 /// kx)·C + ci]`, its input channels padded with zeros to `C`, a multiple of 32 (the image's
 /// likewise, [`pack_pairs`]): each step of 32 along `k` is then one tap and 32 channels, whose
-/// tile of `B` starts at a fixed offset. Each 32×32 block of the result
-/// sums its steps in order on one thread, so the bits do not depend on the thread count.
+/// tile of `B` starts at a fixed offset. Each 32×32 block of the result sums its steps in
+/// order on one thread, so the bits do not depend on the thread count.
 pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write, parallel: bool) {
     assert_eq!(engine(), Some(Engine::Amx), "pair-image products need AMX");
     let taps = img.kh * img.kw;
