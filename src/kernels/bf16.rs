@@ -350,6 +350,226 @@ pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write,
     });
 }
 
+/// The operands of a stride-1 convolution's weight gradient on AMX, laid out so that
+/// [`grad_taps`] loads every tile in place, with nothing packed per product: the image
+/// `x` as the left operand (sixteen input channels, 32 consecutive pixels each, are one
+/// tile, for any tap), the output gradient `dy` as the right one, in the pairs `TDPBF16PS`
+/// reads (sixteen output channels at one pair of pixels are one 64-byte tile row).
+///
+/// Pixels are counted over the padded width, `q = oy·wp + ox` for output pixel `(oy, ox)`;
+/// tap `(ky, kx)` then meets input pixel `q + ky·wp + kx` of the padded image, and the columns
+/// `ox ≥ ow` (and the pixels past `oh·wp`) carry a zero gradient.
+pub struct GradOperands<'a> {
+    /// `[C][plane]` bf16 bits: the zero-padded image, padded pixel `(y, x)` at `y·wp + x`,
+    /// then zeros to the end of each plane; channels past the image's zero ([`pack_grad_image`]).
+    pub x: &'a [u16],
+    /// u16s per channel of `x`: at least `2·kpairs` plus the farthest tap's offset.
+    pub plane: usize,
+    /// `[kpairs][co]`: u32 `j·co + c` holds output channel `c`'s gradient at pixels `2j` (low
+    /// half) and `2j + 1` (high half) as bf16 ([`pack_grad_pairs`]).
+    pub dyt: &'a [u32],
+    /// Pairs of pixels summed over, a multiple of 16 (whole steps of 32 pixels).
+    pub kpairs: usize,
+    /// Input and output channels of the operands, multiples of 32.
+    pub c: usize,
+    pub co: usize,
+    /// Each tap's offset in pixels, `ky·wp + kx`.
+    pub offsets: &'a [usize],
+}
+
+impl GradOperands<'_> {
+    /// u16s per channel of [`GradOperands::x`] for `kpairs` pairs of pixels and taps as far
+    /// as `max_offset`, rounded up to an odd number of 64-byte lines (as
+    /// [`PairImage::plane_len`], so that the sixteen rows of a tile spread over the cache's sets).
+    pub fn plane_len(kpairs: usize, max_offset: usize) -> usize {
+        32 * ((2 * kpairs + max_offset).div_ceil(32) | 1)
+    }
+
+    /// Floats of the sums [`grad_taps`] adds into: one 32×32 block per pair of blocks of
+    /// input and output channels and tap.
+    pub fn sums_len(&self) -> usize {
+        self.offsets.len() * (self.c / 32) * (self.co / 32) * BLOCK * BLOCK
+    }
+}
+
+/// Fills `out` (`c_pad` planes of `plane` u16s) with the `images` images of `x` [images, c,
+/// h, w], each zero-padded by `pad` and rounded to bf16, one after the other in each plane
+/// (image `b`'s padded pixel `(y, x)` at `b·hp·wp + y·wp + x`), as [`GradOperands::x`] lays
+/// them out: channels `c..c_pad` and every u16 past the last image zero. Needs [`available`].
+pub fn pack_grad_image(
+    x: &[f32],
+    [images, c, c_pad]: [usize; 3],
+    [h, w]: [usize; 2],
+    [ph, pw]: [usize; 2],
+    plane: usize,
+    out: &mut [u16],
+) {
+    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+    assert_eq!(x.len(), images * c * h * w, "gradient image: input size");
+    assert!(
+        c_pad >= c && plane >= images * hp * wp && out.len() >= c_pad * plane,
+        "gradient image: buffer too small"
+    );
+    out[..c_pad * plane]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(ci, dst)| {
+            if ci >= c {
+                dst.fill(0);
+                return;
+            }
+            for b in 0..images {
+                let img = &mut dst[b * hp * wp..(b + 1) * hp * wp];
+                img[..ph * wp + pw].fill(0);
+                for y in 0..h {
+                    let at = (ph + y) * wp + pw;
+                    round_into(&x[((b * c + ci) * h + y) * w..][..w], &mut img[at..at + w]);
+                    // The right border of this row and the left one of the next.
+                    let end = (at + wp).min(img.len());
+                    img[at + w..end].fill(0);
+                }
+                img[(ph + h) * wp..].fill(0);
+            }
+            dst[images * hp * wp..].fill(0);
+        });
+}
+
+/// Fills `out` ([`GradOperands::dyt`]: `kpairs` rows of `co_pad` u32s) with the output
+/// gradients `dy` [images, co, oh, ow] laid over the images' padded pixels as
+/// [`pack_grad_image`] lays them out (`grid` = `[hp, wp]`): pixel `b·hp·wp + oy·wp + ox` of
+/// channel `c` is `dy[b, c, oy, ox]` rounded to bf16 where `oy < oh` and `ox < ow`, zero
+/// elsewhere (as are channels `co..co_pad`). `rows` is scratch space for `co_pad · kpairs`
+/// u32s. Needs [`available`].
+pub fn pack_grad_pairs(
+    dy: &[f32],
+    [images, co, co_pad]: [usize; 3],
+    [oh, ow]: [usize; 2],
+    [hp, wp]: [usize; 2],
+    kpairs: usize,
+    rows: &mut [u32],
+    out: &mut [u32],
+) {
+    assert_eq!(
+        dy.len(),
+        images * co * oh * ow,
+        "gradient pairs: input size"
+    );
+    let last = images.saturating_sub(1) * hp * wp + oh * wp;
+    assert!(
+        co_pad.is_multiple_of(16)
+            && kpairs.is_multiple_of(16)
+            && co_pad >= co
+            && ow <= wp
+            && oh <= hp
+            && 2 * kpairs >= last
+            && rows.len() >= co_pad * kpairs
+            && out.len() >= co_pad * kpairs,
+        "gradient pairs: bad sizes"
+    );
+    // Each channel's row over the padded pixels, as bf16 (two to a u32), then the rows turned
+    // into columns, sixteen by sixteen.
+    rows[..co_pad * kpairs]
+        .par_chunks_mut(kpairs)
+        .enumerate()
+        .for_each(|(c, row)| {
+            // SAFETY: u16 has no invalid bits and half the size and alignment of u32.
+            let halves = unsafe {
+                std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<u16>(), 2 * kpairs)
+            };
+            if c >= co {
+                halves.fill(0);
+                return;
+            }
+            for b in 0..images {
+                let base = b * hp * wp;
+                for oy in 0..oh {
+                    let at = base + oy * wp;
+                    round_into(
+                        &dy[((b * co + c) * oh + oy) * ow..][..ow],
+                        &mut halves[at..at + ow],
+                    );
+                    halves[at + ow..at + wp].fill(0);
+                }
+                let end = (base + hp * wp).min(2 * kpairs);
+                halves[base + oh * wp..end].fill(0);
+            }
+            halves[(images * hp * wp).min(2 * kpairs)..].fill(0);
+        });
+    // Sixteen rows of `out` (sixteen pairs of pixels) at a time, from every channel.
+    let rows = &*rows;
+    out[..kpairs * co_pad]
+        .par_chunks_mut(16 * co_pad)
+        .enumerate()
+        .for_each(|(jb, dst)| {
+            for cb in (0..co_pad).step_by(16) {
+                imp::transpose16(
+                    &rows[cb * kpairs + 16 * jb..],
+                    kpairs,
+                    &mut dst[cb..],
+                    co_pad,
+                );
+            }
+        });
+}
+
+/// `sums[(i, o, t)] += Σ_q x[32i + r, q + offsets[t]] · dy[32o + s, q]` over the pixels `q <
+/// 2·kpairs`, for every 32×32 block of input channels `i` and output channels `o` and every
+/// tap `t`: block `(i, o, t)` (row `r` an input channel, column `s` an output channel) at
+/// `((i·CO/32 + o)·taps + t)·1024` in `sums`. Each block sums its steps of 32 pixels in order
+/// on one thread (the blocks spread over the threads when `parallel`), so the bits do not
+/// depend on the thread count. Needs AMX.
+pub fn grad_taps(ops: &GradOperands, sums: &mut [f32], parallel: bool) {
+    assert_eq!(
+        engine(),
+        Some(Engine::Amx),
+        "in-place weight gradients need AMX"
+    );
+    let max_offset = ops.offsets.iter().copied().max().unwrap_or(0);
+    assert!(
+        ops.c.is_multiple_of(BLOCK)
+            && ops.co.is_multiple_of(BLOCK)
+            && ops.kpairs.is_multiple_of(16)
+            && ops.plane >= 2 * ops.kpairs + max_offset
+            && ops.x.len() >= ops.c * ops.plane
+            && ops.dyt.len() >= ops.kpairs * ops.co
+            && sums.len() >= ops.sums_len(),
+        "weight gradient operands: bad sizes"
+    );
+    let steps = ops.kpairs / 16;
+    let taps = ops.offsets.len();
+    let co_blocks = ops.co / BLOCK;
+    let blocks = ops.sums_len() / (BLOCK * BLOCK);
+    if steps == 0 || blocks == 0 {
+        return;
+    }
+    let out = SharedDst(sums.as_mut_ptr());
+    // Consecutive blocks are the taps of one pair of channel blocks: they read the same rows
+    // of `dy` and nearly the same pixels of `x`.
+    by_panels(blocks, parallel, |range| {
+        imp::with_tiles(|| {
+            for blk in range {
+                let (i, o, t) = (blk / taps / co_blocks, blk / taps % co_blocks, blk % taps);
+                // SAFETY: AMX runs (checked above) with the tiles configured; the `x` rows
+                // 32i..32i + 32 hold `2·kpairs + offsets[t] ≤ plane` u16s from the offset and
+                // the `dyt` rows `kpairs` columns 32o..32o + 32 (sizes checked above); block
+                // `blk` lies inside `sums` and no other thread writes it.
+                unsafe {
+                    imp::block_strided(
+                        ops.x[i * BLOCK * ops.plane + ops.offsets[t]..]
+                            .as_ptr()
+                            .cast(),
+                        2 * ops.plane,
+                        ops.dyt[o * BLOCK..].as_ptr().cast(),
+                        4 * ops.co,
+                        steps,
+                        out.at(blk * BLOCK * BLOCK),
+                    )
+                };
+            }
+        })
+    });
+}
+
 /// Runs `f` on `panels` split into contiguous ranges, one per rayon thread when `parallel`
 /// (else one range on the calling thread); empty ranges are skipped.
 fn by_panels(panels: usize, parallel: bool, f: impl Fn(std::ops::Range<usize>) + Sync) {
@@ -1116,6 +1336,103 @@ mod imp {
         }
     }
 
+    /// `c[32×32]` (row-major) += Σ over `steps` of two `A` tiles times two `B` tiles, all read
+    /// in place: step `s`'s `A` rows (32 bf16 each) at `a + 64s + r·a_stride` for rows `r <
+    /// 32`, its `B` rows (32 columns in bf16 pairs) at `b + (16s + r)·b_stride` for `r < 16`
+    /// (see `grad_taps`).
+    ///
+    /// # Safety
+    /// Tiles configured ([`with_tiles`]); every row named above readable for `steps ≥ 1`
+    /// steps (64 bytes of `A`, 128 of `B`); `c` holds 1024 floats.
+    pub unsafe fn block_strided(
+        a: *const u8,
+        a_stride: usize,
+        b: *const u8,
+        b_stride: usize,
+        steps: usize,
+        c: *mut f32,
+    ) {
+        debug_assert!(steps >= 1);
+        // SAFETY: per the function's contract.
+        unsafe {
+            asm!(
+                "tileloadd tmm0, [{c} + {cs}*1]",
+                "tileloadd tmm1, [{c} + {cs}*1 + 64]",
+                "tileloadd tmm2, [{c} + {cs}*1 + 2048]",
+                "tileloadd tmm3, [{c} + {cs}*1 + 2112]",
+                "2:",
+                "tileloadd tmm4, [{a} + {as_}*1]",
+                "tileloadd tmm5, [{a2} + {as_}*1]",
+                "tileloadd tmm6, [{b} + {bs}*1]",
+                "tileloadd tmm7, [{b} + {bs}*1 + 64]",
+                four_products!(),
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, {bstep}",
+                "dec {k}",
+                "jnz 2b",
+                store_sums!(),
+                a = inout(reg) a => _,
+                a2 = inout(reg) a.add(16 * a_stride) => _,
+                b = inout(reg) b => _,
+                k = inout(reg) steps => _,
+                as_ = in(reg) a_stride,
+                bs = in(reg) b_stride,
+                bstep = in(reg) 16 * b_stride,
+                c = in(reg) c,
+                cs = in(reg) 128usize,
+                options(nostack),
+            );
+        }
+    }
+
+    /// `dst[j·ds + i] = src[i·ss + j]` for `i, j < 16`: a 16×16 block of u32s turned over, in
+    /// three rounds of shuffles (pairs of rows by 32 bits, then by 64, then the 128-bit lanes).
+    pub fn transpose16(src: &[u32], ss: usize, dst: &mut [u32], ds: usize) {
+        assert!(
+            src.len() >= 15 * ss + 16 && dst.len() >= 15 * ds + 16,
+            "transpose: too short"
+        );
+        #[target_feature(enable = "avx512f")]
+        fn go(src: &[u32], ss: usize, dst: &mut [u32], ds: usize) {
+            // SAFETY: sixteen rows of sixteen u32s lie inside `src` (checked by the caller).
+            let r: [__m512i; 16] = std::array::from_fn(|i| unsafe {
+                _mm512_loadu_si512(src[i * ss..].as_ptr().cast())
+            });
+            let mut t = [_mm512_setzero_si512(); 16];
+            for i in 0..8 {
+                t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+            }
+            // Now lane L of u[4i + k] holds rows 4i..4i + 4 of column 4L + k.
+            let mut u = [_mm512_setzero_si512(); 16];
+            for i in 0..4 {
+                u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+                u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+                u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+                u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+            }
+            for k in 0..4 {
+                let even_lo = _mm512_shuffle_i32x4::<0x88>(u[k], u[4 + k]);
+                let odd_lo = _mm512_shuffle_i32x4::<0xdd>(u[k], u[4 + k]);
+                let even_hi = _mm512_shuffle_i32x4::<0x88>(u[8 + k], u[12 + k]);
+                let odd_hi = _mm512_shuffle_i32x4::<0xdd>(u[8 + k], u[12 + k]);
+                let cols = [
+                    (k, _mm512_shuffle_i32x4::<0x88>(even_lo, even_hi)),
+                    (4 + k, _mm512_shuffle_i32x4::<0x88>(odd_lo, odd_hi)),
+                    (8 + k, _mm512_shuffle_i32x4::<0xdd>(even_lo, even_hi)),
+                    (12 + k, _mm512_shuffle_i32x4::<0xdd>(odd_lo, odd_hi)),
+                ];
+                for (j, v) in cols {
+                    // SAFETY: row j < 16 of sixteen u32s lies inside `dst` (checked above).
+                    unsafe { _mm512_storeu_si512(dst[j * ds..].as_mut_ptr().cast(), v) };
+                }
+            }
+        }
+        // SAFETY: both engines (one is checked before any packing) imply AVX-512.
+        unsafe { go(src, ss, dst, ds) }
+    }
+
     /// See [`super::pack_pairs`] (sizes checked there).
     pub fn pack_pairs(
         x: &[f32],
@@ -1281,6 +1598,19 @@ mod imp {
         unreachable!("bf16 products are never reported available on this platform")
     }
     pub unsafe fn block_dp(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: bool) {
+        unreachable!("bf16 products are never reported available on this platform")
+    }
+    pub unsafe fn block_strided(
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: usize,
+        _: *mut f32,
+    ) {
+        unreachable!("bf16 products are never reported available on this platform")
+    }
+    pub fn transpose16(_: &[u32], _: usize, _: &mut [u32], _: usize) {
         unreachable!("bf16 products are never reported available on this platform")
     }
     pub unsafe fn block_taps(_: *const u16, _: *const u8, _: &[usize], _: usize, _: *mut f32) {

@@ -201,6 +201,8 @@ thread_local! {
     static PADDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     /// Per-thread buffer of [`forward_pairs`] (bf16 pairs).
     static PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static GRAD_X: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static GRAD_DY: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether the bf16 forward convolution `g` (and so its input gradient, see [`as_forward`])
@@ -217,6 +219,32 @@ pub fn reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
         && bf16::engine() == Some(bf16::Engine::Amx)
         && super::enabled("pairs")
 }
+
+/// Whether the bf16 weight gradient of `g` runs on AMX with its tiles loaded in place
+/// ([`bf16::grad_taps`]): the image as it is (rounded and padded) and the output gradient in
+/// pixel pairs, for stride-1 convolutions larger than 1×1 with at least 16 input and output
+/// channels (zero channels pad both to multiples of 32) whose sums fit in [`GRAD_SUMS_BYTES`].
+/// It replaces f32 F(4×4, 3×3) there ([`weight_grad_in_f32`]): on a 2-core Xeon with AMX,
+/// 1.1-1.6 times as fast over the benchmark U-Net's and the default Fashion-MNIST network's
+/// shapes (`examples/conv_routes.rs`; docs/BENCHMARKS.md, session 28). `DIFFUSE_KERNELS`
+/// without `wpairs` turns it off.
+pub fn grad_reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
+    let sums = 4 * g.kh * g.kw * g.c_in.next_multiple_of(32) * g.c_out.next_multiple_of(32);
+    mode == MatmulMode::Bf16
+        && g.stride == [1, 1]
+        && g.kh * g.kw > 1
+        && g.c_in >= 16
+        && g.c_out >= 16
+        && sums <= GRAD_SUMS_BYTES
+        && bf16::engine() == Some(bf16::Engine::Amx)
+        && super::enabled("wpairs")
+}
+
+/// The most bytes of sums [`grad_reads_pairs`] takes: each chunk of images adds into every
+/// block of sums once, so they must stay in the level-2 cache (2 MiB a core on the Xeons with
+/// AMX). Above it (256 input and output channels, 3×3: 2.4 MB) F(4×4, 3×3) in f32 was faster:
+/// 0.56-0.92 times its speed at 8×8 pixels, against 1.24 at 256 by 128 channels (1.2 MB).
+const GRAD_SUMS_BYTES: usize = 3 << 19;
 
 /// The input channels of a convolution that [`reads_pairs`], rounded up to whole steps of 32.
 fn pair_channels(g: &ConvGeometry) -> usize {
@@ -611,6 +639,96 @@ pub fn backward_input(mode: MatmulMode, dy: &[f32], w: &[f32], g: &ConvGeometry)
     .0
 }
 
+/// [`backward_weight`] by [`bf16::grad_taps`] ([`grad_reads_pairs`]): per chunk of
+/// [`IMAGES_PER_PARTIAL`] images, the images rounded and padded one after the other and `dy`
+/// in pixel pairs over the same pixels (in per-thread buffers), then every block of sums (a
+/// tap, 32 input and 32 output channels) read from them in place, so that each block sums a
+/// long run of steps. The chunks' sums are added in chunk order, as the other routes do, so
+/// the bits depend on the batch alone. Returns `dW` [C_out, C_in, kh, kw] and `db` [C_out],
+/// as [`backward_weight`] does. Needs AMX and a stride-1 geometry.
+pub fn backward_weight_pairs(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        g.stride == [1, 1],
+        "in-place weight gradients need stride 1"
+    );
+    assert_eq!(x.len(), g.batch * g.c_in * g.h * g.w, "conv2d input size");
+    assert_eq!(
+        dy.len(),
+        g.batch * g.c_out * g.n(),
+        "conv2d output-gradient size"
+    );
+    let [oh, ow] = g.out_hw();
+    let (hp, wp) = (g.h + 2 * g.pad[0], g.w + 2 * g.pad[1]);
+    let taps = g.kh * g.kw;
+    let offsets: Vec<usize> = (0..taps).map(|t| t / g.kw * wp + t % g.kw).collect();
+    let (c, co) = (g.c_in.next_multiple_of(32), g.c_out.next_multiple_of(32));
+    let (image, grad) = (g.c_in * g.h * g.w, g.c_out * oh * ow);
+    let len = taps * (c / 32) * (co / 32) * 1024;
+    let chunks = g.batch.div_ceil(IMAGES_PER_PARTIAL);
+    let par = inner_parallelism(chunks);
+    let partial: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            let first = chunk * IMAGES_PER_PARTIAL;
+            let images = IMAGES_PER_PARTIAL.min(g.batch - first);
+            // The last image's output pixels end at (images - 1)·hp·wp + oh·wp.
+            let kpairs = ((images - 1) * hp * wp + oh * wp).div_ceil(32) * 16;
+            let plane = bf16::GradOperands::plane_len(kpairs, (g.kh - 1) * wp + g.kw - 1)
+                .max(images * hp * wp);
+            let mut sums = vec![0.0f32; len];
+            scratch(&GRAD_X, c * plane, |xs| {
+                bf16::pack_grad_image(
+                    &x[first * image..(first + images) * image],
+                    [images, g.c_in, c],
+                    [g.h, g.w],
+                    g.pad,
+                    plane,
+                    xs,
+                );
+                scratch(&GRAD_DY, 2 * co * kpairs, |buf| {
+                    let (rows, dyt) = buf.split_at_mut(co * kpairs);
+                    bf16::pack_grad_pairs(
+                        &dy[first * grad..(first + images) * grad],
+                        [images, g.c_out, co],
+                        [oh, ow],
+                        [hp, wp],
+                        kpairs,
+                        rows,
+                        dyt,
+                    );
+                    let ops = bf16::GradOperands {
+                        x: xs,
+                        plane,
+                        dyt,
+                        kpairs,
+                        c,
+                        co,
+                        offsets: &offsets,
+                    };
+                    bf16::grad_taps(&ops, &mut sums, par);
+                })
+            });
+            sums
+        })
+        .collect();
+    let sums = sum_partials(partial, len);
+    // Block (i, o, t), row r, column s holds dW[32o + s, 32i + r, t].
+    let mut dw = vec![0.0f32; g.c_out * g.c_in * taps];
+    for (blk, block) in sums.chunks(1024).enumerate() {
+        let (i, o, t) = (blk / taps / (co / 32), blk / taps % (co / 32), blk % taps);
+        for (r, row) in block
+            .chunks(32)
+            .enumerate()
+            .take(g.c_in.saturating_sub(32 * i))
+        {
+            for (s, &v) in row.iter().enumerate().take(g.c_out.saturating_sub(32 * o)) {
+                dw[((32 * o + s) * g.c_in + 32 * i + r) * taps + t] = v;
+            }
+        }
+    }
+    (dw, bias_grad(dy, g.batch, g.c_out, oh * ow))
+}
+
 /// The input gradient of a stride-1 convolution that keeps the image size, as a forward
 /// convolution of `dy`: `dx[ci, y, x] = Σ_co,ky,kx W[co, ci, ky, kx] · dy[co, y - ky + p_h,
 /// x - kx + p_w]`, i.e. the weight with input and output channels swapped and the kernel
@@ -834,12 +952,18 @@ pub fn winograd_of(mode: MatmulMode, g: &ConvGeometry, purpose: Purpose) -> Opti
 }
 
 /// Whether [`backward_weight`] in `mode` runs in f32 by Winograd's F(4×4, 3×3) whatever the
-/// mode: in bf16 too for 3×3 stride-1 convolutions of at least 16 input channels, where it
-/// beats the AMX product with exact f32 operands (the benchmark U-Net's weight gradients on a
-/// 2-core Xeon: 98 ms against 117 at B=16, 399 against 472 at B=64). With fewer input
-/// channels the AMX product is faster.
+/// mode: in bf16 too for 3×3 stride-1 convolutions of at least 16 input channels that do not
+/// take [`grad_reads_pairs`] (on AMX, only those whose sums are too large for it; with
+/// AVX-512 BF16, all), where it beats the packed bf16 product with exact f32 operands (the
+/// benchmark U-Net's weight gradients on a 2-core Xeon: 98 ms against 117 for the packed AMX
+/// product at B=16, 399 against 472 at B=64). With fewer input channels the packed product is
+/// faster.
 pub fn weight_grad_in_f32(mode: MatmulMode, g: &ConvGeometry) -> bool {
-    mode == MatmulMode::Bf16 && g.c_in >= 16 && use_winograd(g) && super::enabled("f43w")
+    mode == MatmulMode::Bf16
+        && g.c_in >= 16
+        && use_winograd(g)
+        && super::enabled("f43w")
+        && !grad_reads_pairs(mode, g)
 }
 
 /// Weight and bias gradients: `dW = Σ_b dy[b] · col(x[b])ᵀ` [C_out, C_in, kh, kw] and
@@ -867,6 +991,9 @@ pub fn backward_weight(
     }
     if weight_grad_in_f32(mode, g) {
         return winograd43::backward_weight(x, dy, g);
+    }
+    if grad_reads_pairs(mode, g) {
+        return backward_weight_pairs(x, dy, g);
     }
     // One accumulator per chunk of IMAGES_PER_PARTIAL images, summed in chunk order at the
     // end: the chunking depends on the batch alone (not on the number of cores), so the sums

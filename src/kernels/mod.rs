@@ -18,7 +18,8 @@
 //! Intel AMX or AVX-512 BF16 the products can run in bf16 ([`bf16`], [`MatmulMode`]), reading
 //! the column matrix straight from the padded image; on AMX, convolutions with a multiple of
 //! 32 input channels load their tiles from the image itself, laid out in channel pairs
-//! ([`conv2d::reads_pairs`]).
+//! ([`conv2d::reads_pairs`]), and weight gradients read the image and the output gradient
+//! in place ([`conv2d::grad_reads_pairs`]).
 
 pub mod bf16;
 pub mod conv2d;
@@ -46,7 +47,9 @@ use group_norm::NormGeometry;
 /// `conv`), `f43` (their forward passes, and so their input gradients, by [`winograd43`]'s
 /// F(4x4, 3x3); needs `winograd`), `f43w` (their weight gradients by F(4x4, 3x3); needs
 /// `winograd`), `pairs` (on AMX, bf16 convolutions reading their image tiles in place,
-/// [`conv2d::reads_pairs`]; needs `conv`) and `norm`. The benchmark uses it to measure each
+/// [`conv2d::reads_pairs`]; needs `conv`), `wpairs` (on AMX, bf16 weight gradients reading
+/// the image and the output gradient in place, [`conv2d::grad_reads_pairs`]; needs `conv`)
+/// and `norm`. The benchmark uses it to measure each
 /// kernel's effect.
 fn enabled(kernel: &str) -> bool {
     static CHOICE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -181,9 +184,10 @@ pub enum MatmulMode {
     F32,
     /// Operands rounded to bf16, products summed in f32 on AMX tiles or by AVX-512 BF16 dot
     /// products ([`bf16`]): mixed precision, as PyTorch's autocast to bf16 does for
-    /// convolutions. The weight gradients of most 3x3 stride-1 convolutions stay f32
-    /// ([`conv2d::weight_grad_in_f32`]); with AVX-512 BF16, sampling's large 3x3 convolutions
-    /// take Winograd's F(4x4, 3x3) ([`conv2d::winograd_of`]).
+    /// convolutions. On AMX the weight gradients are bf16 products too, read in place
+    /// ([`conv2d::grad_reads_pairs`]); with AVX-512 BF16 those of most 3x3 stride-1
+    /// convolutions stay f32 ([`conv2d::weight_grad_in_f32`]), and sampling's large 3x3
+    /// convolutions take Winograd's F(4x4, 3x3) ([`conv2d::winograd_of`]).
     Bf16,
 }
 

@@ -532,6 +532,12 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
     cases.push(geom(1, 64, 9, 11, 33, 3, 1, 0));
     cases.push(geom(3, 32, 2, 2, 16, 5, 1, 2));
     cases.push(geom(2, 32, 8, 8, 64, 3, 1, 1));
+    // On AMX, weight gradients of 16 or more input and output channels read the image and
+    // dy in pixel pairs in place (`conv2d::grad_reads_pairs`): chunks of four images laid end
+    // to end (a batch of 5 gives a second, shorter chunk), channels padded to 32 on both
+    // sides, and images smaller than one step of 32 pixels.
+    cases.push(geom(5, 16, 7, 9, 24, 3, 1, 1));
+    cases.push(geom(6, 48, 3, 3, 40, 3, 1, 0));
     for g in cases {
         let x = conv_values(g.batch * g.c_in * g.h * g.w, 7);
         let w = conv_values(g.c_out * g.k(), 8);
@@ -564,15 +570,19 @@ fn bf16_convolution_equals_f32_on_rounded_operands() {
     }
 }
 
-/// Which convolutions read their image tiles in place on AMX (`conv2d::reads_pairs`), so that
-/// the cases above cover that route: on any other processor the route is off, and the test
-/// says so.
+/// Which convolutions read their image tiles in place on AMX (`conv2d::reads_pairs`, and for
+/// weight gradients `conv2d::grad_reads_pairs`), so that the cases above cover those routes:
+/// on any other processor they are off, and the test says so.
 #[test]
 fn bf16_pairs_route_is_taken_on_amx() {
     let pairs = |g: ConvGeometry| conv2d::reads_pairs(MatmulMode::Bf16, &g);
     if bf16::engine() != Some(bf16::Engine::Amx) {
-        println!("skipped: no AMX here, so no convolution reads channel pairs");
+        println!("skipped: no AMX here, so no convolution reads channel or pixel pairs");
         assert!(!pairs(geom(2, 32, 20, 20, 40, 3, 1, 1)));
+        assert!(!conv2d::grad_reads_pairs(
+            MatmulMode::Bf16,
+            &geom(2, 32, 20, 20, 40, 3, 1, 1)
+        ));
         return;
     }
     assert!(pairs(geom(2, 32, 20, 20, 40, 3, 1, 1)));
@@ -589,6 +599,32 @@ fn bf16_pairs_route_is_taken_on_amx() {
     assert!(!pairs(geom(1, 64, 8, 8, 64, 3, 2, 1)));
     assert!(!pairs(geom(1, 16, 8, 8, 64, 3, 1, 1)));
     assert!(!pairs(geom(1, 36, 8, 8, 64, 3, 1, 1)));
+    // Weight gradients: 16 or more input and output channels, stride 1, larger than 1x1, and
+    // sums of at most 1.5 MiB (256 by 128 channels of 3x3, not 256 by 256).
+    let grads = |g: ConvGeometry| conv2d::grad_reads_pairs(MatmulMode::Bf16, &g);
+    for g in [
+        geom(2, 32, 20, 20, 40, 3, 1, 1),
+        geom(5, 16, 7, 9, 24, 3, 1, 1),
+        geom(6, 48, 3, 3, 40, 3, 1, 0),
+        geom(1, 36, 8, 8, 64, 3, 1, 1),
+        geom(1, 256, 8, 8, 128, 3, 1, 1),
+    ] {
+        assert!(grads(g), "{g:?}");
+        assert!(!conv2d::weight_grad_in_f32(MatmulMode::Bf16, &g), "{g:?}");
+    }
+    for g in [
+        geom(1, 256, 8, 8, 256, 3, 1, 1),
+        geom(1, 8, 8, 8, 64, 3, 1, 1),
+        geom(1, 64, 8, 8, 8, 3, 1, 1),
+        geom(1, 64, 8, 8, 64, 1, 1, 0),
+        geom(1, 64, 8, 8, 64, 3, 2, 1),
+    ] {
+        assert!(!grads(g), "{g:?}");
+    }
+    assert!(!conv2d::grad_reads_pairs(
+        MatmulMode::F32,
+        &geom(2, 32, 20, 20, 40, 3, 1, 1)
+    ));
 }
 
 /// Same inputs, same bits, whatever the number of threads spreading the work.
@@ -606,18 +642,23 @@ fn bf16_convolution_is_deterministic() {
     let x = conv_values(g.batch * g.c_in * g.h * g.w, 11);
     let w = conv_values(g.c_out * g.k(), 12);
     let run = || conv2d::forward(MatmulMode::Bf16, &x, &w, None, &g);
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
-        .install(run);
-    let three = rayon::ThreadPoolBuilder::new()
-        .num_threads(3)
-        .build()
-        .unwrap()
-        .install(run);
-    assert_eq!(one, three);
+    let threads = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    assert_eq!(threads(1).install(run), threads(3).install(run));
     assert_eq!(run(), run());
+    // The weight gradient (on AMX read in place, `conv2d::grad_reads_pairs`), over one chunk
+    // of images (its blocks spread over the threads) and over three (the chunks spread).
+    for batch in [2, 9] {
+        let g = geom(batch, 32, 16, 16, 48, 3, 1, 1);
+        let x = conv_values(g.batch * g.c_in * g.h * g.w, 13);
+        let dy = conv_values(g.batch * g.c_out * g.n(), 14);
+        let grad = || conv2d::backward_weight(MatmulMode::Bf16, &x, &dy, &g);
+        assert_eq!(threads(1).install(grad), threads(3).install(grad), "{g:?}");
+    }
 }
 
 /// The bf16 product itself, on every edge of its blocking: rows past whole 32-row blocks,
