@@ -356,12 +356,14 @@ pub fn conv_pairs(a: &PackedLhs, img: &PairImage, dst: &mut [f32], write: Write,
 /// tile, for any tap), the output gradient `dy` as the right one, in the pairs `TDPBF16PS`
 /// reads (sixteen output channels at one pair of pixels are one 64-byte tile row).
 ///
-/// Pixels are counted over the padded width, `q = oy·wp + ox` for output pixel `(oy, ox)`;
-/// tap `(ky, kx)` then meets input pixel `q + ky·wp + kx` of the padded image, and the columns
-/// `ox ≥ ow` (and the pixels past `oh·wp`) carry a zero gradient.
+/// The images of a chunk lie one after the other, each zero-padded to `hp × wp`, and pixels
+/// are counted over them: `q = b·hp·wp + oy·wp + ox` for output pixel `(oy, ox)` of image `b`.
+/// Tap `(ky, kx)` then meets input pixel `q + ky·wp + kx`, and the columns `ox ≥ ow` and the
+/// rows `oy ≥ oh` of each image's grid carry a zero gradient.
 pub struct GradOperands<'a> {
-    /// `[C][plane]` bf16 bits: the zero-padded image, padded pixel `(y, x)` at `y·wp + x`,
-    /// then zeros to the end of each plane; channels past the image's zero ([`pack_grad_image`]).
+    /// `[C][plane]` bf16 bits: the zero-padded images, image `b`'s padded pixel `(y, x)` at
+    /// `b·hp·wp + y·wp + x`, then zeros to the end of each plane; channels past the images'
+    /// zero ([`pack_grad_image`]).
     pub x: &'a [u16],
     /// u16s per channel of `x`: at least `2·kpairs` plus the farthest tap's offset.
     pub plane: usize,

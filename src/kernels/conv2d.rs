@@ -201,6 +201,8 @@ thread_local! {
     static PADDED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     /// Per-thread buffer of [`forward_pairs`] (bf16 pairs).
     static PAIRS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffers of [`backward_weight_pairs`]: the images in bf16, and `dy` in pixel
+    /// pairs (with the rows it is turned from).
     static GRAD_X: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static GRAD_DY: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
@@ -225,14 +227,15 @@ pub fn reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
 /// pixel pairs, for stride-1 convolutions larger than 1×1 with at least 16 input and output
 /// channels (zero channels pad both to multiples of 32) whose sums fit in [`GRAD_SUMS_BYTES`].
 /// It replaces f32 F(4×4, 3×3) there ([`weight_grad_in_f32`]): on a 2-core Xeon with AMX,
-/// 1.1-1.6 times as fast over the benchmark U-Net's and the default Fashion-MNIST network's
-/// shapes (`examples/conv_routes.rs`; docs/BENCHMARKS.md, session 28). `DIFFUSE_KERNELS`
+/// 0.98-1.74 times its speed (median 1.3) over the benchmark U-Net's and the default
+/// Fashion-MNIST network's shapes (`examples/conv_routes.rs`; docs/BENCHMARKS.md, session 28). `DIFFUSE_KERNELS`
 /// without `wpairs` turns it off.
 pub fn grad_reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
     let sums = 4 * g.kh * g.kw * g.c_in.next_multiple_of(32) * g.c_out.next_multiple_of(32);
     mode == MatmulMode::Bf16
         && g.stride == [1, 1]
         && g.kh * g.kw > 1
+        && g.n() > 0
         && g.c_in >= 16
         && g.c_out >= 16
         && sums <= GRAD_SUMS_BYTES
