@@ -387,7 +387,7 @@ impl GradOperands<'_> {
         32 * ((2 * kpairs + max_offset).div_ceil(32) | 1)
     }
 
-    /// Floats of the sums [`grad_taps`] adds into: one 32×32 block per pair of blocks of
+    /// Floats of the sums [`grad_taps`] returns: one 32×32 block per pair of blocks of
     /// input and output channels and tap.
     pub fn sums_len(&self) -> usize {
         self.offsets.len() * (self.c / 32) * (self.co / 32) * BLOCK * BLOCK
@@ -514,13 +514,15 @@ pub fn pack_grad_pairs(
         });
 }
 
-/// `sums[(i, o, t)] += Σ_q x[32i + r, q + offsets[t]] · dy[32o + s, q]` over the pixels `q <
-/// 2·kpairs`, for every 32×32 block of input channels `i` and output channels `o` and every
-/// tap `t`: block `(i, o, t)` (row `r` an input channel, column `s` an output channel) at
-/// `((i·CO/32 + o)·taps + t)·1024` in `sums`. Each block sums its steps of 32 pixels in order
-/// on one thread (the blocks spread over the threads when `parallel`), so the bits do not
-/// depend on the thread count. Needs AMX.
-pub fn grad_taps(ops: &GradOperands, sums: &mut [f32], parallel: bool) {
+/// The sums `S[(i, o, t)] = Σ_q x[32i + r, q + offsets[t]] · dy[32o + s, q]` over the pixels
+/// `q < 2·kpairs`, for every 32×32 block of input channels `i` and output channels `o` and
+/// every tap `t`: block `(i, o, t)` (row `r` an input channel, column `s` an output channel)
+/// at `((i·CO/32 + o)·taps + t)·1024` of the [`GradOperands::sums_len`] floats returned. Each
+/// block sums its steps of 32 pixels in order on one thread (the blocks spread over the
+/// threads when `parallel`), so the bits do not depend on the thread count. The blocks start
+/// from zero in the tiles and are stored once, so the result is never zero-filled nor read
+/// back. Needs AMX.
+pub fn grad_taps(ops: &GradOperands, parallel: bool) -> Vec<f32> {
     assert_eq!(
         engine(),
         Some(Engine::Amx),
@@ -533,17 +535,18 @@ pub fn grad_taps(ops: &GradOperands, sums: &mut [f32], parallel: bool) {
             && ops.kpairs.is_multiple_of(16)
             && ops.plane >= 2 * ops.kpairs + max_offset
             && ops.x.len() >= ops.c * ops.plane
-            && ops.dyt.len() >= ops.kpairs * ops.co
-            && sums.len() >= ops.sums_len(),
+            && ops.dyt.len() >= ops.kpairs * ops.co,
         "weight gradient operands: bad sizes"
     );
     let steps = ops.kpairs / 16;
     let taps = ops.offsets.len();
     let co_blocks = ops.co / BLOCK;
-    let blocks = ops.sums_len() / (BLOCK * BLOCK);
+    let len = ops.sums_len();
+    let blocks = len / (BLOCK * BLOCK);
     if steps == 0 || blocks == 0 {
-        return;
+        return vec![0.0; len];
     }
+    let mut sums: Vec<f32> = Vec::with_capacity(len);
     let out = SharedDst(sums.as_mut_ptr());
     // Consecutive blocks are the taps of one pair of channel blocks: they read the same rows
     // of `dy` and nearly the same pixels of `x`.
@@ -554,7 +557,7 @@ pub fn grad_taps(ops: &GradOperands, sums: &mut [f32], parallel: bool) {
                 // SAFETY: AMX runs (checked above) with the tiles configured; the `x` rows
                 // 32i..32i + 32 hold `2·kpairs + offsets[t] ≤ plane` u16s from the offset and
                 // the `dyt` rows `kpairs` columns 32o..32o + 32 (sizes checked above); block
-                // `blk` lies inside `sums` and no other thread writes it.
+                // `blk` lies inside the capacity of `sums` and no other thread writes it.
                 unsafe {
                     imp::block_strided(
                         ops.x[i * BLOCK * ops.plane + ops.offsets[t]..]
@@ -570,6 +573,9 @@ pub fn grad_taps(ops: &GradOperands, sums: &mut [f32], parallel: bool) {
             }
         })
     });
+    // SAFETY: every block of the `len` floats was stored above (all 32×32 floats of each).
+    unsafe { sums.set_len(len) };
+    sums
 }
 
 /// Runs `f` on `panels` split into contiguous ranges, one per rayon thread when `parallel`
@@ -1338,14 +1344,14 @@ mod imp {
         }
     }
 
-    /// `c[32×32]` (row-major) += Σ over `steps` of two `A` tiles times two `B` tiles, all read
-    /// in place: step `s`'s `A` rows (32 bf16 each) at `a + 64s + r·a_stride` for rows `r <
+    /// `c[32×32]` (row-major, written, not read) = Σ over `steps` of two `A` tiles times two
+    /// `B` tiles, all read in place: step `s`'s `A` rows (32 bf16 each) at `a + 64s + r·a_stride` for rows `r <
     /// 32`, its `B` rows (32 columns in bf16 pairs) at `b + (16s + r)·b_stride` for `r < 16`
     /// (see `grad_taps`).
     ///
     /// # Safety
     /// Tiles configured ([`with_tiles`]); every row named above readable for `steps ≥ 1`
-    /// steps (64 bytes of `A`, 128 of `B`); `c` holds 1024 floats.
+    /// steps (64 bytes of `A`, 128 of `B`); `c` writable for 1024 floats.
     pub unsafe fn block_strided(
         a: *const u8,
         a_stride: usize,
@@ -1358,10 +1364,10 @@ mod imp {
         // SAFETY: per the function's contract.
         unsafe {
             asm!(
-                "tileloadd tmm0, [{c} + {cs}*1]",
-                "tileloadd tmm1, [{c} + {cs}*1 + 64]",
-                "tileloadd tmm2, [{c} + {cs}*1 + 2048]",
-                "tileloadd tmm3, [{c} + {cs}*1 + 2112]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
                 "2:",
                 "tileloadd tmm4, [{a} + {as_}*1]",
                 "tileloadd tmm5, [{a2} + {as_}*1]",

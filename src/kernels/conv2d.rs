@@ -227,7 +227,7 @@ pub fn reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
 /// pixel pairs, for stride-1 convolutions larger than 1×1 with at least 16 input and output
 /// channels (zero channels pad both to multiples of 32) whose sums fit in [`GRAD_SUMS_BYTES`].
 /// It replaces f32 F(4×4, 3×3) there ([`weight_grad_in_f32`]): on a 2-core Xeon with AMX,
-/// 0.98-1.74 times its speed (median 1.3) over the benchmark U-Net's and the default
+/// 1.34-2.02 times its speed (median 1.6) over the benchmark U-Net's and the default
 /// Fashion-MNIST network's shapes (`examples/conv_routes.rs`; docs/BENCHMARKS.md, session 28). `DIFFUSE_KERNELS`
 /// without `wpairs` turns it off.
 pub fn grad_reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
@@ -245,8 +245,9 @@ pub fn grad_reads_pairs(mode: MatmulMode, g: &ConvGeometry) -> bool {
 
 /// The most bytes of sums [`grad_reads_pairs`] takes: each chunk of images adds into every
 /// block of sums once, so they must stay in the level-2 cache (2 MiB a core on the Xeons with
-/// AMX). Above it (256 input and output channels, 3×3: 2.4 MB) F(4×4, 3×3) in f32 was faster:
-/// 0.56-0.92 times its speed at 8×8 pixels, against 1.24 at 256 by 128 channels (1.2 MB).
+/// AMX). Above it (256 input and output channels, 3×3: 2.4 MB) the in-place route at 8×8
+/// pixels is at best level with F(4×4, 3×3) in f32 (1.03-1.06 times its speed, 0.73 at 512 by
+/// 256 channels), against 1.34 at 256 by 128 channels (1.2 MB), so f32 stays there.
 const GRAD_SUMS_BYTES: usize = 3 << 19;
 
 /// The input channels of a convolution that [`reads_pairs`], rounded up to whole steps of 32.
@@ -678,7 +679,6 @@ pub fn backward_weight_pairs(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f3
             let kpairs = ((images - 1) * hp * wp + oh * wp).div_ceil(32) * 16;
             let plane = bf16::GradOperands::plane_len(kpairs, (g.kh - 1) * wp + g.kw - 1)
                 .max(images * hp * wp);
-            let mut sums = vec![0.0f32; len];
             scratch(&GRAD_X, c * plane, |xs| {
                 bf16::pack_grad_image(
                     &x[first * image..(first + images) * image],
@@ -708,10 +708,9 @@ pub fn backward_weight_pairs(x: &[f32], dy: &[f32], g: &ConvGeometry) -> (Vec<f3
                         co,
                         offsets: &offsets,
                     };
-                    bf16::grad_taps(&ops, &mut sums, par);
+                    bf16::grad_taps(&ops, par)
                 })
-            });
-            sums
+            })
         })
         .collect();
     let sums = sum_partials(partial, len);
