@@ -438,9 +438,9 @@ pub fn pack_grad_image(
 
 /// Fills `out` ([`GradOperands::dyt`]: `kpairs` rows of `co_pad` u32s) with the output
 /// gradients `dy` [images, co, oh, ow] laid over the images' padded pixels as
-/// [`pack_grad_image`] lays them out (`[hp, wp]`, the padded image size): pixel `b·hp·wp + oy·wp + ox` of
-/// channel `c` is `dy[b, c, oy, ox]` rounded to bf16 where `oy < oh` and `ox < ow`, zero
-/// elsewhere (as are channels `co..co_pad`). `rows` is scratch space for `co_pad · kpairs`
+/// [`pack_grad_image`] lays them out (`[hp, wp]`, the padded image size): pixel `b·hp·wp +
+/// oy·wp + ox` of channel `c` is `dy[b, c, oy, ox]` rounded to bf16 where `oy < oh` and `ox <
+/// ow`, zero elsewhere (as are channels `co..co_pad`). `rows` is scratch space for `co_pad · kpairs`
 /// u32s. Needs [`available`].
 pub fn pack_grad_pairs(
     dy: &[f32],
