@@ -114,6 +114,40 @@ pub fn round_into(src: &[f32], dst: &mut [u16]) {
     imp::round_into(src, dst)
 }
 
+/// Writes `src` (an image `[h, w]`) rounded to bf16 ([`round_into`]) into `plane`, a grid
+/// `wp` wide, with its top-left pixel at `(top, left)`, and zeros everywhere else in `plane`,
+/// which must hold the image's last row. Needs [`available`].
+pub fn round_padded(
+    src: &[f32],
+    [h, w]: [usize; 2],
+    [top, left]: [usize; 2],
+    wp: usize,
+    plane: &mut [u16],
+) {
+    assert!(
+        src.len() == h * w
+            && left + w <= wp
+            && (h == 0 || (top + h - 1) * wp + left + w <= plane.len()),
+        "padded plane: bad sizes"
+    );
+    // The gaps between rows are short (two values for a padding of one): a call of memset for
+    // each took 2% of sampling one image.
+    let zero = |gap: &mut [u16]| match gap {
+        [] => {}
+        [a] => *a = 0,
+        [a, b] => (*a, *b) = (0, 0),
+        _ => gap.fill(0),
+    };
+    let mut next = 0;
+    for (y, row) in src.chunks_exact(w.max(1)).take(h).enumerate() {
+        let at = (top + y) * wp + left;
+        zero(&mut plane[next..at]);
+        round_into(row, &mut plane[at..at + w]);
+        next = at + w;
+    }
+    zero(&mut plane[next..]);
+}
+
 /// Whether this process runs bf16 products (see [`engine`]).
 pub fn available() -> bool {
     engine().is_some()
@@ -395,22 +429,24 @@ impl GradOperands<'_> {
 }
 
 /// Fills `out` (`c_pad` planes of `plane` u16s) with the `images` images of `x` [images, c,
-/// h, w], each zero-padded by `pad` and rounded to bf16, one after the other in each plane
-/// (image `b`'s padded pixel `(y, x)` at `b·hp·wp + y·wp + x`), as [`GradOperands::x`] lays
-/// them out: channels `c..c_pad` and every u16 past the last image zero. Needs [`available`].
+/// h, w] rounded to bf16, each placed at `(top, left)` of its own zero grid `[hp, wp]`, the
+/// grids one after the other in each plane (image `b`'s pixel `(y, x)` at `b·hp·wp + (top +
+/// y)·wp + left + x`): with `(top, left)` the padding, the zero-padded images that
+/// [`GradOperands::x`] holds. Channels `c..c_pad` and every u16 past the last image's last
+/// row are zero; `plane` may cut the last grid short after that row. Needs [`available`].
 pub fn pack_grad_image(
     x: &[f32],
     [images, c, c_pad]: [usize; 3],
     [h, w]: [usize; 2],
-    [ph, pw]: [usize; 2],
+    [top, left]: [usize; 2],
+    [hp, wp]: [usize; 2],
     plane: usize,
     out: &mut [u16],
 ) {
-    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
     assert_eq!(x.len(), images * c * h * w, "gradient image: input size");
     assert!(
-        c_pad >= c && plane >= images * hp * wp && out.len() >= c_pad * plane,
-        "gradient image: buffer too small"
+        c_pad >= c && top + h <= hp && left + w <= wp && out.len() >= c_pad * plane,
+        "gradient image: bad sizes"
     );
     out[..c_pad * plane]
         .par_chunks_mut(plane)
@@ -421,18 +457,16 @@ pub fn pack_grad_image(
                 return;
             }
             for b in 0..images {
-                let img = &mut dst[b * hp * wp..(b + 1) * hp * wp];
-                img[..ph * wp + pw].fill(0);
-                for y in 0..h {
-                    let at = (ph + y) * wp + pw;
-                    round_into(&x[((b * c + ci) * h + y) * w..][..w], &mut img[at..at + w]);
-                    // The right border of this row and the left one of the next.
-                    let end = (at + wp).min(img.len());
-                    img[at + w..end].fill(0);
-                }
-                img[(ph + h) * wp..].fill(0);
+                let end = ((b + 1) * hp * wp).min(plane);
+                round_padded(
+                    &x[(b * c + ci) * h * w..][..h * w],
+                    [h, w],
+                    [top, left],
+                    wp,
+                    &mut dst[b * hp * wp..end],
+                );
             }
-            dst[images * hp * wp..].fill(0);
+            dst[(images * hp * wp).min(plane)..].fill(0);
         });
 }
 
@@ -470,33 +504,19 @@ pub fn pack_grad_pairs(
     );
     // Each channel's row over the padded pixels, as bf16 (two to a u32), then the rows turned
     // into columns, sixteen by sixteen.
-    rows[..co_pad * kpairs]
-        .par_chunks_mut(kpairs)
-        .enumerate()
-        .for_each(|(c, row)| {
-            // SAFETY: u16 has no invalid bits and half the size and alignment of u32.
-            let halves = unsafe {
-                std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<u16>(), 2 * kpairs)
-            };
-            if c >= co {
-                halves.fill(0);
-                return;
-            }
-            for b in 0..images {
-                let base = b * hp * wp;
-                for oy in 0..oh {
-                    let at = base + oy * wp;
-                    round_into(
-                        &dy[((b * co + c) * oh + oy) * ow..][..ow],
-                        &mut halves[at..at + ow],
-                    );
-                    halves[at + ow..at + wp].fill(0);
-                }
-                let end = (base + hp * wp).min(2 * kpairs);
-                halves[base + oh * wp..end].fill(0);
-            }
-            halves[(images * hp * wp).min(2 * kpairs)..].fill(0);
-        });
+    // SAFETY: u16 has no invalid bits and half the size and alignment of u32.
+    let halves = unsafe {
+        std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u16>(), 2 * co_pad * kpairs)
+    };
+    pack_grad_image(
+        dy,
+        [images, co, co_pad],
+        [oh, ow],
+        [0, 0],
+        [hp, wp],
+        2 * kpairs,
+        halves,
+    );
     // Sixteen rows of `out` (sixteen pairs of pixels) at a time, from every channel.
     let rows = &*rows;
     out[..kpairs * co_pad]
@@ -1223,6 +1243,13 @@ mod imp {
         };
     }
 
+    /// The sums in tmm0-tmm3 set to zero, as assembly text.
+    macro_rules! zero_sums {
+        () => {
+            "tilezero tmm0\ntilezero tmm1\ntilezero tmm2\ntilezero tmm3"
+        };
+    }
+
     /// The sums in tmm0-tmm3 stored as a 32×32 row-major block at `{c}` (`{cs}` = 128 bytes a
     /// row), as assembly text.
     macro_rules! store_sums {
@@ -1262,13 +1289,7 @@ mod imp {
                     options(nostack, readonly),
                 );
             } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem),
-                );
+                asm!(zero_sums!(), options(nostack, nomem),);
             }
             asm!(
                 "2:",
@@ -1313,10 +1334,7 @@ mod imp {
         // SAFETY: per the function's contract.
         unsafe {
             asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
+                zero_sums!(),
                 "2:",
                 "mov {t}, [{o}]",
                 "add {t}, {b}",
@@ -1364,10 +1382,7 @@ mod imp {
         // SAFETY: per the function's contract.
         unsafe {
             asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
+                zero_sums!(),
                 "2:",
                 "tileloadd tmm4, [{a} + {as_}*1]",
                 "tileloadd tmm5, [{a2} + {as_}*1]",
